@@ -1,0 +1,144 @@
+"""Hugging Face (config.json + *.safetensors) -> genieblue_jax parameters and checkpoints.
+
+    >>> from genieblue_jax.hf import import_hf
+    >>> name, cfg, params = import_hf("/models/Qwen2.5-3B")              # in memory
+    >>> import_hf("/models/Qwen2.5-3B", out="/ckpt/qwen2.5-3b")           # and written
+
+Every parameter of our model is looked up through the family's name table
+(`genieblue_jax.hf.tables`); shapes are checked for all tensors before any data is read.
+A missing tensor, a shape mismatch, or a tensor in the files that the table does not
+consume (and that is not known to be redundant) is an error that names it. Tensors are
+read one at a time (memory-mapped) and placed straight into their target sharding.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from typing import Iterable
+
+import jax
+import numpy as np
+
+from genieblue_jax import checkpoint, models, sharding as sharding_lib
+from genieblue_jax.hf import configs as hf_configs
+from genieblue_jax.hf.safetensors_io import SafetensorsCheckpoint
+from genieblue_jax.hf.tables import TABLES, Transform, resolve
+
+log = logging.getLogger(__name__)
+
+# HF tensors that carry nothing our model needs, per architecture.
+REDUNDANT_TENSORS = {
+    "Qwen2ForCausalLM": (r"model\.rotary_emb\.inv_freq", r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"),
+    "LlamaForCausalLM": (r"model\.rotary_emb\.inv_freq", r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"),
+    "SiglipVisionModel": (),
+    # Only the vision tower of a SiglipModel is imported.
+    "SiglipModel": (r"text_model\..*", r"logit_scale", r"logit_bias"),
+}
+# Component name each architecture becomes in a checkpoint.
+COMPONENT = {"qwen2": "llm", "llama": "llm", "siglip": "vision"}
+# Files worth keeping next to the weights (tokenizer, chat template, image processor).
+ASSET_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+               "merges.txt", "special_tokens_map.json", "added_tokens.json", "generation_config.json",
+               "preprocessor_config.json", "chat_template.json", "chat_template.jinja")
+
+
+def read_hf_config(hf_dir: str) -> dict:
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{hf_dir}: no config.json (is this a Hugging Face model directory?)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def config_from_hf_dir(hf_dir: str, *, param_dtype: str = "float32", dtype: str = "float32",
+                       ignore_fields: Iterable[str] = (), select_layer: int = -1):
+    """(architecture, our config) for an HF directory."""
+    hf = read_hf_config(hf_dir)
+    source = os.path.join(hf_dir, "config.json")
+    arch = hf_configs.architecture_of(hf, source)
+    kw = dict(source=source, ignore_fields=ignore_fields, param_dtype=param_dtype, dtype=dtype)
+    if hf_configs.ARCHITECTURES[arch] == "siglip":
+        return arch, hf_configs.vision_config_from_hf(hf, select_layer=select_layer, **kw)
+    return arch, hf_configs.llm_config_from_hf(hf, **kw)
+
+
+def _shape_after(transform: Transform, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of transform(x) for x of `shape`, using a zero-strided view (no data)."""
+    view = np.lib.stride_tricks.as_strided(np.zeros(1, np.int8), shape, [0] * len(shape))
+    return tuple(transform.to_ours(view).shape)
+
+
+def plan_import(ckpt: SafetensorsCheckpoint, arch: str, cfg, tied_embeddings: bool = False):
+    """Checks names and shapes of every tensor before reading data.
+
+    Returns {our_path: (hf_name, transform)}; raises ValueError listing every problem.
+    """
+    abstract = models.flatten(models.abstract_params(cfg))
+    family = hf_configs.ARCHITECTURES[arch]
+    mapping = resolve(TABLES[family], abstract)
+    problems = []
+    for path, (name, transform) in mapping.items():
+        if name not in ckpt:
+            problems.append(f"missing tensor {name!r} (for parameter {path})")
+            continue
+        got = _shape_after(transform, ckpt.shape(name))
+        want = tuple(abstract[path].shape)
+        if got != want:
+            problems.append(f"tensor {name!r} has shape {ckpt.shape(name)}, parameter {path} needs "
+                            f"{want} after {transform}")
+    used = {name for name, _ in mapping.values()}
+    redundant = [re.compile(p) for p in REDUNDANT_TENSORS[arch]]
+    if tied_embeddings:  # some tied checkpoints also store the (identical) lm_head
+        redundant.append(re.compile(r"lm_head\.weight"))
+    leftover = [n for n in ckpt.names() if n not in used and not any(r.fullmatch(n) for r in redundant)]
+    if leftover:
+        problems.append(f"tensors in the checkpoint that the {arch} table does not use: {leftover[:20]}"
+                        + (f" (+{len(leftover) - 20} more)" if len(leftover) > 20 else ""))
+    if problems:
+        raise ValueError(f"cannot import {ckpt.hf_dir} as {arch}:\n  " + "\n  ".join(problems))
+    skipped = len(ckpt.names()) - len(used)
+    if skipped:
+        log.info("%s: skipping %d tensors that %s does not need (e.g. a SiglipModel's text tower)",
+                 ckpt.hf_dir, skipped, arch)
+    return mapping
+
+
+def load_hf_params(hf_dir: str, arch: str, cfg, *, mesh=None, rules=sharding_lib.DEFAULT_RULES):
+    """Reads the parameters of `cfg` from `hf_dir`, each straight into its sharding."""
+    ckpt = SafetensorsCheckpoint(hf_dir)
+    tied = getattr(cfg, "tie_embeddings", False)
+    mapping = plan_import(ckpt, arch, cfg, tied_embeddings=tied)
+    abstract = models.abstract_params(cfg)
+    shardings = models.flatten(sharding_lib.param_shardings(abstract, mesh, rules) if mesh is not None
+                               else sharding_lib.single_device_shardings(abstract))
+    abstract = models.flatten(abstract)
+    params = {}
+    for path, (name, transform) in mapping.items():
+        value = np.asarray(transform.to_ours(ckpt.get(name))).astype(abstract[path].dtype)
+        if not np.all(np.isfinite(value.astype(np.float32))):
+            raise ValueError(f"tensor {name!r} in {hf_dir} contains NaN or Inf")
+        params[path] = jax.make_array_from_callback(value.shape, shardings[path], lambda idx, v=value: v[idx])
+    return models.unflatten(params)
+
+
+def import_hf(hf_dir: str, out: str | None = None, *, param_dtype: str = "float32",
+              ignore_fields: Iterable[str] = (), select_layer: int = -1, mesh=None,
+              overwrite: bool = False):
+    """Imports an HF model directory. Returns (component_name, config, params); with `out`,
+    also writes a checkpoint there (plus the tokenizer / processor files)."""
+    arch, cfg = config_from_hf_dir(hf_dir, param_dtype=param_dtype, ignore_fields=ignore_fields,
+                                   select_layer=select_layer)
+    params = load_hf_params(hf_dir, arch, cfg, mesh=mesh)
+    component = COMPONENT[hf_configs.ARCHITECTURES[arch]]
+    if out is not None:
+        checkpoint.save(out, {component: cfg}, {component: params}, overwrite=overwrite,
+                        source={"hf_dir": os.path.abspath(hf_dir), "architecture": arch})
+        assets = [f for f in ASSET_FILES if os.path.isfile(os.path.join(hf_dir, f))]
+        if assets:
+            os.makedirs(os.path.join(out, checkpoint.ASSETS_DIR), exist_ok=True)
+            for f in assets:
+                shutil.copy2(os.path.join(hf_dir, f), os.path.join(out, checkpoint.ASSETS_DIR, f))
+    return component, cfg, params

@@ -1,0 +1,121 @@
+"""Declarative Hugging Face <-> genieblue_jax parameter name tables, one per model family.
+
+A `Rule` pairs one of our parameter paths with one HF tensor name; `{i}` stands for a
+layer index on both sides. Each rule carries a `Transform` that turns the HF tensor into
+ours (`to_ours`) and back (`to_hf`, used by the PyTorch export).
+
+`resolve(table, our_paths)` maps every parameter of a model to its HF name and fails if a
+parameter matches no rule or several, so a table can never silently skip a tensor:
+
+    >>> resolve(DECODER_TABLE, ["layers_3/self_attn/q_proj/kernel"])
+    {'layers_3/self_attn/q_proj/kernel': ('model.layers.3.self_attn.q_proj.weight', TRANSPOSE)}
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Iterable
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    name: str
+    to_ours: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+
+    def __repr__(self):
+        return self.name
+
+
+IDENTITY = Transform("IDENTITY", lambda x: x, lambda x: x)
+# torch Linear stores (out, in); flax Dense kernels are (in, out).
+TRANSPOSE = Transform("TRANSPOSE", lambda x: x.T, lambda x: x.T)
+# torch Conv2d (out, in, kh, kw) <-> flax Conv (kh, kw, in, out).
+CONV_OIHW_TO_HWIO = Transform(
+    "CONV_OIHW_TO_HWIO", lambda x: x.transpose(2, 3, 1, 0), lambda x: x.transpose(3, 2, 0, 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    ours: str
+    hf: str
+    transform: Transform = IDENTITY
+
+    @property
+    def pattern(self) -> re.Pattern:
+        return re.compile("^" + re.escape(self.ours).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+
+
+def _linear(ours: str, hf: str) -> tuple[Rule, Rule]:
+    return Rule(f"{ours}/kernel", f"{hf}.weight", TRANSPOSE), Rule(f"{ours}/bias", f"{hf}.bias")
+
+
+def _layer_norm(ours: str, hf: str) -> tuple[Rule, Rule]:
+    return Rule(f"{ours}/scale", f"{hf}.weight"), Rule(f"{ours}/bias", f"{hf}.bias")
+
+
+# Qwen2ForCausalLM and LlamaForCausalLM share their tensor names; biases only exist when the
+# config asks for them (Qwen2: q/k/v; Llama: attention_bias, mlp_bias), and lm_head only when
+# embeddings are untied. Rules for absent parameters are simply unused.
+DECODER_TABLE: tuple[Rule, ...] = (
+    Rule("embed_tokens/embedding", "model.embed_tokens.weight"),
+    Rule("layers_{i}/input_layernorm/scale", "model.layers.{i}.input_layernorm.weight"),
+    Rule("layers_{i}/post_attention_layernorm/scale", "model.layers.{i}.post_attention_layernorm.weight"),
+    *(r for p in ("q", "k", "v", "o")
+      for r in _linear(f"layers_{{i}}/self_attn/{p}_proj", f"model.layers.{{i}}.self_attn.{p}_proj")),
+    *(r for p in ("gate", "up", "down")
+      for r in _linear(f"layers_{{i}}/mlp/{p}_proj", f"model.layers.{{i}}.mlp.{p}_proj")),
+    Rule("norm/scale", "model.norm.weight"),
+    Rule("lm_head/kernel", "lm_head.weight", TRANSPOSE),
+)
+
+# SiglipVisionModel and the vision half of SiglipModel both use the `vision_model.` prefix.
+SIGLIP_TABLE: tuple[Rule, ...] = (
+    Rule("embeddings/patch_embedding/kernel", "vision_model.embeddings.patch_embedding.weight",
+         CONV_OIHW_TO_HWIO),
+    Rule("embeddings/patch_embedding/bias", "vision_model.embeddings.patch_embedding.bias"),
+    Rule("embeddings/position_embedding/embedding", "vision_model.embeddings.position_embedding.weight"),
+    *_layer_norm("encoder/layers_{i}/layer_norm1", "vision_model.encoder.layers.{i}.layer_norm1"),
+    *_layer_norm("encoder/layers_{i}/layer_norm2", "vision_model.encoder.layers.{i}.layer_norm2"),
+    *(r for p in ("q", "k", "v", "out")
+      for r in _linear(f"encoder/layers_{{i}}/self_attn/{p}_proj",
+                       f"vision_model.encoder.layers.{{i}}.self_attn.{p}_proj")),
+    *_linear("encoder/layers_{i}/mlp/fc1", "vision_model.encoder.layers.{i}.mlp.fc1"),
+    *_linear("encoder/layers_{i}/mlp/fc2", "vision_model.encoder.layers.{i}.mlp.fc2"),
+    *_layer_norm("post_layernorm", "vision_model.post_layernorm"),
+    Rule("head/probe", "vision_model.head.probe"),
+    # torch.nn.MultiheadAttention keeps its packed projection as bare tensors, not a Linear.
+    Rule("head/attention/in_proj/kernel", "vision_model.head.attention.in_proj_weight", TRANSPOSE),
+    Rule("head/attention/in_proj/bias", "vision_model.head.attention.in_proj_bias"),
+    *_linear("head/attention/out_proj", "vision_model.head.attention.out_proj"),
+    *_layer_norm("head/layernorm", "vision_model.head.layernorm"),
+    *_linear("head/mlp/fc1", "vision_model.head.mlp.fc1"),
+    *_linear("head/mlp/fc2", "vision_model.head.mlp.fc2"),
+)
+
+TABLES = {"qwen2": DECODER_TABLE, "llama": DECODER_TABLE, "siglip": SIGLIP_TABLE}
+
+
+def resolve(table: Iterable[Rule], our_paths: Iterable[str]) -> dict[str, tuple[str, Transform]]:
+    """Maps each of our parameter paths ("a/b/c") to (hf_name, transform).
+
+    Raises ValueError naming every path that matches no rule or more than one.
+    """
+    rules = [(r, r.pattern) for r in table]
+    out, unmatched, ambiguous = {}, [], []
+    for path in our_paths:
+        hits = [(r, m) for r, m in ((r, p.match(path)) for r, p in rules) if m]
+        if not hits:
+            unmatched.append(path)
+        elif len(hits) > 1:
+            ambiguous.append(f"{path} <- {[r.ours for r, _ in hits]}")
+        else:
+            rule, m = hits[0]
+            name = rule.hf.format(**m.groupdict())
+            out[path] = (name, rule.transform)
+    if unmatched or ambiguous:
+        raise ValueError(f"name table does not cover the model: unmatched parameters {unmatched}; "
+                         f"ambiguous {ambiguous}")
+    return out

@@ -1,0 +1,210 @@
+"""Model configurations and named presets.
+
+Configs are frozen dataclasses so they hash (jit static args) and round-trip through JSON
+(`to_dict` / `from_dict`, used by checkpoints). Field names follow our modules, not Hugging
+Face; `genieblue_jax.hf.configs` translates HF `config.json` files into these.
+
+Presets carry the exact numbers of SPEC.md. Tiny presets exist for tests and the demo.
+
+    >>> cfg = get_preset("qwen2.5-3b")
+    >>> cfg.hidden_size, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+    (2048, 36, 2, 128)
+    >>> get_preset("tiny-qwen2").replace(num_layers=2).num_layers
+    2
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax.numpy as jnp
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check_dtype(name: str, value: str) -> None:
+    if value not in DTYPES:
+        raise ValueError(f"{name}={value!r} is not a supported dtype; choose one of {DTYPES}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    kind: ClassVar[str]
+
+    def __post_init__(self):
+        _check_dtype("dtype", self.dtype)
+        _check_dtype("param_dtype", self.param_dtype)
+        self._validate()
+
+    def _validate(self) -> None:
+        pass
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def params_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        d = dict(d)
+        kind = d.pop("kind", cls.kind)
+        if kind != cls.kind:
+            raise ValueError(f"config kind {kind!r} given to {cls.__name__} (expects {cls.kind!r})")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMConfig(_Config):
+    """Decoder-only LLM of the Qwen2 / Llama families."""
+
+    kind: ClassVar[str] = "llm"
+    family: str  # "qwen2" | "llama": which Hugging Face architecture it maps to
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    qkv_bias: bool = False
+    out_bias: bool = False
+    mlp_bias: bool = False
+    tie_embeddings: bool = False
+    max_position_embeddings: int = 32768
+    initializer_range: float = 0.02
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def _validate(self) -> None:
+        if self.family not in ("qwen2", "llama"):
+            raise ValueError(f"family={self.family!r}: supported families are 'qwen2', 'llama'")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig(_Config):
+    """SigLIP vision tower.
+
+    `select_layer` picks the features handed to the projector, with Hugging Face's
+    `hidden_states` indexing: -1 is `last_hidden_state` (post-LayerNorm applied); any other
+    index k is the raw `hidden_states[k]` (0 = patch + position embeddings, i = after
+    encoder layer i, -2 = the penultimate layer as LLaVA uses). Layers after the selected
+    one are not run.
+    """
+
+    kind: ClassVar[str] = "vision"
+    image_size: int
+    patch_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-6
+    use_head: bool = True
+    select_layer: int = -1
+    initializer_range: float = 0.02
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def _validate(self) -> None:
+        # No divisibility check: the patch conv is VALID, so 384 px / 14 gives 27 x 27 patches
+        # and the last 6 pixel rows/columns are ignored, exactly as in SigLIP.
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} not divisible by num_heads={self.num_heads}")
+        if not -(self.num_layers + 1) <= self.select_layer <= self.num_layers:
+            raise ValueError(f"select_layer={self.select_layer} outside [-{self.num_layers + 1}, {self.num_layers}]")
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectorConfig(_Config):
+    """VILA `mlp_downsample` projector: 2x2 token downsampler, LayerNorm, Linear, GELU, Linear."""
+
+    kind: ClassVar[str] = "projector"
+    vision_hidden_size: int
+    llm_hidden_size: int
+    layer_norm_eps: float = 1e-5  # torch.nn.LayerNorm default, as VILA builds it
+    initializer_range: float = 0.02
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    @property
+    def in_features(self) -> int:
+        return 4 * self.vision_hidden_size
+
+    @staticmethod
+    def between(vision: VisionConfig, llm: LLMConfig, **kw) -> "ProjectorConfig":
+        return ProjectorConfig(vision_hidden_size=vision.hidden_size, llm_hidden_size=llm.hidden_size, **kw)
+
+
+CONFIG_CLASSES = {c.kind: c for c in (LLMConfig, VisionConfig, ProjectorConfig)}
+
+
+def config_from_dict(d: dict[str, Any]):
+    """Inverse of `cfg.to_dict()` for any config class (dispatch on its `kind`)."""
+    if d.get("kind") not in CONFIG_CLASSES:
+        raise ValueError(f"config has kind {d.get('kind')!r}; expected one of {sorted(CONFIG_CLASSES)}")
+    return CONFIG_CLASSES[d["kind"]].from_dict(d)
+
+
+PRESETS: dict[str, _Config] = {
+    # SPEC: Qwen2.5-3B (hidden 2048, 36 layers, 16 q heads, 2 KV heads, head_dim 128, ...).
+    "qwen2.5-3b": LLMConfig(
+        family="qwen2", vocab_size=151936, hidden_size=2048, num_layers=36, num_heads=16,
+        num_kv_heads=2, head_dim=128, intermediate_size=11008, rope_theta=1e6, rms_norm_eps=1e-6,
+        qkv_bias=True, tie_embeddings=True, max_position_embeddings=32768),
+    # The Llama-family case: untied embeddings, no biases, GQA (TinyLlama-1.1B's numbers).
+    "tinyllama-1.1b": LLMConfig(
+        family="llama", vocab_size=32000, hidden_size=2048, num_layers=22, num_heads=32,
+        num_kv_heads=4, head_dim=64, intermediate_size=5632, rope_theta=1e4, rms_norm_eps=1e-5,
+        tie_embeddings=False, max_position_embeddings=2048),
+    # SPEC: SigLIP so400m-patch14-384 (27x27 = 729 tokens, attention-pooling head).
+    "siglip-so400m-384": VisionConfig(
+        image_size=384, patch_size=14, hidden_size=1152, num_layers=27, num_heads=16,
+        intermediate_size=4304, layer_norm_eps=1e-6, use_head=True),
+    # Tiny presets for tests and the CPU demo.
+    "tiny-qwen2": LLMConfig(
+        family="qwen2", vocab_size=512, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
+        head_dim=16, intermediate_size=128, rope_theta=1e6, qkv_bias=True, tie_embeddings=True,
+        max_position_embeddings=2048),
+    "tiny-llama": LLMConfig(
+        family="llama", vocab_size=512, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
+        head_dim=16, intermediate_size=160, rope_theta=1e4, rms_norm_eps=1e-5,
+        tie_embeddings=False, max_position_embeddings=2048),
+    # 56 px / patch 8 -> a 7x7 grid: odd like so400m's 27x27, so the downsampler pads.
+    "tiny-siglip": VisionConfig(
+        image_size=56, patch_size=8, hidden_size=48, num_layers=2, num_heads=4,
+        intermediate_size=96, use_head=True),
+}
+
+
+def get_preset(name: str):
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown preset {name!r}; available: {sorted(PRESETS)}") from None

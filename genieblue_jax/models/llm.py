@@ -1,0 +1,153 @@
+"""Decoder-only LLM (Qwen2 / Qwen2.5 and Llama families) in Flax linen.
+
+Parameter tree (names chosen so that `genieblue_jax.hf.tables` maps them 1:1 to
+Hugging Face's `model.*` names):
+
+    embed_tokens/embedding                       (vocab, hidden)
+    layers_{i}/input_layernorm/scale             (hidden,)
+    layers_{i}/self_attn/{q,k,v,o}_proj/kernel   (in, out)   [+ bias if configured]
+    layers_{i}/post_attention_layernorm/scale
+    layers_{i}/mlp/{gate,up,down}_proj/kernel
+    norm/scale
+    lm_head/kernel                               (hidden, vocab), only when untied
+
+Inputs always carry explicit `positions` and `segment_ids` (see `masks.py`), so packed
+rows never attend across samples and padding is just segment 0.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from genieblue_jax.models.configs import LLMConfig
+from genieblue_jax.models.masks import causal_segment_mask
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, as Hugging Face's Qwen2RMSNorm / LlamaRMSNorm."""
+
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * y.astype(self.dtype)
+
+
+def apply_rope(x, positions, theta: float):
+    """Rotary embedding in the "rotate half" layout used by Qwen2 and Llama on HF.
+
+    x: (batch, seq, heads, head_dim); positions: (batch, seq). Angles in float32.
+    """
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (b, t, d/2)
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
+
+
+def dot_product_attention(q, k, v, mask, dtype):
+    """Grouped-query attention. q: (b, t, H, d); k, v: (b, s, K, d) with H = K * groups;
+    mask: (b, t, s) bool. Softmax in float32."""
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (d ** -0.5)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h * d)
+
+
+def _dense(cfg, features: int, use_bias: bool, name: str) -> nn.Dense:
+    return nn.Dense(
+        features, use_bias=use_bias, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+        kernel_init=nn.initializers.normal(cfg.initializer_range), name=name)
+
+
+class Attention(nn.Module):
+    cfg: LLMConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q = _dense(cfg, cfg.num_heads * cfg.head_dim, cfg.qkv_bias, "q_proj")(x)
+        k = _dense(cfg, cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, "k_proj")(x)
+        v = _dense(cfg, cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, "v_proj")(x)
+        q = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), positions, cfg.rope_theta)
+        k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), positions, cfg.rope_theta)
+        v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        out = dot_product_attention(q, k, v, mask, cfg.compute_dtype)
+        return _dense(cfg, cfg.hidden_size, cfg.out_bias, "o_proj")(out)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    cfg: LLMConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        gate = _dense(cfg, cfg.intermediate_size, cfg.mlp_bias, "gate_proj")(x)
+        up = _dense(cfg, cfg.intermediate_size, cfg.mlp_bias, "up_proj")(x)
+        return _dense(cfg, cfg.hidden_size, cfg.mlp_bias, "down_proj")(nn.silu(gate) * up)
+
+
+class DecoderBlock(nn.Module):
+    cfg: LLMConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask):
+        cfg = self.cfg
+        norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.params_dtype, name=name)
+        x = x + Attention(cfg, name="self_attn")(norm("input_layernorm")(x), positions, mask)
+        return x + MLP(cfg, name="mlp")(norm("post_attention_layernorm")(x))
+
+
+class DecoderLM(nn.Module):
+    """Causal LM. `__call__(tokens, positions, segment_ids)` -> float32 logits
+    (batch, seq, vocab). `inputs_embeds` may replace the token lookup (multimodal inputs)."""
+
+    cfg: LLMConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+            embedding_init=nn.initializers.normal(cfg.initializer_range))
+        self.layers = [DecoderBlock(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+        self.norm = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.params_dtype)
+        if not cfg.tie_embeddings:
+            self.lm_head = _dense(cfg, cfg.vocab_size, False, "lm_head")
+
+    def embed(self, tokens):
+        return self.embed_tokens(tokens)
+
+    def hidden_states(self, x, positions, segment_ids):
+        """Runs the blocks and the final norm on input embeddings x: (b, t, hidden)."""
+        mask = causal_segment_mask(segment_ids)
+        for layer in self.layers:
+            x = layer(x, positions, mask)
+        return self.norm(x)
+
+    def unembed(self, h):
+        if self.cfg.tie_embeddings:
+            logits = self.embed_tokens.attend(h)
+        else:
+            logits = self.lm_head(h)
+        return logits.astype(jnp.float32)
+
+    def __call__(self, tokens, positions, segment_ids, inputs_embeds=None):
+        x = self.embed(tokens) if inputs_embeds is None else inputs_embeds.astype(self.cfg.compute_dtype)
+        return self.unembed(self.hidden_states(x, positions, segment_ids))

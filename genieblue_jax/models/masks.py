@@ -1,0 +1,56 @@
+"""Pure helpers for attention masks and per-segment positions (packed sequences).
+
+Conventions used everywhere in genieblue_jax:
+- `segment_ids` (batch, seq) int: tokens of the same sample share an id >= 1; padding is 0.
+- `positions` (batch, seq) int: the RoPE position of each token, restarting at 0 in
+  every segment.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def causal_segment_mask(segment_ids):
+    """Boolean mask (batch, q, k): query i may attend key j iff j <= i and both are in the
+    same segment.
+
+    Padding (segment 0) attends only to padding, so no row is empty (no NaN softmax); its
+    outputs are meaningless and must be ignored by the caller.
+
+    Example (one row, two packed samples and one pad):
+
+        segment_ids = [[1, 1, 2, 2, 0]]
+        causal_segment_mask(segment_ids)[0].astype(int) ==
+            [[1, 0, 0, 0, 0],
+             [1, 1, 0, 0, 0],
+             [0, 0, 1, 0, 0],
+             [0, 0, 1, 1, 0],
+             [0, 0, 0, 0, 1]]
+    """
+    segment_ids = jnp.asarray(segment_ids)
+    t = segment_ids.shape[-1]
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return same & causal[None]
+
+
+def positions_from_segments(segment_ids) -> np.ndarray:
+    """Per-segment positions (numpy, host-side): 0, 1, ... restarting at each new segment;
+    padding gets 0.
+
+    Example:
+        positions_from_segments([[1, 1, 1, 2, 2, 0, 0]]) == [[0, 1, 2, 0, 1, 0, 0]]
+        positions_from_segments([[0, 0, 1, 1, 1]])       == [[0, 0, 0, 1, 2]]   # left padding
+    """
+    seg = np.asarray(segment_ids)
+    pos = np.zeros(seg.shape, dtype=np.int32)
+    for b in range(seg.shape[0]):
+        count = 0
+        for t in range(seg.shape[1]):
+            if seg[b, t] == 0:
+                pos[b, t] = 0
+                continue
+            count = count + 1 if t > 0 and seg[b, t - 1] == seg[b, t] else 1
+            pos[b, t] = count - 1
+    return pos

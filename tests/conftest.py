@@ -1,0 +1,99 @@
+"""Shared test set-up: 8 virtual CPU devices, float32 everywhere, tiny random HF models.
+
+Every reference model is a randomly initialised `transformers` model built here and saved
+with `save_pretrained` (safetensors): no hub access, no downloaded weights.
+"""
+import os
+
+# Must be set before jax is imported anywhere: lets sharding tests build real meshes on CPU.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+# The test extra (pip install -e .[test]) is required; a missing one fails, it never skips.
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+# Tiny decoder configs covering both families; layers, heads, KV heads and rope theta vary.
+QWEN2_CONFIGS = {
+    "qwen2-a": dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6,
+                    tie_word_embeddings=True, max_position_embeddings=256),
+    "qwen2-b": dict(vocab_size=257, hidden_size=96, intermediate_size=200, num_hidden_layers=3,
+                    num_attention_heads=6, num_key_value_heads=1, rope_theta=10000.0,
+                    tie_word_embeddings=True, rms_norm_eps=1e-5, max_position_embeddings=256),
+}
+LLAMA_CONFIGS = {
+    "llama-a": dict(vocab_size=300, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                    num_attention_heads=8, num_key_value_heads=2, rope_theta=10000.0,
+                    tie_word_embeddings=False, max_position_embeddings=256),
+    "llama-b": dict(vocab_size=321, hidden_size=80, intermediate_size=128, num_hidden_layers=3,
+                    num_attention_heads=5, num_key_value_heads=5, rope_theta=500000.0,
+                    tie_word_embeddings=False, rms_norm_eps=1e-5, max_position_embeddings=256),
+}
+SIGLIP_CONFIG = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                     num_channels=3, image_size=30, patch_size=6)  # 5 x 5 grid, odd like 27 x 27
+
+
+def build_hf_decoder(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    if name in QWEN2_CONFIGS:
+        cfg = transformers.Qwen2Config(**QWEN2_CONFIGS[name])
+        model = transformers.Qwen2ForCausalLM(cfg)
+    else:
+        cfg = transformers.LlamaConfig(**LLAMA_CONFIGS[name])
+        model = transformers.LlamaForCausalLM(cfg)
+    # Random init leaves norms at 1 and biases at 0; perturb every tensor so that a swapped
+    # or transposed weight cannot hide.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model.eval()
+
+
+def build_hf_siglip(use_head: bool = True, full_model: bool = False, seed: int = 0):
+    torch.manual_seed(seed)
+    vision = transformers.SiglipVisionConfig(vision_use_head=use_head, **SIGLIP_CONFIG)
+    if full_model:
+        text = transformers.SiglipTextConfig(vocab_size=99, hidden_size=32, intermediate_size=37,
+                                             num_hidden_layers=1, num_attention_heads=4,
+                                             max_position_embeddings=16)
+        model = transformers.SiglipModel(transformers.SiglipConfig(
+            text_config=text.to_dict(), vision_config=vision.to_dict()))
+    else:
+        model = transformers.SiglipVisionModel(vision)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_decoder_dir(tmp_path_factory):
+    """Factory: saved HF decoder directory for a config name (cached per session)."""
+    cache = {}
+
+    def make(name: str):
+        if name not in cache:
+            path = tmp_path_factory.mktemp(name)
+            build_hf_decoder(name).save_pretrained(path, safe_serialization=True)
+            cache[name] = str(path)
+        return cache[name]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def hf_siglip_dir(tmp_path_factory):
+    cache = {}
+
+    def make(use_head: bool = True, full_model: bool = False):
+        key = (use_head, full_model)
+        if key not in cache:
+            path = tmp_path_factory.mktemp(f"siglip_{int(use_head)}{int(full_model)}")
+            build_hf_siglip(use_head, full_model).save_pretrained(path, safe_serialization=True)
+            cache[key] = str(path)
+        return cache[key]
+
+    return make
