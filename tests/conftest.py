@@ -7,6 +7,8 @@ import os
 
 # Must be set before jax is imported anywhere: lets sharding tests build real meshes on CPU.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# CPU only: parity tolerances assume exact float32 matmuls (no TF32 on a lent GPU).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

@@ -25,7 +25,7 @@ import numpy as np
 from genieblue_jax import checkpoint, models, sharding as sharding_lib
 from genieblue_jax.hf import configs as hf_configs
 from genieblue_jax.hf.safetensors_io import SafetensorsCheckpoint
-from genieblue_jax.hf.tables import TABLES, Transform, resolve
+from genieblue_jax.hf.tables import HF_PREFIXES, TABLES, Transform, resolve
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,9 @@ def plan_import(ckpt: SafetensorsCheckpoint, arch: str, cfg, tied_embeddings: bo
     abstract = models.flatten(models.abstract_params(cfg))
     family = hf_configs.ARCHITECTURES[arch]
     mapping = resolve(TABLES[family], abstract)
+    # Pick the name prefix the files actually use (the one that finds the most tensors).
+    prefix = max(HF_PREFIXES[arch], key=lambda p: sum(p + n in ckpt for n, _ in mapping.values()))
+    mapping = {path: (prefix + name, t) for path, (name, t) in mapping.items()}
     problems = []
     for path, (name, transform) in mapping.items():
         if name not in ckpt:

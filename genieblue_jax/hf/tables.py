@@ -71,31 +71,39 @@ DECODER_TABLE: tuple[Rule, ...] = (
     Rule("lm_head/kernel", "lm_head.weight", TRANSPOSE),
 )
 
-# SiglipVisionModel and the vision half of SiglipModel both use the `vision_model.` prefix.
+# SigLIP names are given without their prefix: see HF_PREFIXES.
 SIGLIP_TABLE: tuple[Rule, ...] = (
-    Rule("embeddings/patch_embedding/kernel", "vision_model.embeddings.patch_embedding.weight",
+    Rule("embeddings/patch_embedding/kernel", "embeddings.patch_embedding.weight",
          CONV_OIHW_TO_HWIO),
-    Rule("embeddings/patch_embedding/bias", "vision_model.embeddings.patch_embedding.bias"),
-    Rule("embeddings/position_embedding/embedding", "vision_model.embeddings.position_embedding.weight"),
-    *_layer_norm("encoder/layers_{i}/layer_norm1", "vision_model.encoder.layers.{i}.layer_norm1"),
-    *_layer_norm("encoder/layers_{i}/layer_norm2", "vision_model.encoder.layers.{i}.layer_norm2"),
+    Rule("embeddings/patch_embedding/bias", "embeddings.patch_embedding.bias"),
+    Rule("embeddings/position_embedding/embedding", "embeddings.position_embedding.weight"),
+    *_layer_norm("encoder/layers_{i}/layer_norm1", "encoder.layers.{i}.layer_norm1"),
+    *_layer_norm("encoder/layers_{i}/layer_norm2", "encoder.layers.{i}.layer_norm2"),
     *(r for p in ("q", "k", "v", "out")
       for r in _linear(f"encoder/layers_{{i}}/self_attn/{p}_proj",
-                       f"vision_model.encoder.layers.{{i}}.self_attn.{p}_proj")),
-    *_linear("encoder/layers_{i}/mlp/fc1", "vision_model.encoder.layers.{i}.mlp.fc1"),
-    *_linear("encoder/layers_{i}/mlp/fc2", "vision_model.encoder.layers.{i}.mlp.fc2"),
-    *_layer_norm("post_layernorm", "vision_model.post_layernorm"),
-    Rule("head/probe", "vision_model.head.probe"),
+                       f"encoder.layers.{{i}}.self_attn.{p}_proj")),
+    *_linear("encoder/layers_{i}/mlp/fc1", "encoder.layers.{i}.mlp.fc1"),
+    *_linear("encoder/layers_{i}/mlp/fc2", "encoder.layers.{i}.mlp.fc2"),
+    *_layer_norm("post_layernorm", "post_layernorm"),
+    Rule("head/probe", "head.probe"),
     # torch.nn.MultiheadAttention keeps its packed projection as bare tensors, not a Linear.
-    Rule("head/attention/in_proj/kernel", "vision_model.head.attention.in_proj_weight", TRANSPOSE),
-    Rule("head/attention/in_proj/bias", "vision_model.head.attention.in_proj_bias"),
-    *_linear("head/attention/out_proj", "vision_model.head.attention.out_proj"),
-    *_layer_norm("head/layernorm", "vision_model.head.layernorm"),
-    *_linear("head/mlp/fc1", "vision_model.head.mlp.fc1"),
-    *_linear("head/mlp/fc2", "vision_model.head.mlp.fc2"),
+    Rule("head/attention/in_proj/kernel", "head.attention.in_proj_weight", TRANSPOSE),
+    Rule("head/attention/in_proj/bias", "head.attention.in_proj_bias"),
+    *_linear("head/attention/out_proj", "head.attention.out_proj"),
+    *_layer_norm("head/layernorm", "head.layernorm"),
+    *_linear("head/mlp/fc1", "head.mlp.fc1"),
+    *_linear("head/mlp/fc2", "head.mlp.fc2"),
 )
 
 TABLES = {"qwen2": DECODER_TABLE, "llama": DECODER_TABLE, "siglip": SIGLIP_TABLE}
+
+# Prefixes an architecture's tensor names may carry in safetensors files, most common first.
+# SiglipModel and SiglipVisionModel files written by transformers 4.x (and the hub's) use
+# `vision_model.`; transformers 5.x writes SiglipVisionModel's names bare.
+HF_PREFIXES = {
+    "Qwen2ForCausalLM": ("",), "LlamaForCausalLM": ("",),
+    "SiglipVisionModel": ("vision_model.", ""), "SiglipModel": ("vision_model.",),
+}
 
 
 def resolve(table: Iterable[Rule], our_paths: Iterable[str]) -> dict[str, tuple[str, Transform]]:

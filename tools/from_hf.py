@@ -1,0 +1,53 @@
+"""Import a Hugging Face model directory into a genieblue_jax checkpoint.
+
+    python -m tools.from_hf --hf_dir /models/Qwen2.5-3B --out /ckpt/qwen2.5-3b
+    python -m tools.from_hf --hf_dir /models/siglip-so400m-patch14-384 --out /ckpt/siglip \\
+        --select_layer=-1
+
+Reads config.json and *.safetensors (single file or sharded with an index) of
+Qwen2ForCausalLM, LlamaForCausalLM, SiglipVisionModel or SiglipModel (vision tower only).
+Never loads pickle (*.bin) files. Errors name the missing tensor / bad shape / unsupported
+config field. With --mesh, every tensor is placed straight into its shard.
+"""
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("hf_dir", None, "Hugging Face model directory (config.json + *.safetensors).")
+flags.DEFINE_string("out", None, "Checkpoint directory to write.")
+flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"], "Dtype the parameters are stored in.")
+flags.DEFINE_integer("select_layer", -1, "SigLIP only: which hidden state feeds the projector "
+                     "(HF hidden_states indexing; -1 = last_hidden_state).")
+flags.DEFINE_multi_string("ignore_config_field", [], "Waive an HF config field we do not know "
+                          "(only if it does not change the computation).")
+flags.DEFINE_string("mesh", None, "Optional mesh, e.g. 'fsdp=-1' or 'data=1,fsdp=4,tensor=2'.")
+flags.DEFINE_bool("overwrite", False, "Replace an existing checkpoint at --out.")
+flags.mark_flags_as_required(["hf_dir", "out"])
+
+
+def parse_mesh(spec: str | None):
+    if not spec:
+        return None
+    from genieblue_jax.sharding import make_mesh
+    try:
+        axes = {k.strip(): int(v) for k, v in (part.split("=") for part in spec.split(","))}
+    except ValueError:
+        raise app.UsageError(f"--mesh={spec!r}: expected 'axis=size,...', e.g. 'fsdp=-1'") from None
+    return make_mesh(axes)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    from genieblue_jax import models
+    from genieblue_jax.hf import import_hf
+    name, cfg, params = import_hf(FLAGS.hf_dir, FLAGS.out, param_dtype=FLAGS.param_dtype,
+                                  ignore_fields=FLAGS.ignore_config_field,
+                                  select_layer=FLAGS.select_layer, mesh=parse_mesh(FLAGS.mesh),
+                                  overwrite=FLAGS.overwrite)
+    logging.info("imported %s", cfg)
+    print(f"wrote {FLAGS.out}: component {name!r}, {models.count_params(params):,} parameters "
+          f"({FLAGS.param_dtype})")
+
+
+if __name__ == "__main__":
+    app.run(main)
