@@ -5,7 +5,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import genieblue_jax
-from genieblue_jax import checkpoint, models
+from genieblue_jax import models
 from genieblue_jax.hf import import_hf
 from genieblue_jax.sharding import DEFAULT_RULES, make_mesh, param_shardings, spec_for
 

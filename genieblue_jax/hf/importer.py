@@ -8,10 +8,12 @@ Every parameter of our model is looked up through the family's name table
 (`genieblue_jax.hf.tables`); shapes are checked for all tensors before any data is read.
 A missing tensor, a shape mismatch, or a tensor in the files that the table does not
 consume (and that is not known to be redundant) is an error that names it. Tensors are
-read one at a time (memory-mapped) and placed straight into their target sharding.
+memory-mapped and each device's shard is read straight into its target sharding, so no
+host ever holds more than the shards it owns.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -118,12 +120,19 @@ def load_hf_params(hf_dir: str, arch: str, cfg, *, mesh=None, rules=sharding_lib
     shardings = models.flatten(sharding_lib.param_shardings(abstract, mesh, rules) if mesh is not None
                                else sharding_lib.single_device_shardings(abstract))
     abstract = models.flatten(abstract)
+    def read_shard(name, view, dtype, index):
+        # `view` is a (transposed) memory-mapped view: only this shard's slice is read.
+        shard = np.asarray(view[index]).astype(dtype)
+        if not np.all(np.isfinite(shard.astype(np.float32))):
+            raise ValueError(f"tensor {name!r} in {hf_dir} contains NaN or Inf")
+        return shard
+
     params = {}
     for path, (name, transform) in mapping.items():
-        value = np.asarray(transform.to_ours(ckpt.get(name))).astype(abstract[path].dtype)
-        if not np.all(np.isfinite(value.astype(np.float32))):
-            raise ValueError(f"tensor {name!r} in {hf_dir} contains NaN or Inf")
-        params[path] = jax.make_array_from_callback(value.shape, shardings[path], lambda idx, v=value: v[idx])
+        view = transform.to_ours(ckpt.get(name))
+        params[path] = jax.make_array_from_callback(
+            view.shape, shardings[path],
+            functools.partial(read_shard, name, view, abstract[path].dtype))
     return models.unflatten(params)
 
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from genieblue_jax.models.configs import LLMConfig
+from genieblue_jax.models.layers import dense
 from genieblue_jax.models.masks import causal_segment_mask
 
 
@@ -68,12 +69,6 @@ def dot_product_attention(q, k, v, mask, dtype):
     return out.reshape(b, t, h * d)
 
 
-def _dense(cfg, features: int, use_bias: bool, name: str) -> nn.Dense:
-    return nn.Dense(
-        features, use_bias=use_bias, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-        kernel_init=nn.initializers.normal(cfg.initializer_range), name=name)
-
-
 class Attention(nn.Module):
     cfg: LLMConfig
 
@@ -81,14 +76,14 @@ class Attention(nn.Module):
     def __call__(self, x, positions, mask):
         cfg = self.cfg
         b, t, _ = x.shape
-        q = _dense(cfg, cfg.num_heads * cfg.head_dim, cfg.qkv_bias, "q_proj")(x)
-        k = _dense(cfg, cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, "k_proj")(x)
-        v = _dense(cfg, cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, "v_proj")(x)
+        q = dense(cfg, cfg.num_heads * cfg.head_dim, "q_proj", use_bias=cfg.qkv_bias)(x)
+        k = dense(cfg, cfg.num_kv_heads * cfg.head_dim, "k_proj", use_bias=cfg.qkv_bias)(x)
+        v = dense(cfg, cfg.num_kv_heads * cfg.head_dim, "v_proj", use_bias=cfg.qkv_bias)(x)
         q = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), positions, cfg.rope_theta)
         k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), positions, cfg.rope_theta)
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         out = dot_product_attention(q, k, v, mask, cfg.compute_dtype)
-        return _dense(cfg, cfg.hidden_size, cfg.out_bias, "o_proj")(out)
+        return dense(cfg, cfg.hidden_size, "o_proj", use_bias=cfg.out_bias)(out)
 
 
 class MLP(nn.Module):
@@ -99,9 +94,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        gate = _dense(cfg, cfg.intermediate_size, cfg.mlp_bias, "gate_proj")(x)
-        up = _dense(cfg, cfg.intermediate_size, cfg.mlp_bias, "up_proj")(x)
-        return _dense(cfg, cfg.hidden_size, cfg.mlp_bias, "down_proj")(nn.silu(gate) * up)
+        gate = dense(cfg, cfg.intermediate_size, "gate_proj", use_bias=cfg.mlp_bias)(x)
+        up = dense(cfg, cfg.intermediate_size, "up_proj", use_bias=cfg.mlp_bias)(x)
+        return dense(cfg, cfg.hidden_size, "down_proj", use_bias=cfg.mlp_bias)(nn.silu(gate) * up)
 
 
 class DecoderBlock(nn.Module):
@@ -129,7 +124,7 @@ class DecoderLM(nn.Module):
         self.layers = [DecoderBlock(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.params_dtype)
         if not cfg.tie_embeddings:
-            self.lm_head = _dense(cfg, cfg.vocab_size, False, "lm_head")
+            self.lm_head = dense(cfg, cfg.vocab_size, "lm_head", use_bias=False)
 
     def embed(self, tokens):
         return self.embed_tokens(tokens)

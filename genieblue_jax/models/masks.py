@@ -44,13 +44,11 @@ def positions_from_segments(segment_ids) -> np.ndarray:
         positions_from_segments([[0, 0, 1, 1, 1]])       == [[0, 0, 0, 1, 2]]   # left padding
     """
     seg = np.asarray(segment_ids)
-    pos = np.zeros(seg.shape, dtype=np.int32)
-    for b in range(seg.shape[0]):
-        count = 0
-        for t in range(seg.shape[1]):
-            if seg[b, t] == 0:
-                pos[b, t] = 0
-                continue
-            count = count + 1 if t > 0 and seg[b, t - 1] == seg[b, t] else 1
-            pos[b, t] = count - 1
-    return pos
+    if seg.ndim != 2:
+        raise ValueError(f"segment_ids must be (batch, seq), got shape {seg.shape}")
+    index = np.broadcast_to(np.arange(seg.shape[1]), seg.shape)
+    starts = np.ones(seg.shape, bool)
+    starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    # Index of the most recent segment start at or before each token.
+    start_index = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+    return np.where(seg == 0, 0, index - start_index).astype(np.int32)

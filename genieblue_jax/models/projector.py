@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from genieblue_jax.models.configs import ProjectorConfig
+from genieblue_jax.models.layers import dense, layer_norm
 
 
 def downsampled_grid(num_tokens: int) -> int:
@@ -62,12 +63,6 @@ class Projector(nn.Module):
     @nn.compact
     def __call__(self, vision_tokens):
         cfg = self.cfg
-        init = nn.initializers.normal(cfg.initializer_range)
-        x = vila_downsample(vision_tokens.astype(cfg.compute_dtype))
-        x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype,
-                         param_dtype=cfg.params_dtype, name="layer_norm")(x)
-        x = nn.Dense(cfg.llm_hidden_size, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-                     kernel_init=init, name="linear_1")(x)
-        x = nn.gelu(x, approximate=False)
-        return nn.Dense(cfg.llm_hidden_size, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-                        kernel_init=init, name="linear_2")(x)
+        x = layer_norm(cfg, "layer_norm")(vila_downsample(vision_tokens.astype(cfg.compute_dtype)))
+        x = nn.gelu(dense(cfg, cfg.llm_hidden_size, "linear_1")(x), approximate=False)
+        return dense(cfg, cfg.llm_hidden_size, "linear_2")(x)

@@ -19,16 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from genieblue_jax.models.configs import VisionConfig
-
-
-def _dense(cfg: VisionConfig, features: int, name: str) -> nn.Dense:
-    return nn.Dense(features, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-                    kernel_init=nn.initializers.normal(cfg.initializer_range), name=name)
-
-
-def _layer_norm(cfg: VisionConfig, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype,
-                        param_dtype=cfg.params_dtype, name=name)
+from genieblue_jax.models.layers import dense, layer_norm
 
 
 def _attend(q, k, v, num_heads: int, dtype):
@@ -46,8 +37,8 @@ class SiglipMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = _dense(self.cfg, self.cfg.intermediate_size, "fc1")(x)
-        return _dense(self.cfg, self.cfg.hidden_size, "fc2")(nn.gelu(x, approximate=True))
+        x = dense(self.cfg, self.cfg.intermediate_size, "fc1")(x)
+        return dense(self.cfg, self.cfg.hidden_size, "fc2")(nn.gelu(x, approximate=True))
 
 
 class SiglipAttention(nn.Module):
@@ -56,8 +47,8 @@ class SiglipAttention(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        q, k, v = (_dense(cfg, cfg.hidden_size, f"{n}_proj")(x) for n in "qkv")
-        return _dense(cfg, cfg.hidden_size, "out_proj")(_attend(q, k, v, cfg.num_heads, cfg.compute_dtype))
+        q, k, v = (dense(cfg, cfg.hidden_size, f"{n}_proj")(x) for n in "qkv")
+        return dense(cfg, cfg.hidden_size, "out_proj")(_attend(q, k, v, cfg.num_heads, cfg.compute_dtype))
 
 
 class SiglipEncoderLayer(nn.Module):
@@ -66,8 +57,8 @@ class SiglipEncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        x = x + SiglipAttention(cfg, name="self_attn")(_layer_norm(cfg, "layer_norm1")(x))
-        return x + SiglipMLP(cfg, name="mlp")(_layer_norm(cfg, "layer_norm2")(x))
+        x = x + SiglipAttention(cfg, name="self_attn")(layer_norm(cfg, "layer_norm1")(x))
+        return x + SiglipMLP(cfg, name="mlp")(layer_norm(cfg, "layer_norm2")(x))
 
 
 class SiglipPoolingHead(nn.Module):
@@ -88,7 +79,7 @@ class SiglipPoolingHead(nn.Module):
                            cfg.params_dtype)
         query = jnp.broadcast_to(probe.astype(cfg.compute_dtype), (x.shape[0], 1, dim))
         out = _PackedAttention(cfg, name="attention")(query, x)
-        out = out + SiglipMLP(cfg, name="mlp")(_layer_norm(cfg, "layernorm")(out))
+        out = out + SiglipMLP(cfg, name="mlp")(layer_norm(cfg, "layernorm")(out))
         return out[:, 0]
 
 
@@ -99,11 +90,11 @@ class _PackedAttention(nn.Module):
     def __call__(self, query, kv):
         cfg = self.cfg
         dim = cfg.hidden_size
-        in_proj = _dense(cfg, 3 * dim, "in_proj")
+        in_proj = dense(cfg, 3 * dim, "in_proj")
         q = in_proj(query)[..., :dim]
         kv = in_proj(kv)
         attn = _attend(q, kv[..., dim:2 * dim], kv[..., 2 * dim:], cfg.num_heads, cfg.compute_dtype)
-        return _dense(cfg, dim, "out_proj")(attn)
+        return dense(cfg, dim, "out_proj")(attn)
 
 
 class _Embeddings(nn.Module):
@@ -160,7 +151,7 @@ class SiglipVisionTower(nn.Module):
         select = cfg.num_layers if cfg.select_layer == -1 else cfg.select_layer % (cfg.num_layers + 1)
         run_all = with_pooled or self.is_initializing()
         selected, final = _Encoder(cfg, name="encoder")(x, cfg.num_layers if run_all else select, select)
-        post_layernorm = _layer_norm(cfg, "post_layernorm")
+        post_layernorm = layer_norm(cfg, "post_layernorm")
         if cfg.select_layer == -1:
             selected = post_layernorm(selected)
         pooled = None

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 import genieblue_jax
 from genieblue_jax import checkpoint
 from genieblue_jax.hf import UnsupportedConfigError, import_hf
-from tests.conftest import build_hf_decoder, build_hf_siglip
+from tests.conftest import build_hf_decoder
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 IDS = np.random.default_rng(0).integers(0, 300, size=(2, 9))

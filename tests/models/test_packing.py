@@ -41,3 +41,16 @@ def test_two_packed_sequences_equal_each_alone():
         diff = max(np.abs(out[0, :7] - alone_a[0]).max(), np.abs(out[0, 7:12] - alone_b[0]).max())
         print(f"{preset}: packed vs alone max diff {diff:.2e}")
         assert diff <= 1e-5
+
+
+def test_positions_match_a_plain_loop_on_random_layouts():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        lengths = rng.integers(1, 6, size=rng.integers(1, 5))
+        seg = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)] + [np.zeros(rng.integers(0, 4), int)])
+        expected, count, prev = [], 0, None
+        for s in seg:
+            count = 0 if s == 0 else (count + 1 if s == prev else 0)
+            expected.append(count)
+            prev = s
+        np.testing.assert_array_equal(positions_from_segments(seg[None])[0], expected)
