@@ -25,8 +25,10 @@ from genieblue_jax import models
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Megatron-style tensor parallelism (column-parallel in, row-parallel out) plus FSDP on the
-# other dimension. Kernels are (in, out). Small vectors are replicated.
+# other dimension. Kernels are (in, out). Small vectors are replicated. Branch leaves reuse
+# the base names (`vision_q_proj` is matched by `q_proj`), so they shard like the base.
 DEFAULT_RULES: tuple[tuple[str, P], ...] = (
+    (r".*/lora_(a|b)", P()),  # rank-r adapters: tiny, replicated
     (r".*embed_tokens/embedding", P("tensor", "fsdp")),
     (r".*lm_head/kernel", P("fsdp", "tensor")),
     (r".*(q_proj|k_proj|v_proj|gate_proj|up_proj|fc1|in_proj|linear_1)/kernel", P("fsdp", "tensor")),

@@ -6,10 +6,14 @@ import pytest
 import genieblue_jax.hf.tables
 import genieblue_jax.models
 import genieblue_jax.models.configs
+import genieblue_jax.structure
+import genieblue_jax.structure.branch
+import genieblue_jax.structure.config
 
 
 @pytest.mark.parametrize("module", [genieblue_jax.models, genieblue_jax.models.configs,
-                                    genieblue_jax.hf.tables])
+                                    genieblue_jax.hf.tables, genieblue_jax.structure,
+                                    genieblue_jax.structure.config, genieblue_jax.structure.branch])
 def test_docstring_examples(module):
     result = doctest.testmod(module, verbose=False)
     assert result.attempted > 0 and result.failed == 0

@@ -69,3 +69,30 @@ def test_import_and_restore_into_a_mesh(hf_decoder_dir, tmp_path):
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(2, 10))
     single = genieblue_jax.load(hf_dir).logits(ids)
     assert np.abs(model.logits(ids) - single).max() <= 1e-5
+
+
+def test_every_mllm_variant_is_covered_at_paper_scale():
+    from genieblue_jax import structure
+    mesh = make_mesh({"fsdp": 4, "tensor": 2})
+    for variant in structure.VARIANTS:
+        mcfg = structure.MLLMConfig.from_presets(
+            "qwen2.5-3b", "siglip-so400m-384", structure.StructureConfig(variant=variant))
+        shardings = models.flatten(param_shardings(structure.abstract_mllm(mcfg), mesh))
+        if variant != "full":
+            lora = [s for n, s in shardings.items() if n.endswith("lora_a")]
+            assert lora and all(s.spec == P() for s in lora)
+        if variant == "cogvlm":
+            assert shardings["branch/layers_4/self_attn/vision_q_proj/kernel"].spec == P("fsdp", "tensor")
+
+
+def test_branch_init_lands_in_its_shardings():
+    from genieblue_jax import structure
+    from tests.structure.conftest import make_mcfg
+    mesh = make_mesh({"fsdp": 4, "tensor": 2})
+    mcfg = make_mcfg("genieblue", "skip")
+    base = models.init_params(mcfg.llm, jax.random.key(0), param_shardings(models.abstract_params(mcfg.llm), mesh))
+    shardings = param_shardings(structure.abstract_branch(mcfg), mesh)
+    branch = structure.init_branch(mcfg, base, jax.random.key(1), shardings)
+    q = branch["layers_4"]["self_attn"]["q_proj"]["kernel"]
+    assert q.sharding.spec == P("fsdp", "tensor")
+    np.testing.assert_array_equal(np.asarray(q), np.asarray(base["layers_4"]["self_attn"]["q_proj"]["kernel"]))

@@ -10,6 +10,8 @@ reported and how sharded initialisation / loading is planned.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,9 +56,15 @@ def _init_fn(cfg):
     return lambda rng: module.init(rng, *inputs)["params"]
 
 
-def abstract_params(cfg):
-    """Parameter tree of ShapeDtypeStructs; allocates nothing."""
+@functools.lru_cache(maxsize=64)
+def _abstract_params(cfg):
     return jax.eval_shape(_init_fn(cfg), jax.random.key(0))
+
+
+def abstract_params(cfg):
+    """Parameter tree of ShapeDtypeStructs; allocates nothing. Cached per config (configs
+    are frozen); each call returns its own dict structure, safe to modify."""
+    return jax.tree.map(lambda x: x, _abstract_params(cfg))
 
 
 def init_params(cfg, rng, shardings=None):

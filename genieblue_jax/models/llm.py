@@ -13,6 +13,13 @@ Hugging Face's `model.*` names):
 
 Inputs always carry explicit `positions` and `segment_ids` (see `masks.py`), so packed
 rows never attend across samples and padding is just segment 0.
+
+`layer_kinds` turns the same module into a GenieBlue / CogVLM multimodal decoder (one kind
+per layer; `None` = all "base", the plain LLM):
+- "base":   a plain block (also used for replicated blocks, whose weights come from the branch);
+- "lora":   LoRA on `lora.targets` (extra leaves `lora_a`, `lora_b` next to each `kernel`);
+- "expert": CogVLM visual expert: `vision_{q,k,v,o,gate,up,down}_proj` weights used for image
+            tokens (`token_types == 1`), the original weights for text; attention is joint.
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ import jax.numpy as jnp
 
 from genieblue_jax.models.configs import LLMConfig
 from genieblue_jax.models.layers import dense
+from genieblue_jax.models.lora import LoRADense, LoRASpec
 from genieblue_jax.models.masks import causal_segment_mask
 
 
@@ -69,59 +77,102 @@ def dot_product_attention(q, k, v, mask, dtype):
     return out.reshape(b, t, h * d)
 
 
+LAYER_KINDS = ("base", "lora", "expert")
+
+
+def _proj(cfg: LLMConfig, features: int, name: str, use_bias: bool, lora: LoRASpec | None):
+    if lora is not None and name in lora.targets:
+        return LoRADense(features, use_bias, lora, cfg.compute_dtype, cfg.params_dtype,
+                         nn.initializers.normal(cfg.initializer_range), name=name)
+    return dense(cfg, features, name, use_bias=use_bias)
+
+
+def _route(is_image, text_out, image_out):
+    """Per-token choice between the original (text) and visual-expert (image) outputs."""
+    return jnp.where(is_image[..., None], image_out, text_out)
+
+
 class Attention(nn.Module):
     cfg: LLMConfig
+    lora: LoRASpec | None = None
+    expert: bool = False
 
     @nn.compact
-    def __call__(self, x, positions, mask):
+    def __call__(self, x, positions, mask, is_image=None):
         cfg = self.cfg
         b, t, _ = x.shape
-        q = dense(cfg, cfg.num_heads * cfg.head_dim, "q_proj", use_bias=cfg.qkv_bias)(x)
-        k = dense(cfg, cfg.num_kv_heads * cfg.head_dim, "k_proj", use_bias=cfg.qkv_bias)(x)
-        v = dense(cfg, cfg.num_kv_heads * cfg.head_dim, "v_proj", use_bias=cfg.qkv_bias)(x)
+        sizes = {"q": cfg.num_heads * cfg.head_dim, "k": cfg.num_kv_heads * cfg.head_dim,
+                 "v": cfg.num_kv_heads * cfg.head_dim}
+        q, k, v = (_proj(cfg, sizes[n], f"{n}_proj", cfg.qkv_bias, self.lora)(x) for n in "qkv")
+        if self.expert:
+            q, k, v = (_route(is_image, out, dense(cfg, sizes[n], f"vision_{n}_proj", use_bias=cfg.qkv_bias)(x))
+                       for n, out in zip("qkv", (q, k, v)))
         q = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), positions, cfg.rope_theta)
         k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), positions, cfg.rope_theta)
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         out = dot_product_attention(q, k, v, mask, cfg.compute_dtype)
-        return dense(cfg, cfg.hidden_size, "o_proj", use_bias=cfg.out_bias)(out)
+        text_out = _proj(cfg, cfg.hidden_size, "o_proj", cfg.out_bias, self.lora)(out)
+        if self.expert:
+            return _route(is_image, text_out, dense(cfg, cfg.hidden_size, "vision_o_proj", use_bias=cfg.out_bias)(out))
+        return text_out
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)); with `expert`, a second SwiGLU for image tokens."""
 
     cfg: LLMConfig
+    lora: LoRASpec | None = None
+    expert: bool = False
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, is_image=None):
         cfg = self.cfg
-        gate = dense(cfg, cfg.intermediate_size, "gate_proj", use_bias=cfg.mlp_bias)(x)
-        up = dense(cfg, cfg.intermediate_size, "up_proj", use_bias=cfg.mlp_bias)(x)
-        return dense(cfg, cfg.hidden_size, "down_proj", use_bias=cfg.mlp_bias)(nn.silu(gate) * up)
+
+        def swiglu(prefix, lora):
+            gate = _proj(cfg, cfg.intermediate_size, f"{prefix}gate_proj", cfg.mlp_bias, lora)(x)
+            up = _proj(cfg, cfg.intermediate_size, f"{prefix}up_proj", cfg.mlp_bias, lora)(x)
+            return _proj(cfg, cfg.hidden_size, f"{prefix}down_proj", cfg.mlp_bias, lora)(nn.silu(gate) * up)
+
+        out = swiglu("", self.lora)
+        return _route(is_image, out, swiglu("vision_", None)) if self.expert else out
 
 
 class DecoderBlock(nn.Module):
     cfg: LLMConfig
+    kind: str = "base"
+    lora: LoRASpec | None = None
 
     @nn.compact
-    def __call__(self, x, positions, mask):
+    def __call__(self, x, positions, mask, is_image=None):
         cfg = self.cfg
+        lora = self.lora if self.kind == "lora" else None
+        expert = self.kind == "expert"
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.params_dtype, name=name)
-        x = x + Attention(cfg, name="self_attn")(norm("input_layernorm")(x), positions, mask)
-        return x + MLP(cfg, name="mlp")(norm("post_attention_layernorm")(x))
+        x = x + Attention(cfg, lora, expert, name="self_attn")(norm("input_layernorm")(x), positions, mask, is_image)
+        return x + MLP(cfg, lora, expert, name="mlp")(norm("post_attention_layernorm")(x), is_image)
 
 
 class DecoderLM(nn.Module):
     """Causal LM. `__call__(tokens, positions, segment_ids)` -> float32 logits
-    (batch, seq, vocab). `inputs_embeds` may replace the token lookup (multimodal inputs)."""
+    (batch, seq, vocab). `inputs_embeds` may replace the token lookup (multimodal inputs);
+    `token_types` (1 = image token) routes CogVLM expert layers."""
 
     cfg: LLMConfig
+    layer_kinds: tuple[str, ...] | None = None
+    lora: LoRASpec | None = None
 
     def setup(self):
         cfg = self.cfg
+        kinds = self.layer_kinds or ("base",) * cfg.num_layers
+        if len(kinds) != cfg.num_layers or set(kinds) - set(LAYER_KINDS):
+            raise ValueError(f"layer_kinds must give one of {LAYER_KINDS} for each of the "
+                             f"{cfg.num_layers} layers, got {kinds}")
+        if "lora" in kinds and self.lora is None:
+            raise ValueError("layer_kinds has 'lora' layers but no LoRASpec was given")
         self.embed_tokens = nn.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
             embedding_init=nn.initializers.normal(cfg.initializer_range))
-        self.layers = [DecoderBlock(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+        self.layers = [DecoderBlock(cfg, kind, self.lora, name=f"layers_{i}") for i, kind in enumerate(kinds)]
         self.norm = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.params_dtype)
         if not cfg.tie_embeddings:
             self.lm_head = dense(cfg, cfg.vocab_size, "lm_head", use_bias=False)
@@ -129,11 +180,14 @@ class DecoderLM(nn.Module):
     def embed(self, tokens):
         return self.embed_tokens(tokens)
 
-    def hidden_states(self, x, positions, segment_ids):
+    def hidden_states(self, x, positions, segment_ids, token_types=None):
         """Runs the blocks and the final norm on input embeddings x: (b, t, hidden)."""
         mask = causal_segment_mask(segment_ids)
+        is_image = None if token_types is None else token_types == 1
+        if is_image is None and self.layer_kinds and "expert" in self.layer_kinds:
+            is_image = jnp.zeros(segment_ids.shape, bool)
         for layer in self.layers:
-            x = layer(x, positions, mask)
+            x = layer(x, positions, mask, is_image)
         return self.norm(x)
 
     def unembed(self, h):
@@ -143,6 +197,6 @@ class DecoderLM(nn.Module):
             logits = self.lm_head(h)
         return logits.astype(jnp.float32)
 
-    def __call__(self, tokens, positions, segment_ids, inputs_embeds=None):
+    def __call__(self, tokens, positions, segment_ids, inputs_embeds=None, token_types=None):
         x = self.embed(tokens) if inputs_embeds is None else inputs_embeds.astype(self.cfg.compute_dtype)
-        return self.unembed(self.hidden_states(x, positions, segment_ids))
+        return self.unembed(self.hidden_states(x, positions, segment_ids, token_types))

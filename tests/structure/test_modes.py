@@ -1,0 +1,99 @@
+"""Deployment modes: text (non-shared base), multimodal, shared; CogVLM routing; image merge."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import genieblue_jax
+from genieblue_jax import structure
+from tests.structure.conftest import build, image_batch, perturb, run, text_batch
+
+
+@pytest.mark.parametrize("variant,placement", [("genieblue", "skip"), ("genieblue", "pre"),
+                                               ("genieblue", "post"), ("cogvlm", "skip"), ("lora", "skip")])
+def test_multimodal_mode_at_init_is_the_base_on_text(variant, placement, base_params):
+    mcfg, params = build(variant, placement, base_params)
+    tokens, segments = text_batch()
+    base = run(mcfg, params, tokens, segments, mode="text")
+    mm = run(mcfg, params, tokens, segments, mode="multimodal")
+    valid = segments.astype(bool)
+    diff = np.abs(mm - base)[valid].max()
+    print(f"{variant}-{placement}: multimodal vs base at init {diff:.2e}")
+    assert diff <= 1e-5
+
+
+def test_replicated_blocks_start_as_exact_copies_in_new_buffers(base_params):
+    mcfg, params = build("genieblue", "skip", base_params)
+    for i in (0, 4):
+        for (path, copy), (_, orig) in zip(
+                sorted(genieblue_jax.models.flatten(params["branch"][f"layers_{i}"]).items()),
+                sorted(genieblue_jax.models.flatten(base_params["llm"][f"layers_{i}"]).items())):
+            np.testing.assert_array_equal(np.asarray(copy), np.asarray(orig), err_msg=path)
+            assert copy.unsafe_buffer_pointer() != orig.unsafe_buffer_pointer(), path
+    lora_b = params["branch"]["layers_1"]["mlp"]["down_proj"]["lora_b"]
+    assert not np.any(np.asarray(lora_b))
+
+
+@pytest.mark.parametrize("variant", ["genieblue", "cogvlm", "lora"])
+def test_text_mode_is_bitwise_the_base_after_training_and_shared_is_not(variant, base_params):
+    mcfg, params = build(variant, "skip", base_params)
+    params = dict(params, branch=perturb(params["branch"]))
+    tokens, segments = text_batch(seed=3)
+    base_alone = genieblue_jax.GenieBlue({"llm": mcfg.llm}, {"llm": base_params["llm"]}).logits(
+        tokens, segment_ids=segments)
+    np.testing.assert_array_equal(run(mcfg, params, tokens, segments, mode="text"), base_alone)
+    shared = run(mcfg, params, tokens, segments, mode="shared")
+    valid = segments.astype(bool)
+    assert np.abs(shared - base_alone)[valid].max() > 1e-3
+    # shared is, by definition, the multimodal weights on text
+    np.testing.assert_array_equal(shared, run(mcfg, params, tokens, segments, mode="multimodal"))
+
+
+def test_cogvlm_expert_only_touches_image_tokens(base_params):
+    mcfg, params = build("cogvlm", "skip", base_params)
+    params = dict(params, branch=perturb(params["branch"]))
+    changed = jax.tree.map(lambda x: x, params)
+    w = changed["branch"]["layers_4"]["mlp"]["vision_up_proj"]["kernel"]
+    changed["branch"]["layers_4"]["mlp"]["vision_up_proj"]["kernel"] = w + 0.5
+    tokens, segments = text_batch()
+    np.testing.assert_array_equal(run(mcfg, params, tokens, segments), run(mcfg, changed, tokens, segments))
+    tokens, segments, images = image_batch(mcfg)
+    before, after = run(mcfg, params, tokens, segments, images), run(mcfg, changed, tokens, segments, images)
+    assert np.abs(before - after).max() > 1e-3
+    # joint attention: text tokens after the image see the change, text tokens before it do not
+    np.testing.assert_array_equal(before[0, :3], after[0, :3])
+    assert np.abs(before[0, 20:] - after[0, 20:]).max() > 1e-4
+
+
+def test_images_change_the_multimodal_output(base_params):
+    mcfg, params = build("genieblue", "skip", base_params)
+    tokens, segments, images = image_batch(mcfg)
+    a = run(mcfg, params, tokens, segments, images)
+    b = run(mcfg, params, tokens, segments, images[::-1])
+    assert np.abs(a - b).max() > 1e-4
+    np.testing.assert_array_equal(a[:, :3], b[:, :3])  # before any image token: unaffected
+
+
+def test_merge_image_features_worked_example():
+    embeds = jnp.zeros((1, 5, 2)) + jnp.arange(5.0)[None, :, None]
+    features = jnp.array([[[10.0, 10.0]], [[11.0, 11.0]]])
+    out = structure.merge_image_features(embeds, jnp.array([[0, 1, 0, 1, 0]], bool), features)
+    np.testing.assert_array_equal(out[0, :, 0], [0, 10, 2, 11, 4])
+
+
+def test_image_token_count_mismatch_says_both_counts(base_params):
+    mcfg, _ = build("genieblue", "skip", base_params)
+    tokens, _, images = image_batch(mcfg)
+    with pytest.raises(ValueError, match=r"32 image tokens \(id 511\) but the images give 16 features "
+                                         r"\(1 images x 16 tokens\)"):
+        structure.check_image_tokens(tokens, mcfg.image_token_id, 1, mcfg.tokens_per_image)
+    structure.check_image_tokens(tokens, mcfg.image_token_id, 2, mcfg.tokens_per_image)
+
+
+def test_text_mode_refuses_images(base_params):
+    mcfg, params = build("genieblue", "skip", base_params)
+    tokens, segments, images = image_batch(mcfg)
+    with pytest.raises(ValueError, match="takes no images"):
+        run(mcfg, params, tokens, segments, images, mode="text")
+    with pytest.raises(ValueError, match="mode='auto'"):
+        run(mcfg, params, tokens, segments, mode="auto")
