@@ -64,9 +64,12 @@ class StructureConfig:
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"variant={self.variant!r}; choose one of {VARIANTS}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement={self.placement!r}; choose one of {PLACEMENTS}")
+        if self.interval < 1:
+            raise ValueError(f"interval={self.interval} must be >= 1")
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         self.lora_spec  # validates rank and targets
-        replicated_layers(max(self.interval, 1), self.placement, self.interval)
 
     @property
     def lora_spec(self) -> LoRASpec:
