@@ -21,44 +21,55 @@ from genieblue_jax.structure.branch import (abstract_branch, init_branch, multim
 from genieblue_jax.structure.config import MODES, MLLMConfig
 
 
-def check_image_tokens(tokens, image_token_id: int, num_images: int, tokens_per_image: int) -> None:
-    """Host-side check that the sequence has a slot for every image feature and vice versa."""
-    n_tokens = int(np.sum(np.asarray(tokens) == image_token_id))
-    n_features = num_images * tokens_per_image
-    if n_tokens != n_features:
-        raise ValueError(f"the input has {n_tokens} image tokens (id {image_token_id}) but the images "
-                         f"give {n_features} features ({num_images} images x {tokens_per_image} tokens)")
+def check_image_tokens(tokens, image_token_id: int, image_valid, tokens_per_patch: int) -> None:
+    """Host-side check, per row, that the image tokens and the valid patches agree.
+
+    tokens (b, t); image_valid (b, P) bool (which patch slots of each row hold a patch).
+    """
+    tokens, image_valid = np.asarray(tokens), np.asarray(image_valid, bool)
+    n_tokens = (tokens == image_token_id).sum(axis=1)
+    n_features = image_valid.sum(axis=1) * tokens_per_patch
+    for row in np.nonzero(n_tokens != n_features)[0]:
+        raise ValueError(f"row {row}: the input has {n_tokens[row]} image tokens (id {image_token_id}) but "
+                         f"its images give {n_features[row]} features ({image_valid[row].sum()} patches x "
+                         f"{tokens_per_patch} tokens)")
 
 
 def merge_image_features(embeds, is_image, features):
-    """Writes image features into the image-token positions, in reading order.
+    """Writes each row's image features into its image-token positions, in reading order.
 
-    embeds (b, t, d); is_image (b, t) bool; features (n, k, d) for n images of k tokens.
-    The i-th image token of the flattened batch (row-major) gets feature row i of
-    `features.reshape(n * k, d)`. Example with b = 1, t = 5, two 1-token images f0, f1:
+    embeds (b, t, d); is_image (b, t) bool; features (b, n, d): the i-th image token of
+    row r gets features[r, i]. Rows may carry padding features after the used ones.
+    Example with one row, t = 5 and two image features f0, f1:
 
         is_image = [[0, 1, 0, 1, 0]]  ->  [[e0, f0, e2, f1, e4]]
 
     The counts must agree (`check_image_tokens`); inside jit they cannot be checked.
     """
-    b, t, d = embeds.shape
-    flat = features.reshape(-1, d).astype(embeds.dtype)
-    if flat.shape[0] == 0:
+    if features.shape[1] == 0:
         return embeds
-    index = jnp.cumsum(is_image.reshape(-1)) - 1
-    gathered = flat[jnp.clip(index, 0, flat.shape[0] - 1)].reshape(b, t, d)
+    index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, features.shape[1] - 1)
+    gathered = jnp.take_along_axis(features.astype(embeds.dtype), index[..., None], axis=1)
     return jnp.where(is_image[..., None], gathered, embeds)
 
 
 def image_features(mcfg: MLLMConfig, params: dict, images):
-    """images (n, H, W, C) normalised NHWC -> (n, tokens_per_image, llm_hidden)."""
-    vision = models.build(mcfg.vision).apply({"params": params["vision"]}, images)["tokens"]
-    return models.build(mcfg.projector).apply({"params": params["projector"]}, vision)
+    """images (b, P, H, W, C) per-row patches (normalised NHWC) -> (b, P * tokens_per_patch,
+    llm_hidden): each patch's tokens in patch order. Padding patches are computed too
+    (static shapes) and simply never referenced."""
+    b, p = images.shape[:2]
+    flat = images.reshape(b * p, *images.shape[2:])
+    vision = models.build(mcfg.vision).apply({"params": params["vision"]}, flat)["tokens"]
+    feats = models.build(mcfg.projector).apply({"params": params["projector"]}, vision)
+    return feats.reshape(b, p * feats.shape[1], feats.shape[2])
 
 
 def forward(mcfg: MLLMConfig, params: dict, tokens, positions, segment_ids, images=None,
             mode: str = "multimodal"):
-    """Logits (b, t, vocab) float32 of the model in `mode` (jit-friendly; `mode` static)."""
+    """Logits (b, t, vocab) float32 of the model in `mode` (jit-friendly; `mode` static).
+
+    `images` (b, P, H, W, C): each row's patches in the order of its image tokens (as the
+    data pipeline's packed batches carry them), or None for text-only input."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; choose one of {MODES}")
     if mode == "text":

@@ -47,14 +47,14 @@ def text_batch(seed=0):
 
 
 def image_batch(mcfg, seed=0):
-    """Two rows, one image each (16 image tokens), plus two images' pixels."""
+    """Two rows, one 16-token image patch each; images are per row: (2, 1, S, S, 3)."""
     rng = np.random.default_rng(seed)
-    k = mcfg.tokens_per_image
+    k = mcfg.tokens_per_patch
     tokens = rng.integers(0, 500, size=(2, 40)).astype(np.int32)
     tokens[0, 3:3 + k] = IMAGE_TOKEN
     tokens[1, 10:10 + k] = IMAGE_TOKEN
     size = mcfg.vision.image_size
-    images = rng.uniform(-1, 1, size=(2, size, size, 3)).astype(np.float32)
+    images = rng.uniform(-1, 1, size=(2, 1, size, size, 3)).astype(np.float32)
     return tokens, np.ones_like(tokens), images
 
 

@@ -69,25 +69,34 @@ def test_images_change_the_multimodal_output(base_params):
     mcfg, params = build("genieblue", "skip", base_params)
     tokens, segments, images = image_batch(mcfg)
     a = run(mcfg, params, tokens, segments, images)
-    b = run(mcfg, params, tokens, segments, images[::-1])
+    b = run(mcfg, params, tokens, segments, images[::-1].copy())
     assert np.abs(a - b).max() > 1e-4
     np.testing.assert_array_equal(a[:, :3], b[:, :3])  # before any image token: unaffected
 
 
 def test_merge_image_features_worked_example():
     embeds = jnp.zeros((1, 5, 2)) + jnp.arange(5.0)[None, :, None]
-    features = jnp.array([[[10.0, 10.0]], [[11.0, 11.0]]])
+    features = jnp.array([[[10.0, 10.0], [11.0, 11.0]]])
     out = structure.merge_image_features(embeds, jnp.array([[0, 1, 0, 1, 0]], bool), features)
     np.testing.assert_array_equal(out[0, :, 0], [0, 10, 2, 11, 4])
 
 
 def test_image_token_count_mismatch_says_both_counts(base_params):
     mcfg, _ = build("genieblue", "skip", base_params)
-    tokens, _, images = image_batch(mcfg)
-    with pytest.raises(ValueError, match=r"32 image tokens \(id 511\) but the images give 16 features "
-                                         r"\(1 images x 16 tokens\)"):
-        structure.check_image_tokens(tokens, mcfg.image_token_id, 1, mcfg.tokens_per_image)
-    structure.check_image_tokens(tokens, mcfg.image_token_id, 2, mcfg.tokens_per_image)
+    tokens, _, _ = image_batch(mcfg)
+    valid = np.array([[True, False], [True, True]])
+    with pytest.raises(ValueError, match=r"row 1: the input has 16 image tokens \(id 511\) but its images "
+                                         r"give 32 features \(2 patches x 16 tokens\)"):
+        structure.check_image_tokens(tokens, mcfg.image_token_id, valid, mcfg.tokens_per_patch)
+    structure.check_image_tokens(tokens, mcfg.image_token_id, valid[:, :1], mcfg.tokens_per_patch)
+
+
+def test_padding_patches_are_ignored(base_params):
+    mcfg, params = build("genieblue", "skip", base_params)
+    tokens, segments, images = image_batch(mcfg)
+    padded = np.concatenate([images, np.random.default_rng(9).normal(size=images.shape).astype(np.float32)], 1)
+    np.testing.assert_allclose(run(mcfg, params, tokens, segments, padded),
+                               run(mcfg, params, tokens, segments, images), atol=1e-5)
 
 
 def test_text_mode_refuses_images(base_params):

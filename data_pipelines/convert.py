@@ -1,0 +1,350 @@
+"""Convert LLaVA-format JSON or chat JSONL into an ArrayRecord dataset of `Example`s.
+
+    python -m data_pipelines.convert --format=llava --json llava_v1_5_mix665k.json \\
+        --image_root /data/llava/images --out /data/llava665k --num_shards=64
+    python -m data_pipelines.convert --format=jsonl --jsonl chats.jsonl --out /data/text
+
+LLaVA records (a JSON list):
+
+    {"id": "000000033471", "image": "coco/train2017/000000033471.jpg",   # or [paths], or absent
+     "conversations": [{"from": "human", "value": "<image>\\nWhat is on the bus?"},
+                       {"from": "gpt", "value": "An advertisement."}]}
+
+Roles human/user -> user, gpt/assistant -> assistant, system -> system. Images are read
+from `image_root` as raw bytes (stored undecoded) and must decode with PIL. LLaVA
+convention: a record with images but no `<image>` tag gets "<image>\\n" (one per image)
+prepended to its first user turn. JSONL lines: {"id"?, "messages": [{"role", "content"}],
+"source"?} (text only). Keys other than these are not read. A record without "id" gets
+"{source}-{index}" (LLaVA: 0-based list index; JSONL: 1-based line number).
+
+Nothing is dropped silently: a bad record is counted and logged to `out/rejects.jsonl`
+({"index" or "line", "id", "reason", "detail"}) with one of the `REASONS` below, and the
+good ones are written. If more than `max_reject_fraction` of the records are rejected the
+conversion fails (ConversionError; the CLI exits non-zero): the rejects log stays, the
+shards are removed and no manifest is written.
+"""
+import concurrent.futures
+import dataclasses
+import io
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+from PIL import Image
+
+from data_pipelines.records import IMAGE_TAG, Example, ShardedWriter, encode_example
+
+REASONS = {
+    "missing_image": "an image file named by the record does not exist under image_root",
+    "undecodable_image": "an image file that PIL cannot decode",
+    "image_tag_mismatch": "the number of <image> tags differs from the number of images "
+                          "(or a tag outside a user turn)",
+    "malformed_record": "missing/invalid fields, unknown role, empty turn",
+    "malformed_json": "a JSONL line that is not valid JSON",
+    "duplicate_id": "an id already used by an earlier record",
+}
+REJECTS_FILE = "rejects.jsonl"
+_LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                "system": "system"}
+_CHAT_ROLES = ("system", "user", "assistant")
+_CHUNK = 256  # records in flight at once when images are checked on worker threads
+
+
+class ConversionError(ValueError):
+    """The input cannot be converted (bad file, too many rejects); `report` when known."""
+
+    def __init__(self, message: str, report: "ConversionReport | None" = None):
+        super().__init__(message)
+        self.report = report
+
+
+class _Reject(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+@dataclasses.dataclass
+class ConversionReport:
+    """What a conversion did: counts, reject reasons, the manifest; `summary()` prints it."""
+    input: str
+    out_dir: str
+    total: int = 0
+    written: int = 0                                         # good records (written if it succeeded)
+    rejected: int = 0
+    reasons: dict = dataclasses.field(default_factory=dict)  # reason -> count
+    manifest: dict | None = None                             # None when the conversion failed
+
+    @property
+    def rejects_path(self) -> str:
+        return os.path.join(self.out_dir, REJECTS_FILE)
+
+    @property
+    def reject_fraction(self) -> float:
+        return self.rejected / self.total if self.total else 0.0
+
+    def summary(self) -> str:
+        lines = [f"converted {self.input} -> {self.out_dir}",
+                 f"  total     {self.total}",
+                 f"  written   {self.written}" if self.manifest is not None else
+                 f"  written   0 ({self.written} good records discarded: the conversion failed)",
+                 f"  rejected  {self.rejected} ({100 * self.reject_fraction:.1f}%)"]
+        lines += [f"    {reason:<20} {n}" for reason, n in sorted(self.reasons.items())]
+        lines.append(f"  rejects log: {self.rejects_path}")
+        return "\n".join(lines)
+
+
+def _check_text(value, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _Reject("malformed_record", f"{where} must be a non-empty string, got {value!r:.60}")
+    return value
+
+
+def _record_id(rec: dict, default: str) -> str:
+    if "id" not in rec:
+        return default
+    rid = rec["id"]
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)) or rid == "":
+        raise _Reject("malformed_record", f"id must be a non-empty string or integer, got {rid!r:.60}")
+    return str(rid)
+
+
+def _read_image(image_root: str, rel) -> bytes:
+    if not isinstance(rel, str) or not rel:
+        raise _Reject("malformed_record", f"image path must be a non-empty string, got {rel!r:.60}")
+    path = os.path.join(image_root, rel)
+    if not os.path.isfile(path):
+        raise _Reject("missing_image", f"{path} does not exist")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+    except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError...)
+        raise _Reject("undecodable_image", f"{path}: {type(e).__name__}: {e}") from None
+    return data
+
+
+def _check_tags(turns: list[dict], num_images: int) -> None:
+    for i, turn in enumerate(turns):
+        if turn["role"] != "user" and IMAGE_TAG in turn["content"]:
+            raise _Reject("image_tag_mismatch", f"turn {i} ({turn['role']}) contains {IMAGE_TAG}; "
+                          "image tags belong in user turns")
+    tags = sum(t["content"].count(IMAGE_TAG) for t in turns)
+    if tags != num_images:
+        raise _Reject("image_tag_mismatch", f"{tags} {IMAGE_TAG} tag(s) but {num_images} image(s)")
+
+
+def _check_schema(ex: Example) -> None:
+    """Anything else `encode_example` refuses (e.g. text that is not valid UTF-8)."""
+    try:
+        encode_example(ex)
+    except ValueError as e:
+        raise _Reject("malformed_record", str(e)) from None
+
+
+def _llava_example(rec, index: int, image_root: str, source: str) -> Example:
+    """One LLaVA record -> Example; raises _Reject(reason, detail)."""
+    if not isinstance(rec, dict):
+        raise _Reject("malformed_record", f"record is a {type(rec).__name__}, not an object")
+    rid = _record_id(rec, f"{source}-{index}")
+    convs = rec.get("conversations")
+    if not isinstance(convs, list) or not convs:
+        raise _Reject("malformed_record", f"'conversations' must be a non-empty list, got {convs!r:.60}")
+    turns = []
+    for i, turn in enumerate(convs):
+        if not isinstance(turn, dict):
+            raise _Reject("malformed_record", f"conversations[{i}] is not an object")
+        role = turn.get("from")
+        if not isinstance(role, str) or role not in _LLAVA_ROLES:
+            raise _Reject("malformed_record", f"conversations[{i}] has unknown role 'from'={role!r:.40}")
+        turns.append({"role": _LLAVA_ROLES[role],
+                      "content": _check_text(turn.get("value"), f"conversations[{i}].value")})
+    paths = rec.get("image")
+    paths = [] if paths is None else [paths] if isinstance(paths, str) else paths
+    if not isinstance(paths, list):
+        raise _Reject("malformed_record", f"'image' must be a path or a list of paths, got {paths!r:.60}")
+    if paths and not any(IMAGE_TAG in t["content"] for t in turns):
+        # LLaVA convention: images without tags go before the first question.
+        first_user = next((t for t in turns if t["role"] == "user"), None)
+        if first_user is None:
+            raise _Reject("malformed_record", "record has images but no human turn to put them in")
+        first_user["content"] = (IMAGE_TAG + "\n") * len(paths) + first_user["content"]
+    _check_tags(turns, len(paths))
+    _check_schema(Example(rid, source, turns, [b""] * len(paths)))  # before any image I/O
+    return Example(rid, source, turns, [_read_image(image_root, p) for p in paths])
+
+
+def _chat_example(rec, line: int, source: str) -> Example:
+    """One JSONL chat record -> Example (text only); raises _Reject(reason, detail)."""
+    if not isinstance(rec, dict):
+        raise _Reject("malformed_record", f"line is a JSON {type(rec).__name__}, not an object")
+    rid = _record_id(rec, f"{source}-{line}")
+    src = rec.get("source", source)
+    if not isinstance(src, str) or not src:
+        raise _Reject("malformed_record", f"'source' must be a non-empty string, got {src!r:.60}")
+    msgs = rec.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise _Reject("malformed_record", f"'messages' must be a non-empty list, got {msgs!r:.60}")
+    turns = []
+    for i, msg in enumerate(msgs):
+        if not isinstance(msg, dict):
+            raise _Reject("malformed_record", f"messages[{i}] is not an object")
+        if msg.get("role") not in _CHAT_ROLES:
+            raise _Reject("malformed_record", f"messages[{i}] has unknown role {msg.get('role')!r:.40}")
+        turns.append({"role": msg["role"],
+                      "content": _check_text(msg.get("content"), f"messages[{i}].content")})
+    _check_tags(turns, 0)
+    ex = Example(rid, src, turns)
+    _check_schema(ex)
+    return ex
+
+
+def _convert(records, label: str, convert_one, input_path: str, out_dir: str, *, num_shards: int,
+             max_reject_fraction: float, num_workers: int) -> ConversionReport:
+    """Shared driver: `records` yields (position, record); `convert_one` may raise _Reject."""
+    os.makedirs(out_dir, exist_ok=True)
+    report = ConversionReport(input_path, out_dir)
+
+    def attempt(item):
+        pos, rec = item
+        try:
+            if isinstance(rec, _Reject):
+                raise rec
+            return pos, rec, convert_one(rec, pos)
+        except _Reject as r:
+            return pos, rec, r
+
+    def chunks():
+        chunk = []
+        for item in records:
+            chunk.append(item)
+            if len(chunk) == _CHUNK:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    def reject(f, pos, rec, r: _Reject, rid=None):
+        if rid is None and isinstance(rec, dict) and isinstance(rec.get("id"), (str, int)):
+            rid = rec["id"]
+        f.write(json.dumps({label: pos, "id": rid, "reason": r.reason, "detail": r.detail}) + "\n")
+        report.rejected += 1
+        report.reasons[r.reason] = report.reasons.get(r.reason, 0) + 1
+
+    writer = ShardedWriter(out_dir, num_shards=num_shards)
+    seen = set()
+    with open(report.rejects_path, "w") as rejects, \
+            concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
+        try:
+            for chunk in chunks():
+                for pos, rec, result in pool.map(attempt, chunk):  # map keeps input order
+                    report.total += 1
+                    if isinstance(result, _Reject):
+                        reject(rejects, pos, rec, result)
+                    elif result.id in seen:
+                        reject(rejects, pos, rec, _Reject("duplicate_id", f"id {result.id!r} "
+                                                          "already used by an earlier record"),
+                               result.id)
+                    else:
+                        seen.add(result.id)
+                        writer.write(result)
+                        report.written += 1
+                if report.total // 50_000 != (report.total - len(chunk)) // 50_000:
+                    logging.info("%s: %d records, %d rejected", input_path, report.total, report.rejected)
+        except BaseException:
+            writer.abort()
+            raise
+    if report.total == 0:
+        writer.abort()
+        raise ConversionError(f"{input_path}: no records to convert", report)
+    if report.reject_fraction > max_reject_fraction:
+        writer.abort()
+        raise ConversionError(
+            f"{input_path}: rejected {report.rejected} of {report.total} records "
+            f"(fraction {report.reject_fraction:.4f}) > max_reject_fraction {max_reject_fraction}; "
+            f"reasons {dict(sorted(report.reasons.items()))}; see {report.rejects_path}. "
+            "No dataset was written.", report)
+    report.manifest = writer.close()
+    return report
+
+
+def convert_llava(json_path: str, image_root: str, out_dir: str, *, num_shards: int = 1,
+                  max_reject_fraction: float = 0.1, source: str = "llava",
+                  num_workers: int = 8) -> ConversionReport:
+    """LLaVA JSON list -> dataset in `out_dir`; images are checked on `num_workers` threads."""
+    try:
+        with open(json_path, encoding="utf-8") as f:
+            records = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{json_path}: not valid JSON ({e})") from None
+    if not isinstance(records, list):
+        raise ConversionError(f"{json_path}: expected a JSON list of LLaVA records, "
+                              f"got a JSON {type(records).__name__}")
+    return _convert(enumerate(records), "index",
+                    lambda rec, i: _llava_example(rec, i, image_root, source), json_path, out_dir,
+                    num_shards=num_shards, max_reject_fraction=max_reject_fraction,
+                    num_workers=num_workers)
+
+
+def _jsonl_records(path: str):
+    with open(path, "rb") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue  # blank lines are not records
+            try:
+                yield line_no, json.loads(line.decode("utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                yield line_no, _Reject("malformed_json", f"line {line_no}: {e}")
+
+
+def convert_jsonl(jsonl_path: str, out_dir: str, *, num_shards: int = 1,
+                  max_reject_fraction: float = 0.1, source: str = "text") -> ConversionReport:
+    """Text-only chat JSONL -> dataset in `out_dir` (a line's "source" overrides `source`)."""
+    return _convert(_jsonl_records(jsonl_path), "line",
+                    lambda rec, line: _chat_example(rec, line, source), jsonl_path, out_dir,
+                    num_shards=num_shards, max_reject_fraction=max_reject_fraction, num_workers=1)
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("format", None, ["llava", "jsonl"], "Input format.")
+flags.DEFINE_string("json", None, "--format=llava: the LLaVA JSON file (a list of records).")
+flags.DEFINE_string("image_root", None, "--format=llava: directory the records' image paths are relative to.")
+flags.DEFINE_string("jsonl", None, "--format=jsonl: the chat JSONL file.")
+flags.DEFINE_string("out", None, "Dataset directory to write (shards, manifest.json, rejects.jsonl).")
+flags.DEFINE_integer("num_shards", 1, "Number of ArrayRecord shards.")
+flags.DEFINE_float("max_reject_fraction", 0.1, "Fail if more than this fraction of records is rejected.")
+flags.DEFINE_string("source", None, "Mixture source name of the records (default: llava / text).")
+flags.DEFINE_integer("num_workers", 8, "--format=llava: threads reading and checking images.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if FLAGS.format is None or FLAGS.out is None:
+        raise app.UsageError("--format and --out are required")
+    try:
+        if FLAGS.format == "llava":
+            if not FLAGS.json or not FLAGS.image_root:
+                raise app.UsageError("--format=llava needs --json and --image_root")
+            report = convert_llava(FLAGS.json, FLAGS.image_root, FLAGS.out, num_shards=FLAGS.num_shards,
+                                   max_reject_fraction=FLAGS.max_reject_fraction,
+                                   source=FLAGS.source or "llava", num_workers=FLAGS.num_workers)
+        else:
+            if not FLAGS.jsonl:
+                raise app.UsageError("--format=jsonl needs --jsonl")
+            report = convert_jsonl(FLAGS.jsonl, FLAGS.out, num_shards=FLAGS.num_shards,
+                                   max_reject_fraction=FLAGS.max_reject_fraction,
+                                   source=FLAGS.source or "text")
+    except ConversionError as e:
+        if e.report is not None:
+            print(e.report.summary())
+        sys.exit(f"error: {e}")
+    except FileNotFoundError as e:
+        sys.exit(f"error: {e}")
+    print(report.summary())
+
+
+if __name__ == "__main__":
+    app.run(main)

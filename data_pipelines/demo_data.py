@@ -1,0 +1,333 @@
+"""The project's own synthetic multimodal dataset: small rendered scenes, questions, text tasks.
+
+Everything is a pure function of (split, seed, index): example `index` of a split is the
+same whatever `n` is asked for, and the PNG bytes are identical on every run (for a fixed
+Pillow version: text is rendered with Pillow's bundled default font).
+
+    for ex in demo_examples("train", 1000, seed=0):   # data_pipelines.records.Example
+        ...
+
+Sources (`SOURCES`) and the default mixture `MIXTURE` = caption 3, vqa 3, ocr 2, text 2:
+the weights are integers per block of sum(weights) = 10 consecutive examples, and every
+block holds exactly that many of each source, in a shuffled order. So the first n examples
+contain exactly n/10 * weight of each source when 10 divides n (off by < 1 block otherwise).
+Pass `mixture={"text": 1}` for a text-only set, `{"caption": 1, "vqa": 1, "ocr": 1}` for
+multimodal only, and so on.
+
+  caption  "<image>\\nDescribe the image."    -> "two red circles and one blue square"
+  vqa      "<image>\\nHow many circles are there?" -> "two";  "What colour is the square?"
+           -> "blue";  "What shape is the green object?" -> "triangle";
+           "How many yellow objects are there?", "How many objects are there?",
+           "Is there a purple circle?" -> "yes" / "no"
+  ocr      "<image>\\nWhat is written in the image?" -> "QZKA" (3-4 capital letters)
+  text     (no image) "What is 3 + 4?" -> "7";  "What is 9 - 4?" -> "5";
+           "What letter comes after c?" -> "d";  "Reverse the letters of cat." -> "tac";
+           "Which is larger, 31 or 7?" -> "31"
+
+Design: the answer vocabularies are disjoint. Multimodal answers are number WORDS, colour
+and shape names, yes / no and capital letters; text-task answers are digits and lower-case
+letters. The text tasks are meant for the base LLM's pretraining only (and for measuring
+text retention); training the whole LLM on caption / vqa / ocr pulls its outputs towards
+the multimodal vocabulary, so a fully fine-tuned model measurably loses the text tasks,
+while a frozen-LLM GenieBlue model keeps them. The splits are independent draws, not
+disjoint sets: the text-task space is small (e.g. 100 additions), so train and eval share
+questions, which is what a retention measurement wants.
+
+Images: shapes (circle, square, triangle) in `COLOURS`, 1-4 objects, each inside its own
+cell of a grid of (image_size / 2)-pixel cells, so objects never touch; the canvas is
+image_size x image_size (60%), 2x wide (20%) or 2x tall (20%), so dynamic resolution with
+patch = image_size cuts wide / tall images into 2 tiles (+ 1 thumbnail). Shapes are drawn
+without anti-aliasing (exact palette colours); OCR text is anti-aliased and always fully
+inside the canvas.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import random
+from typing import Iterator, Mapping
+
+from PIL import Image, ImageDraw, ImageFont
+
+from data_pipelines.records import IMAGE_TAG, Example
+
+SOURCES = ("caption", "vqa", "ocr", "text")
+MIXTURE = {"caption": 3, "vqa": 3, "ocr": 2, "text": 2}
+SHAPES = ("circle", "square", "triangle")
+COLOURS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (40, 70, 220),
+           "yellow": (240, 200, 20), "purple": (140, 50, 170)}
+BACKGROUNDS = ((255, 255, 255), (236, 236, 236), (250, 244, 228))
+TEXT_COLOURS = ((20, 20, 20), (20, 40, 140), (150, 20, 20), (20, 100, 40))
+NUMBER_WORDS = ("zero", "one", "two", "three", "four")
+VQA_TASKS = ("count_shape", "count_colour", "count_total", "colour_of", "shape_of", "exists")
+TEXT_TASKS = ("add", "sub", "next_letter", "reverse", "larger")
+# Every word a caption / vqa answer can contain (ocr answers are capitals, text ones are not).
+MULTIMODAL_WORDS = frozenset(NUMBER_WORDS + SHAPES + tuple(s + "s" for s in SHAPES)
+                             + tuple(COLOURS) + ("yes", "no", "and"))
+PROMPTS = {"caption": "Describe the image.", "ocr": "What is written in the image?"}
+MIN_IMAGE_SIZE = 24
+_UPPER = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_LOWER = "abcdefghijklmnopqrstuvwxyz"
+_MARGIN = 2          # OCR text keeps this many pixels from every edge
+
+
+def demo_examples(split: str, n: int, seed: int, *, image_size: int = 56,
+                  mixture: Mapping[str, int] | None = None) -> Iterator[Example]:
+    """The first n examples of (split, seed): `demo_item(split, i, seed)[0]` for i < n."""
+    for example, _ in demo_items(split, n, seed, image_size=image_size, mixture=mixture):
+        yield example
+
+
+def demo_items(split: str, n: int, seed: int, *, image_size: int = 56,
+               mixture: Mapping[str, int] | None = None) -> Iterator[tuple[Example, dict]]:
+    """Like `demo_examples`, with each example's generator metadata (see `demo_item`)."""
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"demo data: n must be an int >= 0, got {n!r}")
+    for index in range(n):
+        yield demo_item(split, index, seed, image_size=image_size, mixture=mixture)
+
+
+def demo_item(split: str, index: int, seed: int, *, image_size: int = 56,
+              mixture: Mapping[str, int] | None = None) -> tuple[Example, dict]:
+    """Example `index` of (split, seed) and its metadata, by random access.
+
+    The metadata says what was generated, for tests and per-task evaluation:
+    {"task": "caption" | "ocr" | one of VQA_TASKS | one of TEXT_TASKS,
+     "size": (width, height) of the image, None for text,
+     "background": rgb (images only),
+     "objects": [{"shape", "colour", "box": (x0, y0, x1, y1) inclusive}, ...],  # caption / vqa
+     "query": {...} (vqa: the shape / colour asked about; text: the operands),
+     "text": {"string", "xy", "font_size", "fill"} (ocr)}.
+    """
+    if not isinstance(split, str) or not split:
+        raise ValueError(f"demo data: split must be a non-empty str, got {split!r}")
+    if not isinstance(seed, int) or not isinstance(index, int) or index < 0:
+        raise ValueError(f"demo data: seed must be an int and index an int >= 0, "
+                         f"got seed={seed!r}, index={index!r}")
+    if not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"demo data: image_size must be an int >= {MIN_IMAGE_SIZE}, "
+                         f"got {image_size!r}")
+    source = _source_of(split, seed, index, _cycle(_check_mixture(mixture)))
+    rng = random.Random(f"genieblue-demo|{split}|{seed}|{index}")
+    if source == "text":
+        question, answer, meta = _text_task(rng)
+        images = []
+    else:
+        meta = _canvas(rng, image_size)
+        if source == "ocr":
+            image = _draw_text(rng, meta, image_size)
+            question, answer = PROMPTS["ocr"], meta["text"]["string"]
+        else:
+            image = _draw_scene(rng, meta, image_size)
+            if source == "caption":
+                meta["task"] = "caption"
+                question, answer = PROMPTS["caption"], caption(meta["objects"])
+            else:
+                question, answer = _vqa(rng, meta)
+        question = f"{IMAGE_TAG}\n{question}"
+        images = [_png(image)]
+    example = Example(id=f"demo-{split}-{seed}-{index:07d}", source=source,
+                      turns=[{"role": "user", "content": question},
+                             {"role": "assistant", "content": answer}],
+                      images=images)
+    return example, meta
+
+
+def answer_of(example: Example) -> str:
+    """The content of the last assistant turn (the reference answer for evaluation)."""
+    for turn in reversed(example.turns):
+        if turn["role"] == "assistant":
+            return turn["content"]
+    raise ValueError(f"example {example.id!r} has no assistant turn")
+
+
+def caption(objects: list[dict]) -> str:
+    """Canonical caption: (colour, shape) groups counted, in SHAPES then COLOURS order.
+
+    >>> caption([{"shape": "circle", "colour": "red"}, {"shape": "square", "colour": "blue"},
+    ...          {"shape": "circle", "colour": "red"}])
+    'two red circles and one blue square'
+    >>> caption([{"shape": s, "colour": "green"} for s in SHAPES])
+    'one green circle, one green square and one green triangle'
+    """
+    colours = list(COLOURS)
+    counts: dict[tuple[str, str], int] = {}
+    for ob in objects:
+        counts[ob["shape"], ob["colour"]] = counts.get((ob["shape"], ob["colour"]), 0) + 1
+    parts = [f"{NUMBER_WORDS[c]} {colour} {shape}{'s' if c > 1 else ''}"
+             for (shape, colour), c in sorted(
+                 counts.items(), key=lambda kv: (SHAPES.index(kv[0][0]), colours.index(kv[0][1])))]
+    return parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
+
+
+# ---- mixture ---------------------------------------------------------------------------
+
+def _check_mixture(mixture: Mapping[str, int] | None) -> dict[str, int]:
+    mixture = dict(MIXTURE if mixture is None else mixture)
+    for name, weight in mixture.items():
+        if name not in SOURCES:
+            raise ValueError(f"demo data: unknown source {name!r} in mixture; known: {SOURCES}")
+        if not isinstance(weight, int) or weight < 0:
+            raise ValueError(f"demo data: mixture weight of {name!r} must be an int >= 0, "
+                             f"got {weight!r}")
+    if not sum(mixture.values()):
+        raise ValueError(f"demo data: mixture {mixture} has no positive weight")
+    return mixture
+
+
+def _cycle(mixture: dict[str, int]) -> tuple[str, ...]:
+    return tuple(name for name in SOURCES for _ in range(mixture.get(name, 0)))
+
+
+@functools.lru_cache(maxsize=64)
+def _block_order(split: str, seed: int, block: int, cycle: tuple[str, ...]) -> tuple[str, ...]:
+    order = list(cycle)
+    random.Random(f"genieblue-demo-mixture|{split}|{seed}|{block}").shuffle(order)
+    return tuple(order)
+
+
+def _source_of(split: str, seed: int, index: int, cycle: tuple[str, ...]) -> str:
+    return _block_order(split, seed, index // len(cycle), cycle)[index % len(cycle)]
+
+
+# ---- images ----------------------------------------------------------------------------
+
+def _canvas(rng: random.Random, image_size: int) -> dict:
+    layout = rng.choices(("square", "wide", "tall"), weights=(3, 1, 1))[0]
+    size = {"square": (image_size, image_size), "wide": (2 * image_size, image_size),
+            "tall": (image_size, 2 * image_size)}[layout]
+    return {"size": size, "background": rng.choice(BACKGROUNDS)}
+
+
+def _draw_scene(rng: random.Random, meta: dict, image_size: int) -> Image.Image:
+    """1-4 objects of 1-k (shape, colour) kinds, one per cell of a (image_size/2)-px grid."""
+    width, height = meta["size"]
+    cell = image_size // 2
+    cells = [(cx, cy) for cy in range(height // cell) for cx in range(width // cell)]
+    count = rng.randint(1, 4)
+    pairs = [(s, c) for s in SHAPES for c in COLOURS]
+    kinds = rng.sample(pairs, rng.randint(1, count))
+    chosen = kinds + [rng.choice(kinds) for _ in range(count - len(kinds))]
+    image = Image.new("RGB", (width, height), meta["background"])
+    draw = ImageDraw.Draw(image)
+    objects = []
+    for (shape, colour), (cx, cy) in zip(chosen, rng.sample(cells, count)):
+        side = rng.randint(cell * 55 // 100, cell * 80 // 100)
+        x0 = cx * cell + rng.randint(1, cell - side - 1)     # >= 1 px inside its cell
+        y0 = cy * cell + rng.randint(1, cell - side - 1)
+        box = (x0, y0, x0 + side - 1, y0 + side - 1)         # inclusive pixel box
+        fill = COLOURS[colour]
+        if shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif shape == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([(x0 + (side - 1) / 2, y0), (box[2], box[3]), (x0, box[3])], fill=fill)
+        objects.append({"shape": shape, "colour": colour, "box": box})
+    meta["objects"] = objects
+    return image
+
+
+@functools.lru_cache(maxsize=None)
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)
+
+
+def _draw_text(rng: random.Random, meta: dict, image_size: int) -> Image.Image:
+    """3-4 capital letters, as large as fits (at most image_size / 4 px), fully inside."""
+    width, height = meta["size"]
+    string = "".join(rng.choice(_UPPER) for _ in range(rng.randint(3, 4)))
+    size = image_size // 4
+    while True:
+        left, top, right, bottom = _font(size).getbbox(string)
+        if right - left <= width - 2 * _MARGIN and bottom - top <= height - 2 * _MARGIN:
+            break
+        if size <= 6:  # unreachable for image_size >= MIN_IMAGE_SIZE
+            raise ValueError(f"demo data: cannot fit {string!r} in a {width}x{height} image")
+        size -= 1
+    x = rng.randint(_MARGIN - left, width - _MARGIN - right)
+    y = rng.randint(_MARGIN - top, height - _MARGIN - bottom)
+    fill = rng.choice(TEXT_COLOURS)
+    image = Image.new("RGB", (width, height), meta["background"])
+    ImageDraw.Draw(image).text((x, y), string, fill=fill, font=_font(size))
+    meta.update(task="ocr", text={"string": string, "xy": (x, y), "font_size": size, "fill": fill})
+    return image
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# ---- questions -------------------------------------------------------------------------
+
+def _vqa(rng: random.Random, meta: dict) -> tuple[str, str]:
+    objects = meta["objects"]
+    shapes = [ob["shape"] for ob in objects]
+    colours = [ob["colour"] for ob in objects]
+    eligible = ["count_shape", "count_colour", "count_total", "exists"]
+    if any(shapes.count(s) == 1 for s in SHAPES):
+        eligible.append("colour_of")
+    if any(colours.count(c) == 1 for c in COLOURS):
+        eligible.append("shape_of")
+    task = rng.choice(eligible)
+    # Counts: mostly of what is there; sometimes of anything (then the answer may be "zero").
+    present = rng.random() < 0.75
+    if task == "count_shape":
+        shape = rng.choice(shapes if present else SHAPES)
+        query = {"shape": shape}
+        question, answer = f"How many {shape}s are there?", NUMBER_WORDS[shapes.count(shape)]
+    elif task == "count_colour":
+        colour = rng.choice(colours if present else list(COLOURS))
+        query = {"colour": colour}
+        question = f"How many {colour} objects are there?"
+        answer = NUMBER_WORDS[colours.count(colour)]
+    elif task == "count_total":
+        query = {}
+        question, answer = "How many objects are there?", NUMBER_WORDS[len(objects)]
+    elif task == "colour_of":
+        shape = rng.choice([s for s in SHAPES if shapes.count(s) == 1])
+        query = {"shape": shape}
+        question, answer = f"What colour is the {shape}?", colours[shapes.index(shape)]
+    elif task == "shape_of":
+        colour = rng.choice([c for c in COLOURS if colours.count(c) == 1])
+        query = {"colour": colour}
+        question, answer = f"What shape is the {colour} object?", shapes[colours.index(colour)]
+    else:
+        pairs = set(zip(shapes, colours))
+        if rng.random() < 0.5:                    # "yes" and "no" equally often
+            shape, colour = rng.choice(sorted(pairs))
+        else:
+            shape, colour = rng.choice([(s, c) for s in SHAPES for c in COLOURS
+                                        if (s, c) not in pairs])
+        query = {"shape": shape, "colour": colour}
+        question = f"Is there a {colour} {shape}?"
+        answer = "yes" if (shape, colour) in pairs else "no"
+    meta.update(task=task, query=query)
+    return question, answer
+
+
+def _text_task(rng: random.Random) -> tuple[str, str, dict]:
+    task = rng.choice(TEXT_TASKS)
+    if task == "add":
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        question, answer, query = f"What is {a} + {b}?", str(a + b), {"a": a, "b": b}
+    elif task == "sub":
+        a = rng.randint(0, 9)
+        b = rng.randint(0, a)
+        question, answer, query = f"What is {a} - {b}?", str(a - b), {"a": a, "b": b}
+    elif task == "next_letter":
+        i = rng.randrange(len(_LOWER) - 1)
+        question, answer = f"What letter comes after {_LOWER[i]}?", _LOWER[i + 1]
+        query = {"letter": _LOWER[i]}
+    elif task == "reverse":
+        word = "".join(rng.choice(_LOWER) for _ in range(3))
+        while word[::-1] in MULTIMODAL_WORDS:  # keep the answer vocabularies disjoint
+            word = "".join(rng.choice(_LOWER) for _ in range(3))
+        question, answer, query = f"Reverse the letters of {word}.", word[::-1], {"word": word}
+    else:
+        a, b = rng.sample(range(100), 2)
+        question, answer = f"Which is larger, {a} or {b}?", str(max(a, b))
+        query = {"a": a, "b": b}
+    return question, answer, {"task": task, "size": None, "query": query}

@@ -1,0 +1,223 @@
+"""Image decoding and dynamic-resolution patching (BlueLM-V-3B relaxed aspect-ratio matching).
+
+Pipeline for one encoded image (PNG / JPEG / ... bytes):
+
+    pixels = decode_image(data)                               # uint8 (H, W, 3) RGB
+    patches = to_patches(pixels, patch=384, mode="dynamic")   # float32 (k, 384, 384, 3) in [-1, 1]
+
+`mode="single"` squeezes the whole image into one patch. `mode="dynamic"` resizes the image
+to the m x n grid chosen by `select_grid` (m columns, n rows of `patch`-pixel tiles), cuts
+it row-major and appends one global thumbnail, so k = m * n + 1 (k = 1 when the grid is
+1 x 1: the grid patch *is* the thumbnail). `num_patches` gives k from the size alone, so
+token budgets can be planned without decoding pixels.
+
+All resizing is PIL bicubic on uint8 pixels, which is deterministic: the same bytes always
+give bitwise-identical patches for a fixed Pillow version.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+MODES = ("single", "dynamic")
+
+# 16-bit grey PNGs load as one of these modes; PIL's own convert("RGB") would clip them.
+_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+class ImageDecodeError(ValueError):
+    """Encoded image bytes that PIL cannot decode (corrupt, truncated, unknown format)."""
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Decode an encoded image file to uint8 (H, W, 3) RGB.
+
+    Every PIL mode is accepted: grey ("L", "1"), palette ("P"), "CMYK", "YCbCr", 16-bit grey
+    (scaled by 1/257 so 65535 -> 255, where PIL alone would clip), and images with alpha
+    ("RGBA", "LA", "PA", or a "transparency" entry such as a PNG tRNS chunk), which are
+    composited over white: the colour under a fully transparent pixel is undefined.
+    EXIF orientation is not applied (pixels are returned as stored).
+
+    Raises ImageDecodeError (a ValueError) with PIL's reason for corrupt, truncated or
+    unrecognised data; callers add the record id / file name. PNG chunk checksums are
+    verified; formats without checksums (JPEG) only fail when the decoder does.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"decode_image expects encoded image bytes, got {type(data).__name__}")
+    data = bytes(data)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.verify()  # PNG: chunk CRCs and a missing end, which load() alone forgives
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()    # PIL decodes lazily: force it so truncation is caught here
+            rgb = _to_rgb(img)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageDecodeError(
+            f"cannot decode image ({len(data)} bytes, starting {data[:8]!r}): "
+            f"{type(e).__name__}: {e}") from e
+    return np.array(rgb, dtype=np.uint8)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in _SIXTEEN_BIT_MODES:
+        grey = np.asarray(img, dtype=np.int64)
+        grey = ((np.clip(grey, 0, 65535) + 128) // 257).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if "A" in img.mode or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _effective_and_wasted(w0: int, h0: int, width: int, height: int) -> tuple[int, int]:
+    """(Re, Rw) of fitting a w0 x h0 image into a width x height canvas, in exact integers.
+
+    s = min(width / w0, height / h0); Re = min(int(w0 s) * int(h0 s), w0 h0);
+    Rw = width * height - Re. The side that limits s is scaled to exactly `width` (or
+    `height`); the float product int(w0 * (width / w0)) of the reference code can come out
+    one pixel short, so the other side is computed as an integer floor division instead.
+    A side that would shrink below one pixel counts as 1 (a resize cannot go to 0 pixels),
+    which keeps Re > 0 for extreme shapes (e.g. 4 x 3571) so they still get a fitting grid.
+    """
+    if width * h0 <= height * w0:        # s = width / w0
+        scaled = width * max(1, h0 * width // w0)
+    else:                                # s = height / h0
+        scaled = max(1, w0 * height // h0) * height
+    effective = min(scaled, w0 * h0)
+    return effective, width * height - effective
+
+
+def candidate_grids(max_patches: int) -> list[tuple[int, int]]:
+    """All grids (m columns, n rows) with m * n <= max_patches, in the order `select_grid`
+    visits them: largest first (m * n descending), equal areas by m ascending (taller first).
+
+    >>> candidate_grids(3)
+    [(1, 3), (3, 1), (1, 2), (2, 1), (1, 1)]
+    """
+    grids = [(m, n) for m in range(1, max_patches + 1) for n in range(1, max_patches // m + 1)]
+    return sorted(grids, key=lambda g: (-g[0] * g[1], g[0]))
+
+
+def select_grid(width: int, height: int, *, patch: int, max_patches: int = 16,
+                alpha: float = 0.1) -> tuple[int, int]:
+    """The (m columns, n rows) patch grid for a width x height image, m * n <= max_patches.
+
+    BlueLM-V-3B's relaxed aspect-ratio matching (arXiv 2411.10640, Alg. 1). Each candidate
+    grid is a canvas (W, H) = (patch * m, patch * n). Fitting the image into it with the
+    aspect ratio kept, s = min(W / width, H / height), gives
+
+        Re = min(int(width * s) * int(height * s), width * height)   effective resolution
+        Rw = W * H - Re                                                wasted resolution
+
+    Candidates are visited from the largest down (`candidate_grids`: m * n descending, then
+    m ascending). The first is taken; each later one replaces the current best (whose Re, Rw
+    become Re_max, Rw_min) if
+
+        Re - Re_max > alpha * Re_max                       (clearly more detail), or
+        Re_max - Re < alpha * Re_max  and  Rw < Rw_min     (nearly as much, less waste).
+
+    So a smaller grid wins whenever it keeps at least (1 - alpha) of the detail with less
+    padding, instead of upscaling the image to fill a bigger canvas. The order among grids
+    of equal area only matters for exact ties in Re (then the first visited is kept).
+
+    Worked examples (the paper's, with 384-pixel patches):
+
+    >>> select_grid(394, 390, patch=384)    # LLaVA-NeXT (max Re, then min Rw) picks 2:2
+    (1, 1)
+    >>> select_grid(380, 76, patch=384)     # InternVL-1.5 (closest ratio, max 6) picks 5:1
+    (1, 1)
+
+    For 394 x 390 the 2 x 2 canvas (768 x 768) holds all 153660 pixels, but 1 x 1 keeps
+    384 * 380 = 145920 of them (95%, within alpha = 10%) and wastes 1536 pixels instead of
+    436164, so the image costs 1 patch instead of 4 (+1 thumbnail). For 380 x 76 every
+    canvas holds the whole image (s >= 1), so the least wasteful, 1 x 1, wins.
+
+    More: squares stay square; the relaxation trades up to alpha of the detail for fewer
+    patches (800 x 800: 2 x 2 keeps 589824 of 640000 pixels, 92%, with no waste, where
+    3 x 3 would upscale); a 4:1 panorama gets a 4:1 grid.
+
+    >>> select_grid(1000, 1000, patch=384), select_grid(800, 800, patch=384)
+    ((3, 3), (2, 2))
+    >>> select_grid(1600, 400, patch=384), select_grid(1600, 400, patch=384, max_patches=2)
+    ((4, 1), (2, 1))
+    """
+    for name, value in (("width", width), ("height", height), ("patch", patch),
+                        ("max_patches", max_patches)):
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"select_grid: {name} must be a positive int, got {value!r}")
+    if not alpha > 0:
+        # With alpha = 0 the strict "<" never lets an equally good, less wasteful grid
+        # replace a larger one; alpha must be a positive tolerance.
+        raise ValueError(f"select_grid: alpha must be > 0, got {alpha!r}")
+    best = None
+    re_max = rw_min = 0
+    for m, n in candidate_grids(int(max_patches)):
+        re, rw = _effective_and_wasted(int(width), int(height), patch * m, patch * n)
+        if (best is None or re - re_max > alpha * re_max
+                or (re_max - re < alpha * re_max and rw < rw_min)):
+            best, re_max, rw_min = (m, n), re, rw
+    return best
+
+
+def num_patches(width: int, height: int, *, patch: int, mode: str, max_patches: int = 16) -> int:
+    """How many patches `to_patches` returns for a width x height image (no pixels needed).
+
+    >>> num_patches(394, 390, patch=384, mode="dynamic"), num_patches(1600, 400, patch=384, mode="dynamic")
+    (1, 5)
+    >>> num_patches(1600, 400, patch=384, mode="single")
+    1
+    """
+    if mode == "single":
+        return 1
+    if mode != "dynamic":
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    m, n = select_grid(width, height, patch=patch, max_patches=max_patches)
+    return m * n + (1 if m * n > 1 else 0)
+
+
+def normalize(pixels: np.ndarray) -> np.ndarray:
+    """uint8 -> float32 SigLIP normalisation (x / 255 - 0.5) / 0.5: 0 -> -1.0, 255 -> 1.0."""
+    x = pixels.astype(np.float32) / np.float32(255.0)
+    return (x - np.float32(0.5)) / np.float32(0.5)
+
+
+def to_patches(image: np.ndarray, *, patch: int, mode: str, max_patches: int = 16) -> np.ndarray:
+    """Cut a uint8 (H, W, 3) image into float32 (k, patch, patch, 3) normalised patches.
+
+    mode "single":  k = 1, the whole image resized to patch x patch.
+    mode "dynamic": the m x n grid of `select_grid`: the image is resized to
+                    (m * patch, n * patch) and cut row-major (patch i is row i // m,
+                    column i % m), then one global thumbnail (the whole image resized to
+                    patch x patch) is appended: k = m * n + 1. For a 1 x 1 grid the single
+                    patch already is the thumbnail, so k = 1.
+
+    E.g. a 1600 x 400 image with patch=384: grid 4 x 1, the image is resized to 1536 x 384,
+    patches 0..3 are its columns left to right, patch 4 is the thumbnail.
+    """
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
+        raise ValueError(f"to_patches expects a uint8 (H, W, 3) image, got {image.dtype} "
+                         f"{image.shape}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    height, width = image.shape[:2]
+    pil = Image.fromarray(image, mode="RGB")
+    thumbnail = _resize(pil, patch, patch)[None]
+    if mode == "single":
+        return normalize(thumbnail)
+    m, n = select_grid(width, height, patch=patch, max_patches=max_patches)
+    if m * n == 1:
+        return normalize(thumbnail)
+    grid = _resize(pil, m * patch, n * patch)                       # (n*p, m*p, 3)
+    tiles = grid.reshape(n, patch, m, patch, 3).transpose(0, 2, 1, 3, 4)
+    tiles = tiles.reshape(n * m, patch, patch, 3)
+    return normalize(np.concatenate([tiles, thumbnail], axis=0))
+
+
+def _resize(pil: Image.Image, width: int, height: int) -> np.ndarray:
+    return np.asarray(pil.resize((width, height), Image.Resampling.BICUBIC), dtype=np.uint8)

@@ -1,0 +1,268 @@
+"""The stage-1 / stage-2 input pipeline on Grain: mixture -> shuffle -> per-host shard ->
+decode, dynamic resolution, chat template, labels -> multi-worker prefetch -> first-fit
+packing -> batches. Deterministic from the seed; the iterator state is a small JSON-able
+dict (`get_state` / `set_state`) saved with the training checkpoint.
+
+    >>> pipe = build_pipeline(PipelineConfig(
+    ...     sources=(SourceSpec("caption", "/data/caption", 0.5), SourceSpec("text", "/data/text", 0.5)),
+    ...     tokenizer="/ckpt/qwen2.5-3b/hf_assets", seq_len=4096, batch_size=8,
+    ...     patch_size=384, tokens_per_patch=196, image_mode="dynamic"))
+    >>> it = iter(pipe)
+    >>> batch = next(it)            # dict of numpy arrays, see data_pipelines.packing
+    >>> state = it.get_state()      # save it; later: it = iter(pipe); it.set_state(state)
+
+Per-host sharding: every source is shuffled globally with the same seed on every host,
+repeated, then host i of n takes stream positions i, i + n, ...: hosts read disjoint
+examples whose union is the whole stream. Each host then builds `batch_size` rows.
+
+Packing works in windows of `packing_window` processed samples: the window is packed with
+first-fit and its rows are emitted in order. The state is the parent's state at the start
+of the current window plus the number of its rows already emitted, so restoring re-reads
+and re-packs that one window (deterministically) and continues exactly.
+
+Bad samples never stop training and are never trained with an empty loss: they become
+`Rejection`s, counted per reason in `iterator.stats` and logged with their id.
+"""
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+import logging
+import grain
+import numpy as np
+
+from data_pipelines import images as image_lib
+from data_pipelines.chat import ChatTemplate, truncate
+from data_pipelines.packing import (PackingSpec, Rejection, Sample, assemble_row, batch_rows,
+                                    empty_row, first_fit)
+from data_pipelines.records import ArrayRecordExampleSource, Example
+from data_pipelines.tokenizer import IMAGE_PAD, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+# BlueLM-V-3B's stage-2 data (645M samples, public + in-house, millions), the paper's recipe:
+# use as weights, e.g. `sources=mixture({"caption": "/data/caption", ...}, PAPER_STAGE2_MIXTURE)`.
+PAPER_STAGE2_MIXTURE = {"caption": 316.3, "vqa": 64.7, "ocr": 197.2, "text": 66.9}
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+    name: str
+    path: str                 # a converted dataset directory (manifest.json + shards)
+    weight: float = 1.0
+
+
+def mixture(paths: dict[str, str], weights: dict[str, float]) -> tuple[SourceSpec, ...]:
+    """SourceSpecs from {name: dataset dir} and {name: weight}; the names must agree."""
+    if set(paths) != set(weights):
+        raise ValueError(f"mixture: datasets {sorted(paths)} and weights {sorted(weights)} name "
+                         "different sources")
+    return tuple(SourceSpec(n, paths[n], float(weights[n])) for n in sorted(paths))
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    sources: tuple[SourceSpec, ...]
+    tokenizer: str                     # tokenizer.json / .model, or a directory holding one
+    seq_len: int
+    batch_size: int                    # rows per host per step
+    patch_size: int                    # vision tower input side, pixels
+    tokens_per_patch: int              # LLM tokens per patch (196 for so400m + downsampler)
+    image_mode: str = "dynamic"        # "single" (stage 1) or "dynamic" (stage 2)
+    max_patches: int = 16              # per image, dynamic mode (plus the thumbnail)
+    max_patches_per_row: int = 34      # image patches a packed row can carry
+    default_system: str | None = None
+    image_token: str = IMAGE_PAD
+    seed: int = 0
+    num_epochs: int | None = None      # None: repeat forever
+    num_workers: int = 0
+    packing_window: int = 64
+
+    def __post_init__(self):
+        if not self.sources:
+            raise ValueError("PipelineConfig.sources is empty")
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"PipelineConfig.sources has duplicate names {names}")
+        if any(s.weight <= 0 for s in self.sources):
+            raise ValueError(f"PipelineConfig.sources weights must be > 0: {[(s.name, s.weight) for s in self.sources]}")
+        if self.image_mode not in ("single", "dynamic"):
+            raise ValueError(f"PipelineConfig.image_mode={self.image_mode!r}; 'single' or 'dynamic'")
+
+    @property
+    def packing(self) -> PackingSpec:
+        return PackingSpec(self.seq_len, self.max_patches_per_row, self.patch_size,
+                           tuple(s.name for s in self.sources))
+
+
+class ExampleProcessor:
+    """Example -> Sample (or Rejection). Picklable: the tokenizer loads lazily per worker."""
+
+    def __init__(self, cfg: PipelineConfig):
+        self.cfg = cfg
+        self._template = None
+
+    def __getstate__(self):
+        return {"cfg": self.cfg, "_template": None}
+
+    @property
+    def template(self) -> ChatTemplate:
+        if self._template is None:
+            self._template = ChatTemplate(load_tokenizer(self.cfg.tokenizer),
+                                          default_system=self.cfg.default_system,
+                                          image_token=self.cfg.image_token)
+        return self._template
+
+    def __call__(self, ex: Example) -> Sample | Rejection:
+        cfg = self.cfg
+        try:
+            patches = [image_lib.to_patches(image_lib.decode_image(b), patch=cfg.patch_size,
+                                            mode=cfg.image_mode, max_patches=cfg.max_patches)
+                       for b in ex.images]
+        except image_lib.ImageDecodeError as e:
+            return Rejection(ex.id, ex.source, f"undecodable image: {e}")
+        try:
+            chat = self.template.render(ex.turns, [len(p) * cfg.tokens_per_patch for p in patches],
+                                        example_id=ex.id)
+        except ValueError as e:
+            return Rejection(ex.id, ex.source, f"bad conversation: {e}")
+        chat, kept = truncate(chat, cfg.seq_len)
+        if not chat.loss_mask.any():
+            return Rejection(ex.id, ex.source, f"no trained token within seq_len={cfg.seq_len}")
+        patches = patches[:kept]
+        starts = [start + j * cfg.tokens_per_patch
+                  for (start, _), p in zip(chat.image_spans, patches) for j in range(len(p))]
+        if len(starts) > cfg.max_patches_per_row:
+            return Rejection(ex.id, ex.source, f"{len(starts)} image patches exceed "
+                             f"max_patches_per_row={cfg.max_patches_per_row}")
+        s = cfg.patch_size
+        stacked = np.concatenate(patches) if patches else np.zeros((0, s, s, 3), np.float32)
+        return Sample(ex.id, ex.source, chat.tokens, chat.loss_mask, stacked.astype(np.float32),
+                      np.asarray(starts, np.int32))
+
+
+def source_dataset(spec: SourceSpec, seed: int, num_epochs: int | None, process_index: int,
+                   process_count: int) -> grain.MapDataset:
+    """One source, globally shuffled (reshuffled every epoch), repeated, this host's part."""
+    ds = grain.MapDataset.source(ArrayRecordExampleSource(spec.path))
+    ds = ds.shuffle(seed=seed).repeat(num_epochs)
+    return ds[process_index::process_count]
+
+
+class PackedBatches(grain.IterDataset):
+    """Packs a stream of Samples / Rejections into batches of rows (see module doc)."""
+
+    def __init__(self, parent: grain.IterDataset, cfg: PipelineConfig):
+        super().__init__(parent)
+        self.cfg = cfg
+
+    def __iter__(self) -> "PackedBatchIterator":
+        return PackedBatchIterator(self._parent.__iter__(), self.cfg)
+
+
+class PackedBatchIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, cfg: PipelineConfig):
+        super().__init__(parent)
+        self.cfg = cfg
+        self.spec = cfg.packing
+        self.stats: dict = _new_stats()
+        self._window_state = self._parent.get_state()
+        self._rows: list[dict] = []
+        self._next_row = 0
+        self._exhausted = False
+
+    def _load_window(self, count: bool = True) -> None:
+        """Reads up to `packing_window` items from the parent and packs them into rows."""
+        samples: list[Sample] = []
+        for _ in range(self.cfg.packing_window):
+            try:
+                item = next(self._parent)
+            except StopIteration:
+                self._exhausted = True
+                break
+            if isinstance(item, Rejection):
+                if count:
+                    self.stats["rejected"][item.reason.split(":")[0]] += 1
+                    log.warning("rejected sample %s (source %s): %s", item.id, item.source, item.reason)
+                continue
+            samples.append(item)
+        if count:
+            self.stats["samples"] += len(samples)
+            for s in samples:
+                self.stats["samples_per_source"][s.source] += 1
+        bins = first_fit([len(s) for s in samples], [len(s.patches) for s in samples],
+                         self.spec.seq_len, self.spec.max_patches_per_row)
+        self._rows = [assemble_row([samples[i] for i in b], self.spec) for b in bins]
+        self._next_row = 0
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        rows = []
+        while len(rows) < self.cfg.batch_size:
+            if self._next_row == len(self._rows):
+                if self._exhausted:
+                    break
+                self._window_state = self._parent.get_state()
+                self._load_window()
+                continue
+            rows.append(self._rows[self._next_row])
+            self._next_row += 1
+        if not rows:
+            raise StopIteration
+        rows += [empty_row(self.spec)] * (self.cfg.batch_size - len(rows))  # last batch only
+        batch = batch_rows(rows)
+        self.stats["batches"] += 1
+        self.stats["tokens"] += int(np.sum(batch["segment_ids"] > 0))
+        self.stats["slots"] += batch["segment_ids"].size
+        return batch
+
+    def get_state(self) -> dict:
+        return {"parent": copy.deepcopy(self._window_state), "next_row": self._next_row,
+                "exhausted": self._exhausted and self._next_row == len(self._rows),
+                "stats": _stats_to_json(self.stats)}
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(copy.deepcopy(state["parent"]))
+        self._window_state = copy.deepcopy(state["parent"])
+        self.stats = _stats_from_json(state["stats"])
+        self._exhausted = False
+        self._load_window(count=False)  # already counted before the state was taken
+        self._next_row = state["next_row"]
+
+
+def _new_stats() -> dict:
+    return {"batches": 0, "samples": 0, "tokens": 0, "slots": 0,
+            "rejected": collections.Counter(), "samples_per_source": collections.Counter()}
+
+
+def _stats_to_json(stats: dict) -> dict:
+    return {k: dict(v) if isinstance(v, collections.Counter) else v for k, v in stats.items()}
+
+
+def _stats_from_json(d: dict) -> dict:
+    stats = _new_stats()
+    for k, v in d.items():
+        stats[k] = collections.Counter(v) if isinstance(stats[k], collections.Counter) else v
+    return stats
+
+
+def packing_efficiency(stats: dict) -> float:
+    """Fraction of non-padding tokens over everything emitted so far."""
+    return stats["tokens"] / max(stats["slots"], 1)
+
+
+def build_pipeline(cfg: PipelineConfig, *, process_index: int | None = None,
+                   process_count: int | None = None) -> PackedBatches:
+    """The whole pipeline for this host (defaults: `jax.process_index()` / `process_count()`)."""
+    if process_index is None or process_count is None:
+        import jax
+        process_index, process_count = jax.process_index(), jax.process_count()
+    parts = [source_dataset(s, cfg.seed + i, cfg.num_epochs, process_index, process_count)
+             for i, s in enumerate(cfg.sources)]
+    weights = [s.weight for s in cfg.sources]
+    mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
+    stream = mixed.map(ExampleProcessor(cfg)).to_iter_dataset()
+    if cfg.num_workers > 0:
+        stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+    return PackedBatches(stream, cfg)

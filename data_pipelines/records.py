@@ -1,0 +1,298 @@
+"""The training record: one chat `Example`, stored as msgpack in sharded ArrayRecord files.
+
+A dataset directory holds `{name}-{i:05d}-of-{n:05d}.array_record` shards and a
+`manifest.json`. `ShardedWriter` deals records round-robin over the shards (record k goes
+to shard k % n) and `ArrayRecordExampleSource` undoes that, so index k reads the k-th
+record written whatever the number of shards:
+
+    with ShardedWriter("/data/vqa", num_shards=4) as writer:
+        for ex in examples:
+            writer.write(ex)
+    source = ArrayRecordExampleSource("/data/vqa")      # a Grain RandomAccessDataSource
+    dataset = grain.MapDataset.source(source).shuffle(seed=0)
+
+An `Example` is validated whenever it is encoded or decoded (`check_example`): roles are
+system / user / assistant, and the `<image>` tags (user turns only) match the images 1:1.
+
+>>> ex = Example("a1", "caption", [{"role": "user", "content": "<image>\\nDescribe."},
+...                                {"role": "assistant", "content": "A cat."}], [b"PNG..."])
+>>> decode_example(encode_example(ex)) == ex
+True
+>>> decode_example(encode_example(ex)[:-3])  # doctest: +ELLIPSIS
+Traceback (most recent call last):
+ValueError: not a valid encoded Example (msgpack: ...)
+"""
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+
+import msgpack
+from array_record.python import array_record_module
+
+SCHEMA_VERSION = 1
+IMAGE_TAG = "<image>"
+ROLES = ("system", "user", "assistant")
+MANIFEST = "manifest.json"
+# group_size:1 makes every record its own chunk: true random access (Grain's advice);
+# the ArrayRecord default compression (zstd:3) stays.
+_WRITER_OPTIONS = "group_size:1"
+_FIELDS = ("schema_version", "id", "source", "turns", "images")
+
+
+@dataclasses.dataclass
+class Example:
+    """One training sample: a chat and the images its `<image>` tags refer to, in tag order."""
+    id: str
+    source: str
+    turns: list[dict]
+    images: list[bytes] = dataclasses.field(default_factory=list)
+
+
+def check_example(ex: Example) -> None:
+    """Raises ValueError naming the example id and the problem if `ex` breaks the schema."""
+    if not isinstance(ex.id, str) or not ex.id:
+        raise ValueError(f"example id must be a non-empty str, got {ex.id!r}")
+    where = f"example {ex.id!r}"
+    if not isinstance(ex.source, str) or not ex.source:
+        raise ValueError(f"{where}: source must be a non-empty str, got {ex.source!r}")
+    if not isinstance(ex.turns, list) or not ex.turns:
+        raise ValueError(f"{where}: turns must be a non-empty list")
+    tags = 0
+    for i, turn in enumerate(ex.turns):
+        if not isinstance(turn, dict) or set(turn) != {"role", "content"}:
+            raise ValueError(f"{where}: turn {i} must be a dict with exactly the keys "
+                             f"'role' and 'content', got {turn!r:.80}")
+        if turn["role"] not in ROLES:
+            raise ValueError(f"{where}: turn {i} has role {turn['role']!r}, expected one of {ROLES}")
+        if not isinstance(turn["content"], str):
+            raise ValueError(f"{where}: turn {i} content must be a str, "
+                             f"got {type(turn['content']).__name__}")
+        n = turn["content"].count(IMAGE_TAG)
+        if n and turn["role"] != "user":
+            raise ValueError(f"{where}: turn {i} ({turn['role']}) contains {IMAGE_TAG}; "
+                             "image tags belong in user turns")
+        tags += n
+    if not isinstance(ex.images, list) or not all(isinstance(im, bytes) for im in ex.images):
+        raise ValueError(f"{where}: images must be a list of bytes")
+    if tags != len(ex.images):
+        raise ValueError(f"{where}: {tags} {IMAGE_TAG} tag(s) but {len(ex.images)} image(s)")
+
+
+def encode_example(ex: Example) -> bytes:
+    """Validates `ex` and returns its msgpack encoding (deterministic: same Example, same bytes)."""
+    check_example(ex)
+    return msgpack.packb({
+        "schema_version": SCHEMA_VERSION, "id": ex.id, "source": ex.source,
+        "turns": [{"role": t["role"], "content": t["content"]} for t in ex.turns],
+        "images": list(ex.images)}, use_bin_type=True)
+
+
+def decode_example(data: bytes) -> Example:
+    """Inverse of `encode_example`; raises ValueError naming what is wrong with `data`."""
+    try:
+        obj = msgpack.unpackb(data, raw=False)
+    except Exception as e:  # msgpack raises several unrelated types for bad input
+        raise ValueError(f"not a valid encoded Example (msgpack: {type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict) or set(obj) != set(_FIELDS):
+        keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f"not an encoded Example: expected fields {list(_FIELDS)}, got {keys}")
+    if obj["schema_version"] != SCHEMA_VERSION:
+        raise ValueError(f"example {obj['id']!r} has schema version {obj['schema_version']!r}; "
+                         f"this code reads version {SCHEMA_VERSION}")
+    ex = Example(obj["id"], obj["source"], obj["turns"], obj["images"])
+    check_example(ex)
+    return ex
+
+
+def _shard_file(name: str, i: int, n: int) -> str:
+    return f"{name}-{i:05d}-of-{n:05d}.array_record"
+
+
+class ShardedWriter:
+    """Writes Examples round-robin into `num_shards` ArrayRecord files plus `manifest.json`.
+
+    The manifest is written last, by `close()` (or on leaving the `with` block), so a
+    directory with a manifest is complete. Opening a writer removes an existing manifest
+    and this `name`'s shards: re-writing a directory replaces the dataset. Leaving the
+    `with` block on an exception (or `abort()`) removes the partial shards.
+
+    manifest.json: {"schema_version", "num_records", "num_bytes" (encoded record bytes,
+    before ArrayRecord's compression), "shards": [{"file", "num_records", "num_bytes"}],
+    "sources": {source: count}, "content_hash"}. content_hash is the sha256 of the encoded
+    records concatenated in write order (msgpack records delimit themselves), so it does
+    not depend on the number of shards.
+    """
+
+    def __init__(self, out_dir: str, *, num_shards: int = 1, name: str = "data"):
+        if num_shards < 1:
+            raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+        self.out_dir, self.num_shards, self.name = out_dir, num_shards, name
+        os.makedirs(out_dir, exist_ok=True)
+        for stale in [os.path.join(out_dir, MANIFEST)] + glob.glob(
+                os.path.join(glob.escape(out_dir), f"{glob.escape(name)}-?????-of-?????.array_record")):
+            if os.path.exists(stale):
+                os.remove(stale)
+        self._files = [_shard_file(name, i, num_shards) for i in range(num_shards)]
+        self._writers = [array_record_module.ArrayRecordWriter(os.path.join(out_dir, f), _WRITER_OPTIONS)
+                         for f in self._files]
+        self._counts, self._bytes = [0] * num_shards, [0] * num_shards
+        self._ids: dict[str, int] = {}
+        self._sources: dict[str, int] = {}
+        self._hash = hashlib.sha256()
+        self._manifest = None
+
+    def write(self, ex: Example) -> None:
+        """Appends `ex`; raises ValueError on a duplicate id (naming it) or an invalid Example."""
+        if self._writers is None:
+            raise ValueError(f"ShardedWriter({self.out_dir!r}) is closed")
+        if ex.id in self._ids:
+            raise ValueError(f"duplicate example id {ex.id!r} in {self.out_dir} "
+                             f"(record {self._ids[ex.id]} already has it)")
+        data = encode_example(ex)
+        k = len(self._ids)
+        shard = k % self.num_shards
+        self._writers[shard].write(data)
+        self._ids[ex.id] = k
+        self._counts[shard] += 1
+        self._bytes[shard] += len(data)
+        self._sources[ex.source] = self._sources.get(ex.source, 0) + 1
+        self._hash.update(data)
+
+    def close(self) -> dict:
+        """Finishes the shards, writes `manifest.json` and returns the manifest."""
+        if self._manifest is not None:
+            return self._manifest
+        if self._writers is None:
+            raise ValueError(f"ShardedWriter({self.out_dir!r}) was aborted")
+        for w in self._writers:
+            w.close()
+        self._writers = None
+        self._manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "num_records": sum(self._counts),
+            "num_bytes": sum(self._bytes),
+            "shards": [{"file": f, "num_records": c, "num_bytes": b}
+                       for f, c, b in zip(self._files, self._counts, self._bytes)],
+            "sources": dict(sorted(self._sources.items())),
+            "content_hash": self._hash.hexdigest(),
+        }
+        tmp = os.path.join(self.out_dir, MANIFEST + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(self._manifest, f, indent=2)
+        os.replace(tmp, os.path.join(self.out_dir, MANIFEST))
+        return self._manifest
+
+    def abort(self) -> None:
+        """Closes and removes the shards written so far; no manifest is written."""
+        if self._writers is None:
+            return
+        for w, f in zip(self._writers, self._files):
+            w.close()
+            os.remove(os.path.join(self.out_dir, f))
+        self._writers = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
+
+
+def read_manifest(dataset_dir: str) -> dict:
+    """Loads and checks `dataset_dir/manifest.json`: schema version, shard files, counts.
+
+    Raises FileNotFoundError naming a missing manifest or shard file, ValueError naming a
+    bad schema version or inconsistent counts.
+    """
+    path = os.path.join(dataset_dir, MANIFEST)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: not a dataset directory written by "
+                                "ShardedWriter (or its writing did not finish)")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    missing = [k for k in ("schema_version", "num_records", "shards") if k not in manifest]
+    if missing:
+        raise ValueError(f"{path}: missing field(s) {missing}")
+    if manifest["schema_version"] != SCHEMA_VERSION:
+        raise ValueError(f"{path}: schema_version {manifest['schema_version']!r}, "
+                         f"this code reads version {SCHEMA_VERSION}")
+    shards = manifest["shards"]
+    for shard in shards:
+        if not os.path.isfile(os.path.join(dataset_dir, shard["file"])):
+            raise FileNotFoundError(f"{path} lists shard {shard['file']!r}, which is missing "
+                                    f"from {dataset_dir}")
+    n, total = len(shards), manifest["num_records"]
+    if sum(s["num_records"] for s in shards) != total:
+        raise ValueError(f"{path}: shard record counts add up to "
+                         f"{sum(s['num_records'] for s in shards)}, not num_records={total}")
+    for i, shard in enumerate(shards):  # round-robin layout: shard i holds records i, i+n, ...
+        if shard["num_records"] != (total - i + n - 1) // n:
+            raise ValueError(f"{path}: shard {shard['file']!r} has {shard['num_records']} records; "
+                             f"a round-robin split of {total} over {n} shards gives it "
+                             f"{(total - i + n - 1) // n}")
+    return manifest
+
+
+class ArrayRecordExampleSource:
+    """Random access to a ShardedWriter dataset: a Grain `RandomAccessDataSource` of Examples.
+
+    Index k is the k-th record written (the round-robin sharding is undone). Picklable, so
+    Grain worker processes can each open it.
+    """
+
+    def __init__(self, dataset_dir: str):
+        self.dataset_dir = dataset_dir
+        self.manifest = read_manifest(dataset_dir)
+        shards = self.manifest["shards"]
+        paths = [os.path.join(dataset_dir, s["file"]) for s in shards]
+        for path, shard in zip(paths, shards):
+            reader = array_record_module.ArrayRecordReader(path)
+            n = reader.num_records()
+            reader.close()
+            if n != shard["num_records"]:
+                raise ValueError(f"{path} holds {n} records, its manifest says {shard['num_records']}")
+        from grain import sources as grain_sources  # here: writers (the convert CLI) skip its 2 s import
+        nonempty = [p for p, s in zip(paths, shards) if s["num_records"]]
+        self._source = grain_sources.ArrayRecordDataSource(nonempty) if nonempty else None
+        self._offsets, offset = [], 0  # start of each shard in the concatenated files
+        for s in shards:
+            self._offsets.append(offset)
+            offset += s["num_records"]
+        self._len = offset
+
+    def __len__(self) -> int:
+        return self._len
+
+    def _key(self, index: int) -> int:
+        if not -self._len <= index < self._len:
+            raise IndexError(f"index {index} out of range for {self.dataset_dir} "
+                             f"({self._len} records)")
+        index %= self._len
+        return self._offsets[index % len(self._offsets)] + index // len(self._offsets)
+
+    def _decode(self, index: int, data: bytes) -> Example:
+        try:
+            return decode_example(data)
+        except ValueError as e:
+            raise ValueError(f"{self.dataset_dir} record {index}: {e}") from None
+
+    def __getitem__(self, index: int) -> Example:
+        return self._decode(index, self._source[self._key(index)])
+
+    def __getitems__(self, indices) -> list[Example]:
+        """Batched read (Grain uses it when present)."""
+        data = self._source.__getitems__([self._key(i) for i in indices]) if len(indices) else []
+        return [self._decode(i, d) for i, d in zip(indices, data)]
+
+    def __repr__(self) -> str:
+        return (f"ArrayRecordExampleSource({self.dataset_dir!r}, {self._len} records, "
+                f"{len(self._offsets)} shards)")

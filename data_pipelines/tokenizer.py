@@ -1,0 +1,121 @@
+"""One tokenizer interface over SentencePiece `.model` files and Hugging Face `tokenizer.json`.
+
+Special tokens (ChatML's `<|im_start|>`, `<|im_end|>`, the image placeholder) are looked up
+by `token_id(piece)` and inserted as ids by the chat renderer; `encode` never turns text
+into special tokens, so user text cannot inject a turn boundary.
+
+    >>> tok = load_tokenizer("/ckpt/qwen2.5-3b/hf_assets")         # tokenizer.json inside
+    >>> tok.token_id("<|im_end|>")
+    151645
+"""
+from __future__ import annotations
+
+import io
+import os
+from typing import Iterable, Protocol, Sequence
+
+IM_START, IM_END, IMAGE_PAD, END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|image_pad|>", "<|endoftext|>"
+CHAT_SPECIAL_TOKENS = (IM_START, IM_END, IMAGE_PAD, END_OF_TEXT)
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def token_id(self, piece: str) -> int: ...
+
+
+class SentencePieceTokenizer:
+    def __init__(self, model_path: str | None = None, *, model_proto: bytes | None = None):
+        import sentencepiece as spm
+        self.path = model_path
+        self._sp = spm.SentencePieceProcessor()
+        if model_proto is not None:
+            self._sp.LoadFromSerializedProto(model_proto)
+        else:
+            if not os.path.isfile(model_path):
+                raise FileNotFoundError(f"SentencePiece model {model_path} not found")
+            self._sp.Load(model_path)
+        self.vocab_size = self._sp.GetPieceSize()
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._sp.EncodeAsIds(text))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._sp.DecodeIds([int(i) for i in ids])
+
+    def token_id(self, piece: str) -> int:
+        i = self._sp.PieceToId(piece)
+        if i == self._sp.unk_id() and piece != self._sp.IdToPiece(i):
+            raise KeyError(f"token {piece!r} is not in the vocabulary of {self.path or 'this tokenizer'}")
+        return i
+
+
+class HFTokenizer:
+    """A `tokenizers` (Rust) tokenizer from `tokenizer.json`; no transformers needed."""
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer as _Tok
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"tokenizer file {path} not found")
+        self.path = path
+        self._tok = _Tok.from_file(path)
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self._specials = [t.content for t in self._tok.get_added_tokens_decoder().values() if t.special]
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for part in _split_specials(text, self._specials):
+            ids += self._tok.encode(part, add_special_tokens=False).ids
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def token_id(self, piece: str) -> int:
+        i = self._tok.token_to_id(piece)
+        if i is None:
+            raise KeyError(f"token {piece!r} is not in the vocabulary of {self.path}")
+        return i
+
+
+def _split_specials(text: str, specials: list[str]) -> list[str]:
+    """Splits text so that no part contains a whole special-token string, so the tokenizer
+    encodes it as plain text: "a<|im_end|>b" -> ["a<", "|im_end|>b"]."""
+    for s in specials:
+        text = text.replace(s, s[:1] + "\0" + s[1:])
+    return [p for p in text.split("\0") if p]
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """From a `.model` file, a `tokenizer.json`, or a directory holding one of them."""
+    if os.path.isdir(path):
+        for name in ("tokenizer.json", "tokenizer.model", "spm.model"):
+            if os.path.isfile(os.path.join(path, name)):
+                return load_tokenizer(os.path.join(path, name))
+        raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model inside")
+    if path.endswith(".json"):
+        return HFTokenizer(path)
+    if path.endswith(".model"):
+        return SentencePieceTokenizer(path)
+    raise ValueError(f"{path}: unknown tokenizer format (expected tokenizer.json or a .model file)")
+
+
+def train_sentencepiece(texts: Iterable[str], out_path: str, *, vocab_size: int,
+                        special_tokens: Sequence[str] = CHAT_SPECIAL_TOKENS) -> SentencePieceTokenizer:
+    """Trains a small deterministic SentencePiece model (for the demo and tests): BPE,
+    byte fallback (any text encodes), the chat special tokens as user-defined symbols."""
+    import sentencepiece as spm
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.Train(
+        sentence_iterator=iter(list(texts)), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, user_defined_symbols=list(special_tokens), character_coverage=1.0,
+        num_threads=1, minloglevel=2, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
+        split_digits=True, hard_vocab_limit=False)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(out_path, "wb") as f:
+        f.write(buf.getvalue())
+    return SentencePieceTokenizer(out_path)
