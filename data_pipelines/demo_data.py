@@ -331,3 +331,50 @@ def _text_task(rng: random.Random) -> tuple[str, str, dict]:
         question, answer = f"Which is larger, {a} or {b}?", str(max(a, b))
         query = {"a": a, "b": b}
     return question, answer, {"task": task, "size": None, "query": query}
+
+
+def write_demo_datasets(out_dir: str, *, splits: Mapping[str, int] = None, seed: int = 0,
+                        image_size: int = 56, vocab_size: int = 512, num_shards: int = 2) -> dict:
+    """Writes the demo as ArrayRecord, one dataset per (split, source), plus a tokenizer.
+
+        out_dir/{split}/{source}/manifest.json + shards     (e.g. train/caption, eval/text)
+        out_dir/tokenizer.model                             SentencePiece trained on train text
+
+    Returns {"datasets": {split: {source: dir}}, "tokenizer": path}. Deterministic from
+    the seed; a pipeline mixes the train sources with `data_pipelines.pipeline.mixture`.
+    """
+    import os
+
+    from data_pipelines.records import ShardedWriter
+    from data_pipelines.tokenizer import train_sentencepiece
+
+    splits = dict(splits or {"train": 2000, "eval": 200})
+    datasets: dict[str, dict[str, str]] = {}
+    texts: list[str] = []
+    for split, n in splits.items():
+        writers = {s: ShardedWriter(os.path.join(out_dir, split, s), num_shards=num_shards) for s in SOURCES}
+        for ex in demo_examples(split, n, seed, image_size=image_size):
+            writers[ex.source].write(ex)
+            if split == "train":
+                texts.extend(t["content"].replace(IMAGE_TAG, "") for t in ex.turns)
+        for w in writers.values():
+            w.close()
+        datasets[split] = {s: os.path.join(out_dir, split, s) for s in SOURCES}
+    texts += ["system\n", "user\n", "assistant\n"]
+    tokenizer = os.path.join(out_dir, "tokenizer.model")
+    train_sentencepiece(texts, tokenizer, vocab_size=vocab_size)
+    return {"datasets": datasets, "tokenizer": tokenizer}
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="Write the demo datasets and tokenizer.")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--train", type=int, default=2000)
+    parser.add_argument("--eval", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(json.dumps(write_demo_datasets(args.out, splits={"train": args.train, "eval": args.eval},
+                                         seed=args.seed), indent=2))

@@ -15,8 +15,9 @@ Per-host sharding: every source is shuffled globally with the same seed on every
 repeated, then host i of n takes stream positions i, i + n, ...: hosts read disjoint
 examples whose union is the whole stream. Each host then builds `batch_size` rows.
 
-Packing works in windows of `packing_window` processed samples: the window is packed with
-first-fit and its rows are emitted in order. The state is the parent's state at the start
+Packing works in windows: samples are read until they hold `packing_window_rows` rows'
+worth of tokens, the window is packed with first-fit and its rows are emitted in order
+(only a window's last rows can be part-filled, so larger windows pack tighter). The state is the parent's state at the start
 of the current window plus the number of its rows already emitted, so restoring re-reads
 and re-packs that one window (deterministically) and continues exactly.
 
@@ -78,7 +79,7 @@ class PipelineConfig:
     seed: int = 0
     num_epochs: int | None = None      # None: repeat forever
     num_workers: int = 0
-    packing_window: int = 64
+    packing_window_rows: int = 16     # a packing window holds >= this many rows' worth of tokens
 
     def __post_init__(self):
         if not self.sources:
@@ -174,9 +175,10 @@ class PackedBatchIterator(grain.DatasetIterator):
         self._exhausted = False
 
     def _load_window(self, count: bool = True) -> None:
-        """Reads up to `packing_window` items from the parent and packs them into rows."""
+        """Reads samples worth `packing_window_rows` rows of tokens and packs them into rows."""
         samples: list[Sample] = []
-        for _ in range(self.cfg.packing_window):
+        budget, tokens = self.cfg.packing_window_rows * self.spec.seq_len, 0
+        while tokens < budget:
             try:
                 item = next(self._parent)
             except StopIteration:
@@ -188,6 +190,7 @@ class PackedBatchIterator(grain.DatasetIterator):
                     log.warning("rejected sample %s (source %s): %s", item.id, item.source, item.reason)
                 continue
             samples.append(item)
+            tokens += len(item)
         if count:
             self.stats["samples"] += len(samples)
             for s in samples:
@@ -264,5 +267,10 @@ def build_pipeline(cfg: PipelineConfig, *, process_index: int | None = None,
     mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
     stream = mixed.map(ExampleProcessor(cfg)).to_iter_dataset()
     if cfg.num_workers > 0:
+        # Grain's workers read absl flags; outside an absl app (notebooks, pytest) they are
+        # unparsed and Grain would raise, so take their defaults.
+        from absl import flags
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
     return PackedBatches(stream, cfg)

@@ -40,9 +40,17 @@ class SentencePieceTokenizer:
                 raise FileNotFoundError(f"SentencePiece model {model_path} not found")
             self._sp.Load(model_path)
         self.vocab_size = self._sp.GetPieceSize()
+        # User-defined pieces (our chat specials) are matched inside any text by SentencePiece.
+        from sentencepiece import sentencepiece_model_pb2
+        proto = sentencepiece_model_pb2.ModelProto.FromString(self._sp.serialized_model_proto())
+        user_defined = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+        self._specials = [p.piece for p in proto.pieces if p.type == user_defined]
 
     def encode(self, text: str) -> list[int]:
-        return list(self._sp.EncodeAsIds(text))
+        ids: list[int] = []
+        for part in _split_specials(text, self._specials):
+            ids += self._sp.EncodeAsIds(part)
+        return ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.DecodeIds([int(i) for i in ids])
@@ -107,14 +115,16 @@ def load_tokenizer(path: str) -> Tokenizer:
 def train_sentencepiece(texts: Iterable[str], out_path: str, *, vocab_size: int,
                         special_tokens: Sequence[str] = CHAT_SPECIAL_TOKENS) -> SentencePieceTokenizer:
     """Trains a small deterministic SentencePiece model (for the demo and tests): BPE,
-    byte fallback (any text encodes), the chat special tokens as user-defined symbols."""
+    byte fallback (any text encodes), the chat special tokens as user-defined symbols, and
+    no normalisation (newlines and spaces survive, so ChatML text round-trips exactly)."""
     import sentencepiece as spm
     buf = io.BytesIO()
     spm.SentencePieceTrainer.Train(
         sentence_iterator=iter(list(texts)), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
         byte_fallback=True, user_defined_symbols=list(special_tokens), character_coverage=1.0,
         num_threads=1, minloglevel=2, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
-        split_digits=True, hard_vocab_limit=False)
+        split_digits=True, hard_vocab_limit=False, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=False, allow_whitespace_only_pieces=True)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, "wb") as f:
         f.write(buf.getvalue())

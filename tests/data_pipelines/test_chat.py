@@ -1,0 +1,67 @@
+"""ChatML rendering: the label-mask golden test, image expansion, image-safe truncation."""
+import numpy as np
+import pytest
+
+from data_pipelines.chat import ChatTemplate, RenderedChat, truncate
+from data_pipelines.tokenizer import IM_END, IM_START, IMAGE_PAD, load_tokenizer
+
+
+@pytest.fixture
+def template(demo):
+    return ChatTemplate(load_tokenizer(demo["tokenizer"]))
+
+
+def test_label_mask_golden_two_turns_one_image(template):
+    tok = template.tokenizer
+    turns = [{"role": "user", "content": "<image>\nHow many circles are there?"},
+             {"role": "assistant", "content": "two"},
+             {"role": "user", "content": "What colour is the square?"},
+             {"role": "assistant", "content": "blue"}]
+    chat = template.render(turns, [3])
+    S, E, I = tok.token_id(IM_START), tok.token_id(IM_END), tok.token_id(IMAGE_PAD)
+    T = tok.encode
+    expected, trained = [], []
+    for ids, mask in [([S] + T("user\n"), 0), ([I] * 3, 0), (T("\nHow many circles are there?"), 0),
+                      ([E] + T("\n"), 0), ([S] + T("assistant\n"), 0), (T("two"), 1), ([E], 1), (T("\n"), 0),
+                      ([S] + T("user\n") + T("What colour is the square?") + [E] + T("\n"), 0),
+                      ([S] + T("assistant\n"), 0), (T("blue"), 1), ([E], 1), (T("\n"), 0)]:
+        expected += ids
+        trained += [bool(mask)] * len(ids)
+    np.testing.assert_array_equal(chat.tokens, expected)
+    np.testing.assert_array_equal(chat.loss_mask, trained)
+    # Exactly the answers plus their end-of-turn tokens are trained.
+    assert chat.tokens[chat.loss_mask].tolist() == T("two") + [E] + T("blue") + [E]
+    start = expected.index(I)
+    assert chat.image_spans == [(start, 3)]
+
+
+def test_system_prompt_and_generation_prompt(demo):
+    tok = load_tokenizer(demo["tokenizer"])
+    t = ChatTemplate(tok, default_system="Be brief.")
+    chat = t.render([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    assert tok.decode(chat.tokens.tolist()).startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    assert chat.tokens[-len(tok.encode("assistant\n")) - 1] == tok.token_id(IM_START)
+    assert not chat.loss_mask.any()
+
+
+@pytest.mark.parametrize("turns,counts,match", [
+    ([{"role": "user", "content": "<image><image>x"}, {"role": "assistant", "content": "y"}], [2], "more <image> tags than images"),
+    ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], [2], "0 <image> tags but 1 images"),
+    ([{"role": "assistant", "content": "<image>"}], [2], "images belong in user turns"),
+    ([{"role": "robot", "content": "x"}], [], "role 'robot'"),
+])
+def test_bad_conversations_name_the_example(template, turns, counts, match):
+    with pytest.raises(ValueError, match=match):
+        template.render(turns, counts, example_id="ex-7")
+    with pytest.raises(ValueError, match="ex-7"):
+        template.render(turns, counts, example_id="ex-7")
+
+
+def test_truncation_never_splits_an_image():
+    chat = RenderedChat(np.arange(12, dtype=np.int32), np.array([0] * 8 + [1] * 4, bool), [(3, 4)])
+    cut, kept = truncate(chat, 5)            # would split tokens 3..6
+    assert len(cut.tokens) == 3 and kept == 0 and cut.image_spans == []
+    cut, kept = truncate(chat, 7)            # the image ends exactly at 7
+    assert len(cut.tokens) == 7 and kept == 1
+    same, kept = truncate(chat, 12)
+    assert same is chat and kept == 1
