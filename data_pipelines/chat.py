@@ -25,10 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
+from data_pipelines.records import IMAGE_TAG, ROLES
 from data_pipelines.tokenizer import IM_END, IM_START, IMAGE_PAD, Tokenizer
-
-IMAGE_TAG = "<image>"
-ROLES = ("system", "user", "assistant")
 
 
 @dataclasses.dataclass

@@ -50,9 +50,20 @@ PAPER_STAGE2_MIXTURE = {"caption": 316.3, "vqa": 64.7, "ocr": 197.2, "text": 66.
 
 @dataclasses.dataclass(frozen=True)
 class SourceSpec:
+    """One mixture source: a converted ArrayRecord dataset directory (manifest.json +
+    shards), or, with `tfds_split`, a TFDS dataset (name or prepared directory) read
+    through `tfds.data_sources`."""
     name: str
-    path: str                 # a converted dataset directory (manifest.json + shards)
+    path: str
     weight: float = 1.0
+    tfds_split: str | None = None
+    tfds_data_dir: str | None = None
+
+    def open(self):
+        if self.tfds_split is None:
+            return ArrayRecordExampleSource(self.path)
+        from data_pipelines.tfds_source import TfdsExampleSource
+        return TfdsExampleSource(self.path, self.tfds_split, data_dir=self.tfds_data_dir)
 
 
 def mixture(paths: dict[str, str], weights: dict[str, float]) -> tuple[SourceSpec, ...]:
@@ -91,6 +102,11 @@ class PipelineConfig:
             raise ValueError(f"PipelineConfig.sources weights must be > 0: {[(s.name, s.weight) for s in self.sources]}")
         if self.image_mode not in ("single", "dynamic"):
             raise ValueError(f"PipelineConfig.image_mode={self.image_mode!r}; 'single' or 'dynamic'")
+
+    @classmethod
+    def for_model(cls, mcfg, **kwargs) -> "PipelineConfig":
+        """Patch size and tokens per patch taken from a `genieblue_jax.structure.MLLMConfig`."""
+        return cls(patch_size=mcfg.vision.image_size, tokens_per_patch=mcfg.tokens_per_patch, **kwargs)
 
     @property
     def packing(self) -> PackingSpec:
@@ -147,7 +163,7 @@ class ExampleProcessor:
 def source_dataset(spec: SourceSpec, seed: int, num_epochs: int | None, process_index: int,
                    process_count: int) -> grain.MapDataset:
     """One source, globally shuffled (reshuffled every epoch), repeated, this host's part."""
-    ds = grain.MapDataset.source(ArrayRecordExampleSource(spec.path))
+    ds = grain.MapDataset.source(spec.open())
     ds = ds.shuffle(seed=seed).repeat(num_epochs)
     return ds[process_index::process_count]
 

@@ -3,6 +3,9 @@ import doctest
 
 import pytest
 
+import data_pipelines.images
+import data_pipelines.packing
+import data_pipelines.records
 import genieblue_jax.hf.tables
 import genieblue_jax.models
 import genieblue_jax.models.configs
@@ -13,7 +16,8 @@ import genieblue_jax.structure.config
 
 @pytest.mark.parametrize("module", [genieblue_jax.models, genieblue_jax.models.configs,
                                     genieblue_jax.hf.tables, genieblue_jax.structure,
-                                    genieblue_jax.structure.config, genieblue_jax.structure.branch])
+                                    genieblue_jax.structure.config, genieblue_jax.structure.branch,
+                                    data_pipelines.packing, data_pipelines.records, data_pipelines.images])
 def test_docstring_examples(module):
     result = doctest.testmod(module, verbose=False)
     assert result.attempted > 0 and result.failed == 0

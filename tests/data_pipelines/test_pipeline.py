@@ -151,3 +151,30 @@ def test_config_errors_name_the_field(demo):
         make_cfg(demo, sources=(SourceSpec("a", "x", 0.0),))
     with pytest.raises(ValueError, match="name different sources"):
         mixture({"a": "x"}, {"b": 1.0})
+
+
+def test_stage1_single_patch_mode_sized_from_the_model(demo):
+    from genieblue_jax import models, structure
+    llm, vit = models.get_preset("tiny-qwen2"), models.get_preset("tiny-siglip")
+    tok = load_tokenizer(demo["tokenizer"])
+    mcfg = structure.MLLMConfig(llm, vit, models.ProjectorConfig.between(vit, llm), structure.StructureConfig(),
+                                image_token_id=tok.token_id(IMAGE_PAD))
+    cfg = PipelineConfig.for_model(mcfg, sources=(SourceSpec("caption", demo["datasets"]["train"]["caption"]),),
+                                   tokenizer=demo["tokenizer"], seq_len=128, batch_size=2, image_mode="single",
+                                   max_patches_per_row=8)
+    assert (cfg.patch_size, cfg.tokens_per_patch) == (56, 16)
+    b = next(iter(build_pipeline(cfg, process_index=0, process_count=1)))
+    n_segments = int(b["segment_ids"].max(axis=1).sum())
+    assert int(b["image_valid"].sum()) == n_segments  # every caption sample: one image, one patch
+
+
+def test_pipeline_reads_a_tfds_source(demo, tmp_path):
+    from data_pipelines.tfds_source import GenieblueDemo
+    src = ArrayRecordExampleSource(demo["datasets"]["train"]["ocr"])
+    examples = [src[i] for i in range(12)]
+    GenieblueDemo(examples={"train": examples}, data_dir=str(tmp_path)).download_and_prepare()
+    cfg = make_cfg(demo, sources=(SourceSpec("ocr", "genieblue_demo", tfds_split="train",
+                                             tfds_data_dir=str(tmp_path)),), num_epochs=1, batch_size=2)
+    it = iter(build_pipeline(cfg, process_index=0, process_count=1))
+    list(it)
+    assert it.stats["samples"] == 12 and it.stats["rejected"] == {}
