@@ -25,15 +25,14 @@ shards are removed and no manifest is written.
 """
 import concurrent.futures
 import dataclasses
-import io
 import json
 import os
 import sys
 
 from absl import app, flags, logging
-from PIL import Image
 
-from data_pipelines.records import IMAGE_TAG, Example, ShardedWriter, encode_example
+from data_pipelines.images import ImageDecodeError, decode_image
+from data_pipelines.records import IMAGE_TAG, ROLES, Example, ShardedWriter, encode_example
 
 REASONS = {
     "missing_image": "an image file named by the record does not exist under image_root",
@@ -47,7 +46,6 @@ REASONS = {
 REJECTS_FILE = "rejects.jsonl"
 _LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                 "system": "system"}
-_CHAT_ROLES = ("system", "user", "assistant")
 _CHUNK = 256  # records in flight at once when images are checked on worker threads
 
 
@@ -119,10 +117,9 @@ def _read_image(image_root: str, rel) -> bytes:
     with open(path, "rb") as f:
         data = f.read()
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-    except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError...)
-        raise _Reject("undecodable_image", f"{path}: {type(e).__name__}: {e}") from None
+        decode_image(data)  # the pipeline's own decoder: what converts here also trains
+    except ImageDecodeError as e:
+        raise _Reject("undecodable_image", f"{path}: {e}") from None
     return data
 
 
@@ -191,7 +188,7 @@ def _chat_example(rec, line: int, source: str) -> Example:
     for i, msg in enumerate(msgs):
         if not isinstance(msg, dict):
             raise _Reject("malformed_record", f"messages[{i}] is not an object")
-        if msg.get("role") not in _CHAT_ROLES:
+        if msg.get("role") not in ROLES:
             raise _Reject("malformed_record", f"messages[{i}] has unknown role {msg.get('role')!r:.40}")
         turns.append({"role": msg["role"],
                       "content": _check_text(msg.get("content"), f"messages[{i}].content")})
