@@ -196,6 +196,14 @@ PRESETS: dict[str, _Config] = {
         family="llama", vocab_size=512, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
         head_dim=16, intermediate_size=160, rope_theta=1e4, rms_norm_eps=1e-5,
         tie_embeddings=False, max_position_embeddings=2048),
+    # Demo scale: the embedded CPU demo and the engine benchmarks (trains in minutes on 2 cores).
+    "demo-qwen2": LLMConfig(
+        family="qwen2", vocab_size=512, hidden_size=256, num_layers=8, num_heads=4, num_kv_heads=2,
+        head_dim=64, intermediate_size=704, rope_theta=1e6, qkv_bias=True, tie_embeddings=True,
+        max_position_embeddings=4096),
+    "demo-siglip": VisionConfig(
+        image_size=56, patch_size=8, hidden_size=128, num_layers=4, num_heads=4,
+        intermediate_size=256, use_head=False),
     # 56 px / patch 8 -> a 7x7 grid: odd like so400m's 27x27, so the downsampler pads.
     "tiny-siglip": VisionConfig(
         image_size=56, patch_size=8, hidden_size=48, num_layers=2, num_heads=4,

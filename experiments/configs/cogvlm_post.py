@@ -1,0 +1,9 @@
+"""CogVLM-Post baseline: visual experts in the last quarter of the blocks."""
+from experiments.configs import common
+
+
+def get_config(arg=None):
+    c = common.base_config(common.parse_arg(arg))
+    c.model.variant = "cogvlm"
+    c.model.placement = "post"
+    return c

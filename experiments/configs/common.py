@@ -1,0 +1,99 @@
+"""The one config schema every recipe fills in (ml_collections), demo and paper scale.
+
+A recipe file is a few lines: `get_config(arg)` calls `base_config(scale)` and changes what
+makes it that recipe (stage, variant, placement). `arg` is the text after the colon in
+`--config=experiments/configs/stage2_skip.py:paper` (or `--config=stage2_skip:paper`):
+"" / "demo" (default) or "paper".
+
+Demo scale: the `demo-qwen2` LLM + `demo-siglip` ViT, the project's synthetic demo data
+(written into the workdir when `data.sources` is empty), CPU-sized batches. Paper scale:
+Qwen2.5-3B + SigLIP-so400m-384 and the hyper-parameters of SPEC / the paper's Appendix D;
+init checkpoints and data paths must be given.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+SCALES = ("demo", "paper")
+
+
+def parse_arg(arg: str | None) -> str:
+    scale = (arg or "demo").strip() or "demo"
+    if scale not in SCALES:
+        raise ValueError(f"config argument {arg!r}: choose a scale from {SCALES} (e.g. --config=stage2_skip:paper)")
+    return scale
+
+
+def base_config(scale: str) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.scale = scale
+    paper = scale == "paper"
+
+    c.model = ml_collections.ConfigDict()
+    c.model.llm = "qwen2.5-3b" if paper else "demo-qwen2"          # preset (shape) of the LLM
+    c.model.vit = "siglip-so400m-384" if paper else "demo-siglip"  # preset (shape) of the ViT
+    c.model.variant = "genieblue"
+    c.model.placement = "skip"
+    c.model.interval = 4
+    c.model.lora_rank = 8
+    c.model.lora_alpha = 16.0
+    c.model.image_token = "<|image_pad|>"
+    c.model.compute_dtype = "bfloat16" if paper else "float32"
+    c.model.base_param_dtype = "bfloat16" if paper else "float32"  # the frozen base
+
+    c.init = ml_collections.ConfigDict()
+    c.init.llm_checkpoint = ml_collections.FieldReference(None, field_type=str)  # tools.from_hf output
+    c.init.vit_checkpoint = ml_collections.FieldReference(None, field_type=str)
+    c.init.stage1_workdir = ml_collections.FieldReference(None, field_type=str)  # projector from stage 1
+
+    c.data = ml_collections.ConfigDict()
+    c.data.sources = ml_collections.ConfigDict()   # {name: {"path": dir, "weight": w}}; empty = demo data
+    c.data.tokenizer = ml_collections.FieldReference(None, field_type=str)
+    c.data.seq_len = 4096 if paper else 256
+    c.data.image_mode = "dynamic"
+    c.data.max_patches = 16 if paper else 4
+    c.data.max_patches_per_row = 20 if paper else 10
+    c.data.num_workers = 8 if paper else 0
+    c.data.demo_examples = 3000
+    c.data.host_sharding = "examples"  # or "rows": every host reads all, keeps its rows (testing)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.stage = "stage2"
+    c.train.steps = 53000 if paper else 150
+    c.train.global_batch_size = 6800 if paper else 8
+    c.train.micro_batches = 10 if paper else 1
+    c.train.seed = 0
+    c.train.log_every = 10 if paper else 5
+    c.train.max_bad_steps = 5
+    c.train.peak_flops_per_device = 989e12 if paper else 110e9   # H100 bf16 dense / this CPU f32
+    c.train.sigterm_at_step = -1   # testing: send ourselves SIGTERM after this step
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-4 if paper else 1e-3
+    c.optim.warmup_steps = 530 if paper else 10
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.98
+    c.optim.eps = 1e-6
+    c.optim.weight_decay = 0.05
+    c.optim.clip_norm = 1.0
+    c.optim.vit_layer_decay = 0.9
+
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 1000 if paper else 50
+    c.checkpoint.keep = 3
+    return c
+
+
+def stage1(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Stage 1 (paper Appendix D): projector only, single 384 px patch."""
+    paper = c.scale == "paper"
+    c.train.stage = "stage1"
+    c.data.image_mode = "single"
+    c.train.steps = 3434 if paper else 60
+    c.train.global_batch_size = 720 if paper else 8
+    c.train.micro_batches = 1
+    c.optim.lr = 1e-3 if paper else 3e-3
+    c.optim.warmup_steps = 34 if paper else 5
+    return c

@@ -1,0 +1,66 @@
+"""Runs a training recipe: `python -m experiments.run --config=stage2_skip [--workdir=DIR]`.
+
+    python -m experiments.run --config=stage2_skip                  # demo scale, CPU, minutes
+    python -m experiments.run --config=stage2_skip:paper --workdir=gs://... \\
+        --config.init.llm_checkpoint=/ckpt/qwen2.5-3b --config.init.vit_checkpoint=/ckpt/siglip \\
+        --config.init.stage1_workdir=/runs/stage1 --config.data.tokenizer=/ckpt/qwen2.5-3b/hf_assets
+
+`--config` takes a recipe name from experiments/configs/ (or a path to a config file),
+optionally followed by `:demo` / `:paper`. Any field can be overridden with
+`--config.a.b=value`; unknown keys and wrong types are errors naming the key. Running the
+same command again resumes from the latest checkpoint in the workdir.
+"""
+import os
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _expand_config_arg(argv):
+    """`--config=stage2_skip[:paper]` -> `--config=<repo>/experiments/configs/stage2_skip.py[:paper]`."""
+    out = []
+    for a in argv:
+        if a.startswith("--config=") and not a.split("=", 1)[1].split(":")[0].endswith(".py"):
+            name, _, arg = a.split("=", 1)[1].partition(":")
+            path = os.path.join(_HERE, "configs", f"{name}.py")
+            if not os.path.isfile(path):
+                known = sorted(f[:-3] for f in os.listdir(os.path.join(_HERE, "configs"))
+                               if f.endswith(".py") and f not in ("__init__.py", "common.py"))
+                sys.exit(f"--config={name}: no such recipe; known recipes: {known}")
+            a = f"--config={path}" + (f":{arg}" if arg else "")
+        out.append(a)
+    return out
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe (name[:scale] or path).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Output directory (checkpoints, metrics, config). Default: workdirs/<recipe>.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host; set automatically on TPU pods).")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:  # Orbax logs every checkpoint step at INFO
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    import jax
+    if flags.FLAGS.distributed:
+        jax.distributed.initialize()
+    from genieblue_jax.train import trainer
+    config = _CONFIG.value
+    name = os.path.basename(flags.FLAGS["config"].config_filename or "run").removesuffix(".py")
+    workdir = flags.FLAGS.workdir or os.path.join("workdirs", name + ("" if config.scale == "demo" else f"_{config.scale}"))
+    print(f"recipe {name} ({config.scale} scale), workdir {workdir}", flush=True)
+    try:
+        result = trainer.train(config, workdir)
+    except trainer.ConfigError as e:
+        sys.exit(f"config error: {e}")
+    print(f"done: step {result['step']}, loss {result.get('loss', float('nan')):.4f}; workdir {workdir}")
+
+
+if __name__ == "__main__":
+    sys.argv = _expand_config_arg(sys.argv)
+    app.run(main)

@@ -1,0 +1,1 @@
+"""Training engine: `train(config, workdir)` (trainer.py), optimizer, metrics."""

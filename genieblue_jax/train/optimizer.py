@@ -1,0 +1,73 @@
+"""AdamW as in the paper's Appendix D, built for the trainable tree only.
+
+    schedule      linear warm-up to `lr`, then cosine decay to 0 at `steps`
+    weight decay  on matrices only: not on norms, biases, position embeddings, the probe
+    ViT layer-wise LR decay  encoder layer i (0-based) of L gets lr * decay ** (L - 1 - i): the
+                  top layer and everything after it (post-LayerNorm, projector, LLM branch)
+                  get lr; patch / position embeddings, one step below layer 0, decay ** L
+    clipping      global-norm clipping before Adam
+
+The optimizer sees only the trainable tree, so its state exists for trainable leaves only.
+
+    >>> [layer_lr_scale(f"vision/encoder/layers_{i}/mlp/fc1/kernel", 4, 0.5) for i in range(4)]
+    [0.125, 0.25, 0.5, 1.0]
+    >>> layer_lr_scale("vision/embeddings/patch_embedding/kernel", 4, 0.5)
+    0.0625
+    >>> no_weight_decay("llm/layers_0/input_layernorm/scale"), no_weight_decay("branch/layers_0/mlp/up_proj/kernel")
+    (True, False)
+"""
+from __future__ import annotations
+
+import re
+
+import jax
+import optax
+
+from genieblue_jax import models
+
+_NO_DECAY = re.compile(r".*(/bias|norm\d?/scale|layernorm/scale|layer_norm\d?/scale|position_embedding/embedding|/probe)$")
+_VIT_LAYER = re.compile(r"^vision/encoder/layers_(\d+)/")
+
+
+def no_weight_decay(name: str) -> bool:
+    return bool(_NO_DECAY.match(name))
+
+
+def layer_lr_scale(name: str, num_vit_layers: int, decay: float) -> float:
+    m = _VIT_LAYER.match(name)
+    if m:
+        return decay ** (num_vit_layers - 1 - int(m.group(1)))
+    if name.startswith("vision/embeddings/"):
+        return decay ** num_vit_layers
+    return 1.0
+
+
+def schedule(lr: float, warmup_steps: int, steps: int):
+    return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup_steps, 1), max(steps, warmup_steps + 1), 0.0)
+
+
+def _scale_by_tree(factors):
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u, f: u * f, updates, factors), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def make_optimizer(trainable: dict, *, lr: float, warmup_steps: int, steps: int, b1: float, b2: float,
+                   eps: float, weight_decay: float, clip_norm: float, vit_layer_decay: float,
+                   num_vit_layers: int) -> optax.GradientTransformation:
+    flat = models.flatten(trainable)
+    decay_mask = models.unflatten({n: not no_weight_decay(n) for n in flat})
+    lr_scales = models.unflatten({n: layer_lr_scale(n, num_vit_layers, vit_layer_decay) for n in flat})
+    return optax.chain(
+        optax.clip_by_global_norm(clip_norm),
+        optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+        optax.add_decayed_weights(weight_decay, mask=decay_mask),
+        optax.scale_by_learning_rate(schedule(lr, warmup_steps, steps)),
+        _scale_by_tree(lr_scales),
+    )

@@ -1,0 +1,409 @@
+"""The trainer: one linear file, big_vision style. `train(config, workdir)` runs a recipe.
+
+Sections: 1 config -> model / data / mesh; 2 parameters (frozen base, trainable parts);
+3 optimizer and the jitted step; 4 checkpoints; 5 the loop (metrics, SIGTERM, resume).
+
+The step differentiates w.r.t. the trainable tree only (`structure.partition`), so the
+frozen base gets no weight gradient and no optimizer state. The loss is the next-token
+cross-entropy over the trained tokens of the whole global batch: micro-batches add their
+summed NLL divided by the global count of trained tokens, so accumulation over k
+micro-batches equals one batch k times larger.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from genieblue_jax import checkpoint as model_checkpoint
+from genieblue_jax import models, sharding as sharding_lib, structure
+from genieblue_jax.train import metrics as metrics_lib
+from genieblue_jax.train.optimizer import make_optimizer
+
+log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------------
+# 1. Config -> model, data, mesh
+# ---------------------------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclasses.dataclass
+class Setup:
+    mcfg: structure.MLLMConfig
+    pipeline: "object"            # data_pipelines.pipeline.PipelineConfig
+    mesh: jax.sharding.Mesh
+    per_host_batch: int
+
+
+def _demo_data(config, workdir: str) -> tuple[dict, str]:
+    """The demo datasets and tokenizer, written once into the workdir."""
+    from data_pipelines.demo_data import MIXTURE, write_demo_datasets
+    out = os.path.join(workdir, "demo_data")
+    if not os.path.isfile(os.path.join(out, "tokenizer.model")):
+        log.warning("no data.sources given: writing the demo dataset to %s", out)
+        n = config.data.demo_examples
+        write_demo_datasets(out, splits={"train": n, "eval": max(n // 10, 20)}, seed=0)
+    sources = {s: {"path": os.path.join(out, "train", s), "weight": float(w)} for s, w in MIXTURE.items()}
+    return sources, os.path.join(out, "tokenizer.model")
+
+
+def resolve(config: ml_collections.ConfigDict, workdir: str) -> Setup:
+    """Validates the config (errors name the key) and builds model, data and mesh configs."""
+    from data_pipelines.pipeline import PipelineConfig, SourceSpec
+    from data_pipelines.tokenizer import load_tokenizer
+    c = config
+    if c.train.stage not in structure.STAGES:
+        raise ConfigError(f"train.stage={c.train.stage!r}: choose one of {sorted(structure.STAGES)}")
+    if (c.train.stage == "full") != (c.model.variant == "full"):
+        raise ConfigError(f"train.stage={c.train.stage!r} with model.variant={c.model.variant!r}: "
+                          "stage 'full' goes with variant 'full' and only with it")
+    if c.scale == "paper":
+        for key in ("llm_checkpoint", "vit_checkpoint"):
+            if not c.init[key]:
+                raise ConfigError(f"init.{key} is required at paper scale (the output of tools.from_hf)")
+        if c.train.stage != "stage1" and not c.init.stage1_workdir:
+            raise ConfigError("init.stage1_workdir is required at paper scale for stage 2 / full")
+        if not c.data.sources:
+            raise ConfigError("data.sources is required at paper scale: {name: {path, weight}}")
+    try:
+        llm, vit = models.get_preset(c.model.llm), models.get_preset(c.model.vit)
+    except KeyError as e:
+        raise ConfigError(f"model.llm / model.vit: {e.args[0]}") from None
+    if c.init.llm_checkpoint:
+        llm = model_checkpoint.read_metadata(c.init.llm_checkpoint)["components"]["llm"]
+    if c.init.vit_checkpoint:
+        vit = model_checkpoint.read_metadata(c.init.vit_checkpoint)["components"]["vision"]
+    llm = llm.replace(dtype=c.model.compute_dtype, param_dtype=c.model.base_param_dtype)
+    if c.train.stage == "full":
+        llm = llm.replace(param_dtype="float32")  # a trained LLM keeps float32 master weights
+    vit = vit.replace(dtype=c.model.compute_dtype, param_dtype="float32")
+    if c.data.sources:
+        sources = {k: dict(v) for k, v in c.data.sources.items()}
+        tokenizer = c.data.tokenizer
+        if not tokenizer:
+            raise ConfigError("data.tokenizer is required with data.sources")
+    else:
+        sources, tokenizer = _demo_data(c, workdir)
+    tok = load_tokenizer(tokenizer)
+    try:
+        image_token_id = tok.token_id(c.model.image_token)
+    except KeyError as e:
+        raise ConfigError(f"model.image_token: {e.args[0]}") from None
+    if tok.vocab_size > llm.vocab_size:
+        raise ConfigError(f"data.tokenizer has {tok.vocab_size} tokens but model.llm only {llm.vocab_size}")
+    try:
+        struct = structure.StructureConfig(c.model.variant, c.model.placement, c.model.interval,
+                                           c.model.lora_rank, c.model.lora_alpha)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+    mcfg = structure.MLLMConfig(llm, vit, models.ProjectorConfig.between(vit, llm, dtype=c.model.compute_dtype),
+                                struct, image_token_id)
+    axes = dict(c.mesh)
+    devices = jax.devices()
+    if -1 not in axes.values() and np.prod(list(axes.values())) < len(devices):
+        log.warning("mesh %s uses %d of %d devices", axes, np.prod(list(axes.values())), len(devices))
+        devices = devices[:int(np.prod(list(axes.values())))]
+    try:
+        mesh = sharding_lib.make_mesh(axes, devices)
+    except ValueError as e:
+        raise ConfigError(f"mesh: {e}") from None
+    batch_shards = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+    gb, micro = c.train.global_batch_size, c.train.micro_batches
+    if gb % micro or (gb // micro) % batch_shards:
+        raise ConfigError(f"train.global_batch_size={gb} with train.micro_batches={micro} gives micro-batches "
+                          f"of {gb / micro:g} rows, not divisible by the mesh's data x fsdp = {batch_shards}")
+    if gb % jax.process_count():
+        raise ConfigError(f"train.global_batch_size={gb} is not divisible by {jax.process_count()} processes")
+    per_host = gb // jax.process_count()
+    if c.data.host_sharding not in ("examples", "rows"):
+        raise ConfigError(f"data.host_sharding={c.data.host_sharding!r}: 'examples' or 'rows'")
+    if c.data.host_sharding == "rows":  # every host reads the global stream, keeps its rows
+        per_host = gb
+    pipe = PipelineConfig.for_model(
+        mcfg, sources=tuple(SourceSpec(n, s["path"], float(s.get("weight", 1.0))) for n, s in sorted(sources.items())),
+        tokenizer=tokenizer, seq_len=c.data.seq_len, batch_size=per_host, image_mode=c.data.image_mode,
+        max_patches=c.data.max_patches, max_patches_per_row=c.data.max_patches_per_row,
+        image_token=c.model.image_token, seed=c.train.seed, num_workers=c.data.num_workers)
+    return Setup(mcfg, pipe, mesh, per_host)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Parameters: frozen base (checkpoint or random), trainable parts, shardings
+# ---------------------------------------------------------------------------------------------
+
+
+def _shardings(tree, mesh):
+    return sharding_lib.param_shardings(tree, mesh)
+
+
+def init_params(config, setup: Setup) -> dict:
+    """All MLLM parameters, each created or loaded straight into its sharding."""
+    mcfg, mesh = setup.mcfg, setup.mesh
+    rng = jax.random.key(config.train.seed)
+    k_llm, k_vit, k_proj, k_branch = jax.random.split(rng, 4)
+
+    def load_or_init(component, cfg, ckpt, key):
+        shardings = _shardings(models.abstract_params(cfg), mesh)
+        if ckpt:
+            _, params, _ = model_checkpoint.restore(ckpt, mesh=mesh)
+            return jax.tree.map(lambda x, s: jax.device_put(x.astype(cfg.params_dtype), s), params[component], shardings)
+        if config.scale == "paper":
+            raise ConfigError(f"init: no checkpoint for the {component} at paper scale")
+        log.warning("no init checkpoint for the %s: random initialisation (demo scale only)", component)
+        return models.init_params(cfg, key, shardings)
+
+    params = {"llm": load_or_init("llm", mcfg.llm, config.init.llm_checkpoint, k_llm),
+              "vision": load_or_init("vision", mcfg.vision, config.init.vit_checkpoint, k_vit)}
+    params["projector"] = models.init_params(mcfg.projector, k_proj, _shardings(models.abstract_params(mcfg.projector), mesh))
+    if config.init.stage1_workdir:
+        params["projector"] = restore_trained_part(config.init.stage1_workdir, "projector", params["projector"])
+    params["branch"] = structure.init_branch(mcfg, params["llm"], k_branch,
+                                             _shardings(structure.abstract_branch(mcfg), mesh))
+    return params
+
+
+def base_fingerprint(tree) -> str:
+    """A checksum of the frozen parameters (bit patterns, order-sensitive; computed on device)."""
+    total = np.uint64(0)
+    for i, (name, x) in enumerate(sorted(models.flatten(tree).items())):
+        bits = jax.lax.bitcast_convert_type(x, {2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]).astype(jnp.uint32)
+        idx = jnp.arange(bits.size, dtype=jnp.uint32).reshape(bits.shape)
+        h = int(jnp.sum(bits * (idx * jnp.uint32(2654435761) + jnp.uint32(i + 1)), dtype=jnp.uint32))
+        total = np.uint64((int(total) * 1000003 + h + len(name)) % (1 << 64))
+    return f"{int(total):016x}"
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Optimizer and the jitted train step
+# ---------------------------------------------------------------------------------------------
+
+BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_mask", "source_ids", "images")
+
+
+def _micro_loss(mcfg, num_sources, trainable, frozen, mb, total_tokens):
+    logits = structure.forward(mcfg, structure.combine(trainable, frozen), mb["tokens"], mb["positions"],
+                               mb["segment_ids"], mb["images"])
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
+    nll = -jnp.take_along_axis(logp, mb["tokens"][:, 1:, None], axis=-1)[..., 0]
+    mask = mb["loss_mask"][:, 1:].astype(jnp.float32)
+    onehot = jax.nn.one_hot(mb["source_ids"][:, 1:], num_sources) * mask[..., None]
+    per_source = (jnp.einsum("bt,bts->s", nll, onehot), jnp.sum(onehot, axis=(0, 1)))
+    return jnp.sum(nll * mask) / total_tokens, per_source
+
+
+def make_train_step(mcfg, tx, num_sources: int, micro_batches: int):
+    """state = {trainable, opt_state, step, bad_steps}; returns (state, metrics)."""
+
+    def step_fn(state, frozen, batch):
+        total = jnp.maximum(jnp.sum(batch["loss_mask"][:, 1:]).astype(jnp.float32), 1.0)
+        micro = jax.tree.map(lambda x: x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:]), batch)
+        grad_fn = jax.value_and_grad(_micro_loss, argnums=2, has_aux=True)
+
+        def accumulate(carry, mb):
+            loss, grads, src_nll, src_cnt = carry
+            (l, (s_nll, s_cnt)), g = grad_fn(mcfg, num_sources, state["trainable"], frozen, mb, total)
+            return (loss + l, jax.tree.map(jnp.add, grads, g), src_nll + s_nll, src_cnt + s_cnt), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state["trainable"])
+        init = (jnp.zeros((), jnp.float32), zeros, jnp.zeros(num_sources), jnp.zeros(num_sources))
+        (loss, grads, src_nll, src_cnt), _ = jax.lax.scan(accumulate, init, micro)
+        grad_norm = optax_global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = tx.update(grads, state["opt_state"], state["trainable"])
+        new_params = jax.tree.map(lambda p, u: p + u, state["trainable"], updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        new_state = {"trainable": keep(new_params, state["trainable"]), "opt_state": keep(new_opt, state["opt_state"]),
+                     "step": state["step"] + 1, "bad_steps": jnp.where(ok, jnp.zeros_like(state["bad_steps"]), state["bad_steps"] + 1)}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "ok": ok, "trained_tokens": total,
+                   "source_nll": src_nll, "source_tokens": src_cnt}
+        return new_state, metrics
+
+    return step_fn
+
+
+def optax_global_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def build_optimizer(config, mcfg, trainable):
+    o = config.optim
+    return make_optimizer(trainable, lr=o.lr, warmup_steps=o.warmup_steps, steps=config.train.steps, b1=o.b1,
+                          b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, clip_norm=o.clip_norm,
+                          vit_layer_decay=o.vit_layer_decay, num_vit_layers=mcfg.vision.num_layers)
+
+
+def batch_sharding(mesh):
+    return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def to_global(batch: dict, mesh, host_sharding: str = "examples") -> dict:
+    """This host's rows -> global arrays sharded over the batch axes.
+
+    host_sharding "examples": the batch holds this host's rows already (each host reads
+    disjoint examples). "rows": the batch is the whole global batch, the same on every
+    host, and each host keeps its slice (used to check multi-host runs bitwise against
+    single-host ones)."""
+    s = batch_sharding(mesh)
+    if host_sharding == "rows":
+        n, i = jax.process_count(), jax.process_index()
+        rows = len(batch["tokens"]) // n
+        batch = {k: np.asarray(batch[k])[i * rows:(i + 1) * rows] for k in BATCH_KEYS}
+    return {k: jax.make_array_from_process_local_data(s, np.asarray(batch[k])) for k in BATCH_KEYS}
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Checkpoints: trainable state + optimizer + step + data-iterator state; base by fingerprint
+# ---------------------------------------------------------------------------------------------
+
+
+def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), "checkpoints"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True),
+        item_names=("state", "data", "meta"))
+
+
+def save_checkpoint(mngr, step: int, state, data_state: dict, meta: dict) -> None:
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+                                            meta=ocp.args.JsonSave(meta)))
+
+
+def restore_checkpoint(mngr, step: int, abstract_state):
+    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                     data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+    return out["state"], out["data"], out["meta"]
+
+
+def restore_trained_part(workdir: str, component: str, like: dict) -> dict:
+    """One trained component (e.g. the stage-1 projector) from another run's latest checkpoint."""
+    mngr = checkpoint_manager(workdir, keep=1)
+    step = mngr.latest_step()
+    if step is None:
+        raise ConfigError(f"init.stage1_workdir={workdir}: no checkpoint found")
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    tree = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(None)))["state"]
+    part = tree["trainable"].get(component)
+    if part is None:
+        raise ConfigError(f"init.stage1_workdir={workdir} (stage {meta.get('stage')}) has no trained {component}")
+    return jax.tree.map(lambda new, ref: jax.device_put(np.asarray(new, ref.dtype), ref.sharding), part, like)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. The loop
+# ---------------------------------------------------------------------------------------------
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves a checkpoint and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM received: saving a checkpoint and stopping")
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Runs (or resumes) a recipe; returns the final metrics."""
+    from data_pipelines.pipeline import build_pipeline
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    setup = resolve(config, workdir)
+    mcfg, mesh = setup.mcfg, setup.mesh
+    params = init_params(config, setup)
+    trainable, frozen = structure.partition(params, config.train.stage)
+    del params
+    tx = build_optimizer(config, mcfg, trainable)
+    opt_state = jax.jit(tx.init)(trainable)
+    state = {"trainable": trainable, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32),
+             "bad_steps": jnp.zeros((), jnp.int32)}
+    # Everything on the mesh (scalars replicated), so the step's outputs match its inputs.
+    state = jax.device_put(state, jax.tree.map(
+        lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else NamedSharding(mesh, P()), state))
+    fingerprint = base_fingerprint(frozen)
+    meta = {"stage": config.train.stage, "variant": mcfg.structure.name, "base_fingerprint": fingerprint,
+            "base_source": {"llm": config.init.llm_checkpoint or f"random(seed={config.train.seed})",
+                            "vision": config.init.vit_checkpoint or f"random(seed={config.train.seed})"}}
+    rows_mode = config.data.host_sharding == "rows"
+    data_iter = iter(build_pipeline(setup.pipeline, process_index=0 if rows_mode else None,
+                                    process_count=1 if rows_mode else None))
+    mngr = checkpoint_manager(workdir, config.checkpoint.keep)
+    start = mngr.latest_step()
+    if start is not None:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        state, data_state, saved_meta = restore_checkpoint(mngr, start, abstract)
+        if saved_meta["base_fingerprint"] != fingerprint:
+            raise ConfigError(f"{workdir}: checkpoint at step {start} was trained on another frozen base "
+                              f"({saved_meta['base_source']}, fingerprint {saved_meta['base_fingerprint']}); this "
+                              f"run's base ({meta['base_source']}) has fingerprint {fingerprint}")
+        data_iter.set_state(data_state)
+        print(f"resuming from step {start} ({os.path.join(workdir, 'checkpoints')})", flush=True)
+    step_fn = make_train_step(mcfg, tx, len(setup.pipeline.packing.sources), config.train.micro_batches)
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
+    jit_step = jax.jit(step_fn, in_shardings=(state_shardings, frozen_shardings, batch_sharding(mesh)),
+                       out_shardings=(state_shardings, None), donate_argnums=(0,))
+    writer = metrics_lib.MetricsWriter(workdir, setup.pipeline.packing.sources,
+                                       flops_per_token=metrics_lib.flops_per_token(mcfg, config.train.stage),
+                                       peak_flops=config.train.peak_flops_per_device * jax.device_count())
+    preemption = _Preemption()
+    total_steps = config.train.steps
+    last = {}
+    try:
+        step = int(state["step"])
+        writer.start(step, total_steps)
+        while step < total_steps:
+            t0 = time.perf_counter()
+            batch = next(data_iter)
+            state, m = jit_step(state, frozen, to_global(batch, mesh, config.data.host_sharding))
+            step += 1
+            if config.train.sigterm_at_step == step:  # testing: a real SIGTERM, sent to ourselves
+                os.kill(os.getpid(), signal.SIGTERM)
+            m = jax.device_get(m)
+            if not m["ok"]:
+                writer.skipped += 1
+                log.warning("step %d: non-finite loss or gradient; update skipped", step)
+                if int(state["bad_steps"]) >= config.train.max_bad_steps:
+                    raise FloatingPointError(f"{int(state['bad_steps'])} non-finite steps in a row at step {step}; "
+                                             f"stopping. The last good checkpoint is in {workdir}/checkpoints")
+            last = writer.write(step, m, lr=float(tx_lr(config, step)), step_time=time.perf_counter() - t0,
+                                data_stats=data_iter.stats)
+            if step % config.checkpoint.every_steps == 0 or step == total_steps or preemption.requested:
+                save_checkpoint(mngr, step, state, data_iter.get_state(), meta)
+            if preemption.requested:
+                mngr.wait_until_finished()
+                print(f"stopped by SIGTERM after step {step}; checkpoint saved. Run the same command to resume.",
+                      flush=True)
+                break
+    finally:
+        mngr.wait_until_finished()
+        mngr.close()
+        writer.close()
+        preemption.restore()
+    return {"step": step, **last, "workdir": workdir, "base_fingerprint": fingerprint, "state": state,
+            "frozen": frozen}
+
+
+def tx_lr(config, step: int) -> float:
+    from genieblue_jax.train.optimizer import schedule
+    return schedule(config.optim.lr, config.optim.warmup_steps, config.train.steps)(step)

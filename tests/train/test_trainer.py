@@ -1,0 +1,125 @@
+"""The training engine's guarantees, on tiny models and the demo data."""
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from genieblue_jax import models, structure
+from genieblue_jax.train import trainer
+from tests.train.conftest import losses, tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_frozen_base_bitwise_and_optimizer_state_only_for_trainable(tmp_path):
+    c = tiny_config()
+    result = trainer.train(c, str(tmp_path / "run"))
+    setup = trainer.resolve(c, str(tmp_path / "run"))
+    _, fresh_frozen = structure.partition(trainer.init_params(c, setup), "stage2")
+    for name, leaf in models.flatten(result["frozen"]).items():
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(models.flatten(fresh_frozen)[name]), err_msg=name)
+    assert {n.split("/")[0] for n in models.flatten(result["frozen"])} == {"llm", "vision"}  # base + unused head
+    trainable = result["state"]["trainable"]
+    adam = result["state"]["opt_state"][1]
+    assert set(models.flatten(adam.mu)) == set(models.flatten(trainable)) == set(models.flatten(adam.nu))
+    assert models.count_params(adam.mu) == models.count_params(trainable)
+    assert not any(n.startswith("llm/") for n in models.flatten(trainable))
+    assert int(result["state"]["step"]) == 3
+
+
+def test_eight_devices_give_the_losses_of_one(tmp_path):
+    one = losses(trainer.train(tiny_config(), str(tmp_path / "one"))["workdir"])
+    eight = losses(trainer.train(tiny_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}),
+                                 str(tmp_path / "eight"))["workdir"])
+    assert len(one) == 3
+    np.testing.assert_allclose(eight, one, rtol=1e-5)
+
+
+def test_four_micro_batches_equal_one_big_batch(tmp_path):
+    big = trainer.train(tiny_config(), str(tmp_path / "big"))
+    micro = trainer.train(tiny_config(**{"train.micro_batches": 4}), str(tmp_path / "micro"))
+    np.testing.assert_allclose(losses(micro["workdir"]), losses(big["workdir"]), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(micro["state"]["trainable"]), jax.tree.leaves(big["state"]["trainable"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_sigterm_then_restart_resumes_bitwise(tmp_path, capsys):
+    whole = losses(trainer.train(tiny_config(**{"train.steps": 6}), str(tmp_path / "whole"))["workdir"])
+    run = str(tmp_path / "interrupted")
+    first = trainer.train(tiny_config(**{"train.steps": 6, "train.sigterm_at_step": 3}), run)
+    assert first["step"] == 3 and "stopped by SIGTERM after step 3" in capsys.readouterr().out
+    second = trainer.train(tiny_config(**{"train.steps": 6}), run)
+    assert second["step"] == 6 and "resuming from step 3" in capsys.readouterr().out
+    assert losses(run) == whole  # bitwise: same data order, same state
+
+
+def test_resume_refuses_another_base(tmp_path):
+    run = str(tmp_path / "run")
+    trainer.train(tiny_config(), run)
+    with pytest.raises(trainer.ConfigError, match="trained on another frozen base"):
+        trainer.train(tiny_config(**{"train.seed": 1, "train.steps": 4}), run)
+
+
+@pytest.mark.parametrize("override,match", [
+    ({"train.global_batch_size": 6, "mesh.data": 4}, r"global_batch_size=6 .* data x fsdp = 4"),
+    ({"train.stage": "stage3"}, r"train.stage='stage3'"),
+    ({"train.stage": "full"}, r"stage 'full' goes with variant 'full'"),
+    ({"model.llm": "gpt5"}, r"model.llm / model.vit: .*gpt5"),
+    ({"model.image_token": "<img>"}, r"model.image_token: .*<img>"),
+])
+def test_inconsistent_settings_name_the_key(tmp_path, override, match):
+    with pytest.raises(trainer.ConfigError, match=match):
+        trainer.resolve(tiny_config(**override), str(tmp_path))
+
+
+def test_paper_scale_requires_init_checkpoints(tmp_path):
+    from experiments.configs import stage2_skip
+    with pytest.raises(trainer.ConfigError, match="init.llm_checkpoint is required at paper scale"):
+        trainer.resolve(stage2_skip.get_config("paper"), str(tmp_path))
+
+
+def test_cli_rejects_unknown_keys_and_bad_types(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "experiments.run", f"--workdir={tmp_path}", *args],
+                              cwd=REPO, capture_output=True, text=True)
+    bad_key = run("--config=stage2_skip", "--config.train.stepz=3")
+    assert bad_key.returncode != 0 and "stepz" in bad_key.stderr
+    bad_type = run("--config=stage2_skip", "--config.train.steps=many")
+    assert bad_type.returncode != 0 and "train.steps" in bad_type.stderr
+    bad_recipe = run("--config=stage9")
+    assert bad_recipe.returncode != 0 and "no such recipe" in bad_recipe.stderr
+    bad_scale = run("--config=stage2_skip:huge")
+    assert bad_scale.returncode != 0 and "huge" in bad_scale.stderr
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path):
+    single = losses(trainer.train(tiny_config(**{"mesh.data": 4}), str(tmp_path / "single"))["workdir"])
+    port, workdir = _free_port(), str(tmp_path / "multi")
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.train.multiprocess_worker", str(port), "2", str(i), "2",
+                               workdir], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+    np.testing.assert_allclose(losses(workdir), single, rtol=1e-5)
+
+
+def test_loss_falls_below_60_percent_within_the_demo_recipe_steps(tmp_path):
+    """The demo recipe (its models, 150 steps, LR / warm-up) on demo data, with 4 rows of
+    128 tokens per step to fit the CI budget (the full-size run is measured separately)."""
+    c = tiny_config(**{"model.llm": "demo-qwen2", "model.vit": "demo-siglip", "train.steps": 150,
+                       "train.global_batch_size": 4, "data.seq_len": 128, "data.max_patches_per_row": 6})
+    assert c.train.steps == 150 and c.optim.lr == 1e-3
+    history = losses(trainer.train(c, str(tmp_path / "run"))["workdir"])
+    final = float(np.mean(history[-5:]))  # one batch is noisy: the last 5 steps
+    print(f"loss {history[0]:.3f} -> {final:.3f} ({final / history[0]:.1%})")
+    assert final < 0.6 * history[0]
