@@ -17,24 +17,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _expand_config_arg(argv):
-    """`--config=stage2_skip[:paper]` -> `--config=<repo>/experiments/configs/stage2_skip.py[:paper]`."""
-    out = []
-    for a in argv:
-        if a.startswith("--config=") and not a.split("=", 1)[1].split(":")[0].endswith(".py"):
-            name, _, arg = a.split("=", 1)[1].partition(":")
-            path = os.path.join(_HERE, "configs", f"{name}.py")
-            if not os.path.isfile(path):
-                known = sorted(f[:-3] for f in os.listdir(os.path.join(_HERE, "configs"))
-                               if f.endswith(".py") and f not in ("__init__.py", "common.py"))
-                sys.exit(f"--config={name}: no such recipe; known recipes: {known}")
-            a = f"--config={path}" + (f":{arg}" if arg else "")
-        out.append(a)
-    return out
-
+from experiments.configs import expand_config_arg
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe (name[:scale] or path).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Output directory (checkpoints, metrics, config). Default: workdirs/<recipe>.")
@@ -62,5 +45,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.argv = _expand_config_arg(sys.argv)
+    sys.argv = expand_config_arg(sys.argv)
     app.run(main)

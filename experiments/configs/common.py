@@ -40,6 +40,7 @@ def base_config(scale: str) -> ml_collections.ConfigDict:
     c.model.image_token = "<|image_pad|>"
     c.model.compute_dtype = "bfloat16" if paper else "float32"
     c.model.base_param_dtype = "bfloat16" if paper else "float32"  # the frozen base
+    c.model.remat = paper  # recompute block activations in the backward pass
 
     c.init = ml_collections.ConfigDict()
     c.init.llm_checkpoint = ml_collections.FieldReference(None, field_type=str)  # tools.from_hf output
@@ -78,7 +79,9 @@ def base_config(scale: str) -> ml_collections.ConfigDict:
     c.optim.clip_norm = 1.0
     c.optim.vit_layer_decay = 0.9
 
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    # Paper scale shards parameters and optimizer state over all devices (FSDP); demo: data parallel.
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1} if paper else
+                                       {"data": -1, "fsdp": 1, "tensor": 1})
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 1000 if paper else 50

@@ -87,6 +87,7 @@ class LLMConfig(_Config):
     tie_embeddings: bool = False
     max_position_embeddings: int = 32768
     initializer_range: float = 0.02
+    remat: bool = False  # recompute each block's activations in the backward pass (saves memory)
     dtype: str = "float32"
     param_dtype: str = "float32"
 
@@ -121,6 +122,7 @@ class VisionConfig(_Config):
     use_head: bool = True
     select_layer: int = -1
     initializer_range: float = 0.02
+    remat: bool = False  # recompute each encoder layer's activations in the backward pass
     dtype: str = "float32"
     param_dtype: str = "float32"
 

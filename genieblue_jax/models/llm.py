@@ -172,7 +172,8 @@ class DecoderLM(nn.Module):
         self.embed_tokens = nn.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
             embedding_init=nn.initializers.normal(cfg.initializer_range))
-        self.layers = [DecoderBlock(cfg, kind, self.lora, name=f"layers_{i}") for i, kind in enumerate(kinds)]
+        block = nn.remat(DecoderBlock) if cfg.remat else DecoderBlock  # same parameter names either way
+        self.layers = [block(cfg, kind, self.lora, name=f"layers_{i}") for i, kind in enumerate(kinds)]
         self.norm = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.params_dtype)
         if not cfg.tie_embeddings:
             self.lm_head = dense(cfg, cfg.vocab_size, "lm_head", use_bias=False)

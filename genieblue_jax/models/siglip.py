@@ -121,8 +121,9 @@ class _Encoder(nn.Module):
     def __call__(self, x, run_layers: int, select: int):
         """Runs the first `run_layers` layers; returns (hidden_states[select], last output)."""
         selected = x
+        layer = nn.remat(SiglipEncoderLayer) if self.cfg.remat else SiglipEncoderLayer
         for i in range(run_layers):
-            x = SiglipEncoderLayer(self.cfg, name=f"layers_{i}")(x)
+            x = layer(self.cfg, name=f"layers_{i}")(x)
             if i + 1 == select:
                 selected = x
         return selected, x

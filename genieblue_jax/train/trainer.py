@@ -60,6 +60,29 @@ def _demo_data(config, workdir: str) -> tuple[dict, str]:
     return sources, os.path.join(out, "tokenizer.model")
 
 
+def model_config(c: ml_collections.ConfigDict, image_token_id: int) -> structure.MLLMConfig:
+    """The MLLM config of a recipe: presets (or the init checkpoints' configs), dtypes, structure."""
+    try:
+        llm, vit = models.get_preset(c.model.llm), models.get_preset(c.model.vit)
+    except KeyError as e:
+        raise ConfigError(f"model.llm / model.vit: {e.args[0]}") from None
+    if c.init.llm_checkpoint:
+        llm = model_checkpoint.read_metadata(c.init.llm_checkpoint)["components"]["llm"]
+    if c.init.vit_checkpoint:
+        vit = model_checkpoint.read_metadata(c.init.vit_checkpoint)["components"]["vision"]
+    llm = llm.replace(dtype=c.model.compute_dtype, param_dtype=c.model.base_param_dtype, remat=c.model.remat)
+    if c.train.stage == "full":
+        llm = llm.replace(param_dtype="float32")  # a trained LLM keeps float32 master weights
+    vit = vit.replace(dtype=c.model.compute_dtype, param_dtype="float32", remat=c.model.remat)
+    try:
+        struct = structure.StructureConfig(c.model.variant, c.model.placement, c.model.interval,
+                                           c.model.lora_rank, c.model.lora_alpha)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+    return structure.MLLMConfig(llm, vit, models.ProjectorConfig.between(vit, llm, dtype=c.model.compute_dtype),
+                                struct, image_token_id)
+
+
 def resolve(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     """Validates the config (errors name the key) and builds model, data and mesh configs."""
     from data_pipelines.pipeline import PipelineConfig, SourceSpec
@@ -78,18 +101,6 @@ def resolve(config: ml_collections.ConfigDict, workdir: str) -> Setup:
             raise ConfigError("init.stage1_workdir is required at paper scale for stage 2 / full")
         if not c.data.sources:
             raise ConfigError("data.sources is required at paper scale: {name: {path, weight}}")
-    try:
-        llm, vit = models.get_preset(c.model.llm), models.get_preset(c.model.vit)
-    except KeyError as e:
-        raise ConfigError(f"model.llm / model.vit: {e.args[0]}") from None
-    if c.init.llm_checkpoint:
-        llm = model_checkpoint.read_metadata(c.init.llm_checkpoint)["components"]["llm"]
-    if c.init.vit_checkpoint:
-        vit = model_checkpoint.read_metadata(c.init.vit_checkpoint)["components"]["vision"]
-    llm = llm.replace(dtype=c.model.compute_dtype, param_dtype=c.model.base_param_dtype)
-    if c.train.stage == "full":
-        llm = llm.replace(param_dtype="float32")  # a trained LLM keeps float32 master weights
-    vit = vit.replace(dtype=c.model.compute_dtype, param_dtype="float32")
     if c.data.sources:
         sources = {k: dict(v) for k, v in c.data.sources.items()}
         tokenizer = c.data.tokenizer
@@ -102,15 +113,9 @@ def resolve(config: ml_collections.ConfigDict, workdir: str) -> Setup:
         image_token_id = tok.token_id(c.model.image_token)
     except KeyError as e:
         raise ConfigError(f"model.image_token: {e.args[0]}") from None
-    if tok.vocab_size > llm.vocab_size:
-        raise ConfigError(f"data.tokenizer has {tok.vocab_size} tokens but model.llm only {llm.vocab_size}")
-    try:
-        struct = structure.StructureConfig(c.model.variant, c.model.placement, c.model.interval,
-                                           c.model.lora_rank, c.model.lora_alpha)
-    except ValueError as e:
-        raise ConfigError(f"model: {e}") from None
-    mcfg = structure.MLLMConfig(llm, vit, models.ProjectorConfig.between(vit, llm, dtype=c.model.compute_dtype),
-                                struct, image_token_id)
+    mcfg = model_config(c, image_token_id)
+    if tok.vocab_size > mcfg.llm.vocab_size:
+        raise ConfigError(f"data.tokenizer has {tok.vocab_size} tokens but model.llm only {mcfg.llm.vocab_size}")
     axes = dict(c.mesh)
     devices = jax.devices()
     if -1 not in axes.values() and np.prod(list(axes.values())) < len(devices):
@@ -170,9 +175,18 @@ def init_params(config, setup: Setup) -> dict:
     params["projector"] = models.init_params(mcfg.projector, k_proj, _shardings(models.abstract_params(mcfg.projector), mesh))
     if config.init.stage1_workdir:
         params["projector"] = restore_trained_part(config.init.stage1_workdir, "projector", params["projector"])
-    params["branch"] = structure.init_branch(mcfg, params["llm"], k_branch,
-                                             _shardings(structure.abstract_branch(mcfg), mesh))
+    branch = structure.init_branch(mcfg, params["llm"], k_branch, _shardings(structure.abstract_branch(mcfg), mesh))
+    # Trainable weights are float32 masters even when the frozen base they copy is bfloat16.
+    params["branch"] = jax.tree.map(lambda x: x.astype(jnp.float32), branch)
     return params
+
+
+def abstract_params(mcfg: structure.MLLMConfig, mesh) -> dict:
+    """Shapes, dtypes and shardings of all parameters as `init_params` makes them (no memory)."""
+    abstract = structure.abstract_mllm(mcfg)
+    abstract["branch"] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), abstract["branch"])
+    shardings = _shardings(abstract, mesh)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
 
 
 def base_fingerprint(tree) -> str:
@@ -243,6 +257,11 @@ def build_optimizer(config, mcfg, trainable):
     return make_optimizer(trainable, lr=o.lr, warmup_steps=o.warmup_steps, steps=config.train.steps, b1=o.b1,
                           b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, clip_norm=o.clip_norm,
                           vit_layer_decay=o.vit_layer_decay, num_vit_layers=mcfg.vision.num_layers)
+
+
+def on_mesh(sharding, mesh):
+    """`sharding` if it is a mesh sharding, else replicated over the mesh (e.g. optimizer counts)."""
+    return sharding if isinstance(sharding, NamedSharding) else NamedSharding(mesh, P())
 
 
 def batch_sharding(mesh):
@@ -338,8 +357,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = {"trainable": trainable, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32),
              "bad_steps": jnp.zeros((), jnp.int32)}
     # Everything on the mesh (scalars replicated), so the step's outputs match its inputs.
-    state = jax.device_put(state, jax.tree.map(
-        lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else NamedSharding(mesh, P()), state))
+    state = jax.device_put(state, jax.tree.map(lambda x: on_mesh(x.sharding, mesh), state))
     fingerprint = base_fingerprint(frozen)
     meta = {"stage": config.train.stage, "variant": mcfg.structure.name, "base_fingerprint": fingerprint,
             "base_source": {"llm": config.init.llm_checkpoint or f"random(seed={config.train.seed})",

@@ -28,3 +28,20 @@ def test_bfloat16_parameters_with_float32_compute():
     assert hidden.dtype == jnp.float32  # bf16 weights, f32 activations
     logits = module.apply({"params": params}, tokens, jnp.zeros((1, 4), jnp.int32), tokens)
     assert logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())
+
+
+def test_remat_keeps_names_and_gradients():
+    import numpy as np
+    cfg = models.get_preset("tiny-llama")
+    params = models.init_params(cfg, jax.random.key(0))
+    remat_cfg = cfg.replace(remat=True)
+    assert jax.tree.structure(models.abstract_params(remat_cfg)) == jax.tree.structure(params)
+    tokens = jnp.arange(12, dtype=jnp.int32).reshape(1, 12)
+    pos, seg = jnp.arange(12)[None], jnp.ones((1, 12), jnp.int32)
+
+    def loss(p, c):
+        return jnp.sum(models.build(c).apply({"params": p}, tokens, pos, seg)[..., :5] ** 2)
+
+    g1, g2 = jax.grad(loss)(params, cfg), jax.grad(loss)(params, remat_cfg)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

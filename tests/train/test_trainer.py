@@ -123,3 +123,38 @@ def test_loss_falls_below_60_percent_within_the_demo_recipe_steps(tmp_path):
     final = float(np.mean(history[-5:]))  # one batch is noisy: the last 5 steps
     print(f"loss {history[0]:.3f} -> {final:.3f} ({final / history[0]:.1%})")
     assert final < 0.6 * history[0]
+
+
+def test_stage2_starts_from_the_stage1_projector(tmp_path):
+    from experiments.configs import stage1
+    c1 = stage1.get_config("demo")
+    c1.model.llm, c1.model.vit, c1.train.steps, c1.data.seq_len = "tiny-qwen2", "tiny-siglip", 2, 96
+    c1.data.max_patches_per_row, c1.data.demo_examples, c1.mesh.data = 4, 200, 1
+    first = trainer.train(c1, str(tmp_path / "stage1"))
+    trained = models.flatten(first["state"]["trainable"])
+    assert {n.split("/")[0] for n in trained} == {"projector"}  # stage 1 trains the projector only
+    c2 = tiny_config(**{"init.stage1_workdir": str(tmp_path / "stage1")})
+    setup = trainer.resolve(c2, str(tmp_path / "stage2"))
+    params = models.flatten(trainer.init_params(c2, setup))
+    for name, value in trained.items():
+        np.testing.assert_array_equal(np.asarray(params[name]), np.asarray(value), err_msg=name)
+
+
+def test_a_non_finite_step_is_skipped(tmp_path):
+    c = tiny_config()
+    setup = trainer.resolve(c, str(tmp_path))
+    trainable, frozen = structure.partition(trainer.init_params(c, setup), "stage2")
+    tx = trainer.build_optimizer(c, setup.mcfg, trainable)
+    state = {"trainable": trainable, "opt_state": tx.init(trainable), "step": jax.numpy.zeros((), "int32"),
+             "bad_steps": jax.numpy.zeros((), "int32")}
+    from data_pipelines.pipeline import build_pipeline
+    batch = next(iter(build_pipeline(setup.pipeline, process_index=0, process_count=1)))
+    step = jax.jit(trainer.make_train_step(setup.mcfg, tx, 4, 1))
+    batch = {k: batch[k] for k in trainer.BATCH_KEYS}
+    good, m = step(state, frozen, batch)
+    assert bool(m["ok"]) and int(good["bad_steps"]) == 0
+    poisoned = dict(batch, images=np.full_like(batch["images"], np.nan))
+    after, m = step(good, frozen, poisoned)
+    assert not bool(m["ok"]) and int(after["bad_steps"]) == 1 and int(after["step"]) == 2
+    for a, b in zip(jax.tree.leaves(after["trainable"]), jax.tree.leaves(good["trainable"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the update was skipped
