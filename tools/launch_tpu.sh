@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Runs the same training command on every worker of a Cloud TPU VM slice.
+#
+#   tools/launch_tpu.sh TPU_NAME ZONE [--project P] [--dry_run] -- --config=stage2_skip:paper --workdir=gs://... [overrides]
+#
+# Each worker gets: cd to the repo, set up (pip install -e .), then
+#   python -m experiments.run --distributed <your flags>
+# `--distributed` calls jax.distributed.initialize(), which on TPU VMs discovers the slice
+# by itself. The repo must already be on every worker at $REPO_DIR (default ~/genieblue_jax),
+# e.g. `gcloud compute tpus tpu-vm scp --recurse . TPU:~/genieblue_jax --worker=all`.
+set -euo pipefail
+usage() { sed -n '2,10p' "$0"; exit 2; }
+[ $# -ge 2 ] || usage
+TPU_NAME=$1; ZONE=$2; shift 2
+PROJECT=""; DRY_RUN=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --project) PROJECT="--project=$2"; shift 2 ;;
+    --dry_run) DRY_RUN=1; shift ;;
+    --) shift; break ;;
+    *) echo "unknown option $1 (training flags go after --)" >&2; usage ;;
+  esac
+done
+[ $# -gt 0 ] || { echo "no training flags after --" >&2; usage; }
+REPO_DIR=${REPO_DIR:-'~/genieblue_jax'}
+TRAIN_ARGS=$(printf '%q ' "$@")
+REMOTE="cd $REPO_DIR && pip install -q -e . && python -m experiments.run --distributed $TRAIN_ARGS"
+CMD=(gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" $PROJECT --worker=all --command="$REMOTE")
+if [ "$DRY_RUN" = 1 ]; then printf '%q ' "${CMD[@]}"; echo; else "${CMD[@]}"; fi
