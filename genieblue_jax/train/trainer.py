@@ -52,10 +52,13 @@ def _demo_data(config, workdir: str) -> tuple[dict, str]:
     """The demo datasets and tokenizer, written once into the workdir."""
     from data_pipelines.demo_data import MIXTURE, write_demo_datasets
     out = os.path.join(workdir, "demo_data")
-    if not os.path.isfile(os.path.join(out, "tokenizer.model")):
+    if jax.process_index() == 0 and not os.path.isfile(os.path.join(out, "tokenizer.model")):
         log.warning("no data.sources given: writing the demo dataset to %s", out)
         n = config.data.demo_examples
         write_demo_datasets(out, splits={"train": n, "eval": max(n // 10, 20)}, seed=0)
+    if jax.process_count() > 1:  # the other hosts read what process 0 wrote
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("genieblue_jax demo data written")
     sources = {s: {"path": os.path.join(out, "train", s), "weight": float(w)} for s, w in MIXTURE.items()}
     return sources, os.path.join(out, "tokenizer.model")
 
