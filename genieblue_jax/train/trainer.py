@@ -21,13 +21,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from genieblue_jax import checkpoint as model_checkpoint
 from genieblue_jax import models, sharding as sharding_lib, structure
 from genieblue_jax.train import metrics as metrics_lib
-from genieblue_jax.train.optimizer import make_optimizer
+from genieblue_jax.train.optimizer import make_optimizer, schedule
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +238,7 @@ def make_train_step(mcfg, tx, num_sources: int, micro_batches: int):
         zeros = jax.tree.map(jnp.zeros_like, state["trainable"])
         init = (jnp.zeros((), jnp.float32), zeros, jnp.zeros(num_sources), jnp.zeros(num_sources))
         (loss, grads, src_nll, src_cnt), _ = jax.lax.scan(accumulate, init, micro)
-        grad_norm = optax_global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = tx.update(grads, state["opt_state"], state["trainable"])
         new_params = jax.tree.map(lambda p, u: p + u, state["trainable"], updates)
@@ -249,10 +250,6 @@ def make_train_step(mcfg, tx, num_sources: int, micro_batches: int):
         return new_state, metrics
 
     return step_fn
-
-
-def optax_global_norm(tree):
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
 def build_optimizer(config, mcfg, trainable):
@@ -388,6 +385,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                        flops_per_token=metrics_lib.flops_per_token(mcfg, config.train.stage),
                                        peak_flops=config.train.peak_flops_per_device * jax.device_count())
     preemption = _Preemption()
+    lr_schedule = schedule(config.optim.lr, config.optim.warmup_steps, config.train.steps)  # for logging
     total_steps = config.train.steps
     last = {}
     try:
@@ -407,7 +405,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 if int(state["bad_steps"]) >= config.train.max_bad_steps:
                     raise FloatingPointError(f"{int(state['bad_steps'])} non-finite steps in a row at step {step}; "
                                              f"stopping. The last good checkpoint is in {workdir}/checkpoints")
-            last = writer.write(step, m, lr=float(tx_lr(config, step)), step_time=time.perf_counter() - t0,
+            last = writer.write(step, m, lr=float(lr_schedule(step)), step_time=time.perf_counter() - t0,
                                 data_stats=data_iter.stats)
             if step % config.checkpoint.every_steps == 0 or step == total_steps or preemption.requested:
                 save_checkpoint(mngr, step, state, data_iter.get_state(), meta)
@@ -423,8 +421,3 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         preemption.restore()
     return {"step": step, **last, "workdir": workdir, "base_fingerprint": fingerprint, "state": state,
             "frozen": frozen}
-
-
-def tx_lr(config, step: int) -> float:
-    from genieblue_jax.train.optimizer import schedule
-    return schedule(config.optim.lr, config.optim.warmup_steps, config.train.steps)(step)
