@@ -47,9 +47,8 @@ def plan(config, num_devices: int, rows_per_device: int = 0) -> dict:
     params = trainer.abstract_params(mcfg, mesh)
     trainable, frozen = structure.partition(params, config.train.stage)
     tx = trainer.build_optimizer(config, mcfg, trainable)
-    opt_shardings = jax.jit(tx.init).lower(trainable).compile().output_shardings
-    opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=trainer.on_mesh(s, mesh)),
-                             jax.eval_shape(tx.init, trainable), opt_shardings)
+    opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                             jax.eval_shape(tx.init, trainable), trainer.opt_state_shardings(tx, trainable, mesh))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
     state = {"trainable": trainable, "opt_state": opt_state, "step": scalar, "bad_steps": scalar}
@@ -62,7 +61,8 @@ def plan(config, num_devices: int, rows_per_device: int = 0) -> dict:
             "segment_ids": ((rows, L), jnp.int32), "loss_mask": ((rows, L), jnp.bool_),
             "source_ids": ((rows, L), jnp.int32), "images": ((rows, P, S, S, 3), jnp.float32)}
     batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=bs) for k, (shape, dtype) in spec.items()}
-    step = trainer.make_train_step(mcfg, tx, num_sources=4, micro_batches=1)
+    step = trainer.make_train_step(mcfg, tx, num_sources=4, micro_batches=1, loss_chunk=config.train.loss_chunk,
+                                   mesh=mesh)
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     jitted = jax.jit(step, in_shardings=(state_sh, jax.tree.map(lambda x: x.sharding, frozen), bs),
                      out_shardings=(state_sh, None), donate_argnums=(0,))

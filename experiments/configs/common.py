@@ -41,6 +41,8 @@ def base_config(scale: str) -> ml_collections.ConfigDict:
     c.model.compute_dtype = "bfloat16" if paper else "float32"
     c.model.base_param_dtype = "bfloat16" if paper else "float32"  # the frozen base
     c.model.remat = paper  # recompute block activations in the backward pass
+    c.model.scan_layers = True  # blocks as lax.scan loops: remat that holds on every backend, fast compiles
+    c.model.attention_chunk = 512 if paper else 128  # LLM attention: queries per block (0: all at once)
 
     c.init = ml_collections.ConfigDict()
     c.init.llm_checkpoint = ml_collections.FieldReference(None, field_type=str)  # tools.from_hf output
@@ -63,6 +65,7 @@ def base_config(scale: str) -> ml_collections.ConfigDict:
     c.train.steps = 53000 if paper else 150
     c.train.global_batch_size = 6800 if paper else 8
     c.train.micro_batches = 10 if paper else 1
+    c.train.loss_chunk = 512 if paper else 128   # LM head + cross-entropy this many positions at a time
     c.train.seed = 0
     c.train.log_every = 10 if paper else 5
     c.train.max_bad_steps = 5

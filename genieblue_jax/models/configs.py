@@ -88,6 +88,8 @@ class LLMConfig(_Config):
     max_position_embeddings: int = 32768
     initializer_range: float = 0.02
     remat: bool = False  # recompute each block's activations in the backward pass (saves memory)
+    attention_chunk: int = 0  # > 0: attention runs this many queries at a time (long rows' memory)
+    scan_layers: bool = False  # run the blocks as lax.scan loops (models/scan.py); names unchanged
     dtype: str = "float32"
     param_dtype: str = "float32"
 
@@ -123,6 +125,7 @@ class VisionConfig(_Config):
     select_layer: int = -1
     initializer_range: float = 0.02
     remat: bool = False  # recompute each encoder layer's activations in the backward pass
+    scan_layers: bool = False  # run the encoder layers as a lax.scan loop (models/scan.py)
     dtype: str = "float32"
     param_dtype: str = "float32"
 

@@ -5,7 +5,13 @@ Any of our configs works (`compute_dtype`, `params_dtype`, `initializer_range`; 
 """
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
+import jax
+from jax.sharding import PartitionSpec as P
+
+BATCH_AXES = ("data", "fsdp")  # mesh axes the batch dimension is split over
 
 
 def dense(cfg, features: int, name: str, use_bias: bool = True) -> nn.Dense:
@@ -16,3 +22,19 @@ def dense(cfg, features: int, name: str, use_bias: bool = True) -> nn.Dense:
 def layer_norm(cfg, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype,
                         param_dtype=cfg.params_dtype, name=name)
+
+
+def shard_batch(x):
+    """Pins the leading (batch) dimension of an activation to the mesh's batch axes.
+
+    Active only while tracing under a mesh (the trainer's step runs under
+    `jax.sharding.use_abstract_mesh(mesh.abstract_mesh)`); a no-op otherwise, or when the
+    batch does not divide. Why: with FSDP the weights are sharded over `fsdp` too, and
+    without the pin XLA may keep a weight sharded and gather the activations instead. The
+    LM head did exactly that: every device computed the logits of the whole batch.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = tuple(a for a in BATCH_AXES if not mesh.empty and a in mesh.axis_names)
+    if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return x
+    return jax.lax.with_sharding_constraint(x, P(axes))

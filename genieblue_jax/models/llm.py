@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from genieblue_jax.models.configs import LLMConfig
-from genieblue_jax.models.layers import dense
+from genieblue_jax.models.layers import dense, shard_batch
+from genieblue_jax.models.scan import run_scanned
 from genieblue_jax.models.lora import LoRADense, LoRASpec
 from genieblue_jax.models.masks import causal_segment_mask
 
@@ -63,9 +64,7 @@ def apply_rope(x, positions, theta: float):
     return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
 
 
-def dot_product_attention(q, k, v, mask, dtype):
-    """Grouped-query attention. q: (b, t, H, d); k, v: (b, s, K, d) with H = K * groups;
-    mask: (b, t, s) bool. Softmax in float32."""
+def _attend(q, k, v, mask, dtype):
     b, t, h, d = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, h // kv_heads, d)
@@ -75,6 +74,26 @@ def dot_product_attention(q, k, v, mask, dtype):
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h * d)
+
+
+def dot_product_attention(q, k, v, mask, dtype, chunk: int = 0):
+    """Grouped-query attention. q: (b, t, H, d); k, v: (b, s, K, d) with H = K * groups;
+    mask: (b, t, s) bool. Softmax in float32.
+
+    `chunk` > 0 computes the queries `chunk` at a time (the last block padded with fully
+    masked queries, dropped after), each block under `jax.checkpoint`: the (t, s) scores
+    of a 4096-token row (1 GB per row in float32 for 16 heads) are never stored whole,
+    in the forward or the backward pass. Same result to float rounding.
+    """
+    b, t, h, d = q.shape
+    if chunk <= 0 or chunk >= t:
+        return _attend(q, k, v, mask, dtype)
+    pad = (-t) % chunk
+    n = (t + pad) // chunk
+    qb = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n, chunk, h, d).swapaxes(0, 1)
+    mb = jnp.pad(mask, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, mask.shape[2]).swapaxes(0, 1)
+    out = jax.lax.map(jax.checkpoint(lambda qm: _attend(qm[0], k, v, qm[1], dtype)), (qb, mb))
+    return out.swapaxes(0, 1).reshape(b, n * chunk, h * d)[:, :t]
 
 
 LAYER_KINDS = ("base", "lora", "expert")
@@ -110,7 +129,7 @@ class Attention(nn.Module):
         q = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), positions, cfg.rope_theta)
         k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), positions, cfg.rope_theta)
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        out = dot_product_attention(q, k, v, mask, cfg.compute_dtype)
+        out = dot_product_attention(q, k, v, mask, cfg.compute_dtype, cfg.attention_chunk)
         text_out = _proj(cfg, cfg.hidden_size, "o_proj", cfg.out_bias, self.lora)(out)
         if self.expert:
             return _route(is_image, text_out, dense(cfg, cfg.hidden_size, "vision_o_proj", use_bias=cfg.out_bias)(out))
@@ -187,8 +206,20 @@ class DecoderLM(nn.Module):
         is_image = None if token_types is None else token_types == 1
         if is_image is None and self.layer_kinds and "expert" in self.layer_kinds:
             is_image = jnp.zeros(segment_ids.shape, bool)
-        for layer in self.layers:
-            x = layer(x, positions, mask, is_image)
+        x = shard_batch(x)
+        if self.cfg.scan_layers and not self.is_initializing():
+            kinds = self.layer_kinds or ("base",) * self.cfg.num_layers
+            params = self.variables["params"]
+
+            def apply_layer(i, p, h):
+                block = DecoderBlock(self.cfg, kinds[i], self.lora, parent=None)  # a pure function
+                return block.apply({"params": p}, h, positions, mask, is_image)
+
+            x = run_scanned(apply_layer, [params[f"layers_{i}"] for i in range(len(kinds))], kinds, x,
+                            remat=self.cfg.remat)
+        else:
+            for layer in self.layers:
+                x = shard_batch(layer(x, positions, mask, is_image))
         return self.norm(x)
 
     def unembed(self, h):
@@ -198,6 +229,10 @@ class DecoderLM(nn.Module):
             logits = self.lm_head(h)
         return logits.astype(jnp.float32)
 
-    def __call__(self, tokens, positions, segment_ids, inputs_embeds=None, token_types=None):
+    def __call__(self, tokens, positions, segment_ids, inputs_embeds=None, token_types=None,
+                 return_hidden: bool = False):
+        """Float32 logits, or with `return_hidden` the final-norm hidden states (b, t, hidden),
+        which `unembed` turns into logits (the trainer does it a chunk at a time)."""
         x = self.embed(tokens) if inputs_embeds is None else inputs_embeds.astype(self.cfg.compute_dtype)
-        return self.unembed(self.hidden_states(x, positions, segment_ids, token_types))
+        h = self.hidden_states(x, positions, segment_ids, token_types)
+        return h if return_hidden else self.unembed(h)

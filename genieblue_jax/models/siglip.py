@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from genieblue_jax.models.configs import VisionConfig
-from genieblue_jax.models.layers import dense, layer_norm
+from genieblue_jax.models.layers import dense, layer_norm, shard_batch
+from genieblue_jax.models.scan import run_scanned
 
 
 def _attend(q, k, v, num_heads: int, dtype):
@@ -120,10 +121,21 @@ class _Encoder(nn.Module):
     @nn.compact
     def __call__(self, x, run_layers: int, select: int):
         """Runs the first `run_layers` layers; returns (hidden_states[select], last output)."""
+        x = shard_batch(x)
+        if self.cfg.scan_layers and not self.is_initializing():
+            params = [self.variables["params"][f"layers_{i}"] for i in range(run_layers)]
+            apply_layer = lambda i, p, h: SiglipEncoderLayer(self.cfg, parent=None).apply({"params": p}, h)
+            kinds = ("encoder",) * run_layers
+            selected = run_scanned(apply_layer, params[:select], kinds[:select], x, remat=self.cfg.remat)
+            if run_layers == select:
+                return selected, selected
+            rest = run_scanned(lambda i, p, h: apply_layer(select + i, p, h), params[select:], kinds[select:],
+                               selected, remat=self.cfg.remat)
+            return selected, rest
         selected = x
         layer = nn.remat(SiglipEncoderLayer) if self.cfg.remat else SiglipEncoderLayer
         for i in range(run_layers):
-            x = layer(self.cfg, name=f"layers_{i}")(x)
+            x = shard_batch(layer(self.cfg, name=f"layers_{i}")(x))
             if i + 1 == select:
                 selected = x
         return selected, x

@@ -9,12 +9,12 @@ from genieblue_jax.structure.branch import (abstract_branch, branch_sources, fol
                                             merge_trees, multimodal_decoder, multimodal_llm_params)
 from genieblue_jax.structure.config import (MODES, PLACEMENTS, VARIANTS, MLLMConfig, StructureConfig,
                                             replicated_layers)
-from genieblue_jax.structure.mllm import (abstract_mllm, check_image_tokens, decode, forward, image_features,
-                                          init_mllm, merge_image_features)
+from genieblue_jax.structure.mllm import (abstract_mllm, check_image_tokens, decode, forward, forward_hidden,
+                                          image_features, init_mllm, merge_image_features)
 from genieblue_jax.structure.trainable import STAGES, combine, partition, trainable_names
 
 __all__ = ["MLLMConfig", "StructureConfig", "VARIANTS", "PLACEMENTS", "MODES", "STAGES",
            "replicated_layers", "abstract_branch", "branch_sources", "init_branch", "merge_trees", "decode",
-           "multimodal_decoder", "multimodal_llm_params", "fold_lora", "forward", "image_features",
+           "multimodal_decoder", "multimodal_llm_params", "fold_lora", "forward", "forward_hidden", "image_features",
            "merge_image_features", "check_image_tokens", "abstract_mllm", "init_mllm", "partition",
            "combine", "trainable_names"]

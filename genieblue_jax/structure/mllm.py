@@ -70,18 +70,33 @@ def forward(mcfg: MLLMConfig, params: dict, tokens, positions, segment_ids, imag
 
     `images` (b, P, H, W, C): each row's patches in the order of its image tokens (as the
     data pipeline's packed batches carry them), or None for text-only input."""
+    hidden, unembed = forward_hidden(mcfg, params, tokens, positions, segment_ids, images, mode)
+    return unembed(hidden)
+
+
+def forward_hidden(mcfg: MLLMConfig, params: dict, tokens, positions, segment_ids, images=None,
+                   mode: str = "multimodal"):
+    """`forward` without the LM head: (final-norm hidden states (b, t, hidden), `unembed`),
+    where `unembed(h)` maps any (..., hidden) slice of them to float32 logits. Training
+    applies the head a chunk of positions at a time, so the (b, t, vocab) logits of a long
+    row (4096 x 151,936 floats = 2.5 GB for Qwen2.5) never exist at once."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; choose one of {MODES}")
     if mode == "text":
         if images is not None:
             raise ValueError("mode='text' runs the base LLM alone and takes no images")
-        return models.build(mcfg.llm).apply({"params": params["llm"]}, tokens, positions, segment_ids)
-    llm_params = multimodal_llm_params(params["llm"], params.get("branch", {}))
-    return decode(mcfg, multimodal_decoder(mcfg), llm_params, params, tokens, positions, segment_ids, images)
+        decoder, llm_params = models.build(mcfg.llm), params["llm"]
+        hidden = decoder.apply({"params": llm_params}, tokens, positions, segment_ids, return_hidden=True)
+    else:
+        decoder = multimodal_decoder(mcfg)
+        llm_params = multimodal_llm_params(params["llm"], params.get("branch", {}))
+        hidden = decode(mcfg, decoder, llm_params, params, tokens, positions, segment_ids, images,
+                        return_hidden=True)
+    return hidden, lambda h: decoder.apply({"params": llm_params}, h, method="unembed")
 
 
 def decode(mcfg: MLLMConfig, decoder, llm_params: dict, params: dict, tokens, positions, segment_ids,
-           images=None):
+           images=None, return_hidden: bool = False):
     """Runs `decoder` (a `DecoderLM`) with `llm_params` on a multimodal input: image features
     from `params["vision"]` / `params["projector"]` fill the image-token slots, and token
     types route expert layers. `forward` uses it with the merged branch; deployment uses it
@@ -91,7 +106,7 @@ def decode(mcfg: MLLMConfig, decoder, llm_params: dict, params: dict, tokens, po
     if images is not None:
         embeds = merge_image_features(embeds, is_image, image_features(mcfg, params, images))
     return decoder.apply({"params": llm_params}, tokens, positions, segment_ids,
-                         inputs_embeds=embeds, token_types=is_image.astype(jnp.int32))
+                         inputs_embeds=embeds, token_types=is_image.astype(jnp.int32), return_hidden=return_hidden)
 
 
 def abstract_mllm(mcfg: MLLMConfig) -> dict:

@@ -1,5 +1,6 @@
 """The training engine's guarantees, on tiny models and the demo data."""
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,53 +16,62 @@ from tests.train.conftest import losses, tiny_config
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def test_frozen_base_bitwise_and_optimizer_state_only_for_trainable(tmp_path):
-    c = tiny_config()
-    result = trainer.train(c, str(tmp_path / "run"))
-    setup = trainer.resolve(c, str(tmp_path / "run"))
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted 6-step run on one device that several tests compare against
+    (each `train()` call compiles its step: sharing the run keeps the suite short)."""
+    workdir = str(tmp_path_factory.mktemp("reference") / "run")
+    return trainer.train(tiny_config(**{"train.steps": 6}), workdir)
+
+
+def test_frozen_base_bitwise_and_optimizer_state_only_for_trainable(reference):
+    c = tiny_config(**{"train.steps": 6})
+    setup = trainer.resolve(c, reference["workdir"])
     _, fresh_frozen = structure.partition(trainer.init_params(c, setup), "stage2")
-    for name, leaf in models.flatten(result["frozen"]).items():
+    for name, leaf in models.flatten(reference["frozen"]).items():
         np.testing.assert_array_equal(np.asarray(leaf), np.asarray(models.flatten(fresh_frozen)[name]), err_msg=name)
-    assert {n.split("/")[0] for n in models.flatten(result["frozen"])} == {"llm", "vision"}  # base + unused head
-    trainable = result["state"]["trainable"]
-    adam = result["state"]["opt_state"][1]
+    assert {n.split("/")[0] for n in models.flatten(reference["frozen"])} == {"llm", "vision"}  # base + unused head
+    trainable = reference["state"]["trainable"]
+    adam = reference["state"]["opt_state"][1]
     assert set(models.flatten(adam.mu)) == set(models.flatten(trainable)) == set(models.flatten(adam.nu))
     assert models.count_params(adam.mu) == models.count_params(trainable)
     assert not any(n.startswith("llm/") for n in models.flatten(trainable))
-    assert int(result["state"]["step"]) == 3
+    assert int(reference["state"]["step"]) == 6
 
 
-def test_eight_devices_give_the_losses_of_one(tmp_path):
-    one = losses(trainer.train(tiny_config(), str(tmp_path / "one"))["workdir"])
-    eight = losses(trainer.train(tiny_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}),
-                                 str(tmp_path / "eight"))["workdir"])
-    assert len(one) == 3
-    np.testing.assert_allclose(eight, one, rtol=1e-5)
+def test_eight_devices_give_the_losses_of_one(tmp_path, reference):
+    eight = trainer.train(tiny_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "train.steps": 6}),
+                          str(tmp_path / "eight"))
+    assert len(losses(reference["workdir"])) == 6
+    np.testing.assert_allclose(losses(eight["workdir"]), losses(reference["workdir"]), rtol=1e-5)
+    # Adam's moments live where their parameters live (not replicated on every device).
+    params, mu = models.flatten(eight["state"]["trainable"]), models.flatten(eight["state"]["opt_state"][1].mu)
+    assert any(not leaf.sharding.is_fully_replicated for leaf in params.values())
+    for name, leaf in params.items():
+        assert mu[name].sharding.is_equivalent_to(leaf.sharding, leaf.ndim), name
 
 
-def test_four_micro_batches_equal_one_big_batch(tmp_path):
-    big = trainer.train(tiny_config(), str(tmp_path / "big"))
-    micro = trainer.train(tiny_config(**{"train.micro_batches": 4}), str(tmp_path / "micro"))
-    np.testing.assert_allclose(losses(micro["workdir"]), losses(big["workdir"]), rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(micro["state"]["trainable"]), jax.tree.leaves(big["state"]["trainable"])):
+def test_four_micro_batches_equal_one_big_batch(tmp_path, reference):
+    micro = trainer.train(tiny_config(**{"train.micro_batches": 4, "train.steps": 6}), str(tmp_path / "micro"))
+    np.testing.assert_allclose(losses(micro["workdir"]), losses(reference["workdir"]), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(micro["state"]["trainable"]), jax.tree.leaves(reference["state"]["trainable"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
-def test_sigterm_then_restart_resumes_bitwise(tmp_path, capsys):
-    whole = losses(trainer.train(tiny_config(**{"train.steps": 6}), str(tmp_path / "whole"))["workdir"])
+def test_sigterm_then_restart_resumes_bitwise(tmp_path, capsys, reference):
     run = str(tmp_path / "interrupted")
     first = trainer.train(tiny_config(**{"train.steps": 6, "train.sigterm_at_step": 3}), run)
     assert first["step"] == 3 and "stopped by SIGTERM after step 3" in capsys.readouterr().out
     second = trainer.train(tiny_config(**{"train.steps": 6}), run)
     assert second["step"] == 6 and "resuming from step 3" in capsys.readouterr().out
-    assert losses(run) == whole  # bitwise: same data order, same state
+    assert losses(run) == losses(reference["workdir"])  # bitwise: same data order, same state
 
 
-def test_resume_refuses_another_base(tmp_path):
+def test_resume_refuses_another_base(tmp_path, reference):
     run = str(tmp_path / "run")
-    trainer.train(tiny_config(), run)
+    shutil.copytree(reference["workdir"], run)
     with pytest.raises(trainer.ConfigError, match="trained on another frozen base"):
-        trainer.train(tiny_config(**{"train.seed": 1, "train.steps": 4}), run)
+        trainer.train(tiny_config(**{"train.seed": 1, "train.steps": 8}), run)
 
 
 @pytest.mark.parametrize("override,match", [

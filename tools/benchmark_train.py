@@ -1,0 +1,178 @@
+"""Training-engine benchmark: our jitted step vs the same model in plain PyTorch.
+
+    python -m tools.benchmark_train                           # full_ft, lora, stage2_skip + torch
+    python -m tools.benchmark_train --aot_devices=8,32,256    # + per-device memory at paper scale
+    python -m tools.benchmark_train --variant=stage2_skip     # one variant, this process
+
+For each variant the recipe's demo-scale model (`demo-qwen2` + `demo-siglip`, float32)
+is built and trained with `trainer.make_train_step`, the step `experiments.run` uses,
+on the batch `tools.benchmark_torch_reference` uses: `batch_size` rows of `seq_len`
+random text ids, each row with `patches_per_row` 56 px images whose 16 tokens each sit
+at offset 16; loss on the non-image targets. Each variant runs in a fresh process, so
+its peak RSS (`ru_maxrss`) is its own. Reported per variant: compile time, mean /
+median step time over `--steps` after `--warmup`, tokens/s, an MFU estimate
+(`train.metrics.flops_per_token`, peak `--peak_flops`), peak RSS; then the PyTorch
+reference's step time (transformers + PEFT, eager, same frozen / trainable split) and
+the ratios the training issue asks for: stage2_skip / full_ft (frozen weights need no
+weight gradient) and JAX / PyTorch.
+
+`--aot_devices` runs `tools.aot_memory --config=stage2_skip:paper --rows_per_device=1`
+for each device count (minutes each: it compiles the 3B + 400M model).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+VARIANTS = {"full_ft": "full_ft", "lora": "lora", "stage2_skip": "stage2_skip"}  # ours -> recipe
+IMAGE_TOKEN_ID, TEXT_VOCAB, IMAGE_OFFSET = 511, 500, 16  # as tools/benchmark_torch_reference.py
+RESULT_PREFIX = "RESULT_JSON "
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("variant", "", f"One of {sorted(VARIANTS)}: benchmark it in this process only.")
+flags.DEFINE_integer("batch_size", 8, "Rows per batch.")
+flags.DEFINE_integer("seq_len", 512, "Tokens per row.")
+flags.DEFINE_integer("patches_per_row", 8, "56 px image patches per row (16 image tokens each).")
+flags.DEFINE_integer("steps", 10, "Timed steps.")
+flags.DEFINE_integer("warmup", 2, "Untimed steps first (the first one compiles).")
+flags.DEFINE_float("peak_flops", 110e9, "Peak FLOP/s of one device, for the MFU estimate (this CPU: f32).")
+flags.DEFINE_bool("torch", True, "Also run the PyTorch reference (tools.benchmark_torch_reference --all).")
+flags.DEFINE_string("aot_devices", "", "Comma-separated device counts for the paper-scale AOT memory plan.")
+
+
+def make_batch(batch_size: int, seq_len: int, patches_per_row: int, image_size: int, tokens_per_patch: int,
+               seed: int = 0) -> dict:
+    """The reference benchmark's batch in our packed-batch layout (one sample per row)."""
+    import numpy as np
+    n_image = patches_per_row * tokens_per_patch
+    if IMAGE_OFFSET + n_image > seq_len:
+        raise ValueError(f"{patches_per_row} patches ({n_image} image tokens at offset {IMAGE_OFFSET}) do not "
+                         f"fit in seq_len={seq_len}")
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, TEXT_VOCAB, (batch_size, seq_len), dtype=np.int32)
+    tokens[:, IMAGE_OFFSET:IMAGE_OFFSET + n_image] = IMAGE_TOKEN_ID
+    return {"tokens": tokens,
+            "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), tokens.shape).copy(),
+            "segment_ids": np.ones_like(tokens), "loss_mask": tokens != IMAGE_TOKEN_ID,
+            "source_ids": np.zeros_like(tokens),
+            "images": rng.uniform(-1, 1, (batch_size, patches_per_row, image_size, image_size, 3)).astype(np.float32)}
+
+
+def benchmark_one(variant: str) -> dict:
+    import importlib
+
+    import jax
+    import jax.numpy as jnp
+
+    from genieblue_jax import models, sharding as sharding_lib, structure
+    from genieblue_jax.train import metrics as metrics_lib, trainer
+    config = importlib.import_module(f"experiments.configs.{VARIANTS[variant]}").get_config("demo")
+    config.data.seq_len, config.data.max_patches_per_row = FLAGS.seq_len, FLAGS.patches_per_row
+    mcfg = trainer.model_config(config, image_token_id=IMAGE_TOKEN_ID)
+    if mcfg.llm.vocab_size <= IMAGE_TOKEN_ID:
+        raise ValueError(f"{config.model.llm}: vocabulary {mcfg.llm.vocab_size} has no id {IMAGE_TOKEN_ID}")
+    mesh = sharding_lib.make_mesh(dict(config.mesh))
+    params = structure.init_mllm(mcfg, jax.random.key(0))
+    trainable, frozen = structure.partition(params, config.train.stage)
+    tx = trainer.build_optimizer(config, mcfg, trainable)
+    state = {"trainable": trainable, "opt_state": jax.jit(tx.init, out_shardings=trainer.opt_state_shardings(tx, trainable, mesh))(trainable),
+             "step": jnp.zeros((), jnp.int32), "bad_steps": jnp.zeros((), jnp.int32)}
+    state = jax.device_put(state, jax.tree.map(lambda x: trainer.on_mesh(x.sharding, mesh), state))
+    step_fn = trainer.make_train_step(mcfg, tx, 1, 1, config.train.loss_chunk, mesh)
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    jitted = jax.jit(step_fn, in_shardings=(shardings, jax.tree.map(lambda x: x.sharding, frozen),
+                                            trainer.batch_sharding(mesh)),
+                     out_shardings=(shardings, None), donate_argnums=(0,))
+    batch = make_batch(FLAGS.batch_size, FLAGS.seq_len, FLAGS.patches_per_row, mcfg.vision.image_size,
+                       mcfg.tokens_per_patch)
+    batch = trainer.to_global(batch, mesh)
+    t0 = time.perf_counter()
+    compiled = jitted.lower(state, frozen, batch).compile()
+    compile_s = time.perf_counter() - t0
+    losses, times = [], []
+    for i in range(FLAGS.warmup + FLAGS.steps):
+        t0 = time.perf_counter()
+        state, m = compiled(state, frozen, batch)
+        losses.append(float(m["loss"]))  # blocks until the step is done
+        if i >= FLAGS.warmup:
+            times.append(time.perf_counter() - t0)
+    if not all(math.isfinite(x) for x in losses):
+        raise RuntimeError(f"{variant}: non-finite loss {losses}")
+    mean = statistics.mean(times)
+    tokens = FLAGS.batch_size * FLAGS.seq_len
+    flops = metrics_lib.flops_per_token(mcfg, config.train.stage) * tokens
+    n_trainable = models.count_params(trainable)
+    return dict(variant=variant, compile_s=compile_s, step_s=mean, median_s=statistics.median(times),
+                min_s=min(times), tokens_per_s=tokens / mean, mfu=flops / mean / (FLAGS.peak_flops * jax.device_count()),
+                trainable=n_trainable, total=n_trainable + models.count_params(frozen),
+                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                first_loss=losses[0], last_loss=losses[-1], devices=jax.device_count(),
+                jax=jax.__version__)
+
+
+def _subprocess_json(cmd: list[str], what: str) -> tuple[list[dict], str]:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}")
+    return [json.loads(x[len(RESULT_PREFIX):]) for x in proc.stdout.splitlines() if x.startswith(RESULT_PREFIX)], proc.stdout
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if FLAGS.variant:
+        if FLAGS.variant not in VARIANTS:
+            raise app.UsageError(f"--variant={FLAGS.variant!r}: choose one of {sorted(VARIANTS)}")
+        print(RESULT_PREFIX + json.dumps(benchmark_one(FLAGS.variant)), flush=True)
+        return
+    shape = [f"--batch_size={FLAGS.batch_size}", f"--seq_len={FLAGS.seq_len}",
+             f"--patches_per_row={FLAGS.patches_per_row}", f"--steps={FLAGS.steps}", f"--warmup={FLAGS.warmup}"]
+    ours = {}
+    for variant in VARIANTS:
+        (r,), _ = _subprocess_json([sys.executable, "-m", "tools.benchmark_train", f"--variant={variant}",
+                                    f"--peak_flops={FLAGS.peak_flops}", *shape], f"JAX {variant}")
+        ours[variant] = r
+        print(f"JAX {variant}: step {r['step_s']:.3f} s, {r['tokens_per_s']:.0f} tokens/s, compile "
+              f"{r['compile_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+    ref = {}
+    if FLAGS.torch:
+        results, _ = _subprocess_json([sys.executable, "-m", "tools.benchmark_torch_reference", "--all", *shape],
+                                      "PyTorch reference")
+        ref = {r["variant"]: r for r in results}
+    print(f"\nbatch {FLAGS.batch_size} x {FLAGS.seq_len} tokens, {FLAGS.patches_per_row} patches/row; "
+          f"{FLAGS.steps} timed steps after {FLAGS.warmup}; jax {ours['stage2_skip']['jax']} on "
+          f"{ours['stage2_skip']['devices']} device(s), {os.cpu_count()} CPU cores; float32")
+    print(f"| variant | trainable | JAX step s | tokens/s | MFU | compile s | peak RSS MB | PyTorch step s "
+          f"| PyTorch RSS MB | JAX / PyTorch |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for v, r in ours.items():
+        t = ref.get(v)
+        torch_cols = (f"{t['step_s']:.3f} | {t['peak_rss_mb']:.0f} | {r['step_s'] / t['step_s']:.2f}" if t
+                      else "- | - | -")
+        print(f"| {v} | {r['trainable'] / 1e6:.2f}M | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
+              f"{100 * r['mfu']:.1f}% | {r['compile_s']:.1f} | {r['peak_rss_mb']:.0f} | {torch_cols} |")
+    ratio = ours["stage2_skip"]["step_s"] / ours["full_ft"]["step_s"]
+    print(f"stage2_skip / full_ft step time: {ratio:.2f} (target <= 0.75)")
+    if ref:
+        worst = max(ours[v]["step_s"] / ref[v]["step_s"] for v in ours if v in ref)
+        print(f"JAX / PyTorch step time, worst variant: {worst:.2f} (target <= 1.0)")
+    for n in [int(x) for x in FLAGS.aot_devices.split(",") if x.strip()]:
+        proc = subprocess.run([sys.executable, "-m", "tools.aot_memory", "--config=stage2_skip:paper",
+                               f"--num_devices={n}", "--rows_per_device=1"], capture_output=True, text=True)
+        if proc.returncode:
+            sys.stderr.write(proc.stderr[-4000:])
+            raise RuntimeError(f"tools.aot_memory --num_devices={n} failed (exit {proc.returncode})")
+        print(proc.stdout.strip().splitlines()[-1], flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
