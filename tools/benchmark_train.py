@@ -46,6 +46,18 @@ flags.DEFINE_integer("warmup", 2, "Untimed steps first (the first one compiles).
 flags.DEFINE_float("peak_flops", 110e9, "Peak FLOP/s of one device, for the MFU estimate (this CPU: f32).")
 flags.DEFINE_bool("torch", True, "Also run the PyTorch reference (tools.benchmark_torch_reference --all).")
 flags.DEFINE_string("aot_devices", "", "Comma-separated device counts for the paper-scale AOT memory plan.")
+flags.DEFINE_multi_string("set", [], "Recipe override KEY=VALUE (e.g. --set=model.scan_layers=False), every variant.")
+
+
+def _apply_overrides(config, overrides):
+    for item in overrides:
+        key, _, text = item.partition("=")
+        *parents, last = key.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        old = node[last]
+        node[last] = (text.lower() in ("1", "true")) if isinstance(old, bool) else type(old)(text)
 
 
 def make_batch(batch_size: int, seq_len: int, patches_per_row: int, image_size: int, tokens_per_patch: int,
@@ -76,6 +88,7 @@ def benchmark_one(variant: str) -> dict:
     from genieblue_jax.train import metrics as metrics_lib, trainer
     config = importlib.import_module(f"experiments.configs.{VARIANTS[variant]}").get_config("demo")
     config.data.seq_len, config.data.max_patches_per_row = FLAGS.seq_len, FLAGS.patches_per_row
+    _apply_overrides(config, FLAGS.set)
     mcfg = trainer.model_config(config, image_token_id=IMAGE_TOKEN_ID)
     if mcfg.llm.vocab_size <= IMAGE_TOKEN_ID:
         raise ValueError(f"{config.model.llm}: vocabulary {mcfg.llm.vocab_size} has no id {IMAGE_TOKEN_ID}")
@@ -139,15 +152,18 @@ def main(argv):
     ours = {}
     for variant in VARIANTS:
         (r,), _ = _subprocess_json([sys.executable, "-m", "tools.benchmark_train", f"--variant={variant}",
-                                    f"--peak_flops={FLAGS.peak_flops}", *shape], f"JAX {variant}")
+                                    f"--peak_flops={FLAGS.peak_flops}", *shape,
+                                    *[f"--set={x}" for x in FLAGS.set]], f"JAX {variant}")
         ours[variant] = r
         print(f"JAX {variant}: step {r['step_s']:.3f} s, {r['tokens_per_s']:.0f} tokens/s, compile "
               f"{r['compile_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
     ref = {}
-    if FLAGS.torch:
-        results, _ = _subprocess_json([sys.executable, "-m", "tools.benchmark_torch_reference", "--all", *shape],
-                                      "PyTorch reference")
-        ref = {r["variant"]: r for r in results}
+    for variant in VARIANTS if FLAGS.torch else ():
+        (r,), _ = _subprocess_json([sys.executable, "-m", "tools.benchmark_torch_reference", f"--variant={variant}",
+                                    *shape], f"PyTorch {variant}")
+        ref[variant] = r
+        print(f"PyTorch {variant}: step {r['step_s']:.3f} s, {r['tokens_per_s']:.0f} tokens/s, peak RSS "
+              f"{r['peak_rss_mb']:.0f} MB", flush=True)
     print(f"\nbatch {FLAGS.batch_size} x {FLAGS.seq_len} tokens, {FLAGS.patches_per_row} patches/row; "
           f"{FLAGS.steps} timed steps after {FLAGS.warmup}; jax {ours['stage2_skip']['jax']} on "
           f"{ours['stage2_skip']['devices']} device(s), {os.cpu_count()} CPU cores; float32")

@@ -41,7 +41,9 @@ def base_config(scale: str) -> ml_collections.ConfigDict:
     c.model.compute_dtype = "bfloat16" if paper else "float32"
     c.model.base_param_dtype = "bfloat16" if paper else "float32"  # the frozen base
     c.model.remat = paper  # recompute block activations in the backward pass
-    c.model.scan_layers = True  # blocks as lax.scan loops: remat that holds on every backend, fast compiles
+    # Blocks as lax.scan loops (models/scan.py): remat that holds on every backend, compile time flat in
+    # depth. The small demo model runs ~10% faster unrolled on CPU.
+    c.model.scan_layers = paper
     c.model.attention_chunk = 512 if paper else 128  # LLM attention: queries per block (0: all at once)
 
     c.init = ml_collections.ConfigDict()

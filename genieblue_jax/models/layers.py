@@ -14,8 +14,18 @@ from jax.sharding import PartitionSpec as P
 BATCH_AXES = ("data", "fsdp")  # mesh axes the batch dimension is split over
 
 
+class Dense(nn.Dense):
+    """`nn.Dense` (same parameters, same result) applied to a 2-d (tokens, features) view
+    of its input: XLA:CPU computes the weight gradient of a 2-d matmul 1.4x faster than
+    the batched (batch, seq) contraction a 3-d input gives."""
+
+    def __call__(self, inputs):
+        lead = inputs.shape[:-1]
+        return super().__call__(inputs.reshape(-1, inputs.shape[-1])).reshape(*lead, self.features)
+
+
 def dense(cfg, features: int, name: str, use_bias: bool = True) -> nn.Dense:
-    return nn.Dense(features, use_bias=use_bias, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+    return Dense(features, use_bias=use_bias, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
                     kernel_init=nn.initializers.normal(cfg.initializer_range), name=name)
 
 

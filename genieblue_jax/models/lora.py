@@ -52,6 +52,8 @@ class LoRADense(nn.Module):
 
     @nn.compact
     def __call__(self, x):
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])  # 2-d matmuls: faster weight gradients (see layers.Dense)
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
         x = x.astype(self.dtype)
         y = jnp.dot(x, kernel.astype(self.dtype))
@@ -59,4 +61,5 @@ class LoRADense(nn.Module):
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(self.dtype)
         a = self.param("lora_a", lora_a_init, (x.shape[-1], self.spec.rank), self.param_dtype)
         b = self.param("lora_b", nn.initializers.zeros, (self.spec.rank, self.features), self.param_dtype)
-        return y + jnp.dot(jnp.dot(x, a.astype(self.dtype)), b.astype(self.dtype)) * self.spec.scale
+        y = y + jnp.dot(jnp.dot(x, a.astype(self.dtype)), b.astype(self.dtype)) * self.spec.scale
+        return y.reshape(*lead, self.features)
