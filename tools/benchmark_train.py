@@ -37,16 +37,20 @@ IMAGE_TOKEN_ID, TEXT_VOCAB, IMAGE_OFFSET = 511, 500, 16  # as tools/benchmark_to
 RESULT_PREFIX = "RESULT_JSON "
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("variant", "", f"One of {sorted(VARIANTS)}: benchmark it in this process only.")
-flags.DEFINE_integer("batch_size", 8, "Rows per batch.")
-flags.DEFINE_integer("seq_len", 512, "Tokens per row.")
-flags.DEFINE_integer("patches_per_row", 8, "56 px image patches per row (16 image tokens each).")
-flags.DEFINE_integer("steps", 10, "Timed steps.")
-flags.DEFINE_integer("warmup", 2, "Untimed steps first (the first one compiles).")
-flags.DEFINE_float("peak_flops", 110e9, "Peak FLOP/s of one device, for the MFU estimate (this CPU: f32).")
-flags.DEFINE_bool("torch", True, "Also run the PyTorch reference (tools.benchmark_torch_reference --all).")
-flags.DEFINE_string("aot_devices", "", "Comma-separated device counts for the paper-scale AOT memory plan.")
-flags.DEFINE_multi_string("set", [], "Recipe override KEY=VALUE (e.g. --set=model.scan_layers=False), every variant.")
+
+
+def define_flags():
+    """Flags are defined only when run as a program, so importing this module (tests) defines none."""
+    flags.DEFINE_string("variant", "", f"One of {sorted(VARIANTS)}: benchmark it in this process only.")
+    flags.DEFINE_integer("batch_size", 8, "Rows per batch.")
+    flags.DEFINE_integer("seq_len", 512, "Tokens per row.")
+    flags.DEFINE_integer("patches_per_row", 8, "56 px image patches per row (16 image tokens each).")
+    flags.DEFINE_integer("steps", 10, "Timed steps.")
+    flags.DEFINE_integer("warmup", 2, "Untimed steps first (the first one compiles).")
+    flags.DEFINE_float("peak_flops", 110e9, "Peak FLOP/s of one device, for the MFU estimate (this CPU: f32).")
+    flags.DEFINE_bool("torch", True, "Also run the PyTorch reference (tools.benchmark_torch_reference).")
+    flags.DEFINE_string("aot_devices", "", "Comma-separated device counts for the paper-scale AOT memory plan.")
+    flags.DEFINE_multi_string("set", [], "Recipe override KEY=VALUE (e.g. --set=model.scan_layers=False), every variant.")
 
 
 def _apply_overrides(config, overrides):
@@ -78,22 +82,24 @@ def make_batch(batch_size: int, seq_len: int, patches_per_row: int, image_size: 
             "images": rng.uniform(-1, 1, (batch_size, patches_per_row, image_size, image_size, 3)).astype(np.float32)}
 
 
-def benchmark_one(variant: str) -> dict:
+def benchmark_one(variant: str, *, batch_size: int = 8, seq_len: int = 512, patches_per_row: int = 8,
+                  steps: int = 10, warmup: int = 2, peak_flops: float = 110e9, overrides=()) -> dict:
     import importlib
 
     import jax
     import jax.numpy as jnp
 
-    from genieblue_jax import models, sharding as sharding_lib, structure
+    from genieblue_jax import models, structure
     from genieblue_jax.train import metrics as metrics_lib, trainer
     config = importlib.import_module(f"experiments.configs.{VARIANTS[variant]}").get_config("demo")
-    config.data.seq_len, config.data.max_patches_per_row = FLAGS.seq_len, FLAGS.patches_per_row
-    _apply_overrides(config, FLAGS.set)
+    config.data.seq_len, config.data.max_patches_per_row = seq_len, patches_per_row
+    _apply_overrides(config, overrides)
     mcfg = trainer.model_config(config, image_token_id=IMAGE_TOKEN_ID)
     if mcfg.llm.vocab_size <= IMAGE_TOKEN_ID:
         raise ValueError(f"{config.model.llm}: vocabulary {mcfg.llm.vocab_size} has no id {IMAGE_TOKEN_ID}")
-    mesh = sharding_lib.make_mesh(dict(config.mesh))
-    params = structure.init_mllm(mcfg, jax.random.key(0))
+    mesh = trainer.make_mesh(config)
+    # The trainer's own initialisation (random frozen parts at demo scale), no data pipeline.
+    params = trainer.init_params(config, trainer.Setup(mcfg, pipeline=None, mesh=mesh, per_host_batch=batch_size))
     trainable, frozen = structure.partition(params, config.train.stage)
     tx = trainer.build_optimizer(config, mcfg, trainable)
     state = {"trainable": trainable, "opt_state": jax.jit(tx.init, out_shardings=trainer.opt_state_shardings(tx, trainable, mesh))(trainable),
@@ -104,27 +110,26 @@ def benchmark_one(variant: str) -> dict:
     jitted = jax.jit(step_fn, in_shardings=(shardings, jax.tree.map(lambda x: x.sharding, frozen),
                                             trainer.batch_sharding(mesh)),
                      out_shardings=(shardings, None), donate_argnums=(0,))
-    batch = make_batch(FLAGS.batch_size, FLAGS.seq_len, FLAGS.patches_per_row, mcfg.vision.image_size,
-                       mcfg.tokens_per_patch)
+    batch = make_batch(batch_size, seq_len, patches_per_row, mcfg.vision.image_size, mcfg.tokens_per_patch)
     batch = trainer.to_global(batch, mesh)
     t0 = time.perf_counter()
     compiled = jitted.lower(state, frozen, batch).compile()
     compile_s = time.perf_counter() - t0
     losses, times = [], []
-    for i in range(FLAGS.warmup + FLAGS.steps):
+    for i in range(warmup + steps):
         t0 = time.perf_counter()
         state, m = compiled(state, frozen, batch)
         losses.append(float(m["loss"]))  # blocks until the step is done
-        if i >= FLAGS.warmup:
+        if i >= warmup:
             times.append(time.perf_counter() - t0)
     if not all(math.isfinite(x) for x in losses):
         raise RuntimeError(f"{variant}: non-finite loss {losses}")
     mean = statistics.mean(times)
-    tokens = FLAGS.batch_size * FLAGS.seq_len
+    tokens = batch_size * seq_len
     flops = metrics_lib.flops_per_token(mcfg, config.train.stage) * tokens
     n_trainable = models.count_params(trainable)
     return dict(variant=variant, compile_s=compile_s, step_s=mean, median_s=statistics.median(times),
-                min_s=min(times), tokens_per_s=tokens / mean, mfu=flops / mean / (FLAGS.peak_flops * jax.device_count()),
+                min_s=min(times), tokens_per_s=tokens / mean, mfu=flops / mean / (peak_flops * jax.device_count()),
                 trainable=n_trainable, total=n_trainable + models.count_params(frozen),
                 peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 first_loss=losses[0], last_loss=losses[-1], devices=jax.device_count(),
@@ -145,7 +150,10 @@ def main(argv):
     if FLAGS.variant:
         if FLAGS.variant not in VARIANTS:
             raise app.UsageError(f"--variant={FLAGS.variant!r}: choose one of {sorted(VARIANTS)}")
-        print(RESULT_PREFIX + json.dumps(benchmark_one(FLAGS.variant)), flush=True)
+        r = benchmark_one(FLAGS.variant, batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len,
+                          patches_per_row=FLAGS.patches_per_row, steps=FLAGS.steps, warmup=FLAGS.warmup,
+                          peak_flops=FLAGS.peak_flops, overrides=FLAGS.set)
+        print(RESULT_PREFIX + json.dumps(r), flush=True)
         return
     shape = [f"--batch_size={FLAGS.batch_size}", f"--seq_len={FLAGS.seq_len}",
              f"--patches_per_row={FLAGS.patches_per_row}", f"--steps={FLAGS.steps}", f"--warmup={FLAGS.warmup}"]
@@ -182,8 +190,11 @@ def main(argv):
         worst = max(ours[v]["step_s"] / ref[v]["step_s"] for v in ours if v in ref)
         print(f"JAX / PyTorch step time, worst variant: {worst:.2f} (target <= 1.0)")
     for n in [int(x) for x in FLAGS.aot_devices.split(",") if x.strip()]:
+        # fsdp is capped at 128: SigLIP's hidden size 1152 = 128 x 9 divides no further.
+        fsdp = math.gcd(n, 128)
         proc = subprocess.run([sys.executable, "-m", "tools.aot_memory", "--config=stage2_skip:paper",
-                               f"--num_devices={n}", "--rows_per_device=1"], capture_output=True, text=True)
+                               f"--num_devices={n}", "--rows_per_device=1", f"--config.mesh.fsdp={fsdp}",
+                               f"--config.mesh.data={n // fsdp}"], capture_output=True, text=True)
         if proc.returncode:
             sys.stderr.write(proc.stderr[-4000:])
             raise RuntimeError(f"tools.aot_memory --num_devices={n} failed (exit {proc.returncode})")
@@ -191,4 +202,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

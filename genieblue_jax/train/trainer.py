@@ -90,6 +90,19 @@ def model_config(c: ml_collections.ConfigDict, image_token_id: int) -> structure
                                 struct, image_token_id)
 
 
+def make_mesh(c: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    """The recipe's mesh; a fixed mesh smaller than the machine uses the first devices (warned)."""
+    axes = dict(c.mesh)
+    devices = jax.devices()
+    if -1 not in axes.values() and np.prod(list(axes.values())) < len(devices):
+        log.warning("mesh %s uses %d of %d devices", axes, np.prod(list(axes.values())), len(devices))
+        devices = devices[:int(np.prod(list(axes.values())))]
+    try:
+        return sharding_lib.make_mesh(axes, devices)
+    except ValueError as e:
+        raise ConfigError(f"mesh: {e}") from None
+
+
 def resolve(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     """Validates the config (errors name the key) and builds model, data and mesh configs."""
     from data_pipelines.pipeline import PipelineConfig, SourceSpec
@@ -123,15 +136,7 @@ def resolve(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     mcfg = model_config(c, image_token_id)
     if tok.vocab_size > mcfg.llm.vocab_size:
         raise ConfigError(f"data.tokenizer has {tok.vocab_size} tokens but model.llm only {mcfg.llm.vocab_size}")
-    axes = dict(c.mesh)
-    devices = jax.devices()
-    if -1 not in axes.values() and np.prod(list(axes.values())) < len(devices):
-        log.warning("mesh %s uses %d of %d devices", axes, np.prod(list(axes.values())), len(devices))
-        devices = devices[:int(np.prod(list(axes.values())))]
-    try:
-        mesh = sharding_lib.make_mesh(axes, devices)
-    except ValueError as e:
-        raise ConfigError(f"mesh: {e}") from None
+    mesh = make_mesh(c)
     batch_shards = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
     gb, micro = c.train.global_batch_size, c.train.micro_batches
     if gb % micro or (gb // micro) % batch_shards:
