@@ -6,16 +6,20 @@ import pytest
 import data_pipelines.images
 import data_pipelines.packing
 import data_pipelines.records
+import genieblue_jax.export.hf_writer
 import genieblue_jax.hf.tables
 import genieblue_jax.models
 import genieblue_jax.models.configs
+import genieblue_jax.models.scan
 import genieblue_jax.structure
 import genieblue_jax.structure.branch
 import genieblue_jax.structure.config
+import genieblue_jax.train.optimizer
 
 
-@pytest.mark.parametrize("module", [genieblue_jax.models, genieblue_jax.models.configs,
-                                    genieblue_jax.hf.tables, genieblue_jax.structure,
+@pytest.mark.parametrize("module", [genieblue_jax.models, genieblue_jax.models.configs, genieblue_jax.models.scan,
+                                    genieblue_jax.hf.tables, genieblue_jax.export.hf_writer,
+                                    genieblue_jax.train.optimizer, genieblue_jax.structure,
                                     genieblue_jax.structure.config, genieblue_jax.structure.branch,
                                     data_pipelines.packing, data_pipelines.records, data_pipelines.images])
 def test_docstring_examples(module):
