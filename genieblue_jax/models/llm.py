@@ -20,6 +20,22 @@ per layer; `None` = all "base", the plain LLM):
 - "lora":   LoRA on `lora.targets` (extra leaves `lora_a`, `lora_b` next to each `kernel`);
 - "expert": CogVLM visual expert: `vision_{q,k,v,o,gate,up,down}_proj` weights used for image
             tokens (`token_types == 1`), the original weights for text; attention is joint.
+
+KV cache (generation, `genieblue_jax.inference`): `DecoderLM.__call__(..., cache=cache)`
+takes and returns a cache pytree (functional; no flax mutable collections), see
+`init_kv_cache`:
+
+    {"k": (L, b, S, K, d), "v": (L, b, S, K, d),   keys (after RoPE) / values per layer and slot
+     "segment_ids": (b, S) int32,                  segment of each slot (0 = padding / unwritten)
+     "index": () int32}                            next slot to write; all rows advance together
+
+A call with t new tokens writes them at slots [index, index + t) (their keys, values and
+`segment_ids`) and attends over all S slots: query slot q sees slot s iff s <= q and both
+have the same segment id (`masks.cached_causal_segment_mask`), so left-padding slots
+(segment 0) are invisible to real tokens and unwritten slots lie in the future. RoPE
+positions stay explicit per token (`positions` (b, t)). The cache path runs the blocks
+unrolled with unchunked attention (`attention_chunk` / `scan_layers` apply to the no-cache
+path only); with no cache nothing changes (same parameters, same numerics).
 """
 from __future__ import annotations
 
@@ -31,7 +47,7 @@ from genieblue_jax.models.configs import LLMConfig
 from genieblue_jax.models.layers import dense, shard_batch
 from genieblue_jax.models.scan import run_scanned
 from genieblue_jax.models.lora import LoRADense, LoRASpec
-from genieblue_jax.models.masks import causal_segment_mask
+from genieblue_jax.models.masks import cached_causal_segment_mask, causal_segment_mask
 
 
 class RMSNorm(nn.Module):
@@ -120,13 +136,33 @@ def _route(is_image, text_out, image_out):
     return jnp.where(is_image[..., None], image_out, text_out)
 
 
+def init_kv_cache(cfg: LLMConfig, batch: int, length: int, dtype=None) -> dict:
+    """An empty KV cache of `length` slots for `batch` rows (see the module docstring):
+    zeros, every slot segment 0, index 0. `dtype` defaults to the compute dtype.
+
+        >>> from genieblue_jax.models import get_preset
+        >>> cache = init_kv_cache(get_preset("tiny-qwen2"), batch=2, length=8)
+        >>> cache["k"].shape, cache["segment_ids"].shape, int(cache["index"])
+        ((4, 2, 8, 2, 16), (2, 8), 0)
+    """
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    dtype = cfg.compute_dtype if dtype is None else dtype
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "segment_ids": jnp.zeros((batch, length), jnp.int32), "index": jnp.zeros((), jnp.int32)}
+
+
 class Attention(nn.Module):
+    """GQA self-attention. With `kv_cache` = (k, v), each (b, S, K, d) for this layer, the
+    new keys / values are written at slots [cache_index, cache_index + t), the queries
+    attend over all S slots under `mask` (b, t, S), and the call returns
+    (output, (k, v) updated); otherwise it returns the output (keys = the t tokens)."""
+
     cfg: LLMConfig
     lora: LoRASpec | None = None
     expert: bool = False
 
     @nn.compact
-    def __call__(self, x, positions, mask, is_image=None):
+    def __call__(self, x, positions, mask, is_image=None, kv_cache=None, cache_index=None):
         cfg = self.cfg
         b, t, _ = x.shape
         sizes = {"q": cfg.num_heads * cfg.head_dim, "k": cfg.num_kv_heads * cfg.head_dim,
@@ -138,11 +174,17 @@ class Attention(nn.Module):
         q = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), positions, cfg.rope_theta)
         k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), positions, cfg.rope_theta)
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        out = dot_product_attention(q, k, v, mask, cfg.compute_dtype, cfg.attention_chunk)
+        chunk = cfg.attention_chunk
+        if kv_cache is not None:
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), start)
+            v = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), start)
+            kv_cache, chunk = (k, v), 0
+        out = dot_product_attention(q, k, v, mask, cfg.compute_dtype, chunk)
         text_out = _proj(cfg, cfg.hidden_size, "o_proj", cfg.out_bias, self.lora)(out)
         if self.expert:
-            return _route(is_image, text_out, dense(cfg, cfg.hidden_size, "vision_o_proj", use_bias=cfg.out_bias)(out))
-        return text_out
+            text_out = _route(is_image, text_out, dense(cfg, cfg.hidden_size, "vision_o_proj", use_bias=cfg.out_bias)(out))
+        return text_out if kv_cache is None else (text_out, kv_cache)
 
 
 class MLP(nn.Module):
@@ -171,19 +213,27 @@ class DecoderBlock(nn.Module):
     lora: LoRASpec | None = None
 
     @nn.compact
-    def __call__(self, x, positions, mask, is_image=None):
+    def __call__(self, x, positions, mask, is_image=None, kv_cache=None, cache_index=None):
+        """x (b, t, hidden) -> x; with `kv_cache` (this layer's (k, v)) -> (x, updated (k, v))."""
         cfg = self.cfg
         lora = self.lora if self.kind == "lora" else None
         expert = self.kind == "expert"
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.params_dtype, name=name)
-        x = x + Attention(cfg, lora, expert, name="self_attn")(norm("input_layernorm")(x), positions, mask, is_image)
-        return x + MLP(cfg, lora, expert, name="mlp")(norm("post_attention_layernorm")(x), is_image)
+        attn = Attention(cfg, lora, expert, name="self_attn")(norm("input_layernorm")(x), positions, mask, is_image,
+                                                                kv_cache, cache_index)
+        if kv_cache is not None:
+            attn, kv_cache = attn
+        x = x + attn
+        x = x + MLP(cfg, lora, expert, name="mlp")(norm("post_attention_layernorm")(x), is_image)
+        return x if kv_cache is None else (x, kv_cache)
 
 
 class DecoderLM(nn.Module):
     """Causal LM. `__call__(tokens, positions, segment_ids)` -> float32 logits
     (batch, seq, vocab). `inputs_embeds` may replace the token lookup (multimodal inputs);
-    `token_types` (1 = image token) routes CogVLM expert layers."""
+    `token_types` (1 = image token) routes CogVLM expert layers. With `cache=` (see
+    `init_kv_cache`) it returns `(logits, new_cache)`: the tokens are the next t slots of
+    each row's cached sequence (module docstring)."""
 
     cfg: LLMConfig
     layer_kinds: tuple[str, ...] | None = None
@@ -209,13 +259,19 @@ class DecoderLM(nn.Module):
     def embed(self, tokens):
         return self.embed_tokens(tokens)
 
-    def hidden_states(self, x, positions, segment_ids, token_types=None):
-        """Runs the blocks and the final norm on input embeddings x: (b, t, hidden)."""
-        mask = causal_segment_mask(segment_ids)
+    def hidden_states(self, x, positions, segment_ids, token_types=None, cache=None):
+        """Runs the blocks and the final norm on input embeddings x: (b, t, hidden).
+
+        With `cache` returns (hidden, new_cache): the t tokens go to slots
+        [index, index + t) and attend over every cached slot (unrolled blocks, unchunked
+        attention; `scan_layers` / `attention_chunk` are not used on this path)."""
         is_image = None if token_types is None else token_types == 1
         if is_image is None and self.layer_kinds and "expert" in self.layer_kinds:
             is_image = jnp.zeros(segment_ids.shape, bool)
         x = shard_batch(x)
+        if cache is not None:
+            return self._cached_hidden_states(x, positions, segment_ids, is_image, cache)
+        mask = causal_segment_mask(segment_ids)
         if self.cfg.scan_layers and not self.is_initializing():
             kinds = self.layer_kinds or ("base",) * self.cfg.num_layers
             params = self.variables["params"]
@@ -231,6 +287,20 @@ class DecoderLM(nn.Module):
                 x = shard_batch(layer(x, positions, mask, is_image))
         return self.norm(x)
 
+    def _cached_hidden_states(self, x, positions, segment_ids, is_image, cache):
+        index = jnp.asarray(cache["index"], jnp.int32)
+        segments = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32), (0, index))
+        mask = cached_causal_segment_mask(segment_ids, segments, index)
+        k_all, v_all = cache["k"], cache["v"]
+        if k_all.shape[0] != len(self.layers):
+            raise ValueError(f"cache has {k_all.shape[0]} layers, the model {len(self.layers)}")
+        for i, layer in enumerate(self.layers):
+            x, (k, v) = layer(x, positions, mask, is_image, (k_all[i], v_all[i]), index)
+            x = shard_batch(x)
+            k_all, v_all = k_all.at[i].set(k), v_all.at[i].set(v)
+        new_cache = {"k": k_all, "v": v_all, "segment_ids": segments, "index": index + x.shape[1]}
+        return self.norm(x), new_cache
+
     def unembed(self, h):
         if self.cfg.tie_embeddings:
             logits = self.embed_tokens.attend(h)
@@ -239,9 +309,13 @@ class DecoderLM(nn.Module):
         return logits.astype(jnp.float32)
 
     def __call__(self, tokens, positions, segment_ids, inputs_embeds=None, token_types=None,
-                 return_hidden: bool = False):
+                 return_hidden: bool = False, cache=None):
         """Float32 logits, or with `return_hidden` the final-norm hidden states (b, t, hidden),
-        which `unembed` turns into logits (the trainer does it a chunk at a time)."""
+        which `unembed` turns into logits (the trainer does it a chunk at a time).
+        With `cache`: `(logits or hidden, new_cache)`."""
         x = self.embed(tokens) if inputs_embeds is None else inputs_embeds.astype(self.cfg.compute_dtype)
-        h = self.hidden_states(x, positions, segment_ids, token_types)
-        return h if return_hidden else self.unembed(h)
+        if cache is None:
+            h = self.hidden_states(x, positions, segment_ids, token_types)
+            return h if return_hidden else self.unembed(h)
+        h, cache = self.hidden_states(x, positions, segment_ids, token_types, cache=cache)
+        return (h if return_hidden else self.unembed(h)), cache
