@@ -1,8 +1,19 @@
 """`genieblue_jax.load(path)`: the one public entry point to a model.
 
-    >>> import numpy as np, genieblue_jax
-    >>> model = genieblue_jax.load("/ckpt/qwen2.5-3b")        # or an HF model directory
-    >>> logits = model.logits(np.array([[151644, 872, 198]]))  # (1, 3, vocab) float32 numpy
+`path` may be a training workdir (or one of its `checkpoints/<step>` folders), a
+genieblue_jax checkpoint (`tools.from_hf` output or a saved MLLM), or a Hugging Face model
+directory (imported on the fly).
+
+    >>> import genieblue_jax
+    >>> model = genieblue_jax.load("workdirs/stage2_skip")               # doctest: +SKIP
+    >>> model.generate("What is 12 plus 7?")                              # text: the base LLM
+    >>> model.generate("How many circles are there?", images=["scene.png"])  # the multimodal path
+    >>> model.logits(ids, images=patches, mode="multimodal")              # (b, t, vocab) float32
+
+Routing (GenieBlue's non-shared base, paper Sec. 3.3): a request without images runs the
+untouched base LLM (`mode="text"`, bitwise the base model); a request with images runs the
+LLM with the replicated blocks swapped in and LoRA added (`mode="multimodal"`).
+`mode="shared"` forces the multimodal weights on text too (the paper's ablation).
 
 Inputs are numpy (or lists); outputs are float32 numpy. Padding is given HF-style with an
 `attention_mask` (1 = token, 0 = pad, left or right); packed rows with `segment_ids`.
@@ -11,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,23 +33,70 @@ from genieblue_jax.models.masks import positions_from_segments
 
 
 class GenieBlue:
-    """A loaded model: configs and parameters of its components ("llm", "vision", ...)."""
+    """A loaded model: configs and parameters of its components ("llm", "vision", ...);
+    for a whole multimodal model also `mcfg` (its `structure.MLLMConfig`), the tokenizer and
+    the image preprocessing it was trained with."""
 
-    def __init__(self, configs: dict, params: dict, *, path: str | None = None, mesh=None):
+    def __init__(self, configs: dict, params: dict, *, path: str | None = None, mesh=None, mcfg=None,
+                 tokenizer: str | None = None, preprocessing: dict | None = None, source: dict | None = None):
         self.configs = dict(configs)
         self.params = dict(params)
         self.path = path
         self.mesh = mesh
+        self.mcfg = mcfg
+        self.tokenizer_path = tokenizer
+        self.preprocessing = {"image_mode": "dynamic", "max_patches": 16, **(preprocessing or {})}
+        self.source = dict(source or {})
 
     def __repr__(self):
         parts = ", ".join(f"{n}: {models.count_params(p) / 1e6:.2f}M params" for n, p in self.params.items())
-        return f"GenieBlue({self.path or 'in memory'}; {parts})"
+        kind = f"{self.mcfg.structure.name} MLLM; " if self.mcfg is not None else ""
+        return f"GenieBlue({self.path or 'in memory'}; {kind}{parts})"
+
+    @property
+    def is_mllm(self) -> bool:
+        return self.mcfg is not None
 
     def _component(self, name: str):
         if name not in self.configs:
             raise ValueError(f"this model ({self.path or 'in memory'}) has no {name!r} component; "
                              f"it has {sorted(self.configs)}")
         return self.configs[name], self.params[name]
+
+    def _mode(self, mode: str | None, has_images: bool) -> str:
+        from genieblue_jax.structure import MODES
+        mode = mode or ("multimodal" if has_images else "text")
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r}; choose one of {MODES}")
+        if mode != "text" and not self.is_mllm:
+            raise ValueError(f"mode={mode!r} needs a multimodal model; {self.path or 'this model'} holds only "
+                             f"{sorted(self.configs)} (text mode runs the LLM alone)")
+        if mode == "text" and has_images:
+            raise ValueError("mode='text' runs the base LLM alone and takes no images; use mode='multimodal'")
+        return mode
+
+    # --- tokenizer and requests ---------------------------------------------------------------
+
+    @functools.cached_property
+    def tokenizer(self):
+        """The model's tokenizer (`data_pipelines.tokenizer`), or an error saying none is known."""
+        from data_pipelines.tokenizer import load_tokenizer
+        if not self.tokenizer_path:
+            raise ValueError(f"{self.path or 'this model'} has no tokenizer (no hf_assets/ with tokenizer.json "
+                             "or tokenizer.model); pass token ids, or load a checkpoint that carries one")
+        return load_tokenizer(self.tokenizer_path)
+
+    @functools.cached_property
+    def requests(self):
+        """`inference.requests.RequestEncoder` with this model's tokenizer and image preprocessing."""
+        from genieblue_jax.inference.requests import RequestEncoder
+        vision = self.configs.get("vision")
+        tpp = self.mcfg.tokens_per_patch if self.is_mllm else 0
+        return RequestEncoder(self.tokenizer, patch_size=vision.image_size if vision else 1, tokens_per_patch=tpp,
+                              image_mode=self.preprocessing["image_mode"],
+                              max_patches=int(self.preprocessing["max_patches"]))
+
+    # --- forward passes -------------------------------------------------------------------------
 
     @functools.cached_property
     def _llm_forward(self):
@@ -49,13 +108,24 @@ class GenieBlue:
         cfg, _ = self._component("vision")
         return jax.jit(models.build(cfg).apply, static_argnames="with_pooled")
 
-    def logits(self, input_ids, attention_mask=None, *, segment_ids=None, positions=None) -> np.ndarray:
+    @functools.cached_property
+    def _mllm_forward(self):
+        from genieblue_jax import structure
+        return jax.jit(structure.forward, static_argnums=0, static_argnames="mode")
+
+    def logits(self, input_ids, attention_mask=None, *, images=None, mode: str | None = None, segment_ids=None,
+               positions=None) -> np.ndarray:
         """Next-token logits (batch, seq, vocab), float32 numpy.
 
         `attention_mask` (1 = token, 0 = padding) or `segment_ids` (packed samples 1, 2, ...;
         padding 0) say which tokens belong together; positions restart in every segment
         unless given. Logits at padding positions are meaningless.
+
+        `images`: (batch, P, S, S, 3) normalised patches, each row's in the order of its
+        image tokens (`model.requests.encode` makes them from files). `mode` defaults to
+        "multimodal" with images and "text" (the base LLM alone) without.
         """
+        mode = self._mode(mode, images is not None)
         _, params = self._component("llm")
         ids = np.asarray(input_ids)
         if ids.ndim == 1:
@@ -72,8 +142,24 @@ class GenieBlue:
         segment_ids = np.asarray(segment_ids, np.int32).reshape(ids.shape)
         positions = (positions_from_segments(segment_ids) if positions is None
                      else np.asarray(positions, np.int32).reshape(ids.shape))
-        out = self._llm_forward({"params": params}, jnp.asarray(ids, jnp.int32),
-                                jnp.asarray(positions), jnp.asarray(segment_ids))
+        if not self.is_mllm:
+            out = self._llm_forward({"params": params}, jnp.asarray(ids, jnp.int32),
+                                    jnp.asarray(positions), jnp.asarray(segment_ids))
+            return np.asarray(out, np.float32)
+        from genieblue_jax import structure
+        if images is not None:
+            images = np.asarray(images, np.float32)
+            size = self.mcfg.vision.image_size
+            if images.ndim != 5 or images.shape[0] != ids.shape[0] or images.shape[2:] != (size, size, 3):
+                raise ValueError(f"images must be (batch={ids.shape[0]}, P, {size}, {size}, 3) patches, "
+                                 f"got shape {images.shape}")
+            structure.check_image_tokens(ids * (segment_ids > 0), self.mcfg.image_token_id,
+                                         np.ones(images.shape[:2], bool), self.mcfg.tokens_per_patch)
+        elif mode != "text" and (ids == self.mcfg.image_token_id).any():
+            raise ValueError(f"input_ids hold image tokens (id {self.mcfg.image_token_id}) but no images were given")
+        out = self._mllm_forward(self.mcfg, self.params, jnp.asarray(ids, jnp.int32), jnp.asarray(positions),
+                                 jnp.asarray(segment_ids), None if images is None else jnp.asarray(images),
+                                 mode=mode)
         return np.asarray(out, np.float32)
 
     def vision_features(self, pixel_values, *, with_pooled: bool = False):
@@ -83,17 +169,125 @@ class GenieBlue:
                                    with_pooled=with_pooled)
         return {k: None if v is None else np.asarray(v, np.float32) for k, v in out.items()}
 
+    # --- generation -----------------------------------------------------------------------------
 
-def load(path: str, *, mesh=None) -> GenieBlue:
-    """Loads a genieblue_jax checkpoint, or imports a Hugging Face model directory on the fly."""
+    @property
+    def max_context(self) -> int:
+        """Longest prompt + answer a request may have: the LLM's `max_position_embeddings`."""
+        return int(self.configs["llm"].max_position_embeddings)
+
+    def generate(self, prompt, images=None, *, mode: str | None = None, max_new_tokens: int = 64,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, stop_tokens: Sequence[int] | None = None,
+                 chat: bool = True, return_tokens: bool = False):
+        """Generates the answer to `prompt` (a string, chat turns, or token ids); a list of
+        prompts is a batch (then `images` is a list with one entry per prompt: None or a
+        list of images). Returns the decoded text (a list for a batch); with
+        `return_tokens`, also the `inference.GenerationResult`s, one per mode group.
+
+        Each request is routed by its own content: without images it runs the base LLM
+        ("text"), with images the multimodal path, unless `mode` forces one for all. Text
+        requests of a batch and image requests run as two sub-batches. Stops at
+        `<|im_end|>` / `<|endoftext|>` (or `stop_tokens`), at `max_new_tokens`, or at
+        the context limit (`max_context`, checked up front).
+        """
+        from genieblue_jax import inference
+        from genieblue_jax.inference.requests import stack_patches
+        batch = isinstance(prompt, (list, tuple)) and len(prompt) > 0 and not isinstance(prompt[0], (int, np.integer, dict))
+        prompts = list(prompt) if batch else [prompt]
+        if batch:
+            image_lists = [None] * len(prompts) if images is None else list(images)
+            if len(image_lists) != len(prompts):
+                raise ValueError(f"{len(prompts)} prompts but {len(image_lists)} image lists (one per prompt)")
+        else:
+            image_lists = [images]
+        requests = []
+        for i, (p, ims) in enumerate(zip(prompts, image_lists)):
+            where = f"prompt {i}"
+            if isinstance(p, np.ndarray) or (isinstance(p, (list, tuple)) and p and isinstance(p[0], (int, np.integer))):
+                if ims:
+                    raise ValueError(f"{where}: token-id prompts take no images; give text (the template places them)")
+                requests.append((list(map(int, p)), None))
+                continue
+            req = self.requests.encode(p, ims or (), chat=chat, where=where)
+            requests.append((req.tokens, req.patches if len(req.patches) else None))
+        for i, (tokens, _) in enumerate(requests):
+            if len(tokens) + max_new_tokens > self.max_context:
+                raise ValueError(f"prompt {i}: {len(tokens)} tokens + max_new_tokens={max_new_tokens} exceed the "
+                                 f"model's context of {self.max_context} tokens (max_position_embeddings)")
+        modes = [self._mode(mode, patches is not None) for _, patches in requests]
+        if stop_tokens is None:
+            stop_tokens = self.requests.stop_tokens if self.tokenizer_path else ()
+        key = jax.random.key(seed)
+        texts: list[Any] = [None] * len(requests)
+        results = []
+        for group_mode in dict.fromkeys(modes):
+            rows = [i for i, m in enumerate(modes) if m == group_mode]
+            patches = stack_patches([requests[i][1] if requests[i][1] is not None else
+                                     np.zeros((0, 1, 1, 3), np.float32) for i in rows])
+            mcfg = self.mcfg if self.is_mllm else self.configs["llm"]
+            result = inference.generate(mcfg, self.params, [requests[i][0] for i in rows], mode=group_mode,
+                                        images=patches, max_new_tokens=max_new_tokens, temperature=temperature,
+                                        top_p=top_p, key=key, stop_tokens=tuple(stop_tokens))
+            results.append(result)
+            for j, i in enumerate(rows):
+                row = result.row(j)
+                if result.finished[j]:
+                    row = row[:-1]  # the stop token
+                texts[i] = self.tokenizer.decode(row.tolist()) if self.tokenizer_path else row
+        if return_tokens:
+            return (texts if batch else texts[0]), results
+        return texts if batch else texts[0]
+
+    # --- saving ---------------------------------------------------------------------------------
+
+    def save(self, path: str, *, overwrite: bool = False) -> str:
+        """Writes this model as a standalone genieblue_jax checkpoint (e.g. a workdir's model,
+        so it no longer needs the workdir, its init checkpoints or its data)."""
+        if self.is_mllm:
+            tok = self.tokenizer_path
+            if tok and os.path.isdir(tok):
+                tok = next((os.path.join(tok, n) for n in ("tokenizer.json", "tokenizer.model")
+                            if os.path.isfile(os.path.join(tok, n))), None)
+            return checkpoint.save_mllm(path, self.mcfg, self.params, tokenizer=tok,
+                                        preprocessing=self.preprocessing, source=self.source, overwrite=overwrite)
+        return checkpoint.save(path, self.configs, self.params, source=self.source, overwrite=overwrite)
+
+
+def _find_tokenizer(directory: str | None) -> str | None:
+    if directory and any(os.path.isfile(os.path.join(directory, n)) for n in ("tokenizer.json", "tokenizer.model")):
+        return directory
+    return None
+
+
+def load(path: str, *, mesh=None, step: int | None = None) -> GenieBlue:
+    """Loads a training workdir, a genieblue_jax checkpoint, or an HF model directory.
+
+    A workdir gives its latest checkpoint (or `step`); `WORKDIR/checkpoints/<step>` names
+    a step directly. Errors name the path and what is missing."""
+    from genieblue_jax.train import trainer
+    path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(parent) == "checkpoints" and os.path.basename(path.rstrip("/")).isdigit() and \
+            trainer.is_workdir(os.path.dirname(parent)):
+        return load(os.path.dirname(parent), mesh=mesh, step=int(os.path.basename(path.rstrip("/"))))
     if checkpoint.is_checkpoint(path):
-        configs, params, _ = checkpoint.restore(path, mesh=mesh)
-        return GenieBlue(configs, params, path=path, mesh=mesh)
+        configs, params, meta = checkpoint.restore(path, mesh=mesh)
+        mllm = meta.get("mllm")
+        return GenieBlue(configs, params, path=path, mesh=mesh, mcfg=meta.get("mllm_config"),
+                         tokenizer=_find_tokenizer(checkpoint.assets_dir(path)),
+                         preprocessing=mllm.get("preprocessing") if mllm else None, source=meta.get("source"))
+    if trainer.is_workdir(path):
+        t = trainer.load_trained(path, step=step, mesh=mesh)
+        configs = {"llm": t.mcfg.llm, "vision": t.mcfg.vision, "projector": t.mcfg.projector}
+        return GenieBlue(configs, t.params, path=path, mesh=mesh, mcfg=t.mcfg, tokenizer=t.tokenizer,
+                         preprocessing=trainer.preprocessing(t.config),
+                         source={"workdir": os.path.abspath(path), "step": t.step, **t.meta})
     if os.path.isfile(os.path.join(path, "config.json")):
         from genieblue_jax.hf import import_hf
         name, cfg, params = import_hf(path, mesh=mesh)
-        return GenieBlue({name: cfg}, {name: params}, path=path, mesh=mesh)
-    raise FileNotFoundError(f"{path} is neither a genieblue_jax checkpoint ({checkpoint.META_FILE}) "
-                            "nor a Hugging Face model directory (config.json)")
+        return GenieBlue({name: cfg}, {name: params}, path=path, mesh=mesh, tokenizer=_find_tokenizer(path),
+                         source={"hf_dir": os.path.abspath(path)})
+    raise FileNotFoundError(f"{path} is neither a training workdir (config.json + checkpoints/), a genieblue_jax "
+                            f"checkpoint ({checkpoint.META_FILE}) nor a Hugging Face model directory (config.json)")

@@ -2,9 +2,17 @@
 
     CKPT/
       genieblue.json    {"format_version": 1, "components": {"llm": {<LLMConfig.to_dict()>}, ...},
-                         "source": {...}}
+                         "mllm": {...} (whole multimodal models only), "source": {...}}
       params/           Orbax tree {"llm": {...}, "vision": {...}, ...}
-      hf_assets/        tokenizer and processor files copied from an HF import (optional)
+      hf_assets/        tokenizer and processor files (from an HF import, or the tokenizer a
+                        multimodal model was trained with)
+
+Two kinds: a single component (`tools.from_hf` writes "llm" or "vision"), and a whole
+GenieBlue MLLM (`save_mllm`): components "llm", "vision", "projector" plus "branch", whose
+layout follows from the structure recorded under "mllm":
+
+    "mllm": {"structure": {<StructureConfig.to_dict()>}, "image_token_id": 151655,
+             "branch_dtype": "float32", "preprocessing": {"image_mode": "dynamic", "max_patches": 16}}
 
 Restoring goes straight into the requested shardings (Orbax reads each shard where it
 lives), so a large model is never assembled on one host.
@@ -13,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -30,42 +39,122 @@ def is_checkpoint(path: str) -> bool:
     return os.path.isfile(os.path.join(path, META_FILE))
 
 
-def save(path: str, configs: dict[str, Any], params: dict[str, Any], *, source: dict | None = None,
-         overwrite: bool = False) -> str:
-    """Writes components `configs[name]` / `params[name]` to `path`; returns its absolute path."""
+def _tree_signature(tree) -> dict:
+    return {p: (tuple(x.shape), str(x.dtype)) for p, x in models.flatten(tree).items()}
+
+
+def _check_matches(name: str, expected, got) -> None:
+    want, have = _tree_signature(expected), _tree_signature(got)
+    if want == have:
+        return
+    problems = [f"missing {p}" for p in sorted(set(want) - set(have))]
+    problems += [f"unexpected {p}" for p in sorted(set(have) - set(want))]
+    problems += [f"{p}: {have[p]} but the config gives {want[p]}" for p in sorted(set(want) & set(have))
+                 if want[p] != have[p]]
+    raise ValueError(f"component {name!r}: parameters do not match its config: " + "; ".join(problems[:8])
+                     + (f" (+{len(problems) - 8} more)" if len(problems) > 8 else ""))
+
+
+def _write(path: str, meta: dict, params: dict, overwrite: bool, assets: tuple[str, ...] = ()) -> str:
     path = os.path.abspath(path)
-    if set(configs) != set(params):
-        raise ValueError(f"configs {sorted(configs)} and params {sorted(params)} name different components")
     if os.path.exists(os.path.join(path, PARAMS_DIR)) and not overwrite:
         raise FileExistsError(f"{path} already holds a checkpoint; pass overwrite=True to replace it")
-    for name, cfg in configs.items():
-        expected = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), models.abstract_params(cfg))
-        got = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), params[name])
-        if expected != got:
-            raise ValueError(f"component {name!r}: parameters do not match its config")
+    for asset in assets:
+        if not os.path.isfile(asset):
+            raise FileNotFoundError(f"asset {asset} (e.g. the tokenizer) does not exist")
     os.makedirs(path, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.join(path, PARAMS_DIR), params, force=overwrite)
     checkpointer.wait_until_finished()
-    meta = {"format_version": FORMAT_VERSION,
-            "components": {n: c.to_dict() for n, c in configs.items()},
-            "source": source or {}}
-    with open(os.path.join(path, META_FILE), "w") as f:
+    if assets:
+        os.makedirs(os.path.join(path, ASSETS_DIR), exist_ok=True)
+        for asset in assets:
+            shutil.copy(asset, os.path.join(path, ASSETS_DIR, os.path.basename(asset)))
+    with open(os.path.join(path, META_FILE), "w") as f:  # written last: its presence marks a whole checkpoint
         json.dump(meta, f, indent=2)
     return path
 
 
+def save(path: str, configs: dict[str, Any], params: dict[str, Any], *, source: dict | None = None,
+         overwrite: bool = False) -> str:
+    """Writes components `configs[name]` / `params[name]` to `path`; returns its absolute path."""
+    if set(configs) != set(params):
+        raise ValueError(f"configs {sorted(configs)} and params {sorted(params)} name different components")
+    for name, cfg in configs.items():
+        _check_matches(name, models.abstract_params(cfg), params[name])
+    meta = {"format_version": FORMAT_VERSION,
+            "components": {n: c.to_dict() for n, c in configs.items()},
+            "source": source or {}}
+    return _write(path, meta, params, overwrite)
+
+
+def save_mllm(path: str, mcfg, params: dict[str, Any], *, tokenizer: str | None = None,
+              preprocessing: dict | None = None, source: dict | None = None, overwrite: bool = False) -> str:
+    """Writes a whole multimodal model: `params` = {"llm", "vision", "projector", "branch"} of
+    `mcfg` (a `structure.MLLMConfig`). `tokenizer` (a tokenizer.json / .model file) is copied
+    into hf_assets/; `preprocessing` ({"image_mode", "max_patches"}) records how images were
+    cut into patches in training, so inference cuts them the same way.
+
+        >>> save_mllm("/ckpt/mllm", mcfg, params, tokenizer="/data/demo/tokenizer.model",
+        ...           preprocessing={"image_mode": "dynamic", "max_patches": 4})  # doctest: +SKIP
+        >>> genieblue_jax.load("/ckpt/mllm").generate("What colour is the circle?", images=["c.png"])  # doctest: +SKIP
+    """
+    from genieblue_jax import structure
+    want = {"llm", "vision", "projector", "branch"}
+    if set(params) != want:
+        raise ValueError(f"an MLLM checkpoint holds components {sorted(want)}; got {sorted(params)}")
+    configs = {"llm": mcfg.llm, "vision": mcfg.vision, "projector": mcfg.projector}
+    for name, cfg in configs.items():
+        _check_matches(name, models.abstract_params(cfg), params[name])
+    dtypes = {str(x.dtype) for x in jax.tree.leaves(params["branch"])} or {"float32"}
+    if len(dtypes) != 1:
+        raise ValueError(f"component 'branch': mixed dtypes {sorted(dtypes)}; cast it to one dtype")
+    branch_dtype = dtypes.pop()
+    _check_matches("branch", _abstract_branch(structure, mcfg, branch_dtype), params["branch"])
+    meta = {"format_version": FORMAT_VERSION,
+            "components": {n: c.to_dict() for n, c in configs.items()},
+            "mllm": {"structure": mcfg.structure.to_dict(), "image_token_id": int(mcfg.image_token_id),
+                     "branch_dtype": branch_dtype, "preprocessing": dict(preprocessing or {})},
+            "source": source or {}}
+    return _write(path, meta, params, overwrite, assets=(tokenizer,) if tokenizer else ())
+
+
+def _abstract_branch(structure, mcfg, dtype: str) -> dict:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jax.numpy.dtype(dtype)),
+                        structure.abstract_branch(mcfg))
+
+
 def read_metadata(path: str) -> dict:
+    """The checkpoint's genieblue.json with configs parsed; an MLLM's `MLLMConfig` is
+    under "mllm_config"."""
     meta_path = os.path.join(path, META_FILE)
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(f"{path} is not a genieblue_jax checkpoint (no {META_FILE})")
     with open(meta_path) as f:
-        meta = json.load(f)
+        try:
+            meta = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{meta_path}: not valid JSON ({e})") from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{meta_path}: format_version {meta.get('format_version')!r}, "
                          f"this genieblue_jax reads {FORMAT_VERSION}")
-    meta["components"] = {n: models.config_from_dict(d) for n, d in meta["components"].items()}
+    try:
+        meta["components"] = {n: models.config_from_dict(d) for n, d in meta["components"].items()}
+        if "mllm" in meta:
+            from genieblue_jax import structure
+            c, m = meta["components"], meta["mllm"]
+            meta["mllm_config"] = structure.MLLMConfig(
+                c["llm"], c["vision"], c["projector"], structure.StructureConfig.from_dict(m["structure"]),
+                int(m["image_token_id"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{meta_path}: invalid checkpoint metadata: {type(e).__name__}: {e}") from None
     return meta
+
+
+def assets_dir(path: str) -> str | None:
+    """hf_assets/ of a checkpoint (tokenizer and processor files), or None."""
+    d = os.path.join(path, ASSETS_DIR)
+    return d if os.path.isdir(d) else None
 
 
 def restore(path: str, *, mesh=None, rules=sharding_lib.DEFAULT_RULES):
@@ -73,12 +162,22 @@ def restore(path: str, *, mesh=None, rules=sharding_lib.DEFAULT_RULES):
     the rules give it; without, on the first device."""
     meta = read_metadata(path)
     configs = meta["components"]
+    abstract = {name: models.abstract_params(cfg) for name, cfg in configs.items()}
+    if "mllm_config" in meta:
+        from genieblue_jax import structure
+        abstract["branch"] = _abstract_branch(structure, meta["mllm_config"], meta["mllm"]["branch_dtype"])
     target = {}
-    for name, cfg in configs.items():
-        abstract = models.abstract_params(cfg)
-        shardings = (sharding_lib.param_shardings(abstract, mesh, rules) if mesh is not None
-                     else sharding_lib.single_device_shardings(abstract))
+    for name, tree in abstract.items():
+        shardings = (sharding_lib.param_shardings(tree, mesh, rules) if mesh is not None
+                     else sharding_lib.single_device_shardings(tree))
         target[name] = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    params = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), PARAMS_DIR), target)
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+    params_dir = os.path.join(os.path.abspath(path), PARAMS_DIR)
+    if not os.path.isdir(params_dir):
+        raise FileNotFoundError(f"{path}: {META_FILE} is there but {PARAMS_DIR}/ is missing (incomplete copy?)")
+    try:
+        params = ocp.StandardCheckpointer().restore(params_dir, target)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise ValueError(f"{params_dir}: the stored parameters do not match {META_FILE} "
+                         f"({type(e).__name__}: {str(e)[:500]})") from e
     return configs, params, meta

@@ -95,7 +95,15 @@ SIGLIP_TABLE: tuple[Rule, ...] = (
     *_linear("head/mlp/fc2", "head.mlp.fc2"),
 )
 
-TABLES = {"qwen2": DECODER_TABLE, "llama": DECODER_TABLE, "siglip": SIGLIP_TABLE}
+# The VILA projector has no transformers class; these are the names of our PyTorch module
+# (`genieblue_jax.export.torch_modules.VilaProjector`) and of VILA's `mm_projector` MLP.
+PROJECTOR_TABLE: tuple[Rule, ...] = (
+    *_layer_norm("layer_norm", "layer_norm"),
+    *_linear("linear_1", "linear_1"),
+    *_linear("linear_2", "linear_2"),
+)
+
+TABLES = {"qwen2": DECODER_TABLE, "llama": DECODER_TABLE, "siglip": SIGLIP_TABLE, "projector": PROJECTOR_TABLE}
 
 # Prefixes an architecture's tensor names may carry in safetensors files, most common first.
 # SiglipModel and SiglipVisionModel files written by transformers 4.x (and the hub's) use

@@ -12,6 +12,7 @@ micro-batches equals one batch k times larger.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -65,6 +66,25 @@ def _demo_data(config, workdir: str) -> tuple[dict, str]:
     return sources, os.path.join(out, "tokenizer.model")
 
 
+def tokenizer_path(c: ml_collections.ConfigDict, workdir: str) -> str:
+    """The recipe's tokenizer: `data.tokenizer`, or the demo data's inside the workdir."""
+    return c.data.tokenizer or os.path.join(workdir, "demo_data", "tokenizer.model")
+
+
+def tokenized_model_config(c: ml_collections.ConfigDict, tokenizer: str) -> structure.MLLMConfig:
+    """`model_config` with the image token id looked up in the tokenizer (checked against the vocab)."""
+    from data_pipelines.tokenizer import load_tokenizer
+    tok = load_tokenizer(tokenizer)
+    try:
+        image_token_id = tok.token_id(c.model.image_token)
+    except KeyError as e:
+        raise ConfigError(f"model.image_token: {e.args[0]}") from None
+    mcfg = model_config(c, image_token_id)
+    if tok.vocab_size > mcfg.llm.vocab_size:
+        raise ConfigError(f"data.tokenizer has {tok.vocab_size} tokens but model.llm only {mcfg.llm.vocab_size}")
+    return mcfg
+
+
 def model_config(c: ml_collections.ConfigDict, image_token_id: int) -> structure.MLLMConfig:
     """The MLLM config of a recipe: presets (or the init checkpoints' configs), dtypes, structure."""
     try:
@@ -106,7 +126,6 @@ def make_mesh(c: ml_collections.ConfigDict) -> jax.sharding.Mesh:
 def resolve(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     """Validates the config (errors name the key) and builds model, data and mesh configs."""
     from data_pipelines.pipeline import PipelineConfig, SourceSpec
-    from data_pipelines.tokenizer import load_tokenizer
     c = config
     if c.train.stage not in structure.STAGES:
         raise ConfigError(f"train.stage={c.train.stage!r}: choose one of {sorted(structure.STAGES)}")
@@ -123,19 +142,11 @@ def resolve(config: ml_collections.ConfigDict, workdir: str) -> Setup:
             raise ConfigError("data.sources is required at paper scale: {name: {path, weight}}")
     if c.data.sources:
         sources = {k: dict(v) for k, v in c.data.sources.items()}
-        tokenizer = c.data.tokenizer
-        if not tokenizer:
+        if not c.data.tokenizer:
             raise ConfigError("data.tokenizer is required with data.sources")
     else:
-        sources, tokenizer = _demo_data(c, workdir)
-    tok = load_tokenizer(tokenizer)
-    try:
-        image_token_id = tok.token_id(c.model.image_token)
-    except KeyError as e:
-        raise ConfigError(f"model.image_token: {e.args[0]}") from None
-    mcfg = model_config(c, image_token_id)
-    if tok.vocab_size > mcfg.llm.vocab_size:
-        raise ConfigError(f"data.tokenizer has {tok.vocab_size} tokens but model.llm only {mcfg.llm.vocab_size}")
+        sources, _ = _demo_data(c, workdir)
+    mcfg = tokenized_model_config(c, tokenizer_path(c, workdir))
     mesh = make_mesh(c)
     batch_shards = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
     gb, micro = c.train.global_batch_size, c.train.micro_batches
@@ -151,10 +162,15 @@ def resolve(config: ml_collections.ConfigDict, workdir: str) -> Setup:
         per_host = gb
     pipe = PipelineConfig.for_model(
         mcfg, sources=tuple(SourceSpec(n, s["path"], float(s.get("weight", 1.0))) for n, s in sorted(sources.items())),
-        tokenizer=tokenizer, seq_len=c.data.seq_len, batch_size=per_host, image_mode=c.data.image_mode,
+        tokenizer=tokenizer_path(c, workdir), seq_len=c.data.seq_len, batch_size=per_host, image_mode=c.data.image_mode,
         max_patches=c.data.max_patches, max_patches_per_row=c.data.max_patches_per_row,
         image_token=c.model.image_token, seed=c.train.seed, num_workers=c.data.num_workers)
     return Setup(mcfg, pipe, mesh, per_host)
+
+
+def preprocessing(c: ml_collections.ConfigDict) -> dict:
+    """How the recipe cuts images into patches (inference must do the same)."""
+    return {"image_mode": c.data.image_mode, "max_patches": int(c.data.max_patches)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,6 +358,89 @@ def restore_trained_part(workdir: str, component: str, like: dict) -> dict:
     if part is None:
         raise ConfigError(f"init.stage1_workdir={workdir} (stage {meta.get('stage')}) has no trained {component}")
     return jax.tree.map(lambda new, ref: jax.device_put(np.asarray(new, ref.dtype), ref.sharding), part, like)
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a workdir was trained with (its config.json)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{workdir}: no config.json (not a training workdir)")
+    with open(path) as f:
+        try:
+            return ml_collections.ConfigDict(json.load(f))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def is_workdir(path: str) -> bool:
+    """A training workdir: its config.json is a recipe (model / train / data sections)."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            d = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and {"model", "train", "data"} <= set(d)
+
+
+@dataclasses.dataclass
+class Trained:
+    """A trained model read back from a workdir (`load_trained`)."""
+    mcfg: structure.MLLMConfig
+    params: dict          # {"llm", "vision", "projector", "branch"}: frozen base + trained parts
+    config: ml_collections.ConfigDict
+    tokenizer: str        # tokenizer file path
+    step: int
+    meta: dict            # the checkpoint's meta (stage, variant, base fingerprint and source)
+
+
+def load_trained(workdir: str, *, step: int | None = None, mesh=None) -> Trained:
+    """The model of a training workdir at `step` (default: the latest checkpoint).
+
+    The frozen base is rebuilt exactly as training built it (from `init.llm_checkpoint` /
+    `init.vit_checkpoint`, or the seeded random init of the demo) and checked against the
+    fingerprint the checkpoint recorded; the trainable parts are read from the checkpoint
+    (Adam's moments are not read). `mesh` defaults to the first device alone.
+    """
+    workdir = os.path.abspath(workdir)
+    config = read_config(workdir)
+    tokenizer = tokenizer_path(config, workdir)
+    if not os.path.isfile(tokenizer) and not os.path.isdir(tokenizer):
+        raise FileNotFoundError(f"{workdir}: the tokenizer it was trained with ({tokenizer}) is missing")
+    mcfg = tokenized_model_config(config, tokenizer)
+    mcfg = mcfg.replace(llm=mcfg.llm.replace(remat=False), vision=mcfg.vision.replace(remat=False))
+    mesh = mesh if mesh is not None else sharding_lib.make_mesh({"data": 1}, jax.devices()[:1])
+    mngr = checkpoint_manager(workdir, keep=1)
+    try:
+        steps = mngr.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint (has the run saved one yet?)")
+        step = max(steps) if step is None else step
+        if step not in steps:
+            raise FileNotFoundError(f"{workdir}/checkpoints: no step {step}; saved steps {sorted(steps)}")
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    finally:
+        mngr.close()
+    if meta.get("variant") != mcfg.structure.name or meta.get("stage") != config.train.stage:
+        raise ValueError(f"{workdir}: checkpoint step {step} is {meta.get('stage')} / {meta.get('variant')}, "
+                         f"but config.json says {config.train.stage} / {mcfg.structure.name}")
+    params = init_params(config, Setup(mcfg, None, mesh, 0))
+    trainable, frozen = structure.partition(params, config.train.stage)
+    fingerprint = base_fingerprint(frozen)
+    if meta["base_fingerprint"] != fingerprint:
+        raise ValueError(f"{workdir}: checkpoint step {step} was trained on a frozen base with fingerprint "
+                         f"{meta['base_fingerprint']} ({meta['base_source']}); the base rebuilt from config.json "
+                         f"has {fingerprint}. Was an init checkpoint changed or moved?")
+    target = {"trainable": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                        trainable)}
+    state_dir = os.path.join(workdir, "checkpoints", str(step), "state")
+    try:
+        restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise ValueError(f"{state_dir}: does not hold the trainable parameters of {mcfg.structure.name} "
+                         f"({config.train.stage}) that config.json describes: {str(e)[:400]}") from e
+    params = structure.combine(restored["trainable"], frozen)
+    return Trained(mcfg, params, config, tokenizer, int(step), meta)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -68,3 +68,21 @@ def test_projector_matches_torch_mlp():
         ref = mlp(vila_downsample_block(torch.from_numpy(x))).numpy()
     assert ours.shape == (2, 16, 16)
     assert np.abs(ours - ref).max() <= 1e-5
+
+
+def test_shipped_torch_projector_matches_ours_and_round_trips():
+    from genieblue_jax.export.torch_modules import (VilaProjector, projector_params_from_state_dict,
+                                                    projector_state_dict)
+    cfg = models.ProjectorConfig(vision_hidden_size=12, llm_hidden_size=16)
+    params = models.init_params(cfg, jax.random.key(0))
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(1), p.shape), params)
+    x = np.random.default_rng(0).normal(size=(2, 49, 12)).astype(np.float32)
+    ours = np.asarray(models.build(cfg).apply({"params": params}, jnp.asarray(x)))
+    with torch.no_grad():
+        ref = VilaProjector.from_params(cfg, params)(torch.from_numpy(x)).numpy()
+    assert np.abs(ours - ref).max() <= 1e-5
+    back = projector_params_from_state_dict(cfg, projector_state_dict(cfg, params))
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    with pytest.raises(ValueError, match="missing"):
+        projector_params_from_state_dict(cfg, {})

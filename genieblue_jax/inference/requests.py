@@ -1,0 +1,145 @@
+"""Requests: a prompt (text or chat turns) and its images -> token ids and image patches,
+exactly as the data pipeline renders a training sample, so the model sees at inference
+what it saw in training.
+
+    >>> from genieblue_jax.inference.requests import RequestEncoder
+    >>> enc = RequestEncoder(tokenizer, patch_size=56, tokens_per_patch=16,
+    ...                      image_mode="dynamic", max_patches=4)           # doctest: +SKIP
+    >>> req = enc.encode("What colour is the circle?", images=["circle.png"])  # doctest: +SKIP
+    >>> req.tokens[:3], req.patches.shape                                    # doctest: +SKIP
+    ([3, 1076, 263], (1, 56, 56, 3))
+
+A text prompt becomes one user turn; a prompt without `<image>` tags but with images gets
+one `<image>\\n` per image in front of it (LLaVA's convention). The chat ends with the
+assistant header (`add_generation_prompt`), so the model's next token starts its answer.
+Images may be file paths, encoded bytes, PIL images or uint8 (H, W, 3) arrays; each one is
+cut into patches with the training recipe's `image_mode` / `max_patches` and takes
+`patches * tokens_per_patch` image tokens.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from data_pipelines import images as image_lib
+from data_pipelines.chat import ChatTemplate
+from data_pipelines.records import IMAGE_TAG
+from data_pipelines.tokenizer import END_OF_TEXT, IM_END
+
+
+@dataclasses.dataclass
+class Request:
+    tokens: list[int]
+    patches: np.ndarray  # float32 (k, S, S, 3) normalised; k = 0 without images
+
+
+def read_image(image: Any, where: str = "image") -> np.ndarray:
+    """Any supported image form -> uint8 (H, W, 3) RGB; errors name `where` (e.g. the path)."""
+    if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{where}: image file {path} not found")
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            return image_lib.decode_image(data)
+        except image_lib.ImageDecodeError as e:
+            raise ValueError(f"{where}: {path} is not a readable image: {e}") from None
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        try:
+            return image_lib.decode_image(bytes(image))
+        except image_lib.ImageDecodeError as e:
+            raise ValueError(f"{where}: {e}") from None
+    if hasattr(image, "convert") and hasattr(image, "size"):  # a PIL image
+        return np.asarray(image.convert("RGB"), np.uint8)
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3 or 0 in arr.shape:
+        raise ValueError(f"{where}: expected a path, bytes, a PIL image or a uint8 (H, W, 3) array; "
+                         f"got {type(image).__name__} {getattr(arr, 'dtype', '')} {getattr(arr, 'shape', '')}")
+    return arr
+
+
+class RequestEncoder:
+    """Prompt + images -> `Request`, with the chat template and patching of training."""
+
+    def __init__(self, tokenizer, *, patch_size: int, tokens_per_patch: int, image_mode: str = "dynamic",
+                 max_patches: int = 16, system: str | None = None):
+        if image_mode not in image_lib.MODES:
+            raise ValueError(f"image_mode={image_mode!r}; choose one of {image_lib.MODES}")
+        self.tokenizer = tokenizer
+        self.patch_size, self.tokens_per_patch = patch_size, tokens_per_patch
+        self.image_mode, self.max_patches = image_mode, max_patches
+        try:
+            self.template = ChatTemplate(tokenizer, default_system=system)
+        except KeyError as e:
+            self.template = None
+            self._no_chat = str(e.args[0])
+
+    @property
+    def stop_tokens(self) -> tuple[int, ...]:
+        """`<|im_end|>` (end of an assistant turn) and `<|endoftext|>` where the vocab has them."""
+        out = []
+        for piece in (IM_END, END_OF_TEXT):
+            try:
+                out.append(self.tokenizer.token_id(piece))
+            except KeyError:
+                pass
+        return tuple(out)
+
+    def patches(self, images: Sequence[Any], where: str = "request") -> list[np.ndarray]:
+        return [image_lib.to_patches(read_image(im, f"{where}, image {i}"), patch=self.patch_size,
+                                     mode=self.image_mode, max_patches=self.max_patches)
+                for i, im in enumerate(images)]
+
+    def encode(self, prompt: str | Sequence[dict], images: Sequence[Any] = (), *, chat: bool = True,
+               where: str = "request") -> Request:
+        """`prompt`: text (one user turn) or chat turns [{"role", "content"}, ...]; with
+        `chat=False` the text is tokenised as it is (no template; no images)."""
+        if isinstance(images, (str, bytes, os.PathLike)) or hasattr(images, "shape") or hasattr(images, "convert"):
+            images = [images]  # a single image
+        images = list(images or ())
+        if not chat:
+            if images:
+                raise ValueError(f"{where}: images need the chat template (chat=True) for their <image> slots")
+            if not isinstance(prompt, str):
+                raise ValueError(f"{where}: chat=False takes a text prompt, got {type(prompt).__name__}")
+            return Request(list(self.tokenizer.encode(prompt)), self._no_patches())
+        if self.template is None:
+            raise ValueError(f"{where}: the tokenizer has no chat tokens ({self._no_chat}); "
+                             "use chat=False for plain text completion")
+        if isinstance(prompt, str):
+            turns = [{"role": "user", "content": prompt}]
+        else:
+            turns = [dict(t) for t in prompt]
+        tags = sum(str(t.get("content", "")).count(IMAGE_TAG) for t in turns)
+        if images and tags == 0:
+            user = next((t for t in turns if t.get("role") == "user"), None)
+            if user is None:
+                raise ValueError(f"{where}: images given but no user turn to attach them to")
+            user["content"] = f"{IMAGE_TAG}\n" * len(images) + user["content"]
+        elif tags != len(images):
+            raise ValueError(f"{where}: {tags} {IMAGE_TAG} tag(s) in the prompt but {len(images)} image(s)")
+        patches = self.patches(images, where)
+        chat_out = self.template.render(turns, [len(p) * self.tokens_per_patch for p in patches],
+                                        add_generation_prompt=True, example_id=where)
+        stacked = np.concatenate(patches) if patches else self._no_patches()
+        return Request(chat_out.tokens.tolist(), stacked.astype(np.float32))
+
+    def _no_patches(self) -> np.ndarray:
+        return np.zeros((0, self.patch_size, self.patch_size, 3), np.float32)
+
+
+def stack_patches(patch_lists: Sequence[np.ndarray]) -> np.ndarray | None:
+    """Per-request patches (k_i, S, S, 3) -> (b, max k_i, S, S, 3), zero-padded (padding
+    patches are never referenced by an image token); None when no request has images."""
+    most = max((len(p) for p in patch_lists), default=0)
+    if most == 0:
+        return None
+    s = patch_lists[0].shape[1:]
+    out = np.zeros((len(patch_lists), most, *s), np.float32)
+    for i, p in enumerate(patch_lists):
+        out[i, : len(p)] = p
+    return out
