@@ -1,5 +1,6 @@
 """The worked examples in docstrings are executed, so they cannot go stale."""
 import doctest
+import importlib
 
 import pytest
 
@@ -7,6 +8,8 @@ import data_pipelines.images
 import data_pipelines.packing
 import data_pipelines.records
 import genieblue_jax.export.hf_writer
+import genieblue_jax.export.to_torch
+import genieblue_jax.models.llm
 import genieblue_jax.hf.tables
 import genieblue_jax.models
 import genieblue_jax.models.configs
@@ -19,6 +22,9 @@ import genieblue_jax.train.optimizer
 
 @pytest.mark.parametrize("module", [genieblue_jax.models, genieblue_jax.models.configs, genieblue_jax.models.scan,
                                     genieblue_jax.hf.tables, genieblue_jax.export.hf_writer,
+                                    genieblue_jax.export.to_torch, genieblue_jax.models.llm,
+                                    # the module, not the function `inference.generate` shadowing it
+                                    importlib.import_module("genieblue_jax.inference.generate"),
                                     genieblue_jax.train.optimizer, genieblue_jax.structure,
                                     genieblue_jax.structure.config, genieblue_jax.structure.branch,
                                     data_pipelines.packing, data_pipelines.records, data_pipelines.images])

@@ -176,14 +176,16 @@ def _prefill(mcfg, params, tokens, positions, segment_ids, images, sampling, key
     if mode == "text":
         if images is not None:
             raise ValueError("mode='text' runs the base LLM alone and takes no images")
-        hidden, cache = decoder.apply(variables, tokens, positions, segment_ids, return_hidden=True, cache=cache)
+        hidden, cache = decoder.apply(variables, tokens, positions, segment_ids, return_hidden=True, cache=cache,
+                                      fresh_cache=True)
     else:  # as structure.mllm.decode: image features into the image-token slots, types route experts
         embeds = decoder.apply(variables, tokens, method="embed")
         is_image = (tokens == mcfg.image_token_id) & (segment_ids > 0)
         if images is not None:
             embeds = merge_image_features(embeds, is_image, image_features(mcfg, params, images))
         hidden, cache = decoder.apply(variables, tokens, positions, segment_ids, inputs_embeds=embeds,
-                                      token_types=is_image.astype(jnp.int32), return_hidden=True, cache=cache)
+                                      token_types=is_image.astype(jnp.int32), return_hidden=True, cache=cache,
+                                      fresh_cache=True)
     last = decoder.apply(variables, hidden[:, -1], method="unembed")  # left padding: every row's last token
     first, finished = _choose(last, key, jnp.int32(0), jnp.zeros((b,), bool), sampling)
     state = DecodeState(first, positions[:, -1].astype(jnp.int32) + 1, finished, key, jnp.int32(1))

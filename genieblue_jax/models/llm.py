@@ -25,17 +25,20 @@ KV cache (generation, `genieblue_jax.inference`): `DecoderLM.__call__(..., cache
 takes and returns a cache pytree (functional; no flax mutable collections), see
 `init_kv_cache`:
 
-    {"k": (L, b, S, K, d), "v": (L, b, S, K, d),   keys (after RoPE) / values per layer and slot
+    {"k": L x (b, K, S, d), "v": L x (b, K, S, d), keys (after RoPE) / values: one array per
+                                                   layer, heads-major as attention reads them
      "segment_ids": (b, S) int32,                  segment of each slot (0 = padding / unwritten)
      "index": () int32}                            next slot to write; all rows advance together
 
-A call with t new tokens writes them at slots [index, index + t) (their keys, values and
-`segment_ids`) and attends over all S slots: query slot q sees slot s iff s <= q and both
-have the same segment id (`masks.cached_causal_segment_mask`), so left-padding slots
-(segment 0) are invisible to real tokens and unwritten slots lie in the future. RoPE
-positions stay explicit per token (`positions` (b, t)). The cache path runs the blocks
-unrolled with unchunked attention (`attention_chunk` / `scan_layers` apply to the no-cache
-path only); with no cache nothing changes (same parameters, same numerics).
+A call with t new tokens attends over the S cached slots and the t new tokens under one
+softmax (query slot q = index + i sees cached slot s iff s <= q and the segments agree,
+`masks.cached_causal_segment_mask`; among the new tokens, `causal_segment_mask`), then
+writes their keys, values and `segment_ids` at slots [index, index + t). Left-padding
+slots (segment 0) are invisible to real tokens and unwritten slots lie in the future.
+RoPE positions stay explicit per token (`positions` (b, t)). Reading first and writing
+after keeps the write in place when the cache is donated (see `Attention`). The cache path
+runs the blocks unrolled with unchunked attention (`attention_chunk` / `scan_layers` apply
+to the no-cache path only); with no cache nothing changes (same parameters, same numerics).
 """
 from __future__ import annotations
 
@@ -81,21 +84,51 @@ def apply_rope(x, positions, theta: float):
 
 
 def _attend(q, k, v, mask, dtype):
-    """q (b, t, H, d); k, v (b, s, K, d); mask (b, t, s) -> (b, t, H * d).
+    """q (b, t, H, d); k, v (b, s, K, d); mask (b, t, s) -> (b, t, H * d)."""
+    return _attend_kv_major(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask, dtype)
+
+
+def _attend_kv_major(q, k, v, mask, dtype):
+    """q (b, t, H, d); k, v (b, K, s, d) (the KV cache's layout); mask (b, t, s) -> (b, t, H * d).
 
     The G = H / K query heads sharing a KV head are folded into the query rows, so both
     matmuls are plain batched (b, K) products with no transposes in between (XLA:CPU ran
     the 5-d einsum 1.5x slower)."""
     b, t, h, d = q.shape
-    kv_heads, s = k.shape[2], k.shape[1]
+    kv_heads, s = k.shape[1], k.shape[2]
     g = h // kv_heads
     q = q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, t * g, d)
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (b, K, s, d)
     scores = jnp.einsum("bkrd,bksd->bkrs", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
     scores = jnp.where(mask[:, None, :, None, :], scores.reshape(b, kv_heads, t, g, s), jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(b, kv_heads, t * g, s)
     out = jnp.einsum("bkrs,bksd->bkrd", probs, v).reshape(b, kv_heads, t, g, d)
     return out.transpose(0, 2, 1, 3, 4).reshape(b, t, h * d)
+
+
+def _attend_two_parts(q, cached, new, mask_cached, mask_new, dtype):
+    """Attention over the KV cache's S slots and the t new tokens, one softmax over both.
+
+    q (b, t, H, d); cached = (k, v) each (b, K, S, d); new = (k, v) each (b, K, t, d);
+    mask_cached (b, t, S) (False for the slots the new tokens are about to take), mask_new
+    (b, t, t); `mask_cached` None means an empty cache (a first prefill): only the new part."""
+    if mask_cached is None:
+        return _attend_kv_major(q, new[0], new[1], mask_new, dtype)
+    b, t, h, d = q.shape
+    kv_heads = cached[0].shape[1]
+    g = h // kv_heads
+    qf = q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, t * g, d)
+
+    def scores(k, mask):
+        sc = jnp.einsum("bkrd,bksd->bkrs", qf, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+        sc = sc.reshape(b, kv_heads, t, g, k.shape[2])
+        return jnp.where(mask[:, None, :, None, :], sc, jnp.finfo(jnp.float32).min)
+
+    s_cached = cached[0].shape[2]
+    probs = jax.nn.softmax(jnp.concatenate([scores(cached[0], mask_cached), scores(new[0], mask_new)], -1), -1)
+    probs = probs.astype(dtype).reshape(b, kv_heads, t * g, s_cached + t)
+    out = (jnp.einsum("bkrs,bksd->bkrd", probs[..., :s_cached], cached[1])
+           + jnp.einsum("bkrs,bksd->bkrd", probs[..., s_cached:], new[1]))
+    return out.reshape(b, kv_heads, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h * d)
 
 
 def dot_product_attention(q, k, v, mask, dtype, chunk: int = 0):
@@ -142,17 +175,18 @@ def init_kv_cache(cfg: LLMConfig, batch: int, length: int, dtype=None) -> dict:
 
         >>> from genieblue_jax.models import get_preset
         >>> cache = init_kv_cache(get_preset("tiny-qwen2"), batch=2, length=8)
-        >>> cache["k"].shape, cache["segment_ids"].shape, int(cache["index"])
-        ((4, 2, 8, 2, 16), (2, 8), 0)
+        >>> len(cache["k"]), cache["k"][0].shape, cache["segment_ids"].shape, int(cache["index"])
+        (4, (2, 2, 8, 16), (2, 8), 0)
     """
-    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
     dtype = cfg.compute_dtype if dtype is None else dtype
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "segment_ids": jnp.zeros((batch, length), jnp.int32), "index": jnp.zeros((), jnp.int32)}
+    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+    return {"k": zeros(), "v": zeros(), "segment_ids": jnp.zeros((batch, length), jnp.int32),
+            "index": jnp.zeros((), jnp.int32)}
 
 
 class Attention(nn.Module):
-    """GQA self-attention. With `kv_cache` = (k, v), each (b, S, K, d) for this layer, the
+    """GQA self-attention. With `kv_cache` = (k, v), each (b, K, S, d) for this layer, the
     new keys / values are written at slots [cache_index, cache_index + t), the queries
     attend over all S slots under `mask` (b, t, S), and the call returns
     (output, (k, v) updated); otherwise it returns the output (keys = the t tokens)."""
@@ -174,13 +208,22 @@ class Attention(nn.Module):
         q = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), positions, cfg.rope_theta)
         k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), positions, cfg.rope_theta)
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        chunk = cfg.attention_chunk
         if kv_cache is not None:
-            start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), start)
-            v = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), start)
-            kv_cache, chunk = (k, v), 0
-        out = dot_product_attention(q, k, v, mask, cfg.compute_dtype, chunk)
+            # The cached slots and the t new tokens are attended as two parts, so the cache is
+            # only read here and the in-place write of the new slots has a single user (XLA:CPU
+            # otherwise copies each layer's whole cache to feed the update into the matmul).
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (b, K, t, d)
+            mask_cached, mask_new = mask
+            out = _attend_two_parts(q, kv_cache, (k, v), mask_cached, mask_new, cfg.compute_dtype)
+            # ... and the write is ordered after that read by a data dependency: XLA:CPU runs
+            # independent ops concurrently, so without one it copies the whole cache to protect
+            # the read. `x > inf` is False for every float, NaN included: the index is unchanged.
+            after_read = (out[0, 0, 0] > jnp.inf).astype(jnp.int32)
+            start = (0, 0, cache_index + after_read, 0)
+            kv_cache = tuple(jax.lax.dynamic_update_slice(c, x.astype(c.dtype), start)
+                             for c, x in zip(kv_cache, (k, v)))
+        else:
+            out = dot_product_attention(q, k, v, mask, cfg.compute_dtype, cfg.attention_chunk)
         text_out = _proj(cfg, cfg.hidden_size, "o_proj", cfg.out_bias, self.lora)(out)
         if self.expert:
             text_out = _route(is_image, text_out, dense(cfg, cfg.hidden_size, "vision_o_proj", use_bias=cfg.out_bias)(out))
@@ -259,7 +302,7 @@ class DecoderLM(nn.Module):
     def embed(self, tokens):
         return self.embed_tokens(tokens)
 
-    def hidden_states(self, x, positions, segment_ids, token_types=None, cache=None):
+    def hidden_states(self, x, positions, segment_ids, token_types=None, cache=None, fresh_cache: bool = False):
         """Runs the blocks and the final norm on input embeddings x: (b, t, hidden).
 
         With `cache` returns (hidden, new_cache): the t tokens go to slots
@@ -270,7 +313,7 @@ class DecoderLM(nn.Module):
             is_image = jnp.zeros(segment_ids.shape, bool)
         x = shard_batch(x)
         if cache is not None:
-            return self._cached_hidden_states(x, positions, segment_ids, is_image, cache)
+            return self._cached_hidden_states(x, positions, segment_ids, is_image, cache, fresh_cache)
         mask = causal_segment_mask(segment_ids)
         if self.cfg.scan_layers and not self.is_initializing():
             kinds = self.layer_kinds or ("base",) * self.cfg.num_layers
@@ -287,18 +330,23 @@ class DecoderLM(nn.Module):
                 x = shard_batch(layer(x, positions, mask, is_image))
         return self.norm(x)
 
-    def _cached_hidden_states(self, x, positions, segment_ids, is_image, cache):
+    def _cached_hidden_states(self, x, positions, segment_ids, is_image, cache, fresh_cache):
         index = jnp.asarray(cache["index"], jnp.int32)
-        segments = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32), (0, index))
-        mask = cached_causal_segment_mask(segment_ids, segments, index)
-        k_all, v_all = cache["k"], cache["v"]
-        if k_all.shape[0] != len(self.layers):
-            raise ValueError(f"cache has {k_all.shape[0]} layers, the model {len(self.layers)}")
-        for i, layer in enumerate(self.layers):
-            x, (k, v) = layer(x, positions, mask, is_image, (k_all[i], v_all[i]), index)
+        segment_ids = segment_ids.astype(jnp.int32)
+        t = segment_ids.shape[1]
+        # Cached slots: the old segment ids (the new tokens' slots are still 0 there, i.e. hidden).
+        mask_cached = None if fresh_cache else cached_causal_segment_mask(segment_ids, cache["segment_ids"], index)
+        mask = (mask_cached, causal_segment_mask(segment_ids))
+        segments = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids, (0, index))
+        if len(cache["k"]) != len(self.layers):
+            raise ValueError(f"cache has {len(cache['k'])} layers, the model {len(self.layers)}")
+        ks, vs = [], []
+        for layer, k, v in zip(self.layers, cache["k"], cache["v"]):
+            x, (k, v) = layer(x, positions, mask, is_image, (k, v), index)
             x = shard_batch(x)
-            k_all, v_all = k_all.at[i].set(k), v_all.at[i].set(v)
-        new_cache = {"k": k_all, "v": v_all, "segment_ids": segments, "index": index + x.shape[1]}
+            ks.append(k)
+            vs.append(v)
+        new_cache = {"k": tuple(ks), "v": tuple(vs), "segment_ids": segments, "index": index + t}
         return self.norm(x), new_cache
 
     def unembed(self, h):
@@ -309,13 +357,14 @@ class DecoderLM(nn.Module):
         return logits.astype(jnp.float32)
 
     def __call__(self, tokens, positions, segment_ids, inputs_embeds=None, token_types=None,
-                 return_hidden: bool = False, cache=None):
+                 return_hidden: bool = False, cache=None, fresh_cache: bool = False):
         """Float32 logits, or with `return_hidden` the final-norm hidden states (b, t, hidden),
         which `unembed` turns into logits (the trainer does it a chunk at a time).
-        With `cache`: `(logits or hidden, new_cache)`."""
+        With `cache`: `(logits or hidden, new_cache)`; `fresh_cache=True` (static) promises the
+        cache is empty (a first prefill), so the new tokens attend only among themselves."""
         x = self.embed(tokens) if inputs_embeds is None else inputs_embeds.astype(self.cfg.compute_dtype)
         if cache is None:
             h = self.hidden_states(x, positions, segment_ids, token_types)
             return h if return_hidden else self.unembed(h)
-        h, cache = self.hidden_states(x, positions, segment_ids, token_types, cache=cache)
+        h, cache = self.hidden_states(x, positions, segment_ids, token_types, cache=cache, fresh_cache=fresh_cache)
         return (h if return_hidden else self.unembed(h)), cache

@@ -36,20 +36,21 @@ def causal_segment_mask(segment_ids):
 
 
 def cached_causal_segment_mask(segment_ids, cache_segment_ids, index):
-    """Boolean mask (batch, t, S) of t new tokens written at cache slots [index, index + t)
-    over all S cache slots: query slot q = index + i may attend slot s iff s <= q and both
-    have the same segment id. `cache_segment_ids` (b, S) already holds the new tokens' ids
-    (`segment_ids` (b, t)); `index` may be traced. Slots not yet written lie in the future.
-    With index = 0 and t = S it is `causal_segment_mask(segment_ids)`.
+    """Boolean mask (batch, t, S) of t new tokens (query slots index .. index + t - 1) over
+    the S slots of a KV cache: query slot q = index + i may attend slot s iff s <= q and
+    both have the same segment id. `index` may be traced. The decoder passes the cache's
+    ids *before* the new tokens are written, so their own slots (still 0) stay hidden here
+    and the new tokens see each other through `causal_segment_mask`; unwritten slots lie in
+    the future.
 
-    Example: two rows, prompt lengths 3 and 1, left-padded to 3 slots, then one decode step
-    (index = 3, S = 5; slot 4 is not written yet):
+    Example: two rows, prompts of 3 and 1 tokens left-padded to 3 slots, then one decode
+    step (index = 3, S = 5):
 
-        cache_segment_ids = [[1, 1, 1, 1, 0],
-                             [0, 0, 1, 1, 0]]      # row 1: slots 0-1 are left padding
+        cache_segment_ids = [[1, 1, 1, 0, 0],
+                             [0, 0, 1, 0, 0]]      # row 1: slots 0-1 are left padding
         cached_causal_segment_mask([[1], [1]], cache_segment_ids, 3)[:, 0].astype(int) ==
-            [[1, 1, 1, 1, 0],
-             [0, 0, 1, 1, 0]]
+            [[1, 1, 1, 0, 0],
+             [0, 0, 1, 0, 0]]
     """
     segment_ids = jnp.asarray(segment_ids)
     t, s = segment_ids.shape[-1], cache_segment_ids.shape[-1]

@@ -127,10 +127,13 @@ def test_prefill_logits_equal_forward_on_the_unpadded_prompt(init_scale_model, n
     cache, state, logits = inference.prefill(mcfg, params, tokens, positions, segments, images,
                                              inference.Sampling.make(), jax.random.key(0), mode=mode,
                                              cache_len=128, all_logits=True)
-    # on the same left-padded input, the cached prefill is the no-cache forward, bitwise
+    # on the same left-padded input, the cached prefill is the no-cache forward (to float
+    # rounding: the two programs fuse differently)
     valid = segments.astype(bool)
-    np.testing.assert_array_equal(np.asarray(logits)[valid], np.asarray(
-        _forward(mcfg, params, tokens, positions, segments, images, mode=mode))[valid])
+    same_input = np.abs(np.asarray(logits)[valid] - np.asarray(
+        _forward(mcfg, params, tokens, positions, segments, images, mode=mode))[valid]).max()
+    print(f"{name}: prefill vs forward on the padded input max |diff| {same_input:.1e}")
+    assert same_input <= 1e-5
     assert int(cache["index"]) == 64
     np.testing.assert_array_equal(np.asarray(cache["segment_ids"]), np.pad(segments, ((0, 0), (0, 64))))
     for i, p in enumerate(prompts):

@@ -1,0 +1,187 @@
+"""`genieblue_jax.load` on a trained tiny model: routing (non-shared base), workdir and
+checkpoint loading, and the errors bad input gets.
+
+The model is trained by the real engine (3 stage-2 steps on the demo data) around a base
+LLM imported from a random `transformers` Qwen2 model, so "the base model" is an artifact
+of its own that the trained MLLM's text path must reproduce exactly.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+import genieblue_jax
+from genieblue_jax import checkpoint, inference, structure
+from genieblue_jax.hf import import_hf
+from genieblue_jax.train import trainer
+from data_pipelines.images import num_patches
+from tests.train.conftest import tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("api")
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, rope_theta=1e6, tie_word_embeddings=True, max_position_embeddings=512))
+    with torch.no_grad():  # weights of a "pretrained" scale, so greedy decoding does not repeat one token
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    hf.save_pretrained(root / "hf_llm", safe_serialization=True)
+    import_hf(str(root / "hf_llm"), out=str(root / "llm_ckpt"))
+    workdir = str(root / "run")
+    trainer.train(tiny_config(**{"train.steps": 3, "init.llm_checkpoint": str(root / "llm_ckpt")}), workdir)
+    image = root / "scene.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (70, 120, 3), dtype=np.uint8)).save(image)
+    return {"root": root, "hf": str(root / "hf_llm"), "workdir": workdir, "image": str(image),
+            "model": genieblue_jax.load(workdir)}
+
+
+def test_text_requests_run_the_base_model_exactly(trained):
+    model, base = trained["model"], genieblue_jax.load(trained["hf"])
+    assert model.is_mllm and not base.is_mllm and model.mcfg.structure.name == "genieblue-skip"
+    for name, leaf in structure.merge_trees({}, model.params["llm"]).items():  # frozen means frozen
+        jax.tree.map(np.testing.assert_array_equal, leaf, base.params["llm"][name])
+    ids = model.requests.encode("What is 3 plus 4?").tokens
+    np.testing.assert_array_equal(model.logits([ids]), base.logits([ids]))
+    text, (result,) = model.generate("What is 3 plus 4?", max_new_tokens=16, stop_tokens=(), return_tokens=True)
+    _, (base_result,) = base.generate([ids], max_new_tokens=16, return_tokens=True)
+    np.testing.assert_array_equal(result.tokens, base_result.tokens)
+    assert len(set(result.tokens[0].tolist())) > 3, result.tokens  # a real continuation
+    assert text == model.tokenizer.decode(result.tokens[0].tolist())
+    # shared mode runs the trained branch on text: another model
+    shared = model.logits([ids], mode="shared")
+    assert np.abs(shared - model.logits([ids])).max() > 1e-4
+
+
+def test_image_requests_run_the_multimodal_path(trained):
+    model = trained["model"]
+    req = model.requests.encode("Describe the image.", [trained["image"]])
+    # the recipe's dynamic resolution (at most 4 patches of 56 px) + the thumbnail
+    assert len(req.patches) == num_patches(120, 70, patch=56, mode="dynamic", max_patches=4) > 1
+    ids, images = np.asarray([req.tokens]), req.patches[None]
+    first_image = int(np.argmax(ids[0] == model.mcfg.image_token_id))
+    multimodal = model.logits(ids, images=images)  # routed: images -> multimodal
+    np.testing.assert_array_equal(multimodal, model.logits(ids, images=images, mode="multimodal"))
+    prefix = ids[:, :first_image]
+    # before the image, the multimodal path is the branch on text (= shared), not the base
+    diff_shared = np.abs(multimodal[:, :first_image] - model.logits(prefix, mode="shared")).max()
+    diff_base = np.abs(multimodal[:, :first_image] - model.logits(prefix, mode="text")).max()
+    print(f"image request, text before the image: vs shared {diff_shared:.1e}, vs base {diff_base:.1e}")
+    assert diff_shared <= 1e-4 and diff_base > 1e-2  # logits are of order 10 here
+    # generation with the image = greedy decoding of the multimodal path
+    _, (result,) = model.generate("Describe the image.", images=[trained["image"]], max_new_tokens=8, stop_tokens=(),
+                                  return_tokens=True)
+    want = inference.generate(model.mcfg, model.params, [req.tokens], mode="multimodal", images=images,
+                              max_new_tokens=8)
+    np.testing.assert_array_equal(result.tokens, want.tokens)
+
+
+def test_a_mixed_batch_routes_each_request(trained):
+    model = trained["model"]
+    prompts = ["What is 3 plus 4?", "Describe the image.", "What is 5 plus 1?"]
+    texts, results = model.generate(prompts, images=[None, [trained["image"]], None], max_new_tokens=6,
+                                    return_tokens=True)
+    assert len(texts) == 3 and len(results) == 2  # one text sub-batch (rows 0, 2), one multimodal
+    assert texts[0] == model.generate(prompts[0], max_new_tokens=6)
+    assert texts[1] == model.generate(prompts[1], images=[trained["image"]], max_new_tokens=6)
+
+
+def test_workdir_checkpoint_and_step_directory_load_the_same_model(trained, tmp_path):
+    model = trained["model"]
+    path = model.save(str(tmp_path / "mllm"))
+    again = genieblue_jax.load(path)
+    assert again.mcfg == model.mcfg and again.preprocessing == model.preprocessing == {"image_mode": "dynamic",
+                                                                                        "max_patches": 4}
+    for a, b in zip(jax.tree.leaves(again.params), jax.tree.leaves(model.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert again.requests.encode("hi").tokens == model.requests.encode("hi").tokens  # tokenizer travelled
+    step = genieblue_jax.load(os.path.join(trained["workdir"], "checkpoints", "3"))
+    np.testing.assert_array_equal(np.asarray(step.params["branch"]["layers_0"]["mlp"]["up_proj"]["kernel"]),
+                                  np.asarray(model.params["branch"]["layers_0"]["mlp"]["up_proj"]["kernel"]))
+    with pytest.raises(FileExistsError, match="already holds a checkpoint"):
+        model.save(path)
+
+
+def test_bad_input_names_the_culprit(trained, tmp_path):
+    model, workdir = trained["model"], trained["workdir"]
+    with pytest.raises(FileNotFoundError, match="no-such-dir: no such directory"):
+        genieblue_jax.load(str(tmp_path / "no-such-dir"))
+    with pytest.raises(FileNotFoundError, match="neither a training workdir"):
+        genieblue_jax.load(str(tmp_path))
+    # a workdir whose config.json says another variant than its checkpoints hold
+    other = str(tmp_path / "other")
+    shutil.copytree(workdir, other)
+    with open(os.path.join(other, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["model"]["variant"] = "lora"
+    with open(os.path.join(other, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(ValueError, match="step 3 is stage2 / genieblue-skip, but config.json says stage2 / lora"):
+        genieblue_jax.load(other)
+    with pytest.raises(FileNotFoundError, match="no step 7; saved steps"):
+        genieblue_jax.load(workdir, step=7)
+    # a checkpoint missing its parameters
+    broken = str(tmp_path / "broken")
+    model.save(broken)
+    shutil.rmtree(os.path.join(broken, checkpoint.PARAMS_DIR))
+    with pytest.raises(FileNotFoundError, match="params/ is missing"):
+        genieblue_jax.load(broken)
+    # requests
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=f"prompt 0, image 0: {bad} is not a readable image"):
+        model.generate("What is this?", images=[str(bad)])
+    with pytest.raises(FileNotFoundError, match="missing.png not found"):
+        model.generate("What is this?", images=[str(tmp_path / "missing.png")])
+    n = len(model.requests.encode("What is 3 plus 4?").tokens)  # context = the LLM's 512 positions
+    with pytest.raises(ValueError, match=rf"prompt 0: {n} tokens \+ max_new_tokens={513 - n} exceed the model's "
+                                         "context of 512 tokens"):
+        model.generate("What is 3 plus 4?", max_new_tokens=513 - n)
+    with pytest.raises(ValueError, match=r"2 <image> tag\(s\) in the prompt but 1 image"):
+        model.generate("<image> and <image>?", images=[trained["image"]])
+    with pytest.raises(ValueError, match="mode='text' runs the base LLM alone and takes no images"):
+        model.generate("Describe.", images=[trained["image"]], mode="text")
+    ids = model.requests.encode("Describe.", [trained["image"]]).tokens
+    with pytest.raises(ValueError, match="image tokens .* but no images"):
+        model.logits([ids], mode="multimodal")
+    with pytest.raises(ValueError, match="needs a multimodal model"):
+        genieblue_jax.load(trained["hf"]).logits([[1, 2]], mode="multimodal")
+
+
+def test_chat_tool(trained):
+    from tools.chat import Conversation, interactive
+    model = trained["model"]
+    lines = iter(["What is 3 plus 4?", f"/image {trained['image']}", "/image nope.png", "Describe it.", "/mode text",
+                  "And now?", "/reset", "/mode auto", "Hello"])
+    out = []
+
+    def read(_):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    interactive(Conversation(model, None, max_new_tokens=4), read=read, write=out.append)
+    statuses = [line for line in out if line.startswith("[")]
+    assert [s.split(";")[0] for s in statuses] == ["[base LLM (non-shared)", "[multimodal path (replicated blocks + LoRA)",
+                                                    "[base LLM (non-shared)"], out
+    assert any("nope.png not found" in line for line in out)
+    assert any("mode='text' runs the base LLM alone" in line for line in out)  # the image is still in the chat
+    run = subprocess.run([sys.executable, "-m", "tools.chat", "--checkpoint", trained["workdir"], "--prompt",
+                          "What is 3 plus 4?", "--max_new_tokens", "4"], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "[base LLM (non-shared); " in run.stderr
+    assert run.stdout.rstrip("\n") == model.generate("What is 3 plus 4?", max_new_tokens=4).rstrip("\n")
