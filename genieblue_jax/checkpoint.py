@@ -178,6 +178,8 @@ def restore(path: str, *, mesh=None, rules=sharding_lib.DEFAULT_RULES):
     try:
         params = ocp.StandardCheckpointer().restore(params_dir, target)
     except (ValueError, KeyError, FileNotFoundError) as e:
-        raise ValueError(f"{params_dir}: the stored parameters do not match {META_FILE} "
-                         f"({type(e).__name__}: {str(e)[:500]})") from e
+        what = (f" (a {meta['mllm_config'].structure.name} MLLM)" if "mllm_config" in meta
+                else f" (components {sorted(configs)})")
+        raise ValueError(f"{params_dir}: the stored parameters do not match {META_FILE}{what}: "
+                         f"{type(e).__name__}: {str(e)[:500]}") from e
     return configs, params, meta

@@ -138,6 +138,16 @@ def test_bad_input_names_the_culprit(trained, tmp_path):
     shutil.rmtree(os.path.join(broken, checkpoint.PARAMS_DIR))
     with pytest.raises(FileNotFoundError, match="params/ is missing"):
         genieblue_jax.load(broken)
+    # a checkpoint whose metadata names another variant than its parameters
+    other_variant = str(tmp_path / "other_variant")
+    model.save(other_variant)
+    with open(os.path.join(other_variant, checkpoint.META_FILE)) as f:
+        meta = json.load(f)
+    meta["mllm"]["structure"]["variant"] = "cogvlm"
+    with open(os.path.join(other_variant, checkpoint.META_FILE), "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(ValueError, match=r"params: the stored parameters do not match genieblue.json \(a cogvlm-skip MLLM\)"):
+        genieblue_jax.load(other_variant)
     # requests
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")

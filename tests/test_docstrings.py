@@ -18,6 +18,7 @@ import genieblue_jax.structure
 import genieblue_jax.structure.branch
 import genieblue_jax.structure.config
 import genieblue_jax.train.optimizer
+import genieblue_jax.train.trainer
 
 
 @pytest.mark.parametrize("module", [genieblue_jax.models, genieblue_jax.models.configs, genieblue_jax.models.scan,
@@ -25,7 +26,7 @@ import genieblue_jax.train.optimizer
                                     genieblue_jax.export.to_torch, genieblue_jax.models.llm,
                                     # the module, not the function `inference.generate` shadowing it
                                     importlib.import_module("genieblue_jax.inference.generate"),
-                                    genieblue_jax.train.optimizer, genieblue_jax.structure,
+                                    genieblue_jax.train.optimizer, genieblue_jax.train.trainer, genieblue_jax.structure,
                                     genieblue_jax.structure.config, genieblue_jax.structure.branch,
                                     data_pipelines.packing, data_pipelines.records, data_pipelines.images])
 def test_docstring_examples(module):

@@ -52,7 +52,8 @@ def base_config(scale: str) -> ml_collections.ConfigDict:
     c.init.stage1_workdir = ml_collections.FieldReference(None, field_type=str)  # projector from stage 1
 
     c.data = ml_collections.ConfigDict()
-    c.data.sources = ml_collections.ConfigDict()   # {name: {"path": dir, "weight": w}}; empty = demo data
+    # "name=DIR:weight,name=DIR:weight,..." (trainer.parse_sources); empty = the demo data.
+    c.data.sources = ""
     c.data.tokenizer = ml_collections.FieldReference(None, field_type=str)
     c.data.seq_len = 4096 if paper else 256
     c.data.image_mode = "dynamic"

@@ -25,8 +25,8 @@ KV cache (generation, `genieblue_jax.inference`): `DecoderLM.__call__(..., cache
 takes and returns a cache pytree (functional; no flax mutable collections), see
 `init_kv_cache`:
 
-    {"k": L x (b, K, S, d), "v": L x (b, K, S, d), keys (after RoPE) / values: one array per
-                                                   layer, heads-major as attention reads them
+    {"k": L x (b, K, d, S), "v": L x (b, K, S, d), keys (after RoPE, transposed) / values: one
+                                                   array per layer, laid out as attention reads them
      "segment_ids": (b, S) int32,                  segment of each slot (0 = padding / unwritten)
      "index": () int32}                            next slot to write; all rows advance together
 
@@ -108,9 +108,11 @@ def _attend_kv_major(q, k, v, mask, dtype):
 def _attend_two_parts(q, cached, new, mask_cached, mask_new, dtype):
     """Attention over the KV cache's S slots and the t new tokens, one softmax over both.
 
-    q (b, t, H, d); cached = (k, v) each (b, K, S, d); new = (k, v) each (b, K, t, d);
-    mask_cached (b, t, S) (False for the slots the new tokens are about to take), mask_new
-    (b, t, t); `mask_cached` None means an empty cache (a first prefill): only the new part."""
+    q (b, t, H, d); cached = (keys (b, K, d, S), values (b, K, S, d)) (the cache layout:
+    keys transposed so that q k^T is a plain matmul over the cache); new = (k, v) each
+    (b, K, t, d); mask_cached (b, t, S) (False for the slots the new tokens are about to
+    take), mask_new (b, t, t); `mask_cached` None means an empty cache (a first prefill):
+    only the new part."""
     if mask_cached is None:
         return _attend_kv_major(q, new[0], new[1], mask_new, dtype)
     b, t, h, d = q.shape
@@ -118,14 +120,15 @@ def _attend_two_parts(q, cached, new, mask_cached, mask_new, dtype):
     g = h // kv_heads
     qf = q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, t * g, d)
 
-    def scores(k, mask):
-        sc = jnp.einsum("bkrd,bksd->bkrs", qf, k, preferred_element_type=jnp.float32) * (d ** -0.5)
-        sc = sc.reshape(b, kv_heads, t, g, k.shape[2])
-        return jnp.where(mask[:, None, :, None, :], sc, jnp.finfo(jnp.float32).min)
+    def masked(scores, mask):
+        scores = scores.reshape(b, kv_heads, t, g, scores.shape[-1]) * (d ** -0.5)
+        return jnp.where(mask[:, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
 
-    s_cached = cached[0].shape[2]
-    probs = jax.nn.softmax(jnp.concatenate([scores(cached[0], mask_cached), scores(new[0], mask_new)], -1), -1)
-    probs = probs.astype(dtype).reshape(b, kv_heads, t * g, s_cached + t)
+    s_cached = cached[0].shape[3]
+    scores = jnp.concatenate([
+        masked(jnp.einsum("bkrd,bkds->bkrs", qf, cached[0], preferred_element_type=jnp.float32), mask_cached),
+        masked(jnp.einsum("bkrd,bksd->bkrs", qf, new[0], preferred_element_type=jnp.float32), mask_new)], -1)
+    probs = jax.nn.softmax(scores, -1).astype(dtype).reshape(b, kv_heads, t * g, s_cached + t)
     out = (jnp.einsum("bkrs,bksd->bkrd", probs[..., :s_cached], cached[1])
            + jnp.einsum("bkrs,bksd->bkrd", probs[..., s_cached:], new[1]))
     return out.reshape(b, kv_heads, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h * d)
@@ -175,18 +178,18 @@ def init_kv_cache(cfg: LLMConfig, batch: int, length: int, dtype=None) -> dict:
 
         >>> from genieblue_jax.models import get_preset
         >>> cache = init_kv_cache(get_preset("tiny-qwen2"), batch=2, length=8)
-        >>> len(cache["k"]), cache["k"][0].shape, cache["segment_ids"].shape, int(cache["index"])
-        (4, (2, 2, 8, 16), (2, 8), 0)
+        >>> len(cache["k"]), cache["k"][0].shape, cache["v"][0].shape, cache["segment_ids"].shape
+        (4, (2, 2, 16, 8), (2, 2, 8, 16), (2, 8))
     """
-    shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
     dtype = cfg.compute_dtype if dtype is None else dtype
-    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-    return {"k": zeros(), "v": zeros(), "segment_ids": jnp.zeros((batch, length), jnp.int32),
-            "index": jnp.zeros((), jnp.int32)}
+    zeros = lambda shape: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+    return {"k": zeros((batch, cfg.num_kv_heads, cfg.head_dim, length)),   # keys transposed: q k^T
+            "v": zeros((batch, cfg.num_kv_heads, length, cfg.head_dim)),   # is a plain matmul
+            "segment_ids": jnp.zeros((batch, length), jnp.int32), "index": jnp.zeros((), jnp.int32)}
 
 
 class Attention(nn.Module):
-    """GQA self-attention. With `kv_cache` = (k, v), each (b, K, S, d) for this layer, the
+    """GQA self-attention. With `kv_cache` = (keys (b, K, d, S), values (b, K, S, d)) of this layer, the
     new keys / values are written at slots [cache_index, cache_index + t), the queries
     attend over all S slots under `mask` (b, t, S), and the call returns
     (output, (k, v) updated); otherwise it returns the output (keys = the t tokens)."""
@@ -215,13 +218,14 @@ class Attention(nn.Module):
             k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (b, K, t, d)
             mask_cached, mask_new = mask
             out = _attend_two_parts(q, kv_cache, (k, v), mask_cached, mask_new, cfg.compute_dtype)
+            k = k.transpose(0, 1, 3, 2)  # the cache keeps keys as (b, K, d, S)
             # ... and the write is ordered after that read by a data dependency: XLA:CPU runs
             # independent ops concurrently, so without one it copies the whole cache to protect
             # the read. `x > inf` is False for every float, NaN included: the index is unchanged.
             after_read = (out[0, 0, 0] > jnp.inf).astype(jnp.int32)
-            start = (0, 0, cache_index + after_read, 0)
-            kv_cache = tuple(jax.lax.dynamic_update_slice(c, x.astype(c.dtype), start)
-                             for c, x in zip(kv_cache, (k, v)))
+            slot = cache_index + after_read
+            kv_cache = (jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), (0, 0, 0, slot)),
+                        jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), (0, 0, slot, 0)))
         else:
             out = dot_product_attention(q, k, v, mask, cfg.compute_dtype, cfg.attention_chunk)
         text_out = _proj(cfg, cfg.hidden_size, "o_proj", cfg.out_bias, self.lora)(out)

@@ -66,6 +66,35 @@ def _demo_data(config, workdir: str) -> tuple[dict, str]:
     return sources, os.path.join(out, "tokenizer.model")
 
 
+def parse_sources(spec: str) -> dict[str, dict]:
+    """`data.sources`, one string so that it can be given on the command line: comma-separated
+    `name=DIR[:weight]` (weight 1 when left out; a weight is the text after the last colon
+    when it is a number, so `gs://` paths work).
+
+        >>> parse_sources("caption=/data/caption:316.3, vqa=/data/vqa:64.7,text=/data/text")
+        {'caption': {'path': '/data/caption', 'weight': 316.3}, 'vqa': {'path': '/data/vqa', 'weight': 64.7}, \
+'text': {'path': '/data/text', 'weight': 1.0}}
+    """
+    out: dict[str, dict] = {}
+    for part in (p.strip() for p in str(spec).split(",")):
+        name, eq, rest = part.partition("=")
+        if not part or not eq or not name.strip() or not rest:
+            raise ConfigError(f"data.sources={spec!r}: {part!r} is not name=DIR[:weight]")
+        path, weight = rest, 1.0
+        if ":" in rest:
+            head, tail = rest.rsplit(":", 1)
+            try:
+                path, weight = head, float(tail)
+            except ValueError:
+                pass  # a colon inside the path (gs://...)
+        if name.strip() in out:
+            raise ConfigError(f"data.sources={spec!r}: source {name.strip()!r} given twice")
+        if not weight > 0:
+            raise ConfigError(f"data.sources={spec!r}: source {name.strip()!r} has weight {weight}; weights must be > 0")
+        out[name.strip()] = {"path": path, "weight": weight}
+    return out
+
+
 def tokenizer_path(c: ml_collections.ConfigDict, workdir: str) -> str:
     """The recipe's tokenizer: `data.tokenizer`, or the demo data's inside the workdir."""
     return c.data.tokenizer or os.path.join(workdir, "demo_data", "tokenizer.model")
@@ -139,9 +168,9 @@ def resolve(config: ml_collections.ConfigDict, workdir: str) -> Setup:
         if c.train.stage != "stage1" and not c.init.stage1_workdir:
             raise ConfigError("init.stage1_workdir is required at paper scale for stage 2 / full")
         if not c.data.sources:
-            raise ConfigError("data.sources is required at paper scale: {name: {path, weight}}")
+            raise ConfigError("data.sources is required at paper scale: 'name=DIR:weight,name=DIR:weight,...'")
     if c.data.sources:
-        sources = {k: dict(v) for k, v in c.data.sources.items()}
+        sources = parse_sources(c.data.sources)
         if not c.data.tokenizer:
             raise ConfigError("data.tokenizer is required with data.sources")
     else:

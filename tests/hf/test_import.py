@@ -196,7 +196,7 @@ def test_missing_shard_in_index(tmp_path):
 
 
 def test_not_a_model_directory(tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither a genieblue_jax checkpoint"):
+    with pytest.raises(FileNotFoundError, match="neither a training workdir .*, a genieblue_jax checkpoint"):
         genieblue_jax.load(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="no such directory"):
         genieblue_jax.load(str(tmp_path / "nope"))

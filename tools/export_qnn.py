@@ -1,0 +1,68 @@
+"""Export a GenieBlue model to ONNX + AIMET encodings for Qualcomm QNN (phones).
+
+    python -m tools.export_qnn --checkpoint workdirs/stage2_skip --out /export/qnn
+    python -m tools.export_qnn --checkpoint /ckpt/mllm --out /export/qnn --data /data/vqa --data /data/text \\
+        --context 2048 --prefill_len 128 --calib 32
+
+--checkpoint is a training workdir (its latest checkpoint, or --step), a
+`WORKDIR/checkpoints/<step>` folder, or a whole-MLLM checkpoint (`save_mllm`). OUT gets
+onnx/ (five float32 graphs: vision tower + projector, base LLM prefill / decode,
+multimodal LLM prefill / decode, sharing three weight files), qnn/ (per graph NAME.onnx +
+NAME.encodings for `qnn-onnx-converter --quantization_overrides`: LLM weights int4, ViT /
+projector / LoRA int8, activations int16) and report.md / report.json (sizes, ONNX vs JAX
+parity, quantized vs float error). Calibration uses the workdir's own training data, or
+--data dataset directories (with --tokenizer when the checkpoint has none).
+
+The encodings need aimet-onnx, an optional extra with its own install step (printed when it
+is missing; see genieblue_jax/export/qnn/quantize.py). Without it the graphs and the float
+part of the report are still written.
+"""
+import sys
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", None, "Training workdir, WORKDIR/checkpoints/<step>, or an MLLM checkpoint.")
+flags.DEFINE_string("out", None, "Output directory (onnx/, qnn/, report.md, report.json).")
+flags.DEFINE_integer("step", None, "Workdir checkpoint step (default: the latest).")
+flags.DEFINE_integer("context", 2048, "KV-cache context C (slots) of the decoder graphs.")
+flags.DEFINE_integer("prefill_len", 128, "Tokens per prefill-graph call (AR); decode graphs take 1.")
+flags.DEFINE_integer("vision_batch", 1, "Patches per vision-graph call.")
+flags.DEFINE_integer("calib", 16, "Calibration requests of each kind (with images / text-only); 0: none "
+                     "(no parity check, no encodings).")
+flags.DEFINE_integer("decode_steps", 8, "Tokens at the end of each calibration request run through the decode graph.")
+flags.DEFINE_multi_string("data", [], "Dataset directory for calibration (repeat for several); default: the "
+                          "workdir's training data.")
+flags.DEFINE_string("tokenizer", None, "Tokenizer for --data (default: the checkpoint's own).")
+flags.DEFINE_enum("quantize", "auto", ["auto", "yes", "no"], "AIMET encodings: when aimet-onnx is installed, "
+                  "always (an error without it), never.")
+flags.DEFINE_enum("embedding_bits", "4", ["4", "8", "16"], "Bits of the token-embedding table (one scale for "
+                  "the table: QNN reads it through a Gather).")
+flags.DEFINE_bool("parity", True, "Compare the float ONNX graphs with the JAX model on the calibration requests.")
+flags.DEFINE_bool("overwrite", False, "Replace the contents of an existing --out.")
+flags.mark_flags_as_required(["checkpoint", "out"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if not FLAGS["verbosity"].present:  # Orbax logs every read at INFO
+        logging.set_verbosity(logging.WARNING)
+    import genieblue_jax
+    from genieblue_jax.export.qnn import export_qnn
+    try:
+        model = genieblue_jax.load(FLAGS.checkpoint, step=FLAGS.step)
+        report = export_qnn(model, FLAGS.out, context=FLAGS.context, prefill_len=FLAGS.prefill_len,
+                            vision_batch=FLAGS.vision_batch, calib=FLAGS.calib, decode_steps=FLAGS.decode_steps,
+                            data=FLAGS.data, tokenizer=FLAGS.tokenizer, quantize=FLAGS.quantize,
+                            embedding=f"int{FLAGS.embedding_bits}", parity=FLAGS.parity, overwrite=FLAGS.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
+        sys.exit(f"export_qnn: {e}")
+    deploy = report["sizes"]["deployments"]
+    for label, v in deploy.items():
+        print(f"{label}: {v['quantized_bytes'] / 1e6:,.2f} MB quantized, {v['float_bytes'] / 1e6:,.2f} MB float32")
+    print(f"quantization: {report['quantization']['status'].splitlines()[0]}")
+
+
+if __name__ == "__main__":
+    app.run(main)
