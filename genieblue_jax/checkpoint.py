@@ -28,6 +28,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from genieblue_jax import models, sharding as sharding_lib
+from genieblue_jax.jsonfile import read_json
 
 META_FILE = "genieblue.json"
 PARAMS_DIR = "params"
@@ -128,13 +129,7 @@ def read_metadata(path: str) -> dict:
     """The checkpoint's genieblue.json with configs parsed; an MLLM's `MLLMConfig` is
     under "mllm_config"."""
     meta_path = os.path.join(path, META_FILE)
-    if not os.path.isfile(meta_path):
-        raise FileNotFoundError(f"{path} is not a genieblue_jax checkpoint (no {META_FILE})")
-    with open(meta_path) as f:
-        try:
-            meta = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{meta_path}: not valid JSON ({e})") from None
+    meta = read_json(path, META_FILE, "not a genieblue_jax checkpoint")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{meta_path}: format_version {meta.get('format_version')!r}, "
                          f"this genieblue_jax reads {FORMAT_VERSION}")

@@ -11,6 +11,7 @@ import genieblue_jax.export.hf_writer
 import genieblue_jax.export.to_torch
 import genieblue_jax.models.llm
 import genieblue_jax.hf.tables
+import genieblue_jax.jsonfile
 import genieblue_jax.models
 import genieblue_jax.models.configs
 import genieblue_jax.models.scan
@@ -22,7 +23,7 @@ import genieblue_jax.train.trainer
 
 
 @pytest.mark.parametrize("module", [genieblue_jax.models, genieblue_jax.models.configs, genieblue_jax.models.scan,
-                                    genieblue_jax.hf.tables, genieblue_jax.export.hf_writer,
+                                    genieblue_jax.hf.tables, genieblue_jax.jsonfile, genieblue_jax.export.hf_writer,
                                     genieblue_jax.export.to_torch, genieblue_jax.models.llm,
                                     # the module, not the function `inference.generate` shadowing it
                                     importlib.import_module("genieblue_jax.inference.generate"),

@@ -37,7 +37,7 @@ flags.DEFINE_string("json_out", None, "Also write the figures as JSON here.")
 def _model():
     import jax
 
-    from genieblue_jax import models, structure
+    from genieblue_jax import structure
     if FLAGS.checkpoint:
         import genieblue_jax
         model = genieblue_jax.load(FLAGS.checkpoint)

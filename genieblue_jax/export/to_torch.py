@@ -398,7 +398,7 @@ def readme(manifest: dict) -> str:
                     f"architecture.")
     else:
         tok_text = "none: the model carried no tokenizer; use the one it was trained with."
-    lines = [f"# GenieBlue model exported for PyTorch / Hugging Face",
+    lines = ["# GenieBlue model exported for PyTorch / Hugging Face",
              "",
              f"Written by genieblue_jax {m['genieblue_jax_version']} (`python -m tools.to_torch`), "
              f"tensors stored as {m['dtype']}. `genieblue_torch.json` is the machine-readable version of this file.",
@@ -456,8 +456,8 @@ def readme(manifest: dict) -> str:
         "",
         "## Routing (GenieBlue's non-shared base)",
         "",
-        f"- A request **without images** runs `base_llm` alone: the untouched base weights, so text quality is "
-        f"the original LLM's.",
+        "- A request **without images** runs `base_llm` alone: the untouched base weights, so text quality is "
+        "the original LLM's.",
         f"- A request **with images** runs `{m['routing']['images']}`: each image patch (SigLIP-normalised "
         f"`(pixels / 255 - 0.5) / 0.5`, {m['image_size']} x {m['image_size']}, cut as in training: "
         f"{m['preprocessing']}) goes through `vision_tower` and `projector` to {m['tokens_per_patch']} "

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from genieblue_jax import models
+from genieblue_jax.jsonfile import read_json
 from genieblue_jax.hf.tables import PROJECTOR_TABLE, resolve
 from genieblue_jax.models.configs import ProjectorConfig
 
@@ -226,13 +227,7 @@ class GenieBlueTorch(nn.Module):
 def _read_manifest(out_dir: str) -> dict:
     from genieblue_jax.export.to_torch import FORMAT_VERSION, MANIFEST_FILE
     path = os.path.join(out_dir, MANIFEST_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{out_dir} is not a tools.to_torch export (no {MANIFEST_FILE})")
-    with open(path) as f:
-        try:
-            manifest = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    manifest = read_json(out_dir, MANIFEST_FILE, "not a tools.to_torch export")
     if manifest.get("format") != "genieblue_torch" or manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format {manifest.get('format')!r} version {manifest.get('format_version')!r}; "
                          f"this genieblue_jax reads genieblue_torch version {FORMAT_VERSION}")

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 from typing import NamedTuple, Sequence
 
 import jax

@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from genieblue_jax import checkpoint as model_checkpoint
 from genieblue_jax import models, sharding as sharding_lib, structure
+from genieblue_jax.jsonfile import read_json
 from genieblue_jax.train import metrics as metrics_lib
 from genieblue_jax.train.losses import token_nll
 from genieblue_jax.train.optimizer import make_optimizer, schedule
@@ -391,14 +392,7 @@ def restore_trained_part(workdir: str, component: str, like: dict) -> dict:
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a workdir was trained with (its config.json)."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{workdir}: no config.json (not a training workdir)")
-    with open(path) as f:
-        try:
-            return ml_collections.ConfigDict(json.load(f))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    return ml_collections.ConfigDict(read_json(workdir, "config.json", "not a training workdir"))
 
 
 def is_workdir(path: str) -> bool:

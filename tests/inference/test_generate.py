@@ -8,7 +8,6 @@ model repeats a single token, which would make a token-by-token comparison nearl
 The logit comparisons use the init-scale base (logits of order 1, so an absolute 1e-5 is
 a meaningful bound; the perturbed base has logits of order 10).
 """
-import dataclasses
 
 import jax
 import jax.numpy as jnp

@@ -37,6 +37,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from genieblue_jax.jsonfile import read_json
 from genieblue_jax.export.qnn.graphs import MASK_VALUE, DecoderGraph, ModelGraphs, check_sizes, example_inputs
 from genieblue_jax.export.qnn.runtime import DecoderSpec
 
@@ -243,10 +244,7 @@ def export_onnx(model, out_dir: str, *, context: int = 2048, prefill_len: int = 
 
 def read_manifest(onnx_dir: str) -> dict:
     path = os.path.join(onnx_dir, MANIFEST)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{onnx_dir}: no {MANIFEST} (not an export_onnx output directory)")
-    with open(path) as f:
-        manifest = json.load(f)
+    manifest = read_json(onnx_dir, MANIFEST, "not an export_onnx output directory")
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{path}: format {manifest.get('format')!r}, this code reads {FORMAT!r}")
     return manifest
