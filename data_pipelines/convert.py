@@ -285,6 +285,33 @@ def convert_llava(json_path: str, image_root: str, out_dir: str, *, num_shards: 
                     num_workers=num_workers)
 
 
+def read_llava(json_path: str, image_root: str, *, source: str = "llava") -> tuple[list[Example], list[dict]]:
+    """All records of a LLaVA JSON as `Example`s (in file order) and the rejected ones as
+    {"index", "id", "reason", "detail"} (same checks and reasons as `convert_llava`), e.g.
+    for evaluating straight from the JSON without converting it first."""
+    try:
+        with open(json_path, encoding="utf-8") as f:
+            records = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{json_path}: no such LLaVA JSON file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{json_path}: not valid JSON ({e})") from None
+    if not isinstance(records, list):
+        raise ConversionError(f"{json_path}: expected a JSON list of LLaVA records, got a JSON {type(records).__name__}")
+    examples, rejects, seen = [], [], set()
+    for i, rec in enumerate(records):
+        try:
+            ex = _llava_example(rec, i, image_root, source)
+            if ex.id in seen:
+                raise _Reject("duplicate_id", f"id {ex.id!r} already used by an earlier record")
+            seen.add(ex.id)
+            examples.append(ex)
+        except _Reject as r:
+            rid = rec.get("id") if isinstance(rec, dict) else None
+            rejects.append({"index": i, "id": rid, "reason": r.reason, "detail": r.detail})
+    return examples, rejects
+
+
 def _jsonl_records(path: str):
     with open(path, "rb") as f:
         for line_no, line in enumerate(f, 1):
@@ -305,15 +332,20 @@ def convert_jsonl(jsonl_path: str, out_dir: str, *, num_shards: int = 1,
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("format", None, ["llava", "jsonl"], "Input format.")
-flags.DEFINE_string("json", None, "--format=llava: the LLaVA JSON file (a list of records).")
-flags.DEFINE_string("image_root", None, "--format=llava: directory the records' image paths are relative to.")
-flags.DEFINE_string("jsonl", None, "--format=jsonl: the chat JSONL file.")
-flags.DEFINE_string("out", None, "Dataset directory to write (shards, manifest.json, rejects.jsonl).")
-flags.DEFINE_integer("num_shards", 1, "Number of ArrayRecord shards.")
-flags.DEFINE_float("max_reject_fraction", 0.1, "Fail if more than this fraction of records is rejected.")
-flags.DEFINE_string("source", None, "Mixture source name of the records (default: llava / text).")
-flags.DEFINE_integer("num_workers", 8, "--format=llava: threads reading and checking images.")
+
+
+def define_flags():
+    """The CLI's flags, defined only when run as a program: importing this module (e.g.
+    `read_llava` from tools.evaluate, which has an --image_root of its own) defines none."""
+    flags.DEFINE_enum("format", None, ["llava", "jsonl"], "Input format.")
+    flags.DEFINE_string("json", None, "--format=llava: the LLaVA JSON file (a list of records).")
+    flags.DEFINE_string("image_root", None, "--format=llava: directory the records' image paths are relative to.")
+    flags.DEFINE_string("jsonl", None, "--format=jsonl: the chat JSONL file.")
+    flags.DEFINE_string("out", None, "Dataset directory to write (shards, manifest.json, rejects.jsonl).")
+    flags.DEFINE_integer("num_shards", 1, "Number of ArrayRecord shards.")
+    flags.DEFINE_float("max_reject_fraction", 0.1, "Fail if more than this fraction of records is rejected.")
+    flags.DEFINE_string("source", None, "Mixture source name of the records (default: llava / text).")
+    flags.DEFINE_integer("num_workers", 8, "--format=llava: threads reading and checking images.")
 
 
 def main(argv):
@@ -344,4 +376,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -15,14 +15,12 @@ Pass `mixture={"text": 1}` for a text-only set, `{"caption": 1, "vqa": 1, "ocr":
 multimodal only, and so on.
 
   caption  "<image>\\nDescribe the image."    -> "two red circles and one blue square"
-  vqa      "<image>\\nHow many circles are there?" -> "two";  "What colour is the square?"
-           -> "blue";  "What shape is the green object?" -> "triangle";
-           "How many yellow objects are there?", "How many objects are there?",
-           "Is there a purple circle?" -> "yes" / "no"
+  vqa      "<image>\\nHow many yellow objects are there?" -> "two";  "What colour is the
+           square?" -> "blue";  "What shape is the green object?" -> "triangle";
+           "How many objects are there?" -> "three";  "Is there a purple object?" -> "yes" / "no"
   ocr      "<image>\\nWhat is written in the image?" -> "QZKA" (3-4 capital letters)
   text     (no image) "What is 3 + 4?" -> "7";  "What is 9 - 4?" -> "5";
-           "What letter comes after c?" -> "d";  "Reverse the letters of cat." -> "tac";
-           "Which is larger, 31 or 7?" -> "31"
+           "What letter comes after c?" -> "d";  "What letter comes before c?" -> "b"
 
 Design: the answer vocabularies are disjoint. Multimodal answers are number WORDS, colour
 and shape names, yes / no and capital letters; text-task answers are digits and lower-case
@@ -33,7 +31,10 @@ while a frozen-LLM GenieBlue model keeps them. The splits are independent draws,
 disjoint sets: the text-task space is small (e.g. 100 additions), so train and eval share
 questions, which is what a retention measurement wants.
 
-Images: shapes (circle, square, triangle) in `COLOURS`, 1-4 objects, each inside its own
+The questions are what a small model can learn to ground in a few hundred CPU steps:
+colours, counts by colour and in total, shape by colour; the caption asks for everything.
+
+Images: shapes (circle, square, triangle) in `COLOURS`, 1-3 objects, each inside its own
 cell of a grid of (image_size / 2)-pixel cells, so objects never touch; the canvas is
 image_size x image_size (60%), 2x wide (20%) or 2x tall (20%), so dynamic resolution with
 patch = image_size cuts wide / tall images into 2 tiles (+ 1 thumbnail). Shapes are drawn
@@ -59,13 +60,14 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (40, 70, 220),
 BACKGROUNDS = ((255, 255, 255), (236, 236, 236), (250, 244, 228))
 TEXT_COLOURS = ((20, 20, 20), (20, 40, 140), (150, 20, 20), (20, 100, 40))
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
-VQA_TASKS = ("count_shape", "count_colour", "count_total", "colour_of", "shape_of", "exists")
-TEXT_TASKS = ("add", "sub", "next_letter", "reverse", "larger")
+VQA_TASKS = ("count_colour", "count_total", "colour_of", "shape_of", "exists_colour")
+TEXT_TASKS = ("add", "sub", "next_letter", "prev_letter")
 # Every word a caption / vqa answer can contain (ocr answers are capitals, text ones are not).
 MULTIMODAL_WORDS = frozenset(NUMBER_WORDS + SHAPES + tuple(s + "s" for s in SHAPES)
                              + tuple(COLOURS) + ("yes", "no", "and"))
 PROMPTS = {"caption": "Describe the image.", "ocr": "What is written in the image?"}
 MIN_IMAGE_SIZE = 24
+MAX_OBJECTS = 3
 _UPPER = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _LOWER = "abcdefghijklmnopqrstuvwxyz"
 _MARGIN = 2          # OCR text keeps this many pixels from every edge
@@ -200,11 +202,11 @@ def _canvas(rng: random.Random, image_size: int) -> dict:
 
 
 def _draw_scene(rng: random.Random, meta: dict, image_size: int) -> Image.Image:
-    """1-4 objects of 1-k (shape, colour) kinds, one per cell of a (image_size/2)-px grid."""
+    """1-3 objects of 1-k (shape, colour) kinds, one per cell of a (image_size/2)-px grid."""
     width, height = meta["size"]
     cell = image_size // 2
     cells = [(cx, cy) for cy in range(height // cell) for cx in range(width // cell)]
-    count = rng.randint(1, 4)
+    count = rng.randint(1, MAX_OBJECTS)
     pairs = [(s, c) for s in SHAPES for c in COLOURS]
     kinds = rng.sample(pairs, rng.randint(1, count))
     chosen = kinds + [rng.choice(kinds) for _ in range(count - len(kinds))]
@@ -266,20 +268,15 @@ def _vqa(rng: random.Random, meta: dict) -> tuple[str, str]:
     objects = meta["objects"]
     shapes = [ob["shape"] for ob in objects]
     colours = [ob["colour"] for ob in objects]
-    eligible = ["count_shape", "count_colour", "count_total", "exists"]
+    eligible = ["count_colour", "count_total", "exists_colour"]
     if any(shapes.count(s) == 1 for s in SHAPES):
         eligible.append("colour_of")
     if any(colours.count(c) == 1 for c in COLOURS):
         eligible.append("shape_of")
     task = rng.choice(eligible)
-    # Counts: mostly of what is there; sometimes of anything (then the answer may be "zero").
-    present = rng.random() < 0.75
-    if task == "count_shape":
-        shape = rng.choice(shapes if present else SHAPES)
-        query = {"shape": shape}
-        question, answer = f"How many {shape}s are there?", NUMBER_WORDS[shapes.count(shape)]
-    elif task == "count_colour":
-        colour = rng.choice(colours if present else list(COLOURS))
+    if task == "count_colour":
+        # Mostly a colour that is there; sometimes any (then the answer may be "zero").
+        colour = rng.choice(colours if rng.random() < 0.75 else list(COLOURS))
         query = {"colour": colour}
         question = f"How many {colour} objects are there?"
         answer = NUMBER_WORDS[colours.count(colour)]
@@ -295,15 +292,13 @@ def _vqa(rng: random.Random, meta: dict) -> tuple[str, str]:
         query = {"colour": colour}
         question, answer = f"What shape is the {colour} object?", shapes[colours.index(colour)]
     else:
-        pairs = set(zip(shapes, colours))
         if rng.random() < 0.5:                    # "yes" and "no" equally often
-            shape, colour = rng.choice(sorted(pairs))
+            colour = rng.choice(sorted(set(colours)))
         else:
-            shape, colour = rng.choice([(s, c) for s in SHAPES for c in COLOURS
-                                        if (s, c) not in pairs])
-        query = {"shape": shape, "colour": colour}
-        question = f"Is there a {colour} {shape}?"
-        answer = "yes" if (shape, colour) in pairs else "no"
+            colour = rng.choice([c for c in COLOURS if c not in colours])
+        query = {"colour": colour}
+        question = f"Is there a {colour} object?"
+        answer = "yes" if colour in colours else "no"
     meta.update(task=task, query=query)
     return question, answer
 
@@ -321,27 +316,96 @@ def _text_task(rng: random.Random) -> tuple[str, str, dict]:
         i = rng.randrange(len(_LOWER) - 1)
         question, answer = f"What letter comes after {_LOWER[i]}?", _LOWER[i + 1]
         query = {"letter": _LOWER[i]}
-    elif task == "reverse":
-        word = "".join(rng.choice(_LOWER) for _ in range(3))
-        while word[::-1] in MULTIMODAL_WORDS:  # keep the answer vocabularies disjoint
-            word = "".join(rng.choice(_LOWER) for _ in range(3))
-        question, answer, query = f"Reverse the letters of {word}.", word[::-1], {"word": word}
     else:
-        a, b = rng.sample(range(100), 2)
-        question, answer = f"Which is larger, {a} or {b}?", str(max(a, b))
-        query = {"a": a, "b": b}
+        i = rng.randrange(1, len(_LOWER))
+        question, answer = f"What letter comes before {_LOWER[i]}?", _LOWER[i - 1]
+        query = {"letter": _LOWER[i]}
     return question, answer, {"task": task, "size": None, "query": query}
 
 
+def without_images(ex: Example) -> Example:
+    """The conversation of `ex` with its images and `<image>` tags removed.
+
+    >>> ex = Example("a", "vqa", [{"role": "user", "content": "<image>\\nIs there a red object?"},
+    ...                            {"role": "assistant", "content": "yes"}], [b"png"])
+    >>> without_images(ex).turns[0], without_images(ex).images
+    ({'role': 'user', 'content': 'Is there a red object?'}, [])
+    """
+    turns = [{**t, "content": t["content"].replace(IMAGE_TAG + "\n", "").replace(IMAGE_TAG, "")} for t in ex.turns]
+    return Example(ex.id, ex.source, turns, [])
+
+
+def chance_accuracy(question: str) -> float | None:
+    """Expected accuracy of a uniform guess among the answers a demo VQA question allows
+    (None for other questions): objects in total 1/3 (one-three), of a colour 1/4
+    (zero-three), colours 1/5, shapes 1/3, yes / no 1/2.
+
+    >>> chance_accuracy("<image>\\nHow many red objects are there?"), chance_accuracy("Is there a red object?")
+    (0.25, 0.5)
+    """
+    q = question.replace(IMAGE_TAG, "").strip()
+    if q == "How many objects are there?":
+        return 1 / MAX_OBJECTS
+    if q.startswith("How many "):
+        return 1 / (MAX_OBJECTS + 1)
+    if q.startswith("What colour is the "):
+        return 1 / len(COLOURS)
+    if q.startswith("What shape is the "):
+        return 1 / len(SHAPES)
+    if q.startswith("Is there a "):
+        return 0.5
+    return None
+
+
+KINDS = tuple((shape, colour) for shape in SHAPES for colour in COLOURS)  # patch labels 1..15
+
+
+def patch_kinds(pixels, meta: dict, patch: int, min_pixels: int | None = None):
+    """Which object kind each `patch` x `patch` cell of a scene shows: int32 (H/patch, W/patch),
+    0 = background, k = 1 + index of (shape, colour) in `KINDS`. A cell takes the kind with
+    the most pixels in it if that is at least `min_pixels` (default patch^2 / 5); pixels
+    count when they lie in an object's box and have its exact colour (shapes are drawn
+    without anti-aliasing). Dense labels for pretraining the demo's vision tower.
+
+    >>> import numpy as np
+    >>> img = np.full((4, 4, 3), 255, np.uint8); img[0:2, 2:4] = COLOURS["red"]
+    >>> meta = {"objects": [{"shape": "square", "colour": "red", "box": (2, 0, 3, 1)}]}
+    >>> patch_kinds(img, meta, patch=2).tolist(), KINDS[6 - 1]
+    ([[0, 6], [0, 0]], ('square', 'red'))
+    """
+    import numpy as np
+    pixels = np.asarray(pixels)
+    height, width = pixels.shape[:2]
+    if height % patch or width % patch:
+        raise ValueError(f"patch_kinds: a {width}x{height} image is not a whole number of {patch}-px cells")
+    labels = np.zeros((height, width), np.int32)
+    for ob in meta["objects"]:
+        x0, y0, x1, y1 = ob["box"]
+        inside = (pixels[y0:y1 + 1, x0:x1 + 1] == np.array(COLOURS[ob["colour"]], np.uint8)).all(-1)
+        labels[y0:y1 + 1, x0:x1 + 1][inside] = 1 + KINDS.index((ob["shape"], ob["colour"]))
+    cells = labels.reshape(height // patch, patch, width // patch, patch).transpose(0, 2, 1, 3)
+    cells = cells.reshape(height // patch, width // patch, patch * patch)
+    counts = (cells[..., None] == np.arange(1, len(KINDS) + 1)).sum(2)          # (gh, gw, 15)
+    threshold = patch * patch // 5 if min_pixels is None else min_pixels
+    return np.where(counts.max(-1) >= max(threshold, 1), counts.argmax(-1) + 1, 0).astype(np.int32)
+
+
 def write_demo_datasets(out_dir: str, *, splits: Mapping[str, int] = None, seed: int = 0,
-                        image_size: int = 56, vocab_size: int = 512, num_shards: int = 2) -> dict:
+                        image_size: int = 56, vocab_size: int = 512, num_shards: int = 2,
+                        mixtures: Mapping[str, Mapping[str, int]] | None = None,
+                        text_only_splits: tuple[str, ...] = ()) -> dict:
     """Writes the demo as ArrayRecord, one dataset per (split, source), plus a tokenizer.
 
         out_dir/{split}/{source}/manifest.json + shards     (e.g. train/caption, eval/text)
         out_dir/tokenizer.model                             SentencePiece trained on train text
 
-    Returns {"datasets": {split: {source: dir}}, "tokenizer": path}. Deterministic from
-    the seed; a pipeline mixes the train sources with `data_pipelines.pipeline.mixture`.
+    `mixtures[split]` replaces `MIXTURE` for that split (e.g. {"text": 1} for a text-only
+    pretraining split); only the sources a split's mixture names get a dataset. A split in
+    `text_only_splits` keeps every conversation but drops its images and `<image>` tags
+    (`without_images`): language to pretrain a base LLM on, image questions answered blind
+    (the answer vocabulary and the questions' formats, not their grounding). Returns
+    {"datasets": {split: {source: dir}}, "tokenizer": path}. Deterministic from the seed; a
+    pipeline mixes the train sources with `data_pipelines.pipeline.mixture`.
     """
     import os
 
@@ -351,15 +415,18 @@ def write_demo_datasets(out_dir: str, *, splits: Mapping[str, int] = None, seed:
     splits = dict(splits or {"train": 2000, "eval": 200})
     datasets: dict[str, dict[str, str]] = {}
     texts: list[str] = []
+    mixtures = dict(mixtures or {})
     for split, n in splits.items():
-        writers = {s: ShardedWriter(os.path.join(out_dir, split, s), num_shards=num_shards) for s in SOURCES}
-        for ex in demo_examples(split, n, seed, image_size=image_size):
-            writers[ex.source].write(ex)
+        mixture = _check_mixture(mixtures.get(split))
+        names = [s for s in SOURCES if mixture.get(s)]
+        writers = {s: ShardedWriter(os.path.join(out_dir, split, s), num_shards=num_shards) for s in names}
+        for ex in demo_examples(split, n, seed, image_size=image_size, mixture=mixture):
+            writers[ex.source].write(without_images(ex) if split in text_only_splits else ex)
             if split == "train":
                 texts.extend(t["content"].replace(IMAGE_TAG, "") for t in ex.turns)
         for w in writers.values():
             w.close()
-        datasets[split] = {s: os.path.join(out_dir, split, s) for s in SOURCES}
+        datasets[split] = {s: os.path.join(out_dir, split, s) for s in names}
     texts += ["system\n", "user\n", "assistant\n"]
     tokenizer = os.path.join(out_dir, "tokenizer.model")
     train_sentencepiece(texts, tokenizer, vocab_size=vocab_size)

@@ -5,6 +5,11 @@
         --config.init.llm_checkpoint=/ckpt/qwen2.5-3b --config.init.vit_checkpoint=/ckpt/siglip \\
         --config.init.stage1_workdir=/runs/stage1 --config.data.tokenizer=/ckpt/qwen2.5-3b/hf_assets
 
+At demo scale (the default) the run is the embedded demo (experiments/demo.py): the demo
+data, a base LLM pretrained on its text tasks and the stage-1 projector are made or taken
+from the cache (workdirs/demo), the recipe trains around them, and the result is evaluated
+on held-out questions; `--config.demo.enabled=false` trains the recipe alone.
+
 `--config` takes a recipe name from experiments/configs/ (or a path to a config file),
 optionally followed by `:demo` / `:paper`. Any field can be overridden with
 `--config.a.b=value`; unknown keys and wrong types are errors naming the key. Running the
@@ -38,6 +43,10 @@ def main(argv):
     workdir = flags.FLAGS.workdir or os.path.join("workdirs", name + ("" if config.scale == "demo" else f"_{config.scale}"))
     print(f"recipe {name} ({config.scale} scale), workdir {workdir}", flush=True)
     try:
+        if config.demo.enabled:  # demo scale: data, base LLM, stage 1 (cached), the recipe, evaluation
+            from experiments import demo
+            demo.run(config, workdir, name)
+            return
         result = trainer.train(config, workdir)
     except trainer.ConfigError as e:
         sys.exit(f"config error: {e}")

@@ -4,9 +4,11 @@ import importlib
 
 import pytest
 
+import data_pipelines.demo_data
 import data_pipelines.images
 import data_pipelines.packing
 import data_pipelines.records
+import genieblue_jax.evaluate
 import genieblue_jax.export.hf_writer
 import genieblue_jax.export.to_torch
 import genieblue_jax.models.llm
@@ -29,7 +31,8 @@ import genieblue_jax.train.trainer
                                     importlib.import_module("genieblue_jax.inference.generate"),
                                     genieblue_jax.train.optimizer, genieblue_jax.train.trainer, genieblue_jax.structure,
                                     genieblue_jax.structure.config, genieblue_jax.structure.branch,
-                                    data_pipelines.packing, data_pipelines.records, data_pipelines.images])
+                                    data_pipelines.packing, data_pipelines.records, data_pipelines.images,
+                                    data_pipelines.demo_data, genieblue_jax.evaluate])
 def test_docstring_examples(module):
     result = doctest.testmod(module, verbose=False)
     assert result.attempted > 0 and result.failed == 0

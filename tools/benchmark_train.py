@@ -92,6 +92,7 @@ def benchmark_one(variant: str, *, batch_size: int = 8, seq_len: int = 512, patc
     from genieblue_jax import models, structure
     from genieblue_jax.train import metrics as metrics_lib, trainer
     config = importlib.import_module(f"experiments.configs.{VARIANTS[variant]}").get_config("demo")
+    config.model.llm = "demo-qwen2"  # the benchmarked shape (the recipes default to the smaller demo LLM)
     config.data.seq_len, config.data.max_patches_per_row = seq_len, patches_per_row
     _apply_overrides(config, overrides)
     mcfg = trainer.model_config(config, image_token_id=IMAGE_TOKEN_ID)

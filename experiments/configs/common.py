@@ -5,7 +5,7 @@ makes it that recipe (stage, variant, placement). `arg` is the text after the co
 `--config=experiments/configs/stage2_skip.py:paper` (or `--config=stage2_skip:paper`):
 "" / "demo" (default) or "paper".
 
-Demo scale: the `demo-qwen2` LLM + `demo-siglip` ViT, the project's synthetic demo data
+Demo scale: the `demo-small-qwen2` LLM + `demo-siglip` ViT, the project's synthetic demo data
 (written into the workdir when `data.sources` is empty), CPU-sized batches. Paper scale:
 Qwen2.5-3B + SigLIP-so400m-384 and the hyper-parameters of SPEC / the paper's Appendix D;
 init checkpoints and data paths must be given.
@@ -30,7 +30,7 @@ def base_config(scale: str) -> ml_collections.ConfigDict:
     paper = scale == "paper"
 
     c.model = ml_collections.ConfigDict()
-    c.model.llm = "qwen2.5-3b" if paper else "demo-qwen2"          # preset (shape) of the LLM
+    c.model.llm = "qwen2.5-3b" if paper else "demo-small-qwen2"    # preset (shape) of the LLM
     c.model.vit = "siglip-so400m-384" if paper else "demo-siglip"  # preset (shape) of the ViT
     c.model.variant = "genieblue"
     c.model.placement = "skip"
@@ -84,6 +84,7 @@ def base_config(scale: str) -> ml_collections.ConfigDict:
     c.optim.weight_decay = 0.05
     c.optim.clip_norm = 1.0
     c.optim.vit_layer_decay = 0.9
+    c.optim.vit_lr_scale = 1.0   # extra LR factor for the whole vision tower
 
     # Paper scale shards parameters and optimizer state over all devices (FSDP); demo: data parallel.
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1} if paper else
@@ -92,6 +93,20 @@ def base_config(scale: str) -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 1000 if paper else 50
     c.checkpoint.keep = 3
+
+    # The embedded demo (experiments/demo.py; demo scale only): data, a base LLM pretrained on
+    # the text tasks and the stage-1 projector are made and cached under cache_dir, then the
+    # recipe trains around them and is evaluated on held-out questions.
+    c.demo = ml_collections.ConfigDict()
+    c.demo.enabled = not paper
+    c.demo.cache_dir = "workdirs/demo"
+    c.demo.train_examples = 6000
+    c.demo.eval_examples = 300
+    c.demo.pretrain_examples = 20000   # text tasks only
+    c.demo.pretrain_steps = 300
+    c.demo.vision_steps = 400
+    c.demo.stage1_steps = 60
+    c.demo.evaluate = True
     return c
 
 

@@ -138,7 +138,7 @@ def stack_patches(patch_lists: Sequence[np.ndarray]) -> np.ndarray | None:
     most = max((len(p) for p in patch_lists), default=0)
     if most == 0:
         return None
-    s = patch_lists[0].shape[1:]
+    s = next(p.shape[1:] for p in patch_lists if len(p))
     out = np.zeros((len(patch_lists), most, *s), np.float32)
     for i, p in enumerate(patch_lists):
         out[i, : len(p)] = p

@@ -206,6 +206,12 @@ PRESETS: dict[str, _Config] = {
         family="qwen2", vocab_size=512, hidden_size=256, num_layers=8, num_heads=4, num_kv_heads=2,
         head_dim=64, intermediate_size=704, rope_theta=1e6, qkv_bias=True, tie_embeddings=True,
         max_position_embeddings=4096),
+    # The embedded end-to-end demo (pretraining + stage 1 + stage 2 + evaluation in minutes):
+    # 8 layers, so skip / pre / post placements all differ, at a quarter of demo-qwen2's cost.
+    "demo-small-qwen2": LLMConfig(
+        family="qwen2", vocab_size=512, hidden_size=128, num_layers=8, num_heads=4, num_kv_heads=2,
+        head_dim=32, intermediate_size=384, rope_theta=1e6, qkv_bias=True, tie_embeddings=True,
+        max_position_embeddings=4096),
     "demo-siglip": VisionConfig(
         image_size=56, patch_size=8, hidden_size=128, num_layers=4, num_heads=4,
         intermediate_size=256, use_head=False),

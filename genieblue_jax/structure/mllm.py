@@ -82,6 +82,8 @@ def forward_hidden(mcfg: MLLMConfig, params: dict, tokens, positions, segment_id
     row (4096 x 151,936 floats = 2.5 GB for Qwen2.5) never exist at once."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; choose one of {MODES}")
+    if images is not None and images.shape[1] == 0:  # rows with no patch slots (text-only batches)
+        images = None
     if mode == "text":
         if images is not None:
             raise ValueError("mode='text' runs the base LLM alone and takes no images")

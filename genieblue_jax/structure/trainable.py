@@ -8,6 +8,7 @@ typo never silently freezes everything).
     stage1: the projector
     stage2: vision tower (minus its pooling head) + projector + branch
     full:   vision tower (minus its pooling head) + projector + the whole LLM
+    pretrain: the LLM alone (language-model pretraining on text, e.g. the demo's base)
 
 The SigLIP attention-pooling head is never trained: the projector reads patch tokens,
 so the head gets no gradient (the paper's #Param column still counts it; see
@@ -31,6 +32,7 @@ STAGES: dict[str, tuple[str, ...]] = {
     "stage1": (r"projector/.*",),
     "stage2": (_NOT_HEAD, r"projector/.*", r"branch/.*"),
     "full": (_NOT_HEAD, r"projector/.*", r"llm/.*"),
+    "pretrain": (r"llm/.*",),   # the LLM alone, on text (the demo's base LLM)
 }
 
 

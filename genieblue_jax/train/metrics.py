@@ -30,7 +30,7 @@ def flops_per_token(mcfg: structure.MLLMConfig, stage: str) -> float:
     replaced = set(branch) & set(llm)             # replicated blocks swap these base leaves out
     base_used = models.count_params([v for n, v in llm.items() if n not in replaced])
     branch_n = models.count_params(list(branch.values()))
-    if stage == "full":
+    if stage in ("full", "pretrain"):
         return 6.0 * base_used
     if stage == "stage1":
         return 4.0 * (base_used + branch_n)
@@ -54,11 +54,11 @@ class MetricsWriter:
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
         self._bar = None
 
-    def start(self, step: int, total: int) -> None:
+    def start(self, step: int, total: int, desc: str = "train") -> None:
         if not self.primary:
             return
         from tqdm import tqdm
-        self._bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
+        self._bar = tqdm(total=total, initial=step, desc=desc, unit="step", dynamic_ncols=True)
         self._t_start, self._step_start = time.perf_counter(), step
 
     def write(self, step: int, m: dict, *, lr: float, step_time: float, data_stats: dict) -> dict:

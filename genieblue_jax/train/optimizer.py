@@ -5,6 +5,9 @@
     ViT layer-wise LR decay  encoder layer i (0-based) of L gets lr * decay ** (L - 1 - i): the
                   top layer and everything after it (post-LayerNorm, projector, LLM branch)
                   get lr; patch / position embeddings, one step below layer 0, decay ** L
+    ViT LR scale  every vision-tower leaf's lr is further multiplied by `vit_lr_scale` (1 in the
+                  paper's recipe; the demo's randomly initialised tower trains at 0.1, see
+                  experiments/configs/common.py)
     clipping      global-norm clipping before Adam
 
 The optimizer sees only the trainable tree, so its state exists for trainable leaves only.
@@ -13,6 +16,8 @@ The optimizer sees only the trainable tree, so its state exists for trainable le
     [0.125, 0.25, 0.5, 1.0]
     >>> layer_lr_scale("vision/embeddings/patch_embedding/kernel", 4, 0.5)
     0.0625
+    >>> layer_lr_scale("vision/post_layernorm/scale", 4, 0.5, vit_scale=0.1), layer_lr_scale("projector/linear_1/kernel", 4, 0.5, 0.1)
+    (0.1, 1.0)
     >>> no_weight_decay("llm/layers_0/input_layernorm/scale"), no_weight_decay("branch/layers_0/mlp/up_proj/kernel")
     (True, False)
 """
@@ -33,13 +38,13 @@ def no_weight_decay(name: str) -> bool:
     return bool(_NO_DECAY.match(name))
 
 
-def layer_lr_scale(name: str, num_vit_layers: int, decay: float) -> float:
+def layer_lr_scale(name: str, num_vit_layers: int, decay: float, vit_scale: float = 1.0) -> float:
     m = _VIT_LAYER.match(name)
     if m:
-        return decay ** (num_vit_layers - 1 - int(m.group(1)))
+        return vit_scale * decay ** (num_vit_layers - 1 - int(m.group(1)))
     if name.startswith("vision/embeddings/"):
-        return decay ** num_vit_layers
-    return 1.0
+        return vit_scale * decay ** num_vit_layers
+    return vit_scale if name.startswith("vision/") else 1.0
 
 
 def schedule(lr: float, warmup_steps: int, steps: int):
@@ -60,10 +65,10 @@ def _scale_by_tree(factors):
 
 def make_optimizer(trainable: dict, *, lr: float, warmup_steps: int, steps: int, b1: float, b2: float,
                    eps: float, weight_decay: float, clip_norm: float, vit_layer_decay: float,
-                   num_vit_layers: int) -> optax.GradientTransformation:
+                   num_vit_layers: int, vit_lr_scale: float = 1.0) -> optax.GradientTransformation:
     flat = models.flatten(trainable)
     decay_mask = models.unflatten({n: not no_weight_decay(n) for n in flat})
-    lr_scales = models.unflatten({n: layer_lr_scale(n, num_vit_layers, vit_layer_decay) for n in flat})
+    lr_scales = models.unflatten({n: layer_lr_scale(n, num_vit_layers, vit_layer_decay, vit_lr_scale) for n in flat})
     return optax.chain(
         optax.clip_by_global_norm(clip_norm),
         optax.scale_by_adam(b1=b1, b2=b2, eps=eps),

@@ -44,6 +44,9 @@ class ConfigError(ValueError):
     pass
 
 
+LLM_STAGES = ("full", "pretrain")  # stages that train the LLM itself (float32 masters, variant "full")
+
+
 @dataclasses.dataclass
 class Setup:
     mcfg: structure.MLLMConfig
@@ -127,7 +130,7 @@ def model_config(c: ml_collections.ConfigDict, image_token_id: int) -> structure
         vit = model_checkpoint.read_metadata(c.init.vit_checkpoint)["components"]["vision"]
     llm = llm.replace(dtype=c.model.compute_dtype, param_dtype=c.model.base_param_dtype, remat=c.model.remat,
                       attention_chunk=c.model.attention_chunk, scan_layers=c.model.scan_layers)
-    if c.train.stage == "full":
+    if c.train.stage in LLM_STAGES:
         llm = llm.replace(param_dtype="float32")  # a trained LLM keeps float32 master weights
     vit = vit.replace(dtype=c.model.compute_dtype, param_dtype="float32", remat=c.model.remat,
                       scan_layers=c.model.scan_layers)
@@ -159,9 +162,9 @@ def resolve(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     c = config
     if c.train.stage not in structure.STAGES:
         raise ConfigError(f"train.stage={c.train.stage!r}: choose one of {sorted(structure.STAGES)}")
-    if (c.train.stage == "full") != (c.model.variant == "full"):
+    if (c.train.stage in LLM_STAGES) != (c.model.variant == "full"):
         raise ConfigError(f"train.stage={c.train.stage!r} with model.variant={c.model.variant!r}: "
-                          "stage 'full' goes with variant 'full' and only with it")
+                          f"stages {LLM_STAGES} (which train the LLM itself) go with variant 'full' and only with it")
     if c.scale == "paper":
         for key in ("llm_checkpoint", "vit_checkpoint"):
             if not c.init[key]:
@@ -326,7 +329,8 @@ def build_optimizer(config, mcfg, trainable):
     o = config.optim
     return make_optimizer(trainable, lr=o.lr, warmup_steps=o.warmup_steps, steps=config.train.steps, b1=o.b1,
                           b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, clip_norm=o.clip_norm,
-                          vit_layer_decay=o.vit_layer_decay, num_vit_layers=mcfg.vision.num_layers)
+                          vit_layer_decay=o.vit_layer_decay, num_vit_layers=mcfg.vision.num_layers,
+                          vit_lr_scale=o.vit_lr_scale)
 
 
 def on_mesh(sharding, mesh):
@@ -537,7 +541,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     last = {}
     try:
         step = int(state["step"])
-        writer.start(step, total_steps)
+        writer.start(step, total_steps, desc=f"{config.train.stage} {mcfg.structure.name}")
         while step < total_steps:
             t0 = time.perf_counter()
             batch = next(data_iter)

@@ -77,7 +77,7 @@ def test_resume_refuses_another_base(tmp_path, reference):
 @pytest.mark.parametrize("override,match", [
     ({"train.global_batch_size": 6, "mesh.data": 4}, r"global_batch_size=6 .* data x fsdp = 4"),
     ({"train.stage": "stage3"}, r"train.stage='stage3'"),
-    ({"train.stage": "full"}, r"stage 'full' goes with variant 'full'"),
+    ({"train.stage": "full"}, r"stages \('full', 'pretrain'\) \(which train the LLM itself\) go with variant 'full'"),
     ({"model.llm": "gpt5"}, r"model.llm / model.vit: .*gpt5"),
     ({"model.image_token": "<img>"}, r"model.image_token: .*<img>"),
 ])
@@ -121,18 +121,6 @@ def test_two_processes_match_one_process(tmp_path):
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
     np.testing.assert_allclose(losses(workdir), single, rtol=1e-5)
-
-
-def test_loss_falls_below_60_percent_within_the_demo_recipe_steps(tmp_path):
-    """The demo recipe (its models, batch of 8 rows, 150 steps, LR / warm-up) on demo data, with
-    rows of 128 instead of 256 tokens to fit the CI budget."""
-    c = tiny_config(**{"model.llm": "demo-qwen2", "model.vit": "demo-siglip", "train.steps": 150,
-                       "data.seq_len": 128, "data.max_patches_per_row": 6})
-    assert c.train.steps == 150 and c.optim.lr == 1e-3
-    history = losses(trainer.train(c, str(tmp_path / "run"))["workdir"])
-    final = float(np.mean(history[-5:]))  # one batch is noisy: the last 5 steps
-    print(f"loss {history[0]:.3f} -> {final:.3f} ({final / history[0]:.1%})")
-    assert final < 0.6 * history[0]
 
 
 def test_stage2_starts_from_the_stage1_projector(tmp_path):

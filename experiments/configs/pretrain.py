@@ -1,0 +1,22 @@
+"""Pretraining a (small) LLM from scratch on text: the demo's base LLM. Stage "pretrain"
+trains the LLM alone (variant "full" holds no branch); rows carry no image patches.
+
+At paper scale the base LLM is a pretrained checkpoint (`tools.from_hf`), not this recipe.
+"""
+from experiments.configs import common
+
+
+def get_config(arg=None):
+    scale = common.parse_arg(arg)
+    if scale == "paper":
+        raise ValueError("pretrain is a demo-scale recipe; at paper scale import a pretrained LLM with tools.from_hf")
+    c = common.base_config(scale)
+    c.model.variant = "full"
+    c.train.stage = "pretrain"
+    c.data.image_mode = "single"
+    c.data.max_patches_per_row = 0   # text only: no patch slots, the vision tower never runs
+    c.train.steps = 300
+    c.train.global_batch_size = 16
+    c.optim.lr = 3e-3
+    c.optim.warmup_steps = 20
+    return c

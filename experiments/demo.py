@@ -1,0 +1,278 @@
+"""The embedded demo: what `python -m experiments.run --config=stage2_skip` does at demo scale.
+
+    [1/6] demo data      rendered scenes / OCR / text tasks, a SentencePiece tokenizer
+    [2/6] base LLM       pretrained by the framework on the demo's text (experiments/configs/pretrain.py)
+    [3/6] vision tower   demo-siglip pretrained on scenes of its own (experiments/demo_vision.py)
+    [4/6] stage 1        the projector, on captions (ViT and LLM frozen)
+    [5/6] the recipe     e.g. stage 2 GenieBlue-Skip, on captions / VQA / OCR (no text tasks)
+    [6/6] evaluation     held-out questions: the base LLM, the deployed model (non-shared
+                         base) and the shared-base ablation
+
+Steps 1-4 are shared by every demo recipe and cached under `demo.cache_dir` (default
+workdirs/demo), keyed by what makes them (models, steps, seeds), so a second run, or
+another recipe, reuses them; the recipe's own workdir resumes as any training run does,
+and the evaluation is cached per checkpoint step.
+
+Why the stage-2 data has no text tasks: the base LLM learned them in pretraining and the
+multimodal data never shows them, the situation of an MLLM whose training data does not
+cover everything its LLM could do. A model that changes the LLM itself (full fine-tuning,
+or the shared-base deployment) can then lose them, while GenieBlue's non-shared base runs
+the untouched LLM for text and keeps them exactly (paper Tables 3 and 6).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import ml_collections
+
+from experiments.configs import common
+
+# Sources and weights of the demo's training stages (data_pipelines.demo_data.SOURCES).
+# Pretraining reads the "pretrain" split, written without images: the text tasks plus the
+# image conversations answered blind, so the base LLM knows the language of the questions
+# and answers (as a real pretrained LLM would) but none of the images' content.
+PRETRAIN_MIXTURE = {"text": 6, "caption": 2, "vqa": 2}
+# The train / eval splits: every source (the text tasks of eval measure retention).
+TRAIN_MIXTURE = {"caption": 2, "vqa": 5, "ocr": 1, "text": 2}
+STAGE1_MIXTURE = {"caption": 1}
+MULTIMODAL_MIXTURE = {"caption": 2, "vqa": 5, "ocr": 1}
+STEPS = 6
+
+
+def banner(step: int, total: int, title: str, detail: str = "") -> None:
+    line = f"[{step}/{total}] {title}"
+    print(f"\n{'=' * 78}\n{line}{'  -  ' + detail if detail else ''}\n{'=' * 78}", flush=True)
+
+
+@dataclasses.dataclass
+class Assets:
+    data_dir: str
+    tokenizer: str
+    base_llm: str | None = None        # genieblue_jax checkpoint of the pretrained base LLM
+    vision: str | None = None          # genieblue_jax checkpoint of the pretrained vision tower
+    stage1_workdir: str | None = None
+
+
+# --- 1. data ------------------------------------------------------------------------------
+
+def demo_data(c: ml_collections.ConfigDict) -> Assets:
+    """The demo datasets (train / eval / a text-only pretraining split) and tokenizer."""
+    from data_pipelines.demo_data import write_demo_datasets
+    d = c.demo
+    key = f"data_{d.train_examples}_{d.eval_examples}_{d.pretrain_examples}_seed{c.train.seed}_v3"
+    out = os.path.join(d.cache_dir, key)
+    done = os.path.join(out, "DONE")
+    if os.path.isfile(done):
+        print(f"cached: {out}", flush=True)
+    else:
+        t0 = time.perf_counter()
+        write_demo_datasets(out, splits={"train": d.train_examples, "eval": d.eval_examples,
+                                         "pretrain": d.pretrain_examples},
+                            mixtures={"pretrain": PRETRAIN_MIXTURE, "train": TRAIN_MIXTURE, "eval": TRAIN_MIXTURE},
+                            text_only_splits=("pretrain",), seed=c.train.seed)
+        with open(done, "w") as f:
+            f.write("ok\n")
+        print(f"wrote {out} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return Assets(out, os.path.join(out, "tokenizer.model"))
+
+
+def sources(data_dir: str, split: str, mixture: dict[str, int]) -> str:
+    """`data.sources` of a demo split: "caption=DIR:3,vqa=DIR:3,..."."""
+    return ",".join(f"{s}={os.path.join(data_dir, split, s)}:{w}" for s, w in mixture.items())
+
+
+# --- 2.-5. training -------------------------------------------------------------------------
+
+def _done(workdir: str, steps: int) -> bool:
+    from genieblue_jax.train import trainer
+    if not trainer.is_workdir(workdir):
+        return False
+    mngr = trainer.checkpoint_manager(workdir, keep=1)
+    try:
+        return mngr.latest_step() == steps
+    finally:
+        mngr.close()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    from genieblue_jax.train import trainer
+    return trainer.train(config, workdir)
+
+
+def pretrain_base(c: ml_collections.ConfigDict, assets: Assets) -> str:
+    """Pretrains the base LLM on the text tasks (stage "pretrain"); returns its checkpoint."""
+    from experiments.configs import pretrain
+    from genieblue_jax import checkpoint, models
+    d = c.demo
+    p = pretrain.get_config("demo")
+    p.model.llm, p.model.vit, p.train.seed = c.model.llm, c.model.vit, c.train.seed
+    p.train.steps = d.pretrain_steps
+    p.data.sources, p.data.tokenizer = sources(assets.data_dir, "pretrain", PRETRAIN_MIXTURE), assets.tokenizer
+    key = f"base_{c.model.llm}_{d.pretrain_steps}steps_{os.path.basename(assets.data_dir)}"
+    workdir, ckpt = os.path.join(d.cache_dir, key), os.path.join(d.cache_dir, key, "llm")
+    if checkpoint.is_checkpoint(ckpt):
+        print(f"cached: {ckpt}", flush=True)
+        return ckpt
+    _train(p, workdir)
+    from genieblue_jax.train import trainer
+    t = trainer.load_trained(workdir)
+    checkpoint.save(ckpt, {"llm": t.mcfg.llm.replace(remat=False, attention_chunk=0, scan_layers=False)},
+                    {"llm": t.params["llm"]}, source={"pretrained": workdir, "steps": t.step}, overwrite=True)
+    print(f"base LLM: {models.count_params(t.params['llm']) / 1e6:.2f}M parameters -> {ckpt}", flush=True)
+    return ckpt
+
+
+def stage1(c: ml_collections.ConfigDict, assets: Assets) -> str:
+    """Stage 1 on captions around the cached base; returns its workdir."""
+    from experiments.configs import stage1 as stage1_recipe
+    d = c.demo
+    s = stage1_recipe.get_config("demo")
+    s.model.llm, s.model.vit, s.train.seed = c.model.llm, c.model.vit, c.train.seed
+    s.train.steps = d.stage1_steps
+    s.init.llm_checkpoint, s.init.vit_checkpoint = assets.base_llm, assets.vision
+    s.data.sources, s.data.tokenizer = sources(assets.data_dir, "train", STAGE1_MIXTURE), assets.tokenizer
+    vision = os.path.basename(os.path.normpath(assets.vision)) if assets.vision else c.model.vit
+    key = f"stage1_{d.stage1_steps}steps_on_{os.path.basename(os.path.dirname(assets.base_llm))}_{vision}"
+    workdir = os.path.join(d.cache_dir, key)
+    if _done(workdir, s.train.steps):
+        print(f"cached: {workdir}", flush=True)
+    else:
+        _train(s, workdir)
+    return workdir
+
+
+def with_assets(c: ml_collections.ConfigDict, assets: Assets) -> ml_collections.ConfigDict:
+    """The recipe pointed at the demo's base, stage-1 projector and multimodal data."""
+    c = ml_collections.ConfigDict(c.to_dict())  # unlocked copy
+    c.init.llm_checkpoint, c.init.vit_checkpoint = assets.base_llm, assets.vision
+    if c.train.stage != "stage1":
+        c.init.stage1_workdir = assets.stage1_workdir
+    c.data.sources = sources(assets.data_dir, "train", STAGE1_MIXTURE if c.train.stage == "stage1"
+                             else MULTIMODAL_MIXTURE)
+    c.data.tokenizer = assets.tokenizer
+    return c
+
+
+def pretrain_vision(c: ml_collections.ConfigDict) -> str:
+    """The demo's pretrained vision tower (experiments/demo_vision.py); returns its checkpoint."""
+    from experiments import demo_vision
+    from genieblue_jax import checkpoint
+    ckpt = os.path.join(c.demo.cache_dir, f"vision_{c.model.vit}_{c.demo.vision_steps}steps_seed{c.train.seed}")
+    if checkpoint.is_checkpoint(ckpt):
+        print(f"cached: {ckpt}", flush=True)
+        return ckpt
+    out = demo_vision.pretrain(ckpt, preset=c.model.vit, steps=c.demo.vision_steps, seed=c.train.seed)
+    print(f"vision tower: {100 * out['object_patch_accuracy']:.1f}% of held-out object patches tagged with their "
+          f"shape and colour ({100 * out['patch_accuracy']:.1f}% of all patches) -> {ckpt}", flush=True)
+    return ckpt
+
+
+def prepare(c: ml_collections.ConfigDict) -> Assets:
+    """Steps 1-4 (each cached); what the recipe needs is filled in."""
+    banner(1, STEPS, "demo data", "rendered shapes / OCR / text tasks + tokenizer")
+    assets = demo_data(c)
+    banner(2, STEPS, "base LLM", f"{c.model.llm} pretrained on text: the text tasks + the questions answered blind "
+                                 f"({c.demo.pretrain_steps} steps)")
+    assets.base_llm = pretrain_base(c, assets)
+    if c.train.stage != "pretrain":
+        banner(3, STEPS, "vision tower", f"{c.model.vit} pretrained to tag each patch's shape and colour "
+                                         f"({c.demo.vision_steps} steps)")
+        assets.vision = pretrain_vision(c)
+    if c.train.stage not in ("stage1", "pretrain"):
+        banner(4, STEPS, "stage 1", f"projector on captions ({c.demo.stage1_steps} steps; ViT and LLM frozen)")
+        assets.stage1_workdir = stage1(c, assets)
+    return assets
+
+
+# --- 6. evaluation --------------------------------------------------------------------------
+
+def evaluate_run(c: ml_collections.ConfigDict, workdir: str, assets: Assets) -> dict:
+    """Base LLM (text mode), the deployed model (non-shared) and the shared-base ablation on
+    the held-out eval split; cached in WORKDIR/eval/step_N.json."""
+    import genieblue_jax
+    from genieblue_jax import evaluate
+    model = genieblue_jax.load(workdir)
+    cache = os.path.join(workdir, "eval", f"step_{model.source['step']}_n{c.demo.eval_examples}.json")
+    if os.path.isfile(cache):
+        with open(cache) as f:
+            print(f"cached: {cache}", flush=True)
+            return json.load(f)
+    examples, _ = evaluate.load_examples([os.path.join(assets.data_dir, "eval", s)
+                                          for s in ("caption", "vqa", "ocr", "text")])
+    base = genieblue_jax.load(assets.base_llm)
+    base.tokenizer_path = assets.tokenizer
+    runs = {"base LLM": evaluate.evaluate(base, examples, mode="text"),
+            "deployed (non-shared base)": evaluate.evaluate(model, examples, mode="multimodal"),
+            "shared base": evaluate.evaluate(model, examples, mode="shared")}
+    for label in ("deployed (non-shared base)", "shared base"):
+        evaluate.add_retention(runs[label], runs["base LLM"])
+    out = {"structure": model.mcfg.structure.name, "step": model.source["step"], "runs": runs,
+           "chance": chance(examples)}
+    evaluate.write(out, cache)
+    return out
+
+
+def chance(examples) -> dict:
+    """Uniform-guess accuracy (percent) of the VQA questions among `examples`."""
+    from data_pipelines.demo_data import chance_accuracy
+    values = [chance_accuracy(ex.turns[0]["content"]) for ex in examples if ex.source == "vqa"]
+    values = [v for v in values if v is not None]
+    return {"vqa": 100.0 * sum(values) / len(values) if values else None}
+
+
+def results_table(out: dict) -> str:
+    """The demo's results: multimodal accuracy, text-task score and text retention per run."""
+    def fmt(v, suffix=""):
+        return "-" if v is None else f"{v:.2f}{suffix}"
+
+    runs = out["runs"]
+    lines = [f"| model ({out['structure']}, step {out['step']}) | VQA | OCR | caption | multimodal (all) | "
+             f"text tasks | text retention |", "|---|---|---|---|---|---|---|"]
+    for label, r in runs.items():
+        acc = {s: v["accuracy"] for s, v in r["by_source"].items()}
+        ret = r.get("retention", {}).get("text", 100.0 if label == "base LLM" else None)
+        lines.append(f"| {label} | {fmt(acc.get('vqa'))} | {fmt(acc.get('ocr'))} | {fmt(acc.get('caption'))} | "
+                     f"{fmt(r['scores']['multimodal'])} | {fmt(r['scores']['text'])} | {fmt(ret, '%')} |")
+    lines.append(f"\nAccuracy in percent, exact match on {runs['deployed (non-shared base)']['counts']['answered']} "
+                 f"held-out questions; VQA by chance (uniform guess among each question's answers): "
+                 f"{fmt(out['chance']['vqa'])}. The base LLM answers no image question.")
+    return "\n".join(lines)
+
+
+# --- the whole demo ---------------------------------------------------------------------------
+
+def run(config: ml_collections.ConfigDict, workdir: str, recipe: str) -> dict:
+    """Steps 1-6 for `config` (a demo-scale recipe); prints the results and what to try next."""
+    from genieblue_jax.train import trainer
+    t0 = time.perf_counter()
+    assets = prepare(config)
+    c = with_assets(config, assets)
+    banner(5, STEPS, f"recipe {recipe}", f"{c.model.variant} / {c.train.stage}, {c.train.steps} steps -> {workdir}")
+    if _done(workdir, c.train.steps):
+        print(f"cached: {workdir} (step {c.train.steps})", flush=True)
+    else:
+        trainer.train(c, workdir)
+    out = {"workdir": workdir}
+    if c.demo.evaluate and c.train.stage != "pretrain":
+        banner(6, STEPS, "evaluation", f"{c.demo.eval_examples} held-out questions: base LLM, deployed, shared base")
+        out = {**evaluate_run(c, workdir, assets), "workdir": workdir}
+        print("\n" + results_table(out))
+    minutes = (time.perf_counter() - t0) / 60
+    print(f"\ndone in {minutes:.1f} min. Checkpoints: {os.path.join(workdir, 'checkpoints')}; metrics: "
+          f"{os.path.join(workdir, 'metrics.jsonl')} (TensorBoard: {os.path.join(workdir, 'tensorboard')}); "
+          f"cache: {c.demo.cache_dir}")
+    print("next:\n"
+          f"  python -m tools.chat --checkpoint {workdir} --prompt \"What is 3 + 4?\"\n"
+          f"  python -m tools.chat --checkpoint {workdir} --image {os.path.join('IMAGE.png')} "
+          f"--prompt \"How many circles are there?\"\n"
+          f"  python -m tools.evaluate --checkpoint {workdir} --data {os.path.join(assets.data_dir, 'eval', 'vqa')} "
+          f"--mode multimodal\n"
+          f"  python -m tools.to_torch --checkpoint {workdir} --out {workdir}_torch\n"
+          f"  python -m tools.export_qnn --checkpoint {workdir} --out {workdir}_qnn", flush=True)
+    return out
+
+
+__all__ = ["run", "prepare", "with_assets", "evaluate_run", "results_table", "banner", "Assets", "common"]

@@ -1,0 +1,95 @@
+"""Evaluate a model on held-out questions: exact-match / multiple-choice accuracy, the
+text-task score, retention.
+
+    python -m tools.evaluate --checkpoint workdirs/stage2_skip --data workdirs/demo/data_.../eval/vqa \\
+        --data workdirs/demo/data_.../eval/text --mode multimodal
+    python -m tools.evaluate --checkpoint /runs/s2 --data questions.json --image_root images/ --mode shared \\
+        --reference runs/full_ft_eval.json --out runs/s2_eval.json
+
+--checkpoint is anything `genieblue_jax.load` reads; --data (repeatable) a LLaVA-format JSON
+(images relative to --image_root, default the JSON's folder) or a converted dataset
+directory. --mode: `text` (the base LLM alone; image questions are skipped and counted),
+`multimodal` (the deployed model: image questions on the multimodal path, text questions
+on the untouched base), `shared` (everything on the multimodal weights). Prints a table
+and writes the scores and every prediction as JSON (--out, default next to the
+checkpoint). Retention, as in the paper, is 100 * score / reference score: against
+--reference (another run's JSON, e.g. full fine-tuning for Table 5), and for the text
+score always against this model's own base LLM (mode text) when the model has one.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", None, "Training workdir, genieblue_jax checkpoint or HF model directory.")
+flags.DEFINE_multi_string("data", None, "LLaVA-format .json or converted dataset directory (repeatable).")
+flags.DEFINE_string("image_root", None, "Directory the LLaVA JSON's image paths are relative to.")
+flags.DEFINE_enum("mode", "multimodal", ["text", "multimodal", "shared"], "Which weights answer (see above).")
+flags.DEFINE_string("reference", None, "Another evaluation's JSON to compute retention against.")
+flags.DEFINE_string("out", None, "Where to write the JSON (default: CHECKPOINT/eval/<mode>.json).")
+flags.DEFINE_integer("limit", None, "Evaluate only the first N examples of each --data.")
+flags.DEFINE_integer("batch_size", 32, "Requests generated together.")
+flags.DEFINE_integer("max_new_tokens", 32, "Longest answer.")
+flags.DEFINE_integer("step", None, "For a workdir: the checkpoint step (default: the latest).")
+flags.mark_flags_as_required(["checkpoint", "data"])
+
+
+def run(checkpoint: str, data: list[str], *, mode: str, image_root: str | None = None, reference: str | None = None,
+        out: str | None = None, limit: int | None = None, batch_size: int = 32, max_new_tokens: int = 32,
+        step: int | None = None) -> dict:
+    """The tool without absl: evaluates, prints, writes; returns the result."""
+    import json
+
+    import genieblue_jax
+    from genieblue_jax import evaluate
+    model = genieblue_jax.load(checkpoint, step=step)
+    examples, rejects = evaluate.load_examples(data, image_root=image_root, limit=limit)
+    for r in rejects:
+        print(f"rejected {r['path']} record {r['index']} (id {r['id']}): {r['reason']}: {r['detail']}", file=sys.stderr)
+    if not examples:
+        raise ValueError(f"no usable examples in {data} ({len(rejects)} rejected)")
+    result = evaluate.evaluate(model, examples, mode=mode, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    result.update(checkpoint=os.path.abspath(checkpoint), data=[os.path.abspath(d) for d in data],
+                  rejected=rejects)
+    runs = {f"{os.path.basename(os.path.normpath(checkpoint))} ({mode})": result}
+    if mode != "text" and result["scores"]["text"] is not None:
+        # The text retention of the paper's Table 6: against this model's own base LLM.
+        base = evaluate.evaluate(model, [ex for ex in examples if not ex.images], mode="text",
+                                 batch_size=batch_size, max_new_tokens=max_new_tokens)
+        result["text_retention_vs_base"] = evaluate.retention(result["scores"]["text"], base["scores"]["text"])
+        runs["its base LLM (text)"] = base
+    if reference:
+        with open(reference) as f:
+            evaluate.add_retention(result, json.load(f))
+    print(evaluate.table(runs))
+    print()
+    print(evaluate.source_table(result))
+    if "text_retention_vs_base" in result:
+        print(f"\ntext retention vs its base LLM: {result['text_retention_vs_base']:.2f}%")
+    if result["counts"]["skipped"]:
+        print(f"\n{result['counts']['skipped']} image questions skipped: mode 'text' runs the base LLM alone")
+    out = out or os.path.join(checkpoint, "eval", f"{mode}.json")
+    evaluate.write(result, out)
+    print(f"\nwrote {out}")
+    return result
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if not FLAGS["verbosity"].present:  # Orbax logs every read at INFO
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    try:
+        run(FLAGS.checkpoint, FLAGS.data, mode=FLAGS.mode, image_root=FLAGS.image_root, reference=FLAGS.reference,
+            out=FLAGS.out, limit=FLAGS.limit, batch_size=FLAGS.batch_size, max_new_tokens=FLAGS.max_new_tokens,
+            step=FLAGS.step)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"tools.evaluate: error: {e}")
+
+
+if __name__ == "__main__":
+    app.run(main)
