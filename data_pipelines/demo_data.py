@@ -48,6 +48,7 @@ import io
 import random
 from typing import Iterator, Mapping
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from data_pipelines.records import IMAGE_TAG, Example
@@ -367,13 +368,11 @@ def patch_kinds(pixels, meta: dict, patch: int, min_pixels: int | None = None):
     count when they lie in an object's box and have its exact colour (shapes are drawn
     without anti-aliasing). Dense labels for pretraining the demo's vision tower.
 
-    >>> import numpy as np
     >>> img = np.full((4, 4, 3), 255, np.uint8); img[0:2, 2:4] = COLOURS["red"]
     >>> meta = {"objects": [{"shape": "square", "colour": "red", "box": (2, 0, 3, 1)}]}
     >>> patch_kinds(img, meta, patch=2).tolist(), KINDS[6 - 1]
     ([[0, 6], [0, 0]], ('square', 'red'))
     """
-    import numpy as np
     pixels = np.asarray(pixels)
     height, width = pixels.shape[:2]
     if height % patch or width % patch:

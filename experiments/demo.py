@@ -97,15 +97,11 @@ def _done(workdir: str, steps: int) -> bool:
         mngr.close()
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    from genieblue_jax.train import trainer
-    return trainer.train(config, workdir)
-
-
 def pretrain_base(c: ml_collections.ConfigDict, assets: Assets) -> str:
     """Pretrains the base LLM on the text tasks (stage "pretrain"); returns its checkpoint."""
     from experiments.configs import pretrain
     from genieblue_jax import checkpoint, models
+    from genieblue_jax.train import trainer
     d = c.demo
     p = pretrain.get_config("demo")
     p.model.llm, p.model.vit, p.train.seed = c.model.llm, c.model.vit, c.train.seed
@@ -116,11 +112,11 @@ def pretrain_base(c: ml_collections.ConfigDict, assets: Assets) -> str:
     if checkpoint.is_checkpoint(ckpt):
         print(f"cached: {ckpt}", flush=True)
         return ckpt
-    _train(p, workdir)
-    from genieblue_jax.train import trainer
+    trainer.train(p, workdir)
     t = trainer.load_trained(workdir)
     checkpoint.save(ckpt, {"llm": t.mcfg.llm.replace(remat=False, attention_chunk=0, scan_layers=False)},
-                    {"llm": t.params["llm"]}, source={"pretrained": workdir, "steps": t.step}, overwrite=True)
+                    {"llm": t.params["llm"]}, tokenizer=assets.tokenizer,
+                    source={"pretrained": workdir, "steps": t.step}, overwrite=True)
     print(f"base LLM: {models.count_params(t.params['llm']) / 1e6:.2f}M parameters -> {ckpt}", flush=True)
     return ckpt
 
@@ -128,6 +124,7 @@ def pretrain_base(c: ml_collections.ConfigDict, assets: Assets) -> str:
 def stage1(c: ml_collections.ConfigDict, assets: Assets) -> str:
     """Stage 1 on captions around the cached base; returns its workdir."""
     from experiments.configs import stage1 as stage1_recipe
+    from genieblue_jax.train import trainer
     d = c.demo
     s = stage1_recipe.get_config("demo")
     s.model.llm, s.model.vit, s.train.seed = c.model.llm, c.model.vit, c.train.seed
@@ -140,7 +137,7 @@ def stage1(c: ml_collections.ConfigDict, assets: Assets) -> str:
     if _done(workdir, s.train.steps):
         print(f"cached: {workdir}", flush=True)
     else:
-        _train(s, workdir)
+        trainer.train(s, workdir)
     return workdir
 
 
@@ -203,7 +200,6 @@ def evaluate_run(c: ml_collections.ConfigDict, workdir: str, assets: Assets) -> 
     examples, _ = evaluate.load_examples([os.path.join(assets.data_dir, "eval", s)
                                           for s in ("caption", "vqa", "ocr", "text")])
     base = genieblue_jax.load(assets.base_llm)
-    base.tokenizer_path = assets.tokenizer
     runs = {"base LLM": evaluate.evaluate(base, examples, mode="text"),
             "deployed (non-shared base)": evaluate.evaluate(model, examples, mode="multimodal"),
             "shared base": evaluate.evaluate(model, examples, mode="shared")}

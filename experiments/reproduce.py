@@ -109,8 +109,7 @@ def plots(results: dict, workdirs: dict, out_dir: str) -> list[str]:
     return paths
 
 
-def run(workdir: str = "workdirs/reproduce", recipes=RECIPES, steps: int | None = None,
-        overrides: dict | None = None) -> dict:
+def run(workdir: str = "workdirs/reproduce", recipes=RECIPES, steps: int | None = None) -> dict:
     """Trains and evaluates `recipes` around the shared demo assets; writes the tables and plots."""
     from experiments import demo
     from genieblue_jax.train import trainer
@@ -120,12 +119,6 @@ def run(workdir: str = "workdirs/reproduce", recipes=RECIPES, steps: int | None 
     assets = None
     for i, name in enumerate(recipes):
         c = importlib.import_module(f"experiments.configs.{name}").get_config("demo")
-        for key, value in (overrides or {}).items():
-            node = c
-            *parents, last = key.split(".")
-            for p in parents:
-                node = node[p]
-            node[last] = value
         if steps:
             c.train.steps = steps
         if assets is None:

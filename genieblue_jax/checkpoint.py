@@ -76,9 +76,10 @@ def _write(path: str, meta: dict, params: dict, overwrite: bool, assets: tuple[s
     return path
 
 
-def save(path: str, configs: dict[str, Any], params: dict[str, Any], *, source: dict | None = None,
-         overwrite: bool = False) -> str:
-    """Writes components `configs[name]` / `params[name]` to `path`; returns its absolute path."""
+def save(path: str, configs: dict[str, Any], params: dict[str, Any], *, tokenizer: str | None = None,
+         source: dict | None = None, overwrite: bool = False) -> str:
+    """Writes components `configs[name]` / `params[name]` to `path`; returns its absolute path.
+    `tokenizer` (a tokenizer.json / .model file) is copied into hf_assets/, where `load` finds it."""
     if set(configs) != set(params):
         raise ValueError(f"configs {sorted(configs)} and params {sorted(params)} name different components")
     for name, cfg in configs.items():
@@ -86,7 +87,7 @@ def save(path: str, configs: dict[str, Any], params: dict[str, Any], *, source: 
     meta = {"format_version": FORMAT_VERSION,
             "components": {n: c.to_dict() for n, c in configs.items()},
             "source": source or {}}
-    return _write(path, meta, params, overwrite)
+    return _write(path, meta, params, overwrite, assets=(tokenizer,) if tokenizer else ())
 
 
 def save_mllm(path: str, mcfg, params: dict[str, Any], *, tokenizer: str | None = None,

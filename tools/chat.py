@@ -19,7 +19,7 @@ import sys
 import time
 
 from absl import app, flags
-from absl import logging as absl_logging
+import tools
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Training workdir, genieblue_jax checkpoint or HF model directory.")
@@ -117,10 +117,7 @@ def interactive(conv: Conversation, read=input, write=print) -> None:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    if not FLAGS["verbosity"].present:  # Orbax logs every read at INFO
-        absl_logging.set_verbosity(absl_logging.WARNING)
+    tools.start(argv)
     import genieblue_jax
     try:
         model = genieblue_jax.load(FLAGS.checkpoint, step=FLAGS.step)

@@ -22,7 +22,7 @@ import os
 import sys
 
 from absl import app, flags
-from absl import logging as absl_logging
+import tools
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Training workdir, genieblue_jax checkpoint or HF model directory.")
@@ -79,10 +79,7 @@ def run(checkpoint: str, data: list[str], *, mode: str, image_root: str | None =
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    if not FLAGS["verbosity"].present:  # Orbax logs every read at INFO
-        absl_logging.set_verbosity(absl_logging.WARNING)
+    tools.start(argv)
     try:
         run(FLAGS.checkpoint, FLAGS.data, mode=FLAGS.mode, image_root=FLAGS.image_root, reference=FLAGS.reference,
             out=FLAGS.out, limit=FLAGS.limit, batch_size=FLAGS.batch_size, max_new_tokens=FLAGS.max_new_tokens,

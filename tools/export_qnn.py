@@ -19,7 +19,9 @@ part of the report are still written.
 """
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
+
+import tools
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Training workdir, WORKDIR/checkpoints/<step>, or an MLLM checkpoint.")
@@ -44,10 +46,7 @@ flags.mark_flags_as_required(["checkpoint", "out"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    if not FLAGS["verbosity"].present:  # Orbax logs every read at INFO
-        logging.set_verbosity(logging.WARNING)
+    tools.start(argv)
     import genieblue_jax
     from genieblue_jax.export.qnn import export_qnn
     try:

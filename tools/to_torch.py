@@ -19,7 +19,9 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
+
+import tools
 
 FLAGS = flags.FLAGS
 
@@ -80,10 +82,7 @@ def run(checkpoint: str, out: str, *, merge_lora: bool = False, dtype: str = "fl
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    if not FLAGS["verbosity"].present:  # Orbax logs every read at INFO; keep the listing readable
-        logging.set_verbosity(logging.WARNING)
+    tools.start(argv)
     from genieblue_jax.export.to_torch import UnsupportedVariantError
     try:
         run(FLAGS.checkpoint, FLAGS.out, merge_lora=FLAGS.merge_lora, dtype=FLAGS.dtype, overwrite=FLAGS.overwrite)
