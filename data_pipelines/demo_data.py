@@ -31,15 +31,19 @@ while a frozen-LLM GenieBlue model keeps them. The splits are independent draws,
 disjoint sets: the text-task space is small (e.g. 100 additions), so train and eval share
 questions, which is what a retention measurement wants.
 
-The questions are what a small model can learn to ground in a few hundred CPU steps:
-colours, counts by colour and in total, shape by colour; the caption asks for everything.
-
-Images: shapes (circle, square, triangle) in `COLOURS`, 1-3 objects, each inside its own
-cell of a grid of (image_size / 2)-pixel cells, so objects never touch; the canvas is
-image_size x image_size (60%), 2x wide (20%) or 2x tall (20%), so dynamic resolution with
-patch = image_size cuts wide / tall images into 2 tiles (+ 1 thumbnail). Shapes are drawn
-without anti-aliasing (exact palette colours); OCR text is anti-aliased and always fully
-inside the canvas.
+Images (`scene`, one of `SCENES`): shapes (circle, square, triangle) in `COLOURS`, drawn
+without anti-aliasing (exact palette colours).
+  "grid" (default)  1-3 objects, each inside its own cell of a grid of (image_size / 2)-px
+                    cells, so objects never touch; the canvas is image_size x image_size
+                    (60%), 2x wide (20%) or 2x tall (20%), so dynamic resolution with
+                    patch = image_size cuts wide / tall images into 2 tiles (+ 1 thumbnail).
+                    Every VQA task.
+  "single"          one object, 55-80% of the side, on a square canvas; VQA asks its colour
+                    or its shape ("What colour is the circle?" -> "red"), captions are
+                    "one red circle". What the embedded demo trains on: a 1.6M-parameter
+                    MLLM grounds it in ~150 CPU steps (small objects in "grid" scenes cover
+                    one or two of its 16 image tokens, and it stays near chance).
+OCR text (either scene) is anti-aliased, always fully inside a square / wide / tall canvas.
 """
 from __future__ import annotations
 
@@ -62,6 +66,9 @@ BACKGROUNDS = ((255, 255, 255), (236, 236, 236), (250, 244, 228))
 TEXT_COLOURS = ((20, 20, 20), (20, 40, 140), (150, 20, 20), (20, 100, 40))
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 VQA_TASKS = ("count_colour", "count_total", "colour_of", "shape_of", "exists_colour")
+# Scene styles (module docstring) and the VQA tasks each asks.
+SCENES = ("grid", "single")
+SCENE_TASKS = {"grid": VQA_TASKS, "single": ("colour_of", "shape_of")}
 TEXT_TASKS = ("add", "sub", "next_letter", "prev_letter")
 # Every word a caption / vqa answer can contain (ocr answers are capitals, text ones are not).
 MULTIMODAL_WORDS = frozenset(NUMBER_WORDS + SHAPES + tuple(s + "s" for s in SHAPES)
@@ -75,24 +82,25 @@ _MARGIN = 2          # OCR text keeps this many pixels from every edge
 
 
 def demo_examples(split: str, n: int, seed: int, *, image_size: int = 56,
-                  mixture: Mapping[str, int] | None = None) -> Iterator[Example]:
+                  mixture: Mapping[str, int] | None = None, scene: str = "grid") -> Iterator[Example]:
     """The first n examples of (split, seed): `demo_item(split, i, seed)[0]` for i < n."""
-    for example, _ in demo_items(split, n, seed, image_size=image_size, mixture=mixture):
+    for example, _ in demo_items(split, n, seed, image_size=image_size, mixture=mixture, scene=scene):
         yield example
 
 
 def demo_items(split: str, n: int, seed: int, *, image_size: int = 56,
-               mixture: Mapping[str, int] | None = None) -> Iterator[tuple[Example, dict]]:
+               mixture: Mapping[str, int] | None = None, scene: str = "grid") -> Iterator[tuple[Example, dict]]:
     """Like `demo_examples`, with each example's generator metadata (see `demo_item`)."""
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"demo data: n must be an int >= 0, got {n!r}")
     for index in range(n):
-        yield demo_item(split, index, seed, image_size=image_size, mixture=mixture)
+        yield demo_item(split, index, seed, image_size=image_size, mixture=mixture, scene=scene)
 
 
 def demo_item(split: str, index: int, seed: int, *, image_size: int = 56,
-              mixture: Mapping[str, int] | None = None) -> tuple[Example, dict]:
-    """Example `index` of (split, seed) and its metadata, by random access.
+              mixture: Mapping[str, int] | None = None, scene: str = "grid") -> tuple[Example, dict]:
+    """Example `index` of (split, seed) and its metadata, by random access; `scene` is one of
+    `SCENES` (caption / vqa images; OCR and text are the same in both).
 
     The metadata says what was generated, for tests and per-task evaluation:
     {"task": "caption" | "ocr" | one of VQA_TASKS | one of TEXT_TASKS,
@@ -110,23 +118,25 @@ def demo_item(split: str, index: int, seed: int, *, image_size: int = 56,
     if not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"demo data: image_size must be an int >= {MIN_IMAGE_SIZE}, "
                          f"got {image_size!r}")
+    if scene not in SCENES:
+        raise ValueError(f"demo data: scene must be one of {SCENES}, got {scene!r}")
     source = _source_of(split, seed, index, _cycle(_check_mixture(mixture)))
     rng = random.Random(f"genieblue-demo|{split}|{seed}|{index}")
     if source == "text":
         question, answer, meta = _text_task(rng)
         images = []
     else:
-        meta = _canvas(rng, image_size)
+        meta = _canvas(rng, image_size, square=scene == "single" and source != "ocr")
         if source == "ocr":
             image = _draw_text(rng, meta, image_size)
             question, answer = PROMPTS["ocr"], meta["text"]["string"]
         else:
-            image = _draw_scene(rng, meta, image_size)
+            image = _draw_scene(rng, meta, image_size if scene == "grid" else 2 * image_size)
             if source == "caption":
                 meta["task"] = "caption"
                 question, answer = PROMPTS["caption"], caption(meta["objects"])
             else:
-                question, answer = _vqa(rng, meta)
+                question, answer = _vqa(rng, meta, SCENE_TASKS[scene])
         question = f"{IMAGE_TAG}\n{question}"
         images = [_png(image)]
     example = Example(id=f"demo-{split}-{seed}-{index:07d}", source=source,
@@ -195,19 +205,21 @@ def _source_of(split: str, seed: int, index: int, cycle: tuple[str, ...]) -> str
 
 # ---- images ----------------------------------------------------------------------------
 
-def _canvas(rng: random.Random, image_size: int) -> dict:
+def _canvas(rng: random.Random, image_size: int, square: bool = False) -> dict:
     layout = rng.choices(("square", "wide", "tall"), weights=(3, 1, 1))[0]
+    layout = "square" if square else layout
     size = {"square": (image_size, image_size), "wide": (2 * image_size, image_size),
             "tall": (image_size, 2 * image_size)}[layout]
     return {"size": size, "background": rng.choice(BACKGROUNDS)}
 
 
-def _draw_scene(rng: random.Random, meta: dict, image_size: int) -> Image.Image:
-    """1-3 objects of 1-k (shape, colour) kinds, one per cell of a (image_size/2)-px grid."""
+def _draw_scene(rng: random.Random, meta: dict, grid_size: int) -> Image.Image:
+    """1-3 objects of 1-k (shape, colour) kinds, one per cell of a (grid_size/2)-px grid
+    (at most one per cell: a canvas of one cell holds one object)."""
     width, height = meta["size"]
-    cell = image_size // 2
+    cell = grid_size // 2
     cells = [(cx, cy) for cy in range(height // cell) for cx in range(width // cell)]
-    count = rng.randint(1, MAX_OBJECTS)
+    count = rng.randint(1, min(MAX_OBJECTS, len(cells)))
     pairs = [(s, c) for s in SHAPES for c in COLOURS]
     kinds = rng.sample(pairs, rng.randint(1, count))
     chosen = kinds + [rng.choice(kinds) for _ in range(count - len(kinds))]
@@ -265,7 +277,7 @@ def _png(image: Image.Image) -> bytes:
 
 # ---- questions -------------------------------------------------------------------------
 
-def _vqa(rng: random.Random, meta: dict) -> tuple[str, str]:
+def _vqa(rng: random.Random, meta: dict, tasks: tuple[str, ...] = VQA_TASKS) -> tuple[str, str]:
     objects = meta["objects"]
     shapes = [ob["shape"] for ob in objects]
     colours = [ob["colour"] for ob in objects]
@@ -274,7 +286,7 @@ def _vqa(rng: random.Random, meta: dict) -> tuple[str, str]:
         eligible.append("colour_of")
     if any(colours.count(c) == 1 for c in COLOURS):
         eligible.append("shape_of")
-    task = rng.choice(eligible)
+    task = rng.choice([t for t in eligible if t in tasks])
     if task == "count_colour":
         # Mostly a colour that is there; sometimes any (then the answer may be "zero").
         colour = rng.choice(colours if rng.random() < 0.75 else list(COLOURS))
@@ -392,7 +404,7 @@ def patch_kinds(pixels, meta: dict, patch: int, min_pixels: int | None = None):
 def write_demo_datasets(out_dir: str, *, splits: Mapping[str, int] = None, seed: int = 0,
                         image_size: int = 56, vocab_size: int = 512, num_shards: int = 2,
                         mixtures: Mapping[str, Mapping[str, int]] | None = None,
-                        text_only_splits: tuple[str, ...] = ()) -> dict:
+                        text_only_splits: tuple[str, ...] = (), scene: str = "grid") -> dict:
     """Writes the demo as ArrayRecord, one dataset per (split, source), plus a tokenizer.
 
         out_dir/{split}/{source}/manifest.json + shards     (e.g. train/caption, eval/text)
@@ -419,7 +431,7 @@ def write_demo_datasets(out_dir: str, *, splits: Mapping[str, int] = None, seed:
         mixture = _check_mixture(mixtures.get(split))
         names = [s for s in SOURCES if mixture.get(s)]
         writers = {s: ShardedWriter(os.path.join(out_dir, split, s), num_shards=num_shards) for s in names}
-        for ex in demo_examples(split, n, seed, image_size=image_size, mixture=mixture):
+        for ex in demo_examples(split, n, seed, image_size=image_size, mixture=mixture, scene=scene):
             writers[ex.source].write(without_images(ex) if split in text_only_splits else ex)
             if split == "train":
                 texts.extend(t["content"].replace(IMAGE_TAG, "") for t in ex.turns)

@@ -18,13 +18,14 @@ import time
 import numpy as np
 
 
-def scenes(n: int, seed: int, image_size: int, patch: int):
+def scenes(n: int, seed: int, image_size: int, patch: int, scene: str = "grid"):
     """(pixels float32 (m, S, S, 3) normalised, labels int32 (m, S/patch * S/patch)) for the
-    square scenes among the first n of split "vision"."""
+    square scenes among the first n of split "vision" in style `scene` (demo_data.SCENES)."""
     from data_pipelines.demo_data import demo_items, patch_kinds
     from data_pipelines.images import decode_image, normalize
     pixels, labels = [], []
-    for ex, meta in demo_items("vision", n, seed, image_size=image_size, mixture={"caption": 1}):
+    for ex, meta in demo_items("vision", n, seed, image_size=image_size, mixture={"caption": 1},
+                                  scene=scene):
         if meta["size"] != (image_size, image_size):
             continue
         image = decode_image(ex.images[0])
@@ -34,7 +35,8 @@ def scenes(n: int, seed: int, image_size: int, patch: int):
 
 
 def pretrain(out: str, *, preset: str = "demo-siglip", steps: int = 400, examples: int = 4000,
-             batch_size: int = 32, lr: float = 3e-3, seed: int = 0, log_every: int = 100) -> dict:
+             batch_size: int = 32, lr: float = 3e-3, seed: int = 0, log_every: int = 100,
+             scene: str = "grid") -> dict:
     """Trains the tower (module docstring), saves it to `out`; returns {"path", "patch_accuracy",
     "object_patch_accuracy", "seconds"} measured on 400 held-out scenes."""
     import flax.linen as nn
@@ -46,8 +48,8 @@ def pretrain(out: str, *, preset: str = "demo-siglip", steps: int = 400, example
     from genieblue_jax.models.siglip import SiglipVisionTower
     t0 = time.perf_counter()
     cfg = models.get_preset(preset)
-    x_train, y_train = scenes(examples, seed, cfg.image_size, cfg.patch_size)
-    x_test, y_test = scenes(400, seed + 1, cfg.image_size, cfg.patch_size)
+    x_train, y_train = scenes(examples, seed, cfg.image_size, cfg.patch_size, scene)
+    x_test, y_test = scenes(400, seed + 1, cfg.image_size, cfg.patch_size, scene)
 
     class Tagger(nn.Module):
         @nn.compact
@@ -80,7 +82,8 @@ def pretrain(out: str, *, preset: str = "demo-siglip", steps: int = 400, example
     result = {"patch_accuracy": float((pred == y_test).mean()),
               "object_patch_accuracy": float((pred[objects] == y_test[objects]).mean())}
     checkpoint.save(out, {"vision": cfg}, {"vision": params["vision"]},
-                    source={"pretrained": "experiments.demo_vision", "steps": steps, **result}, overwrite=True)
+                    source={"pretrained": "experiments.demo_vision", "steps": steps, "scene": scene, **result},
+                    overwrite=True)
     return {"path": out, **result, "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -91,5 +94,6 @@ if __name__ == "__main__":
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scene", default="grid", help="scene style: grid | single")
     args = parser.parse_args()
-    print(json.dumps(pretrain(args.out, steps=args.steps, seed=args.seed), indent=1))
+    print(json.dumps(pretrain(args.out, steps=args.steps, seed=args.seed, scene=args.scene), indent=1))

@@ -10,7 +10,7 @@ split three ways: the base LLM alone (text), the deployed model (non-shared base
 requests run the untouched LLM) and every request on the multimodal weights (shared).
 
 Written to the workdir:
-    results.md       Table 4/5 shape: multimodal score (VQA, caption, OCR) and its retention
+    results.md       Table 4/5 shape: multimodal score (VQA, caption) and its retention
                      vs full fine-tuning; Table 6 shape: text score with the shared and the
                      non-shared base and their retention vs the base LLM
     results.json     every number, per run
@@ -44,14 +44,16 @@ def tables(results: dict) -> str:
     full = results.get("full_ft")
     full_mm = full["runs"]["deployed (non-shared base)"]["scores"]["multimodal"] if full else None
     base_text = next(iter(results.values()))["runs"]["base LLM"]["scores"]["text"]
+    columns = [s for s in ("vqa", "caption", "ocr")
+               if any(s in out["runs"]["deployed (non-shared base)"]["by_source"] for out in results.values())]
     lines = ["### Multimodal (cf. paper Tables 4-5)", "",
-             "| recipe | VQA | caption | OCR | multimodal (all) | retention vs full FT |", "|---|---|---|---|---|---|"]
+             f"| recipe | {' | '.join(s if s == 'caption' else s.upper() for s in columns)} | multimodal (all) | "
+             "retention vs full FT |", "|---" * (len(columns) + 3) + "|"]
     for name, out in results.items():
         r = out["runs"]["deployed (non-shared base)"]
         acc = {s: v["accuracy"] for s, v in r["by_source"].items()}
         mm = r["scores"]["multimodal"]
-        lines.append(f"| {LABELS.get(name, name)} | {_fmt(acc.get('vqa'))} | {_fmt(acc.get('caption'))} | "
-                     f"{_fmt(acc.get('ocr'))} | {_fmt(mm)} | "
+        lines.append(f"| {LABELS.get(name, name)} | {' | '.join(_fmt(acc.get(s)) for s in columns)} | {_fmt(mm)} | "
                      f"{_fmt(retention(mm, full_mm) if full_mm else None, '%')} |")
     chance = next(iter(results.values()))["chance"]["vqa"]
     lines += ["", f"VQA by chance (uniform guess among each question's answers): {_fmt(chance)}.", "",

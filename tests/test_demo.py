@@ -1,10 +1,10 @@
 """The embedded demo (experiments/demo.py), reduced to fit CI: the main job's six steps with
 fewer examples and steps, from an empty cache, then again from the cache.
 
-What the main job promises, asserted on held-out questions: the base LLM learned its text
-tasks, the deployed model's text answers are the base LLM's exactly (retention 100.00%),
-the shared-base ablation's text score is below the base's. Not asserted: VQA accuracy well
-above chance, which the demo does not reach yet (the main job prints it next to chance).
+What the main job promises, asserted on held-out questions: the MLLM answers image
+questions well above chance, the base LLM learned its text tasks, the deployed model's text
+answers are the base LLM's exactly (retention 100.00%), the shared-base ablation's text
+score is below the base's.
 """
 import json
 import os
@@ -15,8 +15,8 @@ from experiments import demo
 from experiments.configs import stage2_skip
 
 # The reduced demo: every step of the main job, about a third of its work.
-REDUCED = {"demo.train_examples": 1000, "demo.eval_examples": 150, "demo.pretrain_examples": 8000,
-           "demo.pretrain_steps": 200, "demo.vision_steps": 60, "demo.stage1_steps": 10, "train.steps": 40}
+REDUCED = {"demo.train_examples": 2000, "demo.eval_examples": 150, "demo.pretrain_examples": 8000,
+           "demo.pretrain_steps": 200, "demo.vision_steps": 300, "demo.stage1_steps": 10, "train.steps": 150}
 
 
 def _config(cache_dir):
@@ -41,6 +41,9 @@ def test_the_demo_learns_images_and_keeps_the_base_text_exactly(demo_run, capsys
     base, deployed, shared = runs["base LLM"], runs["deployed (non-shared base)"], runs["shared base"]
     print(demo.results_table(out))
     assert deployed["counts"]["answered"] == c.demo.eval_examples == shared["counts"]["answered"]
+    vqa = deployed["by_source"]["vqa"]["accuracy"]
+    assert vqa > out["chance"]["vqa"] + 20, (vqa, out["chance"])                # grounded in the image
+    assert shared["by_source"]["vqa"]["accuracy"] == vqa                       # image requests: same weights
     assert base["counts"]["skipped"] == deployed["counts"]["answered"] - base["counts"]["answered"] > 0
     assert base["scores"]["text"] > 25                                         # the base learned its text tasks
     assert f"{deployed['retention']['text']:.2f}" == "100.00"                  # non-shared: the base, exactly
@@ -62,3 +65,11 @@ def test_a_second_run_reuses_the_cache(demo_run, capsys):
         assert f"[{step}/6]" in printed
     assert "python -m tools.chat --checkpoint" in printed and "tools.export_qnn" in printed
     assert os.path.isfile(os.path.join(root, "stage2_skip", "metrics.jsonl"))
+
+
+def test_an_unknown_scene_names_the_config_key(tmp_path):
+    c = _config(tmp_path)
+    c.demo.scene = "crowd"
+    with pytest.raises(ValueError, match=r"config demo.scene='crowd': choose from \('grid', 'single'\)"):
+        demo.demo_data(c)
+    assert not os.listdir(tmp_path)

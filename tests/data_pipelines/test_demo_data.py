@@ -148,6 +148,15 @@ def _parse_caption(text):
     return counts
 
 
+def _assert_answer_from_pixels(ex, objects):
+    question = ex.turns[0]["content"].removeprefix(f"{IMAGE_TAG}\n")
+    expected = _answer_from_pixels(question, objects)
+    if ex.source == "caption":
+        assert _parse_caption(answer_of(ex)) == expected, (ex.id, answer_of(ex))
+    else:
+        assert answer_of(ex) == expected, (ex.id, question, answer_of(ex))
+
+
 def test_caption_and_vqa_answers_match_the_rendered_pixels(train):
     tasks = collections.Counter()
     answers = collections.Counter()
@@ -157,12 +166,8 @@ def test_caption_and_vqa_answers_match_the_rendered_pixels(train):
         objects = _objects_in(decode_image(ex.images[0]))
         assert objects == sorted((o["shape"], o["colour"], o["box"]) for o in meta["objects"])
         assert 1 <= len(objects) <= demo_data.MAX_OBJECTS == 3
-        question = ex.turns[0]["content"].removeprefix(f"{IMAGE_TAG}\n")
-        expected = _answer_from_pixels(question, objects)
-        if ex.source == "caption":
-            assert _parse_caption(answer_of(ex)) == expected, (ex.id, answer_of(ex))
-        else:
-            assert answer_of(ex) == expected, (ex.id, question, answer_of(ex))
+        _assert_answer_from_pixels(ex, objects)
+        if ex.source == "vqa":
             answers[answer_of(ex)] += 1
         tasks[meta["task"]] += 1
     assert tasks["caption"] == 120 and sum(tasks.values()) == 240
@@ -246,3 +251,23 @@ def test_answer_of_and_bad_arguments():
         next(demo_examples("train", 1, 0, image_size=16))
     with pytest.raises(ValueError, match="split"):
         next(demo_examples("", 1, 0))
+
+
+def test_single_object_scenes_answer_from_pixels():
+    items = list(demo_items("train", 200, seed=0, mixture={"caption": 1, "vqa": 3}, scene="single"))
+    tasks = collections.Counter()
+    for ex, meta in items:
+        image = decode_image(ex.images[0])
+        assert image.shape[:2] == (56, 56)                             # square canvas: one tile
+        objects = _objects_in(image)
+        assert len(objects) == 1 == len(meta["objects"])
+        x0, y0, x1, y1 = objects[0][2]
+        assert min(x1 - x0, y1 - y0) + 1 > 56 // 2                     # large: over half the side
+        _assert_answer_from_pixels(ex, objects)
+        tasks[meta["task"]] += 1
+    assert tasks["caption"] == 50 and set(tasks) == {"caption", *demo_data.SCENE_TASKS["single"]}
+    ocr = next(ex for ex, m in demo_items("train", 10, 0, mixture={"ocr": 1}, scene="single")
+               if m["size"] != (56, 56))                               # OCR keeps its layouts
+    assert ocr.source == "ocr"
+    with pytest.raises(ValueError, match="scene must be one of"):
+        next(demo_examples("train", 1, 0, scene="crowd"))
