@@ -131,7 +131,7 @@ def demo_item(split: str, index: int, seed: int, *, image_size: int = 56,
             image = _draw_text(rng, meta, image_size)
             question, answer = PROMPTS["ocr"], meta["text"]["string"]
         else:
-            image = _draw_scene(rng, meta, image_size if scene == "grid" else 2 * image_size)
+            image = _draw_scene(rng, meta, cell=image_size // 2 if scene == "grid" else image_size)
             if source == "caption":
                 meta["task"] = "caption"
                 question, answer = PROMPTS["caption"], caption(meta["objects"])
@@ -213,11 +213,10 @@ def _canvas(rng: random.Random, image_size: int, square: bool = False) -> dict:
     return {"size": size, "background": rng.choice(BACKGROUNDS)}
 
 
-def _draw_scene(rng: random.Random, meta: dict, grid_size: int) -> Image.Image:
-    """1-3 objects of 1-k (shape, colour) kinds, one per cell of a (grid_size/2)-px grid
-    (at most one per cell: a canvas of one cell holds one object)."""
+def _draw_scene(rng: random.Random, meta: dict, cell: int) -> Image.Image:
+    """1-3 objects of 1-k (shape, colour) kinds, one per cell of a `cell`-px grid (at most
+    one per cell: a canvas of one cell holds one object), each 55-80% of the cell's side."""
     width, height = meta["size"]
-    cell = grid_size // 2
     cells = [(cx, cy) for cy in range(height // cell) for cx in range(width // cell)]
     count = rng.randint(1, min(MAX_OBJECTS, len(cells)))
     pairs = [(s, c) for s in SHAPES for c in COLOURS]
