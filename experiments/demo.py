@@ -225,14 +225,25 @@ def chance(examples) -> dict:
     return {"vqa": 100.0 * sum(values) / len(values) if values else None}
 
 
+def source_columns(runs) -> list[str]:
+    """The multimodal sources any of `runs` (genieblue_jax.evaluate results) scored, in table
+    order: a demo without OCR gets no empty OCR column."""
+    runs = list(runs)
+    return [s for s in ("vqa", "caption", "ocr") if any(s in r["by_source"] for r in runs)]
+
+
+def column_title(source: str) -> str:
+    return source if source == "caption" else source.upper()
+
+
 def results_table(out: dict) -> str:
     """The demo's results: multimodal accuracy, text-task score and text retention per run."""
     def fmt(v, suffix=""):
         return "-" if v is None else f"{v:.2f}{suffix}"
 
     runs = out["runs"]
-    columns = [s for s in ("vqa", "ocr", "caption") if any(s in r["by_source"] for r in runs.values())]
-    lines = [f"| model ({out['structure']}, step {out['step']}) | {' | '.join(s.upper() if s != 'caption' else s for s in columns)}"
+    columns = source_columns(runs.values())
+    lines = [f"| model ({out['structure']}, step {out['step']}) | {' | '.join(map(column_title, columns))}"
              f" | multimodal (all) | text tasks | text retention |", "|---" * (len(columns) + 4) + "|"]
     for label, r in runs.items():
         acc = {s: v["accuracy"] for s, v in r["by_source"].items()}
@@ -288,5 +299,5 @@ def run(config: ml_collections.ConfigDict, workdir: str, recipe: str) -> dict:
     return out
 
 
-__all__ = ["run", "prepare", "with_assets", "evaluate_run", "results_table", "example_image", "banner", "Assets",
-           "common"]
+__all__ = ["run", "prepare", "with_assets", "evaluate_run", "results_table", "source_columns", "column_title",
+           "example_image", "banner", "Assets", "common"]

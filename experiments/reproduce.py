@@ -40,14 +40,14 @@ def _fmt(v, suffix: str = "") -> str:
 
 def tables(results: dict) -> str:
     """Markdown: Table 4/5 shape (multimodal + retention vs full FT), Table 6 shape (text)."""
+    from experiments import demo
     from genieblue_jax.evaluate import retention
     full = results.get("full_ft")
     full_mm = full["runs"]["deployed (non-shared base)"]["scores"]["multimodal"] if full else None
     base_text = next(iter(results.values()))["runs"]["base LLM"]["scores"]["text"]
-    columns = [s for s in ("vqa", "caption", "ocr")
-               if any(s in out["runs"]["deployed (non-shared base)"]["by_source"] for out in results.values())]
+    columns = demo.source_columns(out["runs"]["deployed (non-shared base)"] for out in results.values())
     lines = ["### Multimodal (cf. paper Tables 4-5)", "",
-             f"| recipe | {' | '.join(s if s == 'caption' else s.upper() for s in columns)} | multimodal (all) | "
+             f"| recipe | {' | '.join(map(demo.column_title, columns))} | multimodal (all) | "
              "retention vs full FT |", "|---" * (len(columns) + 3) + "|"]
     for name, out in results.items():
         r = out["runs"]["deployed (non-shared base)"]
