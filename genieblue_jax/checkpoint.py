@@ -2,7 +2,8 @@
 
     CKPT/
       genieblue.json    {"format_version": 1, "components": {"llm": {<LLMConfig.to_dict()>}, ...},
-                         "mllm": {...} (whole multimodal models only), "source": {...}}
+                         "mllm": {...} (whole multimodal models only), "source": {...},
+                         "packages": {"jax": "0.10.2", ...} (versions.package_versions())}
       params/           Orbax tree {"llm": {...}, "vision": {...}, ...}
       hf_assets/        tokenizer and processor files (from an HF import, or the tokenizer a
                         multimodal model was trained with)
@@ -27,7 +28,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from genieblue_jax import models, sharding as sharding_lib
+from genieblue_jax import models, sharding as sharding_lib, versions
 from genieblue_jax.jsonfile import read_json
 
 META_FILE = "genieblue.json"
@@ -63,6 +64,7 @@ def _write(path: str, meta: dict, params: dict, overwrite: bool, assets: tuple[s
     for asset in assets:
         if not os.path.isfile(asset):
             raise FileNotFoundError(f"asset {asset} (e.g. the tokenizer) does not exist")
+    meta = {**meta, "packages": versions.package_versions()}
     os.makedirs(path, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.join(path, PARAMS_DIR), params, force=overwrite)

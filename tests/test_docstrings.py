@@ -22,6 +22,7 @@ import genieblue_jax.structure.branch
 import genieblue_jax.structure.config
 import genieblue_jax.train.optimizer
 import genieblue_jax.train.trainer
+import genieblue_jax.versions
 
 
 @pytest.mark.parametrize("module", [genieblue_jax.models, genieblue_jax.models.configs, genieblue_jax.models.scan,
@@ -32,7 +33,7 @@ import genieblue_jax.train.trainer
                                     genieblue_jax.train.optimizer, genieblue_jax.train.trainer, genieblue_jax.structure,
                                     genieblue_jax.structure.config, genieblue_jax.structure.branch,
                                     data_pipelines.packing, data_pipelines.records, data_pipelines.images,
-                                    data_pipelines.demo_data, genieblue_jax.evaluate])
+                                    data_pipelines.demo_data, genieblue_jax.evaluate, genieblue_jax.versions])
 def test_docstring_examples(module):
     result = doctest.testmod(module, verbose=False)
     assert result.attempted > 0 and result.failed == 0
