@@ -31,10 +31,21 @@ def test_scanned_blocks_match_unrolled_logits_and_gradients(base_params, variant
     trainable, frozen = structure.partition(params, "stage2")
     grad = jax.jit(jax.value_and_grad(loss, argnums=1, has_aux=True), static_argnums=0)
     (want, want_logits), want_g = grad(mcfg, trainable, frozen)
-    for remat in (True,):  # remat=False runs the same loops without jax.checkpoint
+    assert not mcfg.llm.scan_layers and not mcfg.llm.remat  # the reference: unrolled, no remat
+    for remat in (True, False):  # remat=False runs the same loops without jax.checkpoint
         smcfg = _scanned(mcfg, remat)
+        assert (smcfg.llm.remat, smcfg.vision.remat) == (remat, remat)
         assert jax.tree.structure(structure.abstract_mllm(smcfg)) == jax.tree.structure(structure.abstract_mllm(mcfg))
-        (got, got_logits), got_g = grad(smcfg, trainable, frozen)
+        # The compiled step really is a scan loop, with remat's optimisation barriers iff remat.
+        lowered = grad.lower(smcfg, trainable, frozen)
+        hlo = lowered.as_text()
+        barriers = hlo.count("optimization_barrier")
+        print(f"{variant}-{placement} remat={remat}: {hlo.count('stablehlo.while')} while loops, "
+              f"{barriers} optimization barriers")
+        assert "stablehlo.while" in hlo
+        assert (barriers > 0) == remat
+        (got, got_logits), got_g = lowered.compile()(trainable, frozen)
+        print(f"  logits max diff vs unrolled {np.abs(np.asarray(got_logits) - np.asarray(want_logits)).max():.2e}")
         np.testing.assert_allclose(got_logits, want_logits, rtol=1e-5, atol=1e-5)
         for name, g in models.flatten(got_g).items():
             np.testing.assert_allclose(g, models.flatten(want_g)[name], rtol=1e-4, atol=1e-6,
