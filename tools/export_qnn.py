@@ -13,9 +13,10 @@ projector / LoRA int8, activations int16) and report.md / report.json (sizes, ON
 parity, quantized vs float error). Calibration uses the workdir's own training data, or
 --data dataset directories (with --tokenizer when the checkpoint has none).
 
-The encodings need aimet-onnx, an optional extra with its own install step (printed when it
-is missing; see genieblue_jax/export/qnn/quantize.py). Without it the graphs and the float
-part of the report are still written.
+The encodings need aimet-onnx, an optional extra with its own install step (see
+genieblue_jax/export/qnn/quantize.py). Without it the tool stops at once, before loading the
+checkpoint or writing anything, with a non-zero exit and the install command;
+--quantize=no asks explicitly for the float graphs and report only (no encodings).
 """
 import sys
 
@@ -36,8 +37,8 @@ flags.DEFINE_integer("decode_steps", 8, "Tokens at the end of each calibration r
 flags.DEFINE_multi_string("data", [], "Dataset directory for calibration (repeat for several); default: the "
                           "workdir's training data.")
 flags.DEFINE_string("tokenizer", None, "Tokenizer for --data (default: the checkpoint's own).")
-flags.DEFINE_enum("quantize", "auto", ["auto", "yes", "no"], "AIMET encodings: when aimet-onnx is installed, "
-                  "always (an error without it), never.")
+flags.DEFINE_enum("quantize", "yes", ["yes", "no"], "AIMET encodings: yes (needs aimet-onnx; without it the "
+                  "tool exits with an error before any work), or no (float ONNX graphs and report only).")
 flags.DEFINE_enum("embedding_bits", "4", ["4", "8", "16"], "Bits of the token-embedding table (one scale for "
                   "the table: QNN reads it through a Gather).")
 flags.DEFINE_bool("parity", True, "Compare the float ONNX graphs with the JAX model on the calibration requests.")
@@ -47,6 +48,13 @@ flags.mark_flags_as_required(["checkpoint", "out"])
 
 def main(argv):
     tools.start(argv)
+    from genieblue_jax.export.qnn import quantize
+    if FLAGS.quantize == "yes":   # before the checkpoint is loaded: a missing quantizer is no reason to wait
+        try:
+            quantize.require_aimet()
+        except ImportError as e:
+            sys.exit(f"export_qnn: {e}\nor pass --quantize=no to write the float ONNX graphs and report only "
+                     "(no encodings)")
     import genieblue_jax
     from genieblue_jax.export.qnn import export_qnn
     try:

@@ -55,30 +55,38 @@ def _describe(model) -> dict:
 
 def export_qnn(model, out_dir: str, *, context: int = 2048, prefill_len: int = 128, vision_batch: int = 1,
                calib: int = 16, decode_steps: int = 8, data: Sequence[str] = (), tokenizer: str | None = None,
-               quantize: str = "auto", embedding: str = "int4", parity: bool = True, overwrite: bool = False,
+               quantize: str = "yes", embedding: str = "int4", parity: bool = True, overwrite: bool = False,
                log: Callable[[str], None] = print) -> dict:
     """The whole bridge (module docstring). `model`: a loaded multimodal `GenieBlue`.
 
     `calib` requests of each kind (with images / text-only) calibrate and evaluate; 0 skips
-    calibration, parity and quantization (graphs and sizes only). `quantize`: "auto" (when
-    aimet-onnx is installed), "yes" (an error without it) or "no". Returns the report."""
+    calibration, parity and quantization (graphs and sizes only; needs quantize="no").
+    `quantize`: "yes" (the default: AIMET encodings; without aimet-onnx an ImportError naming
+    the install command, raised before any data is read or file written) or "no" (the float
+    graphs and report only, asked for explicitly). Returns the report."""
     from genieblue_jax.export.qnn import calibration, evaluate, report
     from genieblue_jax.export.qnn import quantize as quantize_lib
     if not getattr(model, "is_mllm", False):
         raise ValueError(f"{getattr(model, 'path', None) or 'the model'} is not a multimodal model (it holds only "
                          f"{sorted(getattr(model, 'configs', {}))}); the QNN export needs a whole GenieBlue MLLM "
                          "(a training workdir or a checkpoint from save_mllm)")
-    if quantize not in ("auto", "yes", "no"):
-        raise ValueError(f"quantize={quantize!r}; choose 'auto', 'yes' or 'no'")
+    if quantize not in ("yes", "no"):
+        raise ValueError(f"quantize={quantize!r}; choose 'yes' (AIMET encodings, needs aimet-onnx) or 'no' "
+                         "(float graphs only)")
     if embedding not in EMBEDDING_PRECISIONS:
         raise ValueError(f"embedding precision {embedding!r}; choose one of {EMBEDDING_PRECISIONS}")
     if calib < 0 or decode_steps < 0:
         raise ValueError(f"calib={calib} and decode_steps={decode_steps} must be >= 0")
     check_sizes(model.mcfg, context, prefill_len)
     if quantize == "yes":
-        require_aimet()
+        try:
+            require_aimet()
+        except ImportError as e:
+            raise ImportError(f"{e}\nor pass quantize='no' for the float ONNX graphs and report only (no encodings)"
+                              ) from None
         if calib == 0:
-            raise ValueError("quantize='yes' needs calibration data: calib must be >= 1")
+            raise ValueError("quantize='yes' needs calibration data: calib must be >= 1 (or quantize='no' for the "
+                             "float graphs only)")
     if os.path.exists(out_dir) and os.listdir(out_dir):
         if not overwrite:
             raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite / --overwrite to replace it)")
@@ -110,10 +118,6 @@ def export_qnn(model, out_dir: str, *, context: int = 2048, prefill_len: int = 1
                                                     for k, v in parity_result.items()))
         if quantize == "no":
             status = "skipped: quantize='no'"
-        elif not aimet_available():
-            status = ("skipped: aimet-onnx is not installed; the ONNX graphs and the float report are written. "
-                      f"For the encodings install it with exactly:\n\n```\n{INSTALL}\n```\n\nand run again")
-            log(status)
         else:
             log("quantizing with AIMET")
             quant = quantize_lib.quantize(onnx_dir, manifest, samples, os.path.join(out_dir, "qnn"),
