@@ -60,6 +60,20 @@ def _llava(tmp_path, split, n):
     return str(path), records
 
 
+def _assert_converted_all(out: str, input_json: str, data, ids: list, source: str):
+    """data_pipelines.convert wrote every record of `input_json` (ids in order) and rejected none:
+    its printed summary exactly, its manifest, an empty rejects log, and the records read back."""
+    from data_pipelines.records import ArrayRecordExampleSource, read_manifest
+    n = len(ids)
+    assert out.splitlines() == [f"converted {input_json} -> {data}", f"  total     {n}", f"  written   {n}",
+                                "  rejected  0 (0.0%)", f"  rejects log: {data / 'rejects.jsonl'}"], out
+    assert (data / "rejects.jsonl").read_text() == ""
+    manifest = read_manifest(str(data))
+    assert (manifest["num_records"], manifest["sources"]) == (n, {source: n})
+    written = ArrayRecordExampleSource(str(data))
+    assert [written[i].id for i in range(len(written))] == ids
+
+
 def test_hf_weights_to_phone(tmp_path):
     # --- Hugging Face weights --------------------------------------------------------------
     train_json, train_records = _llava(tmp_path, "train", 64)
@@ -81,9 +95,10 @@ def test_hf_weights_to_phone(tmp_path):
     _cli("tools.from_hf", f"--hf_dir={tmp_path / 'hf_llm'}", f"--out={ckpt / 'llm'}")
     _cli("tools.from_hf", f"--hf_dir={tmp_path / 'hf_vit'}", f"--out={ckpt / 'vit'}")
     assert os.path.isfile(ckpt / "llm" / "hf_assets" / "tokenizer.json")
+    data = tmp_path / "data" / "mine"
     out = _cli("data_pipelines.convert", "--format=llava", f"--json={train_json}",
-               f"--image_root={tmp_path / 'images'}", f"--out={tmp_path / 'data' / 'mine'}", "--source=mine")
-    assert "64" in out
+               f"--image_root={tmp_path / 'images'}", f"--out={data}", "--source=mine")
+    _assert_converted_all(out, train_json, data, [r["id"] for r in train_records], source="mine")
 
     common = [f"--config.init.llm_checkpoint={ckpt / 'llm'}", f"--config.init.vit_checkpoint={ckpt / 'vit'}",
               f"--config.data.tokenizer={ckpt / 'llm' / 'hf_assets'}",

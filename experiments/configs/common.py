@@ -70,10 +70,9 @@ def base_config(scale: str) -> ml_collections.ConfigDict:
     c.train.micro_batches = 10 if paper else 1
     c.train.loss_chunk = 512 if paper else 128   # LM head + cross-entropy this many positions at a time
     c.train.seed = 0
-    c.train.log_every = 10 if paper else 5
+    c.train.log_every = 10 if paper else 1   # metrics.jsonl / TensorBoard row every this many steps (+ the last)
     c.train.max_bad_steps = 5
     c.train.peak_flops_per_device = 989e12 if paper else 110e9   # H100 bf16 dense / this CPU f32
-    c.train.sigterm_at_step = -1   # testing: send ourselves SIGTERM after this step
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-4 if paper else 1e-3

@@ -61,7 +61,9 @@ class MetricsWriter:
         self._bar = tqdm(total=total, initial=step, desc=desc, unit="step", dynamic_ncols=True)
         self._t_start, self._step_start = time.perf_counter(), step
 
-    def write(self, step: int, m: dict, *, lr: float, step_time: float, data_stats: dict) -> dict:
+    def row(self, step: int, m: dict, *, lr: float, step_time: float, data_stats: dict) -> dict:
+        """The metrics row of one step (on every process); advances the progress bar. Nothing is
+        written: `write(row)` does, for the steps the trainer logs (`train.log_every`)."""
         tokens = int(m["trained_tokens"])
         seq_tokens = data_stats["tokens"] / max(data_stats["batches"], 1)
         row = {"step": step, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "lr": lr,
@@ -72,18 +74,21 @@ class MetricsWriter:
         for i, name in enumerate(self.sources):
             if cnt[i] > 0:
                 row[f"loss/{name}"] = float(nll[i] / cnt[i])
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        return row
+
+    def write(self, row: dict) -> None:
+        """Appends `row` to metrics.jsonl and TensorBoard (primary process only)."""
         if not self.primary:
-            return row
+            return
         self._jsonl.write(json.dumps(row) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
             for k, v in row.items():
                 if k != "step":
-                    self._tb.add_scalar(k, v, step)
-        if self._bar is not None:
-            self._bar.update(1)
-            self._bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
-        return row
+                    self._tb.add_scalar(k, v, row["step"])
 
     def close(self) -> None:
         if self._bar is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -27,7 +28,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from genieblue_jax import checkpoint as model_checkpoint
-from genieblue_jax import models, sharding as sharding_lib, structure
+from genieblue_jax import models, sharding as sharding_lib, structure, versions
 from genieblue_jax.jsonfile import read_json
 from genieblue_jax.train import metrics as metrics_lib
 from genieblue_jax.train.losses import token_nll
@@ -72,30 +73,39 @@ def _demo_data(config, workdir: str) -> tuple[dict, str]:
 
 def parse_sources(spec: str) -> dict[str, dict]:
     """`data.sources`, one string so that it can be given on the command line: comma-separated
-    `name=DIR[:weight]` (weight 1 when left out; a weight is the text after the last colon
-    when it is a number, so `gs://` paths work).
+    `name=DIR[:weight]` (weight 1 when left out). The text after the last colon is the weight and
+    must be a number > 0, unless that colon is a URL scheme's (followed by `//`, as in
+    `gs://bucket/x`): then the whole text is the path and the weight is 1. Anything else after a
+    colon (`vqa=/d:6O.7`, `a=/x/y:`) is a ConfigError naming the source and the text.
 
         >>> parse_sources("caption=/data/caption:316.3, vqa=/data/vqa:64.7,text=/data/text")
         {'caption': {'path': '/data/caption', 'weight': 316.3}, 'vqa': {'path': '/data/vqa', 'weight': 64.7}, \
 'text': {'path': '/data/text', 'weight': 1.0}}
+        >>> parse_sources("vqa=gs://b/d:2,ocr=gs://b/e")
+        {'vqa': {'path': 'gs://b/d', 'weight': 2.0}, 'ocr': {'path': 'gs://b/e', 'weight': 1.0}}
     """
     out: dict[str, dict] = {}
     for part in (p.strip() for p in str(spec).split(",")):
         name, eq, rest = part.partition("=")
-        if not part or not eq or not name.strip() or not rest:
+        name = name.strip()
+        if not part or not eq or not name or not rest:
             raise ConfigError(f"data.sources={spec!r}: {part!r} is not name=DIR[:weight]")
         path, weight = rest, 1.0
-        if ":" in rest:
-            head, tail = rest.rsplit(":", 1)
+        head, colon, tail = rest.rpartition(":")
+        if colon and not tail.startswith("//"):  # a weight (a URL scheme's colon is followed by //)
             try:
                 path, weight = head, float(tail)
             except ValueError:
-                pass  # a colon inside the path (gs://...)
-        if name.strip() in out:
-            raise ConfigError(f"data.sources={spec!r}: source {name.strip()!r} given twice")
-        if not weight > 0:
-            raise ConfigError(f"data.sources={spec!r}: source {name.strip()!r} has weight {weight}; weights must be > 0")
-        out[name.strip()] = {"path": path, "weight": weight}
+                raise ConfigError(f"data.sources={spec!r}: source {name!r} has weight {tail!r}, not a number "
+                                  f"(name=DIR[:weight])") from None
+            if not path:
+                raise ConfigError(f"data.sources={spec!r}: source {name!r} has no DIR (name=DIR[:weight])")
+        if name in out:
+            raise ConfigError(f"data.sources={spec!r}: source {name!r} given twice")
+        if not (weight > 0 and math.isfinite(weight)):
+            raise ConfigError(f"data.sources={spec!r}: source {name!r} has weight {weight}; weights must be finite "
+                              f"and > 0")
+        out[name] = {"path": path, "weight": weight}
     return out
 
 
@@ -490,9 +500,23 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Runs (or resumes) a recipe; returns the final metrics."""
+def train(config: ml_collections.ConfigDict, workdir: str, *, step_hooks=()) -> dict:
+    """Runs (or resumes) a recipe; returns the final metrics.
+
+    Metrics: every step's row (loss, grad norm, LR, throughput, per-source losses) updates the
+    progress bar; `metrics.jsonl` and TensorBoard get the row of every `train.log_every`-th step
+    and of the run's last step (the final step, or the step a SIGTERM stopped at). The
+    non-finite check runs on every step.
+
+    `step_hooks`: callables, each called as `hook(step, row)` after every step on every process
+    (`step` counts completed steps, from 1; `row` is that step's metrics dict, the keys of a
+    metrics.jsonl row, whether or not the row is written), before the step's checkpoint is
+    considered, like CLU's periodic actions: profiling, evaluation, early stopping (raise). A
+    SIGTERM that arrives during a hook is honoured after that same step.
+    """
     from data_pipelines.pipeline import build_pipeline
+    if config.train.log_every < 1:
+        raise ConfigError(f"train.log_every={config.train.log_every}: must be >= 1")
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -511,7 +535,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     fingerprint = base_fingerprint(frozen)
     meta = {"stage": config.train.stage, "variant": mcfg.structure.name, "base_fingerprint": fingerprint,
             "base_source": {"llm": config.init.llm_checkpoint or f"random(seed={config.train.seed})",
-                            "vision": config.init.vit_checkpoint or f"random(seed={config.train.seed})"}}
+                            "vision": config.init.vit_checkpoint or f"random(seed={config.train.seed})"},
+            "packages": versions.package_versions()}
     rows_mode = config.data.host_sharding == "rows"
     data_iter = iter(build_pipeline(setup.pipeline, process_index=0 if rows_mode else None,
                                     process_count=1 if rows_mode else None))
@@ -524,6 +549,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             raise ConfigError(f"{workdir}: checkpoint at step {start} was trained on another frozen base "
                               f"({saved_meta['base_source']}, fingerprint {saved_meta['base_fingerprint']}); this "
                               f"run's base ({meta['base_source']}) has fingerprint {fingerprint}")
+        changed = versions.changed_versions(saved_meta.get("packages", {}), meta["packages"])
+        if changed:  # results after the resume may differ from an uninterrupted run's
+            log.warning("resuming step %d with other package versions than it was saved with "
+                        "(name: (saved, installed)): %s", start, changed)
         data_iter.set_state(data_state)
         print(f"resuming from step {start} ({os.path.join(workdir, 'checkpoints')})", flush=True)
     step_fn = make_train_step(mcfg, tx, len(setup.pipeline.packing.sources), config.train.micro_batches,
@@ -547,8 +576,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             batch = next(data_iter)
             state, m = jit_step(state, frozen, to_global(batch, mesh, config.data.host_sharding))
             step += 1
-            if config.train.sigterm_at_step == step:  # testing: a real SIGTERM, sent to ourselves
-                os.kill(os.getpid(), signal.SIGTERM)
             m = jax.device_get(m)
             if not m["ok"]:
                 writer.skipped += 1
@@ -556,8 +583,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 if int(state["bad_steps"]) >= config.train.max_bad_steps:
                     raise FloatingPointError(f"{int(state['bad_steps'])} non-finite steps in a row at step {step}; "
                                              f"stopping. The last good checkpoint is in {workdir}/checkpoints")
-            last = writer.write(step, m, lr=float(lr_schedule(step)), step_time=time.perf_counter() - t0,
-                                data_stats=data_iter.stats)
+            last = writer.row(step, m, lr=float(lr_schedule(step)), step_time=time.perf_counter() - t0,
+                              data_stats=data_iter.stats)
+            for hook in step_hooks:
+                hook(step, last)
+            if step % config.train.log_every == 0 or step == total_steps or preemption.requested:
+                writer.write(last)
             if step % config.checkpoint.every_steps == 0 or step == total_steps or preemption.requested:
                 save_checkpoint(mngr, step, state, data_iter.get_state(), meta)
             if preemption.requested:

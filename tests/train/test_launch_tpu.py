@@ -1,21 +1,66 @@
-"""tools/launch_tpu.sh composes one gcloud command that runs the recipe on every worker."""
+"""tools/launch_tpu.sh composes one gcloud command that runs the recipe on every worker.
+
+The dry run prints that command shell-quoted; the test parses it as the shell would (shlex),
+checks gcloud's exact argv, then parses the --command value as the worker's shell would and
+checks the exact sequence of commands run there.
+"""
 import os
+import shlex
 import subprocess
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# The set-up step each worker runs before training, exactly as the script writes it today.
+# (The one line to change when the remote install changes, e.g. to a `tpu` extra.)
+INSTALL = ["pip", "install", "-q", "-e", "."]
 
-def test_dry_run_prints_the_gcloud_command():
-    run = subprocess.run(["bash", "tools/launch_tpu.sh", "pod-1", "us-east5-a", "--project", "p1", "--dry_run", "--",
-                          "--config=stage2_skip:paper", "--workdir=/mnt/run"], cwd=REPO, capture_output=True, text=True)
+# Training flags as a user gives them, one with a space, a colon and a comma: each must reach
+# experiments.run as one argument, unchanged, through both levels of quoting (local shell,
+# then the worker's shell running --command).
+TRAIN_FLAGS = ["--config=stage2_skip:paper", "--workdir=/mnt/run",
+               "--config.data.sources=vqa=/mnt/my data:2,text=gs://b/t"]
+
+
+def dry_run(*args, env=None):
+    run = subprocess.run(["bash", "tools/launch_tpu.sh", *args], cwd=REPO, capture_output=True, text=True,
+                         env=None if env is None else {**os.environ, **env})
     assert run.returncode == 0, run.stderr
-    out = run.stdout
-    for part in ("gcloud compute tpus tpu-vm ssh pod-1", "--zone=us-east5-a", "--project=p1", "--worker=all",
-                 r"python\ -m\ experiments.run\ --distributed\ --config=stage2_skip:paper\ --workdir=/mnt/run"):
-        assert part in out, (part, out)
+    return shlex.split(run.stdout)
+
+
+def remote_commands(command: str) -> list[list[str]]:
+    """The --command value as the worker's shell runs it: argv lists joined by `&&`."""
+    words, commands = shlex.split(command), [[]]
+    for w in words:
+        if w == "&&":
+            commands.append([])
+        else:
+            commands[-1].append(w)
+    return commands
+
+
+def test_dry_run_prints_the_exact_gcloud_command():
+    argv = dry_run("pod-1", "us-east5-a", "--project", "p1", "--dry_run", "--", *TRAIN_FLAGS)
+    *gcloud, command = argv
+    assert gcloud == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod-1", "--zone=us-east5-a", "--project=p1",
+                      "--worker=all"]
+    assert command.startswith("--command=")
+    assert remote_commands(command.removeprefix("--command=")) == [
+        ["cd", "~/genieblue_jax"],
+        INSTALL,
+        ["python", "-m", "experiments.run", "--distributed", *TRAIN_FLAGS],
+    ]
+
+
+def test_no_project_and_another_repo_dir():
+    argv = dry_run("pod-2", "europe-west4-b", "--dry_run", "--", "--config=stage1", env={"REPO_DIR": "/opt/genieblue"})
+    assert argv[:-1] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod-2", "--zone=europe-west4-b",
+                         "--worker=all"]
+    assert remote_commands(argv[-1].removeprefix("--command=")) == [
+        ["cd", "/opt/genieblue"], INSTALL, ["python", "-m", "experiments.run", "--distributed", "--config=stage1"]]
 
 
 def test_missing_training_flags_is_an_error():
     run = subprocess.run(["bash", "tools/launch_tpu.sh", "pod-1", "zone", "--dry_run"], cwd=REPO,
                          capture_output=True, text=True)
-    assert run.returncode != 0 and "no training flags" in run.stderr
+    assert run.returncode == 2 and "no training flags after --" in run.stderr

@@ -1,6 +1,7 @@
 """The training engine's guarantees, on tiny models and the demo data."""
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 
 from genieblue_jax import models, structure
 from genieblue_jax.train import trainer
-from tests.train.conftest import losses, tiny_config
+from tests.train.conftest import losses, rows, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -59,12 +60,67 @@ def test_four_micro_batches_equal_one_big_batch(tmp_path, reference):
 
 
 def test_sigterm_then_restart_resumes_bitwise(tmp_path, capsys, reference):
+    def sigterm_after_step_3(step, row):  # a real SIGTERM, sent to ourselves from a step hook
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
     run = str(tmp_path / "interrupted")
-    first = trainer.train(tiny_config(**{"train.steps": 6, "train.sigterm_at_step": 3}), run)
+    first = trainer.train(tiny_config(**{"train.steps": 6}), run, step_hooks=[sigterm_after_step_3])
     assert first["step"] == 3 and "stopped by SIGTERM after step 3" in capsys.readouterr().out
     second = trainer.train(tiny_config(**{"train.steps": 6}), run)
     assert second["step"] == 6 and "resuming from step 3" in capsys.readouterr().out
     assert losses(run) == losses(reference["workdir"])  # bitwise: same data order, same state
+
+
+def test_metrics_rows_every_log_every_steps_and_the_last(tmp_path, reference):
+    seen = []
+    run = trainer.train(tiny_config(**{"train.steps": 6, "train.log_every": 4}), str(tmp_path / "run"),
+                        step_hooks=[lambda step, row: seen.append((step, row))])
+    assert [step for step, _ in seen] == [1, 2, 3, 4, 5, 6]           # hooks: every step, in order
+    assert [row["step"] for _, row in seen] == [1, 2, 3, 4, 5, 6]
+    assert [row["loss"] for _, row in seen] == losses(reference["workdir"])  # every step computed as before
+    written = rows(run["workdir"])
+    assert len(written) == 2 and [r["step"] for r in written] == [4, 6]  # 6 steps, log_every 4: step 4 + the last
+    assert written == [seen[3][1], seen[5][1]]                         # exactly the rows of those steps
+    assert run["step"] == 6 and run["loss"] == seen[5][1]["loss"]
+
+
+def test_the_non_finite_check_runs_on_steps_that_are_not_logged(tmp_path):
+    # lr = NaN: step 1 is finite and makes the weights NaN, so step 2 is the first non-finite step.
+    # With max_bad_steps 1 it must stop there, although rows are only written every 5 steps.
+    seen = []
+    c = tiny_config(**{"train.steps": 6, "train.log_every": 5, "optim.lr": float("nan"), "train.max_bad_steps": 1})
+    with pytest.raises(FloatingPointError, match=r"^1 non-finite steps in a row at step 2;"):
+        trainer.train(c, str(tmp_path / "run"), step_hooks=[lambda step, row: seen.append(step)])
+    assert seen == [1] and rows(str(tmp_path / "run")) == []
+
+
+def test_log_every_must_be_positive(tmp_path):
+    with pytest.raises(trainer.ConfigError, match=r"train.log_every=0: must be >= 1"):
+        trainer.train(tiny_config(**{"train.log_every": 0}), str(tmp_path / "run"))
+
+
+def test_parse_sources_weights_and_url_paths():
+    assert trainer.parse_sources("vqa=gs://b/d:2") == {"vqa": {"path": "gs://b/d", "weight": 2.0}}
+    assert trainer.parse_sources("vqa=gs://b/d") == {"vqa": {"path": "gs://b/d", "weight": 1.0}}
+    assert trainer.parse_sources("vqa=/d:6.7, text=/t") == {"vqa": {"path": "/d", "weight": 6.7},
+                                                           "text": {"path": "/t", "weight": 1.0}}
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("vqa=/d:6O.7", r"source 'vqa' has weight '6O\.7', not a number"),       # letter O for a zero
+    ("a=/x/y:", r"source 'a' has weight '', not a number"),
+    ("text=/t,vqa=gs://b/d:x2", r"source 'vqa' has weight 'x2', not a number"),
+    ("a=/data/a:b/c", r"source 'a' has weight 'b/c', not a number"),           # a colon in a local path
+    ("a=:2", r"source 'a' has no DIR"),
+    ("a=/x:0", r"source 'a' has weight 0.0; weights must be finite and > 0"),
+    ("a=/x:inf", r"source 'a' has weight inf; weights must be finite and > 0"),
+    ("a=/x,a=/y", r"source 'a' given twice"),
+    ("a/x", r"'a/x' is not name=DIR\[:weight\]"),
+])
+def test_parse_sources_rejects_bad_specs(spec, match):
+    with pytest.raises(trainer.ConfigError, match=match):
+        trainer.parse_sources(spec)
 
 
 def test_resume_refuses_another_base(tmp_path, reference):
