@@ -45,6 +45,22 @@ MULTIMODAL_MIXTURE = {"caption": 2, "vqa": 5}
 STEPS = 6
 
 
+# XLA:CPU compiles for the host's instruction set, and float results follow it: the same
+# stage-2 step gives losses that differ in the 7th digit with AVX vs AVX2 code, and training
+# amplifies that into other scores. The demo's figures (README) are made on an AVX2 x86-64
+# CPU; capping XLA's code at AVX2 makes a CPU with AVX-512 compile the same code.
+DEMO_XLA_CPU_ISA = "AVX2"
+
+
+def pin_xla_cpu_isa(isa: str = DEMO_XLA_CPU_ISA) -> None:
+    """Adds `--xla_cpu_max_isa=ISA` to XLA_FLAGS (x86-64 only; a cap the user already set
+    wins). Call before JAX's first computation: XLA reads its flags when the CPU backend starts."""
+    import platform
+    flags = os.environ.get("XLA_FLAGS", "")
+    if platform.machine() in ("x86_64", "AMD64") and "--xla_cpu_max_isa" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_max_isa={isa}".strip()
+
+
 def banner(step: int, total: int, title: str, detail: str = "") -> None:
     line = f"[{step}/{total}] {title}"
     print(f"\n{'=' * 78}\n{line}{'  -  ' + detail if detail else ''}\n{'=' * 78}", flush=True)
@@ -299,5 +315,5 @@ def run(config: ml_collections.ConfigDict, workdir: str, recipe: str) -> dict:
     return out
 
 
-__all__ = ["run", "prepare", "with_assets", "evaluate_run", "results_table", "source_columns", "column_title",
+__all__ = ["run", "pin_xla_cpu_isa", "prepare", "with_assets", "evaluate_run", "results_table", "source_columns", "column_title",
            "example_image", "banner", "Assets", "common"]

@@ -114,6 +114,7 @@ def plots(results: dict, workdirs: dict, out_dir: str) -> list[str]:
 def run(workdir: str = "workdirs/reproduce", recipes=RECIPES, steps: int | None = None) -> dict:
     """Trains and evaluates `recipes` around the shared demo assets; writes the tables and plots."""
     from experiments import demo
+    demo.pin_xla_cpu_isa()  # the same code as the main job's (experiments.run at demo scale)
     from genieblue_jax.train import trainer
     t0 = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)

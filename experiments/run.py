@@ -34,17 +34,19 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:  # Orbax logs every checkpoint step at INFO
         absl_logging.set_verbosity(absl_logging.WARNING)
+    config = _CONFIG.value
+    if config.demo.enabled:  # before JAX starts its CPU backend: the README's demo figures
+        from experiments import demo
+        demo.pin_xla_cpu_isa()
     import jax
     if flags.FLAGS.distributed:
         jax.distributed.initialize()
     from genieblue_jax.train import trainer
-    config = _CONFIG.value
     name = os.path.basename(flags.FLAGS["config"].config_filename or "run").removesuffix(".py")
     workdir = flags.FLAGS.workdir or os.path.join("workdirs", name + ("" if config.scale == "demo" else f"_{config.scale}"))
     print(f"recipe {name} ({config.scale} scale), workdir {workdir}", flush=True)
     try:
         if config.demo.enabled:  # demo scale: data, base LLM, stage 1 (cached), the recipe, evaluation
-            from experiments import demo
             demo.run(config, workdir, name)
             return
         result = trainer.train(config, workdir)

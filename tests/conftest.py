@@ -5,8 +5,10 @@ with `save_pretrained` (safetensors): no hub access, no downloaded weights.
 """
 import os
 
-# Must be set before jax is imported anywhere: lets sharding tests build real meshes on CPU.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Must be set before jax is imported anywhere: lets sharding tests build real meshes on CPU,
+# and compiles for AVX2 at most (experiments.demo.pin_xla_cpu_isa: the measured thresholds of
+# the reduced demo hold on AVX-512 machines too).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_cpu_max_isa=AVX2")
 # CPU only: parity tolerances assume exact float32 matmuls (no TF32 on a lent GPU).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -99,3 +101,13 @@ def hf_siglip_dir(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+# Modules whose module-scoped set-up takes minutes, longest first: with `--dist loadscope`
+# (setup.cfg) each goes to one worker, and starting them first keeps them off the tail.
+SLOW_MODULES = ("tests/test_demo.py", "tests/test_user_path.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {m: i for i, m in enumerate(SLOW_MODULES)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep their order

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -19,7 +20,7 @@ import transformers
 from PIL import Image
 
 import genieblue_jax
-from genieblue_jax import checkpoint, inference, structure
+from genieblue_jax import checkpoint, inference, models, structure
 from genieblue_jax.hf import import_hf
 from genieblue_jax.train import trainer
 from data_pipelines.images import num_patches
@@ -48,6 +49,11 @@ def trained(tmp_path_factory):
             "model": genieblue_jax.load(workdir)}
 
 
+def test_a_workdir_records_the_package_versions_it_trained_with(trained):
+    from tests.test_versions import module_versions
+    assert trained["model"].source["packages"] == module_versions()  # the checkpoint's meta
+
+
 def test_text_requests_run_the_base_model_exactly(trained):
     model, base = trained["model"], genieblue_jax.load(trained["hf"])
     assert model.is_mllm and not base.is_mllm and model.mcfg.structure.name == "genieblue-skip"
@@ -73,13 +79,23 @@ def test_image_requests_run_the_multimodal_path(trained):
     ids, images = np.asarray([req.tokens]), req.patches[None]
     first_image = int(np.argmax(ids[0] == model.mcfg.image_token_id))
     multimodal = model.logits(ids, images=images)  # routed: images -> multimodal
-    np.testing.assert_array_equal(multimodal, model.logits(ids, images=images, mode="multimodal"))
+    # The same request through the multimodal model assembled another way: LoRA folded into
+    # the kernels (W + A B alpha / r) and the replicated blocks swapped in, run as a plain
+    # dense decoder (structure.fold_lora + structure.decode, the deployment path), not the
+    # runtime-LoRA branch `forward` runs. float32; logits are of order 10 here.
+    folded, kinds = structure.fold_lora(model.mcfg, model.params["llm"], model.params["branch"])
+    assert set(kinds) == {"base"}
+    assembled = np.asarray(structure.decode(
+        model.mcfg, models.DecoderLM(model.mcfg.llm, kinds), folded, model.params, jnp.asarray(ids, jnp.int32),
+        jnp.arange(ids.shape[1])[None], jnp.ones(ids.shape, jnp.int32), jnp.asarray(images)))
+    diff_folded = np.abs(multimodal - assembled).max()
     prefix = ids[:, :first_image]
     # before the image, the multimodal path is the branch on text (= shared), not the base
     diff_shared = np.abs(multimodal[:, :first_image] - model.logits(prefix, mode="shared")).max()
     diff_base = np.abs(multimodal[:, :first_image] - model.logits(prefix, mode="text")).max()
-    print(f"image request, text before the image: vs shared {diff_shared:.1e}, vs base {diff_base:.1e}")
-    assert diff_shared <= 1e-4 and diff_base > 1e-2  # logits are of order 10 here
+    print(f"image request: vs LoRA folded {diff_folded:.1e}; text before the image: vs shared {diff_shared:.1e}, "
+          f"vs base {diff_base:.1e}")
+    assert diff_folded <= 1e-4 and diff_shared <= 1e-4 and diff_base > 1e-2
     # generation with the image = greedy decoding of the multimodal path
     _, (result,) = model.generate("Describe the image.", images=[trained["image"]], max_new_tokens=8, stop_tokens=(),
                                   return_tokens=True)

@@ -1,30 +1,55 @@
 """The embedded demo (experiments/demo.py), reduced to fit CI: the main job's six steps with
 fewer examples and steps, from an empty cache, then again from the cache.
 
-What the main job promises, asserted on held-out questions: the MLLM answers image
-questions well above chance, the base LLM learned its text tasks, the deployed model's text
-answers are the base LLM's exactly (retention 100.00%), the shared-base ablation's text
-score is below the base's.
+What the main job promises, asserted on held-out questions. Routing, which holds whatever
+training did: the deployed model's text answers are the base LLM's token for token
+(retention 100.00% follows from that), and its image answers are the multimodal model's
+greedy answers, recomputed here by another path (LoRA folded into the weights, no KV cache).
+Training outcomes, bounded by what several seeds gave (the table below): the MLLM answers image
+questions well above chance, the base LLM learned its text tasks, and the shared-base
+ablation's text score is below the base's.
 """
 import json
 import os
 
+import jax
+import numpy as np
 import pytest
 
+import genieblue_jax
 from experiments import demo
 from experiments.configs import stage2_skip
+from genieblue_jax import evaluate, models, structure
 
 # The reduced demo: every step of the main job, with fewer examples and steps (stage 2 keeps its 150).
 REDUCED = {"demo.train_examples": 2000, "demo.eval_examples": 120, "demo.pretrain_examples": 8000,
            "demo.pretrain_steps": 200, "demo.vision_steps": 200, "demo.stage1_steps": 10, "train.steps": 150}
 
+# The reduced demo's outcomes at train.seed 0 and 1 (seed: the data, the initialisations and
+# the order), installed from requirements/lock-cpu.txt, XLA:CPU capped at AVX2 (conftest.py),
+# measured on a 2-core AMD EPYC by running demo.run(_config(dir, seed)) per seed:
+#
+#   seed   VQA   chance   VQA - chance   base text   shared text   base - shared
+#   0      73.13  25.97      47.16         38.46        7.69          30.77
+#   1      40.30  27.76      12.54         30.77       11.54          19.23
+#
+# (the issue that asked for these bounds saw base text 23.08 for seed 0 on another machine).
+# Text scores move in steps of 3.85 (26 text questions). The bounds are the worst seed less a
+# margin of about half of it, so that a package or CPU change that keeps the behaviour passes
+# and a demo that stops learning (VQA at chance, an untrained base near 0, a shared base that
+# keeps the text) fails.
+MIN_VQA_OVER_CHANCE = 6.0     # worst seed 12.54
+MIN_BASE_TEXT = 15.0          # worst seed 30.77 (4 of 26 questions)
+MIN_SHARED_TEXT_DROP = 7.0    # worst seed 19.23 (2 of 26 questions)
 
-def _config(cache_dir):
+
+def _config(cache_dir, seed=0):
     c = stage2_skip.get_config("demo")
     for key, value in REDUCED.items():
         section, name = key.split(".")
         c[section][name] = value
     c.demo.cache_dir = str(cache_dir)
+    c.train.seed = seed
     return c
 
 
@@ -35,24 +60,62 @@ def demo_run(tmp_path_factory):
     return root, c, demo.run(c, str(root / "stage2_skip"), "stage2_skip")
 
 
+def _greedy_by_recompute(model, turns, images, max_new_tokens: int) -> str:
+    """The multimodal model's greedy answer by another path than evaluate's (KV-cache
+    generation with LoRA applied at run time): LoRA folded into the kernels, the plain dense
+    decoder (structure.fold_lora + structure.decode), the whole sequence recomputed per token."""
+    mcfg = model.mcfg
+    folded, kinds = structure.fold_lora(mcfg, model.params["llm"], model.params["branch"])
+    decoder = models.DecoderLM(mcfg.llm, kinds)
+    req = model.requests.encode(turns, images)
+    n = len(req.tokens)
+    tokens = np.zeros((1, n + max_new_tokens), np.int32)
+    tokens[0, :n] = req.tokens
+    positions, segments = np.arange(tokens.shape[1])[None], np.ones_like(tokens)
+    run = jax.jit(structure.decode, static_argnums=(0, 1))
+    answer = []
+    for i in range(max_new_tokens):  # causal: the zeros after position n + i change nothing before it
+        logits = run(mcfg, decoder, folded, model.params, tokens, positions, segments, req.patches[None])
+        token = int(np.argmax(np.asarray(logits[0, n + i - 1])))
+        if token in model.requests.stop_tokens:
+            break
+        tokens[0, n + i] = token
+        answer.append(token)
+    return model.tokenizer.decode(answer)
+
+
 def test_the_demo_learns_images_and_keeps_the_base_text_exactly(demo_run, capsys):
     root, c, out = demo_run
     runs = out["runs"]
     base, deployed, shared = runs["base LLM"], runs["deployed (non-shared base)"], runs["shared base"]
     print(demo.results_table(out))
     assert deployed["counts"]["answered"] == c.demo.eval_examples == shared["counts"]["answered"]
-    vqa = deployed["by_source"]["vqa"]["accuracy"]
-    assert vqa > out["chance"]["vqa"] + 20, (vqa, out["chance"])                # grounded in the image
-    assert shared["by_source"]["vqa"]["accuracy"] == vqa                       # image requests: same weights
     assert base["counts"]["skipped"] == deployed["counts"]["answered"] - base["counts"]["answered"] > 0
-    assert base["scores"]["text"] > 25                                         # the base learned its text tasks
-    assert f"{deployed['retention']['text']:.2f}" == "100.00"                  # non-shared: the base, exactly
+
+    # Routing (holds whatever training did). Text requests: the base LLM, token for token; so
+    # the text retention is exactly 100.00% by construction (the printed figure is this check).
     text_ids = {p["id"] for p in base["predictions"]}
     assert [p["prediction"] for p in deployed["predictions"] if p["id"] in text_ids] == \
         [p["prediction"] for p in base["predictions"]]
-    assert shared["scores"]["text"] < base["scores"]["text"]                   # shared base: text changed
+    assert f"{deployed['retention']['text']:.2f}" == "100.00"
     table = demo.results_table(out)
     assert "| deployed (non-shared base) |" in table and "100.00%" in table
+    # Image requests: the multimodal model's greedy answers, recomputed by another path.
+    model = genieblue_jax.load(str(root / "stage2_skip"))
+    assets = demo.prepare(c)
+    examples, _ = evaluate.load_examples([os.path.join(assets.data_dir, "eval", s) for s in ("vqa", "caption")])
+    by_id = {ex.id: ex for ex in examples}
+    image_preds = [p for p in deployed["predictions"] if p["images"]][:8]
+    assert len(image_preds) == 8
+    for p in image_preds:
+        turns = [t for t in by_id[p["id"]].turns[:-1]]
+        assert _greedy_by_recompute(model, turns, list(by_id[p["id"]].images), 32) == p["prediction"], p
+
+    # Training outcomes, bounded by the seed spread above.
+    vqa = deployed["by_source"]["vqa"]["accuracy"]
+    assert vqa - out["chance"]["vqa"] > MIN_VQA_OVER_CHANCE, (vqa, out["chance"])   # grounded in the image
+    assert base["scores"]["text"] > MIN_BASE_TEXT                                  # the base learned its text tasks
+    assert base["scores"]["text"] - shared["scores"]["text"] > MIN_SHARED_TEXT_DROP  # shared base: text lost
 
 
 def test_a_second_run_reuses_the_cache(demo_run, capsys):
