@@ -6,9 +6,12 @@ with `save_pretrained` (safetensors): no hub access, no downloaded weights.
 import os
 
 # Must be set before jax is imported anywhere: lets sharding tests build real meshes on CPU,
-# and compiles for AVX2 at most (experiments.demo.pin_xla_cpu_isa: the measured thresholds of
-# the reduced demo hold on AVX-512 machines too).
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_cpu_max_isa=AVX2")
+# and compiles for the demo's ISA at most (experiments.demo.pin_xla_cpu_isa: the measured
+# thresholds of the reduced demo hold on AVX-512 machines too).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from experiments.demo import pin_xla_cpu_isa  # noqa: E402  (imports no jax)
+
+pin_xla_cpu_isa()
 # CPU only: parity tolerances assume exact float32 matmuls (no TF32 on a lent GPU).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
