@@ -60,28 +60,33 @@ def demo_run(tmp_path_factory):
     return root, c, demo.run(c, str(root / "stage2_skip"), "stage2_skip")
 
 
-def _greedy_by_recompute(model, turns, images, max_new_tokens: int) -> str:
-    """The multimodal model's greedy answer by another path than evaluate's (KV-cache
+def _greedy_by_recompute(model):
+    """The multimodal model's greedy answers by another path than evaluate's (KV-cache
     generation with LoRA applied at run time): LoRA folded into the kernels, the plain dense
-    decoder (structure.fold_lora + structure.decode), the whole sequence recomputed per token."""
+    decoder (structure.fold_lora + structure.decode), the whole sequence recomputed per token.
+    Returns answer(turns, images, max_new_tokens) -> str."""
     mcfg = model.mcfg
     folded, kinds = structure.fold_lora(mcfg, model.params["llm"], model.params["branch"])
     decoder = models.DecoderLM(mcfg.llm, kinds)
-    req = model.requests.encode(turns, images)
-    n = len(req.tokens)
-    tokens = np.zeros((1, n + max_new_tokens), np.int32)
-    tokens[0, :n] = req.tokens
-    positions, segments = np.arange(tokens.shape[1])[None], np.ones_like(tokens)
     run = jax.jit(structure.decode, static_argnums=(0, 1))
-    answer = []
-    for i in range(max_new_tokens):  # causal: the zeros after position n + i change nothing before it
-        logits = run(mcfg, decoder, folded, model.params, tokens, positions, segments, req.patches[None])
-        token = int(np.argmax(np.asarray(logits[0, n + i - 1])))
-        if token in model.requests.stop_tokens:
-            break
-        tokens[0, n + i] = token
-        answer.append(token)
-    return model.tokenizer.decode(answer)
+
+    def answer(turns, images, max_new_tokens: int) -> str:
+        req = model.requests.encode(turns, images)
+        n = len(req.tokens)
+        tokens = np.zeros((1, n + max_new_tokens), np.int32)
+        tokens[0, :n] = req.tokens
+        positions, segments = np.arange(tokens.shape[1])[None], np.ones_like(tokens)
+        out = []
+        for i in range(max_new_tokens):  # causal: the zeros after position n + i change nothing before it
+            logits = run(mcfg, decoder, folded, model.params, tokens, positions, segments, req.patches[None])
+            token = int(np.argmax(np.asarray(logits[0, n + i - 1])))
+            if token in model.requests.stop_tokens:
+                break
+            tokens[0, n + i] = token
+            out.append(token)
+        return model.tokenizer.decode(out)
+
+    return answer
 
 
 def test_the_demo_learns_images_and_keeps_the_base_text_exactly(demo_run, capsys):
@@ -107,9 +112,10 @@ def test_the_demo_learns_images_and_keeps_the_base_text_exactly(demo_run, capsys
     by_id = {ex.id: ex for ex in examples}
     image_preds = [p for p in deployed["predictions"] if p["images"]][:8]
     assert len(image_preds) == 8
+    answer = _greedy_by_recompute(model)
     for p in image_preds:
         turns = [t for t in by_id[p["id"]].turns[:-1]]
-        assert _greedy_by_recompute(model, turns, list(by_id[p["id"]].images), 32) == p["prediction"], p
+        assert answer(turns, list(by_id[p["id"]].images), 32) == p["prediction"], p
 
     # Training outcomes, bounded by the seed spread above.
     vqa = deployed["by_source"]["vqa"]["accuracy"]
