@@ -290,3 +290,73 @@ def build_pipeline(cfg: PipelineConfig, *, process_index: int | None = None,
             flags.FLAGS.mark_as_parsed()
         stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
     return PackedBatches(stream, cfg)
+
+
+class StreamBatchIterator:
+    """This host's batches from its share of a global batch made of independent streams.
+
+    The global batch of `streams` x `rows_per_stream` rows is the concatenation, in stream
+    order, of what `streams` independent pipelines pack: stream j reads stream positions
+    j, j + streams, ... of every source (`build_pipeline` as process j of `streams`) and packs
+    its own rows. Process i of n owns streams [i k, (i + 1) k), k = streams / n, and yields
+    their rows concatenated: the rows of process i are rows [i B/n, (i + 1) B/n) of the
+    global batch, whatever n is. So with a fixed `streams` the global batch does not depend
+    on the number of hosts (one host reading all streams gives the same batches as 2 or 64),
+    and every host's state is its own streams' states.
+
+    `get_state()` -> {"streams": {"j": <PackedBatchIterator state>, ...}}; `set_state`
+    refuses a state of other streams (a resume with another process count or `streams`)
+    with a ValueError naming both. `stats`: this host's data statistics, summed over its
+    streams (see PackedBatchIterator).
+    """
+
+    def __init__(self, cfg: PipelineConfig, streams: int, process_index: int, process_count: int):
+        if streams < 1 or streams % process_count:
+            raise ValueError(f"{streams} data streams cannot be split over {process_count} processes "
+                             f"(streams must be a multiple of the process count)")
+        k = streams // process_count
+        if cfg.batch_size % k:
+            raise ValueError(f"{cfg.batch_size} rows per host cannot be split over this host's {k} data streams")
+        stream_cfg = dataclasses.replace(cfg, batch_size=cfg.batch_size // k)
+        self.owned = tuple(range(process_index * k, (process_index + 1) * k))
+        self._its = {j: iter(build_pipeline(stream_cfg, process_index=j, process_count=streams)) for j in self.owned}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batches = [next(it) for it in self._its.values()]
+        if len(batches) == 1:
+            return batches[0]
+        return {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+
+    @property
+    def stats(self) -> dict:
+        total = _new_stats()
+        for it in self._its.values():
+            for key, value in it.stats.items():
+                total[key] += value
+        return total
+
+    def get_state(self) -> dict:
+        return {"streams": {str(j): it.get_state() for j, it in self._its.items()}}
+
+    def set_state(self, state: dict) -> None:
+        saved = sorted(int(j) for j in state["streams"])
+        if saved != list(self.owned):
+            raise ValueError(f"the data state holds streams {saved}, but this process reads streams "
+                             f"{list(self.owned)}: resume with the process count and data.streams the run was "
+                             f"saved with")
+        for j, it in self._its.items():
+            it.set_state(state["streams"][str(j)])
+
+
+def build_streams(cfg: PipelineConfig, streams: int | None = None, *, process_index: int | None = None,
+                  process_count: int | None = None) -> StreamBatchIterator:
+    """This host's iterator over its streams (`StreamBatchIterator`); `cfg.batch_size` is this
+    host's rows. `streams` defaults to one per process (each host packs one stream: the
+    global batch then depends on the number of hosts, as with `build_pipeline`)."""
+    if process_index is None or process_count is None:
+        import jax
+        process_index, process_count = jax.process_index(), jax.process_count()
+    return StreamBatchIterator(cfg, streams or process_count, process_index, process_count)

@@ -27,6 +27,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 
 import msgpack
 from array_record.python import array_record_module
@@ -250,6 +251,11 @@ class ArrayRecordExampleSource:
     """
 
     def __init__(self, dataset_dir: str):
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", str(dataset_dir)):
+            # ArrayRecord's C++ reader opens files by path: on a gs:// URL it does not fail, it hangs.
+            raise ValueError(f"{dataset_dir}: ArrayRecord shards are read through the file system; mount the "
+                             f"bucket (e.g. gcsfuse --implicit-dirs BUCKET /gcs/BUCKET, as Grain and MaxText "
+                             f"advise) and give the mounted path")
         self.dataset_dir = dataset_dir
         self.manifest = read_manifest(dataset_dir)
         shards = self.manifest["shards"]

@@ -14,6 +14,8 @@ import io
 import os
 from typing import Iterable, Protocol, Sequence
 
+from etils import epath
+
 IM_START, IM_END, IMAGE_PAD, END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|image_pad|>", "<|endoftext|>"
 CHAT_SPECIAL_TOKENS = (IM_START, IM_END, IMAGE_PAD, END_OF_TEXT)
 
@@ -33,12 +35,11 @@ class SentencePieceTokenizer:
         import sentencepiece as spm
         self.path = model_path
         self._sp = spm.SentencePieceProcessor()
-        if model_proto is not None:
-            self._sp.LoadFromSerializedProto(model_proto)
-        else:
-            if not os.path.isfile(model_path):
+        if model_proto is None:  # read through etils.epath: a local file or gs://
+            if not epath.Path(model_path).is_file():
                 raise FileNotFoundError(f"SentencePiece model {model_path} not found")
-            self._sp.Load(model_path)
+            model_proto = epath.Path(model_path).read_bytes()
+        self._sp.LoadFromSerializedProto(model_proto)
         self.vocab_size = self._sp.GetPieceSize()
         # User-defined pieces (our chat specials) are matched inside any text by SentencePiece.
         from sentencepiece import sentencepiece_model_pb2
@@ -67,10 +68,10 @@ class HFTokenizer:
 
     def __init__(self, path: str):
         from tokenizers import Tokenizer as _Tok
-        if not os.path.isfile(path):
+        if not epath.Path(path).is_file():
             raise FileNotFoundError(f"tokenizer file {path} not found")
         self.path = path
-        self._tok = _Tok.from_file(path)
+        self._tok = _Tok.from_str(epath.Path(path).read_text())  # local or gs:// (etils.epath)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self._specials = [t.content for t in self._tok.get_added_tokens_decoder().values() if t.special]
 
@@ -100,10 +101,10 @@ def _split_specials(text: str, specials: list[str]) -> list[str]:
 
 def load_tokenizer(path: str) -> Tokenizer:
     """From a `.model` file, a `tokenizer.json`, or a directory holding one of them."""
-    if os.path.isdir(path):
+    if epath.Path(path).is_dir():
         for name in ("tokenizer.json", "tokenizer.model", "spm.model"):
-            if os.path.isfile(os.path.join(path, name)):
-                return load_tokenizer(os.path.join(path, name))
+            if (epath.Path(path) / name).is_file():
+                return load_tokenizer(os.fspath(epath.Path(path) / name))
         raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model inside")
     if path.endswith(".json"):
         return HFTokenizer(path)

@@ -26,7 +26,24 @@ from experiments.configs import expand_config_arg
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe (name[:scale] or path).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Output directory (checkpoints, metrics, config). Default: workdirs/<recipe>.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host; set automatically on TPU pods).")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with what JAX detects (Cloud TPU pods, "
+                  "SLURM, Open MPI); implied by --coordinator_address.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for clusters JAX does not detect "
+                    "(GPU clusters without SLURM, localhost runs); with --num_processes and --process_id.")
+flags.DEFINE_integer("num_processes", None, "Processes in the run (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes - 1 (with --coordinator_address).")
+
+
+def initialize_distributed(jax, f) -> None:
+    """jax.distributed.initialize for `--distributed` / `--coordinator_address`; CPU processes
+    talk through gloo (XLA:CPU has no other cross-process collectives)."""
+    explicit = (f.coordinator_address, f.num_processes, f.process_id)
+    if any(v is not None for v in explicit) and not all(v is not None for v in explicit):
+        raise app.UsageError("--coordinator_address, --num_processes and --process_id go together")
+    if not (f.distributed or f.coordinator_address):
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f.coordinator_address, num_processes=f.num_processes, process_id=f.process_id)
 
 
 def main(argv):
@@ -39,8 +56,7 @@ def main(argv):
         from experiments import demo
         demo.pin_xla_cpu_isa()
     import jax
-    if flags.FLAGS.distributed:
-        jax.distributed.initialize()
+    initialize_distributed(jax, flags.FLAGS)
     from genieblue_jax.train import trainer
     name = os.path.basename(flags.FLAGS["config"].config_filename or "run").removesuffix(".py")
     workdir = flags.FLAGS.workdir or os.path.join("workdirs", name + ("" if config.scale == "demo" else f"_{config.scale}"))

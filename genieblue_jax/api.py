@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genieblue_jax import checkpoint, models
+from genieblue_jax import checkpoint, models, paths
 from genieblue_jax.models.masks import positions_from_segments
 
 
@@ -245,16 +245,16 @@ class GenieBlue:
         so it no longer needs the workdir, its init checkpoints or its data)."""
         if self.is_mllm:
             tok = self.tokenizer_path
-            if tok and os.path.isdir(tok):
-                tok = next((os.path.join(tok, n) for n in ("tokenizer.json", "tokenizer.model")
-                            if os.path.isfile(os.path.join(tok, n))), None)
+            if tok and paths.path(tok).is_dir():
+                tok = next((paths.join(tok, n) for n in ("tokenizer.json", "tokenizer.model")
+                            if (paths.path(tok) / n).is_file()), None)
             return checkpoint.save_mllm(path, self.mcfg, self.params, tokenizer=tok,
                                         preprocessing=self.preprocessing, source=self.source, overwrite=overwrite)
         return checkpoint.save(path, self.configs, self.params, source=self.source, overwrite=overwrite)
 
 
 def _find_tokenizer(directory: str | None) -> str | None:
-    if directory and any(os.path.isfile(os.path.join(directory, n)) for n in ("tokenizer.json", "tokenizer.model")):
+    if directory and any((paths.path(directory) / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
         return directory
     return None
 
@@ -265,13 +265,12 @@ def load(path: str, *, mesh=None, step: int | None = None) -> GenieBlue:
     A workdir gives its latest checkpoint (or `step`); `WORKDIR/checkpoints/<step>` names
     a step directly. Errors name the path and what is missing."""
     from genieblue_jax.train import trainer
-    path = os.fspath(path)
-    if not os.path.isdir(path):
+    path = os.fspath(paths.path(path))  # local paths made absolute; gs:// as it is
+    if not paths.path(path).is_dir():
         raise FileNotFoundError(f"{path}: no such directory")
-    parent = os.path.dirname(os.path.abspath(path))
-    if os.path.basename(parent) == "checkpoints" and os.path.basename(path.rstrip("/")).isdigit() and \
-            trainer.is_workdir(os.path.dirname(parent)):
-        return load(os.path.dirname(parent), mesh=mesh, step=int(os.path.basename(path.rstrip("/"))))
+    parent = paths.path(path).parent
+    if parent.name == "checkpoints" and paths.path(path).name.isdigit() and trainer.is_workdir(os.fspath(parent.parent)):
+        return load(os.fspath(parent.parent), mesh=mesh, step=int(paths.path(path).name))
     if checkpoint.is_checkpoint(path):
         configs, params, meta = checkpoint.restore(path, mesh=mesh)
         mllm = meta.get("mllm")
@@ -283,11 +282,11 @@ def load(path: str, *, mesh=None, step: int | None = None) -> GenieBlue:
         configs = {"llm": t.mcfg.llm, "vision": t.mcfg.vision, "projector": t.mcfg.projector}
         return GenieBlue(configs, t.params, path=path, mesh=mesh, mcfg=t.mcfg, tokenizer=t.tokenizer,
                          preprocessing=trainer.preprocessing(t.config),
-                         source={"workdir": os.path.abspath(path), "step": t.step, **t.meta})
-    if os.path.isfile(os.path.join(path, "config.json")):
+                         source={"workdir": path, "step": t.step, **t.meta})
+    if (paths.path(path) / "config.json").is_file():
         from genieblue_jax.hf import import_hf
         name, cfg, params = import_hf(path, mesh=mesh)
         return GenieBlue({name: cfg}, {name: params}, path=path, mesh=mesh, tokenizer=_find_tokenizer(path),
-                         source={"hf_dir": os.path.abspath(path)})
+                         source={"hf_dir": path})
     raise FileNotFoundError(f"{path} is neither a training workdir (config.json + checkpoints/), a genieblue_jax "
                             f"checkpoint ({checkpoint.META_FILE}) nor a Hugging Face model directory (config.json)")

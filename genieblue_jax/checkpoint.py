@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-from genieblue_jax import models, sharding as sharding_lib, versions
+from genieblue_jax import models, paths, sharding as sharding_lib, versions
 from genieblue_jax.jsonfile import read_json
 
 META_FILE = "genieblue.json"
@@ -38,7 +37,7 @@ FORMAT_VERSION = 1
 
 
 def is_checkpoint(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, META_FILE))
+    return (paths.path(path) / META_FILE).is_file()
 
 
 def _tree_signature(tree) -> dict:
@@ -58,23 +57,31 @@ def _check_matches(name: str, expected, got) -> None:
 
 
 def _write(path: str, meta: dict, params: dict, overwrite: bool, assets: tuple[str, ...] = ()) -> str:
-    path = os.path.abspath(path)
-    if os.path.exists(os.path.join(path, PARAMS_DIR)) and not overwrite:
+    root = paths.path(path)
+    path = os.fspath(root)
+    if (root / PARAMS_DIR).exists() and not overwrite:
         raise FileExistsError(f"{path} already holds a checkpoint; pass overwrite=True to replace it")
     for asset in assets:
-        if not os.path.isfile(asset):
+        if not paths.path(asset).is_file():
             raise FileNotFoundError(f"asset {asset} (e.g. the tokenizer) does not exist")
     meta = {**meta, "packages": versions.package_versions()}
-    os.makedirs(path, exist_ok=True)
+    # Every process writes its shards of the parameters (Orbax); the files beside them are
+    # written once, by the primary process, and the others wait until they are there.
+    primary = jax.process_index() == 0
+    if primary:
+        root.mkdir(parents=True, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(path, PARAMS_DIR), params, force=overwrite)
+    checkpointer.save(root / PARAMS_DIR, params, force=overwrite)
     checkpointer.wait_until_finished()
-    if assets:
-        os.makedirs(os.path.join(path, ASSETS_DIR), exist_ok=True)
+    if primary and assets:
+        (root / ASSETS_DIR).mkdir(parents=True, exist_ok=True)
         for asset in assets:
-            shutil.copy(asset, os.path.join(path, ASSETS_DIR, os.path.basename(asset)))
-    with open(os.path.join(path, META_FILE), "w") as f:  # written last: its presence marks a whole checkpoint
-        json.dump(meta, f, indent=2)
+            paths.path(asset).copy(root / ASSETS_DIR / os.path.basename(asset), overwrite=True)
+    if primary:  # written last: its presence marks a whole checkpoint
+        (root / META_FILE).write_text(json.dumps(meta, indent=2))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f"genieblue_jax checkpoint written: {path}")
     return path
 
 
@@ -131,7 +138,7 @@ def _abstract_branch(structure, mcfg, dtype: str) -> dict:
 def read_metadata(path: str) -> dict:
     """The checkpoint's genieblue.json with configs parsed; an MLLM's `MLLMConfig` is
     under "mllm_config"."""
-    meta_path = os.path.join(path, META_FILE)
+    meta_path = paths.path(path) / META_FILE
     meta = read_json(path, META_FILE, "not a genieblue_jax checkpoint")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{meta_path}: format_version {meta.get('format_version')!r}, "
@@ -151,8 +158,8 @@ def read_metadata(path: str) -> dict:
 
 def assets_dir(path: str) -> str | None:
     """hf_assets/ of a checkpoint (tokenizer and processor files), or None."""
-    d = os.path.join(path, ASSETS_DIR)
-    return d if os.path.isdir(d) else None
+    d = paths.path(path) / ASSETS_DIR
+    return os.fspath(d) if d.is_dir() else None
 
 
 def restore(path: str, *, mesh=None, rules=sharding_lib.DEFAULT_RULES):
@@ -170,8 +177,8 @@ def restore(path: str, *, mesh=None, rules=sharding_lib.DEFAULT_RULES):
                      else sharding_lib.single_device_shardings(tree))
         target[name] = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
-    params_dir = os.path.join(os.path.abspath(path), PARAMS_DIR)
-    if not os.path.isdir(params_dir):
+    params_dir = paths.path(path) / PARAMS_DIR
+    if not params_dir.is_dir():
         raise FileNotFoundError(f"{path}: {META_FILE} is there but {PARAMS_DIR}/ is missing (incomplete copy?)")
     try:
         params = ocp.StandardCheckpointer().restore(params_dir, target)

@@ -1,9 +1,10 @@
 """Reading the small JSON files that mark our directories (checkpoint metadata, workdir
-config, export manifests), with errors that name the file."""
+config, export manifests), with errors that name the file; local or gs:// (genieblue_jax.paths)."""
 from __future__ import annotations
 
 import json
-import os
+
+from genieblue_jax import paths
 
 
 def read_json(directory: str, name: str, what: str) -> dict:
@@ -14,14 +15,13 @@ def read_json(directory: str, name: str, what: str) -> dict:
         Traceback (most recent call last):
         FileNotFoundError: /nonexistent: no genieblue.json (not a genieblue_jax checkpoint)
     """
-    path = os.path.join(directory, name)
-    if not os.path.isfile(path):
+    path = paths.path(directory) / name
+    if not path.is_file():
         raise FileNotFoundError(f"{directory}: no {name} ({what})")
-    with open(path) as f:
-        try:
-            content = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    try:
+        content = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(content, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(content).__name__}")
     return content

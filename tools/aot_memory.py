@@ -1,26 +1,32 @@
-"""Per-device memory of a training step, planned ahead of time on fake CPU devices.
+"""Per-device memory of the trainer's step, planned ahead of time by the compiler of the
+target: a real TPU topology (libtpu, the `tpu` extra) or fake CPU devices.
 
-    python -m tools.aot_memory --config=stage2_skip:paper --num_devices=256
+    python -m tools.aot_memory --config=stage2_skip:paper --topology=v5p:4x4x8     # 128 v5p chips
+    python -m tools.aot_memory --config=stage2_skip:paper --num_devices=256       # XLA:CPU fallback
 
-Builds the recipe's model, optimizer and one micro-batch step from abstract shapes only
-(nothing is allocated), shards them over a mesh of N fake CPU devices as the config says,
-lowers and compiles the step and prints XLA's memory analysis per device: arguments
-(parameters, optimizer state, batch), temporaries, outputs, and their total. The last line
-is a one-line summary. Use it to size a pod (or a GPU cluster) before having one.
+Compiles exactly the step `train()` runs, built from abstract shapes (nothing is allocated):
+the same function (`trainer.make_train_step`), the recipe's mesh over the target's devices,
+parameter / optimizer / batch shardings, and the whole global batch of the step as the data
+pipeline delivers it (`trainer.batch_plan`: rows per device x batch shards x micro-steps;
+int32 tokens, float32 image patches), with the gradient accumulation inside. Prints XLA's
+memory analysis per device: arguments (parameters, optimizer state, batch), temporaries,
+outputs, total, and the chip's HBM; the last line is the verdict, `fits` or `does not fit by
+N GB` (exit status 1). Use it to size a pod before having one; the TPU compiler's plan is the
+one to trust (XLA:CPU schedules and fuses differently: its plan is a rough upper bound).
 
-The micro-batch is `--rows_per_device` rows per device of the batch axes (default: the
-recipe's micro-batch divided by the batch shards, at least 1); gradient accumulation
-repeats it without extra memory.
+`--topology` takes `jax.experimental.topologies` names: v5e:2x2, v5e:16x16, v5p:4x4x4,
+v5p:4x4x8, v6e:8x8, v6e:16x16, ... HBM per chip comes from the device kind (TPU_HBM_GB);
+on fake CPU devices give `--hbm_gb` for a verdict.
 """
 import os
 import sys
 
 
 def _set_devices_from_argv():
-    """XLA's device count must be fixed before jax is imported."""
+    """XLA's CPU device count must be fixed before jax is imported."""
     n = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--num_devices=")), "8")
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n} " + os.environ.get("XLA_FLAGS", "")
-    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the TPU target comes from libtpu's topology, not a backend
 
 
 if __name__ == "__main__":
@@ -30,20 +36,65 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe (name[:scale] or path).", lock_config=True)
-flags.DEFINE_integer("num_devices", 8, "Fake CPU devices to plan for.")
-flags.DEFINE_integer("rows_per_device", 0, "Rows per device per micro-batch (0: from the recipe).")
+flags.DEFINE_string("topology", None, "TPU topology to compile for, e.g. v5p:4x4x8 (needs libtpu: pip install "
+                    "-e .[tpu]); default: fake CPU devices.")
+flags.DEFINE_integer("num_devices", 8, "Fake CPU devices to plan for; with --topology, plan for the first "
+                     "N chips of the topology (e.g. 1 chip of v5e:2x2).")
+flags.DEFINE_float("hbm_gb", 0.0, "Memory per device for the verdict on fake CPU devices (GB).")
+
+# HBM per chip (GB, 1e9 bytes; Cloud TPU data sheets), by the start of `device_kind`
+# ("TPU v5 lite" is v5e, "TPU v5" v5p, "TPU v6 lite" v6e). Longest prefix first.
+TPU_HBM_GB = {"TPU v6 lite": 32 * 2**30 / 1e9, "TPU v5 lite": 16 * 2**30 / 1e9, "TPU v5p": 95 * 2**30 / 1e9,
+              "TPU v5": 95 * 2**30 / 1e9, "TPU v4": 32 * 2**30 / 1e9}
 
 
-def plan(config, num_devices: int, rows_per_device: int = 0) -> dict:
-    import math
+def target_devices(topology: str | None, num_devices: int, first: int = 0):
+    """The devices to compile for: a TPU topology's (no TPU needed; the first `first` of them
+    when > 0) or the first `num_devices` CPU devices."""
+    import jax
+    if not topology:
+        devices = jax.devices()
+        if len(devices) < num_devices:
+            raise ValueError(f"{num_devices} devices asked, {len(devices)} CPU devices exist (set --num_devices "
+                             f"before jax starts: python -m tools.aot_memory --num_devices=N)")
+        return devices[:num_devices]
+    import importlib.util
+    if importlib.util.find_spec("libtpu") is None:
+        raise ValueError(f"--topology={topology}: the TPU compiler (libtpu) is not installed: pip install -e .[tpu]")
+    from jax.experimental import topologies
+    try:
+        devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+    except Exception as e:  # a name libtpu does not know
+        raise ValueError(f"--topology={topology}: cannot build the TPU topology ({type(e).__name__}: "
+                         f"{str(e)[:300]})") from None
+    return devices[:first] if first > 0 else devices
 
+
+def hbm_gb(device_kind: str, configured: float = 0.0) -> float | None:
+    if configured > 0:
+        return configured
+    for prefix in sorted(TPU_HBM_GB, key=len, reverse=True):
+        if device_kind.startswith(prefix):
+            return TPU_HBM_GB[prefix]
+    return None
+
+
+def plan(config, devices, hbm: float = 0.0) -> dict:
+    """Compiles the trainer's step for `devices`; returns the per-device memory plan (GB), the
+    batch plan and the compiled step ("compiled"). Raises trainer.ConfigError when the batch
+    does not fit the mesh."""
     import jax
     import jax.numpy as jnp
 
+    from data_pipelines.pipeline import PAPER_STAGE2_MIXTURE
     from genieblue_jax import sharding as sharding_lib, structure
     from genieblue_jax.train import trainer
     mcfg = trainer.model_config(config, image_token_id=0)
-    mesh = sharding_lib.make_mesh(dict(config.mesh), jax.devices()[:num_devices])
+    try:
+        mesh = sharding_lib.make_mesh(dict(config.mesh), list(devices))
+    except ValueError as e:
+        raise trainer.ConfigError(f"mesh: {e}") from None
+    batch = trainer.batch_plan(config, mesh)
     params = trainer.abstract_params(mcfg, mesh)
     trainable, frozen = structure.partition(params, config.train.stage)
     tx = trainer.build_optimizer(config, mcfg, trainable)
@@ -52,45 +103,87 @@ def plan(config, num_devices: int, rows_per_device: int = 0) -> dict:
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
     state = {"trainable": trainable, "opt_state": opt_state, "step": scalar, "bad_steps": scalar}
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    micro_rows = config.train.global_batch_size // config.train.micro_batches
-    rows = (rows_per_device or max(1, math.ceil(micro_rows / shards))) * shards
-    L, P, S = config.data.seq_len, config.data.max_patches_per_row, mcfg.vision.image_size
+    rows, L = batch["global_rows"], config.data.seq_len
+    P, S = config.data.max_patches_per_row, mcfg.vision.image_size
     bs = trainer.batch_sharding(mesh)
     spec = {"tokens": ((rows, L), jnp.int32), "positions": ((rows, L), jnp.int32),
             "segment_ids": ((rows, L), jnp.int32), "loss_mask": ((rows, L), jnp.bool_),
             "source_ids": ((rows, L), jnp.int32), "images": ((rows, P, S, S, 3), jnp.float32)}
-    batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=bs) for k, (shape, dtype) in spec.items()}
-    step = trainer.make_train_step(mcfg, tx, num_sources=4, micro_batches=1, loss_chunk=config.train.loss_chunk,
-                                   mesh=mesh)
+    batch_shapes = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=bs) for k, (shape, dtype) in spec.items()}
+    kind = devices[0].device_kind
+    gb = 1e9
+    out = {"devices": len(devices), "device_kind": kind, "platform": devices[0].platform, "mesh": dict(mesh.shape),
+           "batch": batch, "seq_len": L, "hbm_gb": hbm_gb(kind, hbm), "compiled": None}
+    # Parameters, optimizer state and batch are known from their shardings without compiling:
+    # when they alone exceed the device, say so before a compile that can take minutes.
+    resident = _bytes_per_device((state, frozen, batch_shapes)) / gb
+    if out["hbm_gb"] is not None and resident > out["hbm_gb"]:
+        return {**out, "arguments_gb": resident, "temporaries_gb": float("nan"), "outputs_gb": float("nan"),
+                "aliased_gb": float("nan"), "total_gb": resident}
+    num_sources = (len(trainer.parse_sources(config.data.sources)) if config.data.sources
+                   else len(PAPER_STAGE2_MIXTURE))
+    step = trainer.make_train_step(mcfg, tx, num_sources, config.train.micro_batches, config.train.loss_chunk, mesh)
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     jitted = jax.jit(step, in_shardings=(state_sh, jax.tree.map(lambda x: x.sharding, frozen), bs),
                      out_shardings=(state_sh, None), donate_argnums=(0,))
-    compiled = jitted.lower(state, frozen, batch).compile()
+    compiled = jitted.lower(state, frozen, batch_shapes).compile()
     mem = compiled.memory_analysis()
-    gb = 1e9
-    out = {"devices": num_devices, "mesh": dict(mesh.shape), "rows": rows, "seq_len": L,
-           "arguments_gb": mem.argument_size_in_bytes / gb, "temporaries_gb": mem.temp_size_in_bytes / gb,
-           "outputs_gb": mem.output_size_in_bytes / gb, "aliased_gb": mem.alias_size_in_bytes / gb}
+    out.update(arguments_gb=mem.argument_size_in_bytes / gb, temporaries_gb=mem.temp_size_in_bytes / gb,
+               outputs_gb=mem.output_size_in_bytes / gb, aliased_gb=mem.alias_size_in_bytes / gb, compiled=compiled)
     out["total_gb"] = out["arguments_gb"] + out["temporaries_gb"] + out["outputs_gb"] - out["aliased_gb"]
     return out
+
+
+def _bytes_per_device(tree) -> int:
+    """Bytes of the largest per-device share of a tree of sharded ShapeDtypeStructs."""
+    import numpy as np
+    import jax
+    return int(sum(np.prod(x.sharding.shard_shape(x.shape), dtype=np.int64) * np.dtype(x.dtype).itemsize
+                   for x in jax.tree.leaves(tree)))
+
+
+def verdict(r: dict) -> tuple[bool | None, str]:
+    if r["hbm_gb"] is None:
+        return None, "no verdict (memory per device unknown: pass --hbm_gb)"
+    spare = r["hbm_gb"] - r["total_gb"]
+    if spare >= 0:
+        return True, f"fits ({spare:.2f} GB of {r['hbm_gb']:.2f} GB spare per device)"
+    return False, f"does not fit by {-spare:.2f} GB ({r['total_gb']:.2f} GB needed, {r['hbm_gb']:.2f} GB per device)"
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     import time
+
+    from genieblue_jax.train import trainer
+    f = flags.FLAGS
     t = time.perf_counter()
-    r = plan(_CONFIG.value, flags.FLAGS.num_devices, flags.FLAGS.rows_per_device)
-    name = os.path.basename(flags.FLAGS["config"].config_filename).removesuffix(".py")
-    print(f"{name} ({_CONFIG.value.scale}) on {r['devices']} devices, mesh {r['mesh']}, micro-batch {r['rows']} rows "
-          f"x {r['seq_len']} tokens (compiled in {time.perf_counter() - t:.0f} s). Per device:")
+    try:
+        devices = target_devices(f.topology, f.num_devices, f.num_devices if f["num_devices"].present else 0)
+        r = plan(_CONFIG.value, devices, f.hbm_gb)
+    except (ValueError, trainer.ConfigError) as e:
+        sys.exit(f"error: {e}")
+    name = os.path.basename(f["config"].config_filename).split(":")[0].removesuffix(".py")
+    b = r["batch"]
+    target = (f"{r['devices']} chip(s) of {f.topology}" if f.topology and f["num_devices"].present
+              else f.topology or f"{r['devices']} fake CPU devices")
+    print(f"{name} ({_CONFIG.value.scale}) on {target}: {r['devices']} x {r['device_kind']}, mesh {r['mesh']} "
+          f"(compiled in {time.perf_counter() - t:.0f} s)")
+    print(f"  batch       {b['rows_per_device']} rows/device x {b['batch_shards']} batch shards x "
+          f"{b['micro_batches']} micro-steps = {b['global_rows']} rows x {r['seq_len']} tokens "
+          f"({b['tokens_per_step'] / 1e6:.2f}M tokens) per step")
+    print("Per device:")
     print(f"  arguments   {r['arguments_gb']:8.2f} GB  (parameters, optimizer state, batch)")
+    if r["compiled"] is None:
+        print("  (parameters, optimizer state and batch alone exceed the device: not compiled)")
     print(f"  temporaries {r['temporaries_gb']:8.2f} GB")
     print(f"  outputs     {r['outputs_gb']:8.2f} GB  (aliased with donated arguments: {r['aliased_gb']:.2f} GB)")
-    print(f"{name}:{_CONFIG.value.scale} devices={r['devices']} per-device total={r['total_gb']:.2f} GB "
-          f"(args {r['arguments_gb']:.2f} + temp {r['temporaries_gb']:.2f} + out {r['outputs_gb']:.2f} "
-          f"- aliased {r['aliased_gb']:.2f})")
+    print(f"  total       {r['total_gb']:8.2f} GB" + (f"  of {r['hbm_gb']:.2f} GB" if r["hbm_gb"] else ""))
+    ok, text = verdict(r)
+    print(f"{name}:{_CONFIG.value.scale} on {target}: {text}")
+    if ok is False:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

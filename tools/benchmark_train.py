@@ -16,7 +16,7 @@ reference's step time (transformers + PEFT, eager, same frozen / trainable split
 the ratios the training issue asks for: stage2_skip / full_ft (frozen weights need no
 weight gradient) and JAX / PyTorch.
 
-`--aot_devices` runs `tools.aot_memory --config=stage2_skip:paper --rows_per_device=1`
+`--aot_devices` runs `tools.aot_memory --config=stage2_skip:paper` (1 row per device)
 for each device count (minutes each: it compiles the 3B + 400M model).
 """
 from __future__ import annotations
@@ -194,7 +194,7 @@ def main(argv):
         # fsdp is capped at 128: SigLIP's hidden size 1152 = 128 x 9 divides no further.
         fsdp = math.gcd(n, 128)
         proc = subprocess.run([sys.executable, "-m", "tools.aot_memory", "--config=stage2_skip:paper",
-                               f"--num_devices={n}", "--rows_per_device=1", f"--config.mesh.fsdp={fsdp}",
+                               f"--num_devices={n}", f"--config.mesh.fsdp={fsdp}",
                                f"--config.mesh.data={n // fsdp}"], capture_output=True, text=True)
         if proc.returncode:
             sys.stderr.write(proc.stderr[-4000:])

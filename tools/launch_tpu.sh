@@ -3,13 +3,15 @@
 #
 #   tools/launch_tpu.sh TPU_NAME ZONE [--project P] [--dry_run] -- --config=stage2_skip:paper --workdir=gs://... [overrides]
 #
-# Each worker gets: cd to the repo, set up (pip install -e .), then
+# Each worker: cd to the repo, install it with the TPU extra (jax[tpu]: libtpu) at the locked
+# versions (requirements/lock-cpu.txt pins jax, flax, ... for every platform), then
 #   python -m experiments.run --distributed <your flags>
-# `--distributed` calls jax.distributed.initialize(), which on TPU VMs discovers the slice
-# by itself. The repo must already be on every worker at $REPO_DIR (default ~/genieblue_jax),
-# e.g. `gcloud compute tpus tpu-vm scp --recurse . TPU:~/genieblue_jax --worker=all`.
+# `--distributed` calls jax.distributed.initialize(), which on TPU VMs discovers the slice by
+# itself. Each worker keeps its own log in $LOG_DIR/<hostname>.log (default ~/genieblue_jax_logs).
+# The repo must already be on every worker at $REPO_DIR (default ~/genieblue_jax), e.g.
+# `gcloud compute tpus tpu-vm scp --recurse . TPU:~/genieblue_jax --worker=all`.
 set -euo pipefail
-usage() { sed -n '2,10p' "$0"; exit 2; }
+usage() { sed -n '2,13p' "$0"; exit 2; }
 [ $# -ge 2 ] || usage
 TPU_NAME=$1; ZONE=$2; shift 2
 PROJECT=""; DRY_RUN=0
@@ -23,7 +25,9 @@ while [ $# -gt 0 ]; do
 done
 [ $# -gt 0 ] || { echo "no training flags after --" >&2; usage; }
 REPO_DIR=${REPO_DIR:-'~/genieblue_jax'}
+LOG_DIR=${LOG_DIR:-'~/genieblue_jax_logs'}
 TRAIN_ARGS=$(printf '%q ' "$@")
-REMOTE="cd $REPO_DIR && pip install -q -e . && python -m experiments.run --distributed $TRAIN_ARGS"
+REMOTE="set -o pipefail; cd $REPO_DIR && mkdir -p $LOG_DIR && pip install -q -c requirements/lock-cpu.txt -e '.[tpu]' \
+&& python -m experiments.run --distributed $TRAIN_ARGS 2>&1 | tee -a $LOG_DIR/\$(hostname).log"
 CMD=(gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" $PROJECT --worker=all --command="$REMOTE")
 if [ "$DRY_RUN" = 1 ]; then printf '%q ' "${CMD[@]}"; echo; else "${CMD[@]}"; fi

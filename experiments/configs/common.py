@@ -61,18 +61,27 @@ def base_config(scale: str) -> ml_collections.ConfigDict:
     c.data.max_patches_per_row = 20 if paper else 10
     c.data.num_workers = 8 if paper else 0
     c.data.demo_examples = 3000
-    c.data.host_sharding = "examples"  # or "rows": every host reads all, keeps its rows (testing)
+    # The global batch is packed by this many independent streams (data_pipelines.pipeline.
+    # StreamBatchIterator), a multiple of the process count; fixed, it makes the batches the same
+    # on any number of hosts. 0: one stream per process (the batches then follow the host count).
+    c.data.streams = 0
 
     c.train = ml_collections.ConfigDict()
     c.train.stage = "stage2"
     c.train.steps = 53000 if paper else 150
-    c.train.global_batch_size = 6800 if paper else 8
+    # The batch: rows per device per micro-step x (mesh data x fsdp) x micro-steps (trainer.batch_plan).
+    # Paper scale states it per device, so it fits any pod mesh: 1 row of 4096 tokens per chip and
+    # the paper's 10 accumulation steps. The paper's 6800 samples per step are a number of packed rows
+    # that depends on the data's sample lengths (README, "Pod sizes"). Demo scale states the global
+    # batch. Set one of the two (0: from the other).
+    c.train.rows_per_device = 1 if paper else 0
+    c.train.global_batch_size = 0 if paper else 8
     c.train.micro_batches = 10 if paper else 1
     c.train.loss_chunk = 512 if paper else 128   # LM head + cross-entropy this many positions at a time
     c.train.seed = 0
     c.train.log_every = 10 if paper else 1   # metrics.jsonl / TensorBoard row every this many steps (+ the last)
     c.train.max_bad_steps = 5
-    c.train.peak_flops_per_device = 989e12 if paper else 110e9   # H100 bf16 dense / this CPU f32
+    c.train.peak_flops_per_device = 0.0  # for MFU; 0: from the device kind (train.metrics.peak_flops_per_device)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-4 if paper else 1e-3
@@ -116,7 +125,8 @@ def stage1(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.train.stage = "stage1"
     c.data.image_mode = "single"
     c.train.steps = 3434 if paper else 60
-    c.train.global_batch_size = 720 if paper else 8
+    c.train.rows_per_device = 4 if paper else 0   # paper: 720 samples a step, single 384-px patch each
+    c.train.global_batch_size = 0 if paper else 8
     c.train.micro_batches = 1
     c.optim.lr = 1e-3 if paper else 3e-3
     c.optim.warmup_steps = 34 if paper else 5

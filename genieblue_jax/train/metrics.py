@@ -15,12 +15,39 @@ estimate for comparing runs and variants, not a profile.
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import numpy as np
 
-from genieblue_jax import models, structure
+from genieblue_jax import models, paths, structure
+
+
+# Dense bf16 peak FLOP/s per device (one chip; vendor data sheets), matched against the
+# start of `jax.Device.device_kind` (e.g. "TPU v5 lite" is v5e, "TPU v5" v5p, "TPU v6 lite"
+# v6e). Longest prefix first: "TPU v5 lite" before "TPU v5".
+PEAK_FLOPS_BY_DEVICE_KIND = {
+    "TPU v6 lite": 918e12, "TPU v5 lite": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12, "TPU v4": 275e12,
+    "NVIDIA H200": 989e12, "NVIDIA H100": 989e12, "NVIDIA A100": 312e12,
+}
+CPU_PEAK_FLOPS = 110e9  # measured: float32 matmul on the project's 2-core development CPU
+
+
+def peak_flops_per_device(device_kind: str, configured: float = 0.0) -> float:
+    """Peak FLOP/s of one device for MFU: `configured` when > 0 (config train.peak_flops_per_device),
+    else looked up from the device kind; a CPU gets CPU_PEAK_FLOPS (measured here, not a data sheet).
+
+        >>> peak_flops_per_device("TPU v5 lite"), peak_flops_per_device("NVIDIA H100 80GB HBM3")
+        (197000000000000.0, 989000000000000.0)
+
+    Raises ValueError naming the device kind when it is unknown and nothing is configured."""
+    if configured > 0:
+        return float(configured)
+    for prefix in sorted(PEAK_FLOPS_BY_DEVICE_KIND, key=len, reverse=True):
+        if device_kind.startswith(prefix):
+            return PEAK_FLOPS_BY_DEVICE_KIND[prefix]
+    if device_kind.lower() == "cpu":
+        return CPU_PEAK_FLOPS
+    raise ValueError(f"no peak FLOP/s known for device kind {device_kind!r}: set train.peak_flops_per_device")
 
 
 def flops_per_token(mcfg: structure.MLLMConfig, stage: str) -> float:
@@ -38,7 +65,12 @@ def flops_per_token(mcfg: structure.MLLMConfig, stage: str) -> float:
 
 
 class MetricsWriter:
-    """Writes on the primary process only (`jax.process_index() == 0`); others just compute."""
+    """Writes on the primary process only (`jax.process_index() == 0`); others just compute.
+
+    A local workdir's metrics.jsonl is appended to; a gs:// one (objects cannot be appended
+    to) is rewritten whole at every written row, which at paper scale (a row every 10 steps
+    of seconds each) costs little. TensorBoard events go through tensorboardX, which writes
+    gs:// itself (google-cloud-storage)."""
 
     def __init__(self, workdir: str, sources, *, flops_per_token: float, peak_flops: float):
         import jax
@@ -47,11 +79,15 @@ class MetricsWriter:
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
         self.skipped = 0
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if self.primary else None
-        self._tb = None
+        self._jsonl = self._lines = self._tb = None
+        self._path = paths.path(workdir) / "metrics.jsonl"
         if self.primary:
+            if paths.is_remote(workdir):
+                self._lines = self._path.read_text().splitlines(keepends=True) if self._path.exists() else []
+            else:
+                self._jsonl = open(self._path, "a")
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = SummaryWriter(paths.join(workdir, "tensorboard"))
         self._bar = None
 
     def start(self, step: int, total: int, desc: str = "train") -> None:
@@ -61,13 +97,17 @@ class MetricsWriter:
         self._bar = tqdm(total=total, initial=step, desc=desc, unit="step", dynamic_ncols=True)
         self._t_start, self._step_start = time.perf_counter(), step
 
-    def row(self, step: int, m: dict, *, lr: float, step_time: float, data_stats: dict) -> dict:
+    def row(self, step: int, m: dict, *, lr: float, step_time: float, seq_tokens: int, data_stats: dict) -> dict:
         """The metrics row of one step (on every process); advances the progress bar. Nothing is
-        written: `write(row)` does, for the steps the trainer logs (`train.log_every`)."""
+        written: `write(row)` does, for the steps the trainer logs (`train.log_every`).
+
+        `seq_tokens`: the non-padding tokens of this step's whole global batch (summed over
+        processes), for tokens/s and MFU against `peak_flops` (all devices); `data_stats`: this
+        host's pipeline statistics (rejections)."""
         tokens = int(m["trained_tokens"])
-        seq_tokens = data_stats["tokens"] / max(data_stats["batches"], 1)
         row = {"step": step, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "lr": lr,
-               "step_time_s": step_time, "tokens_per_s": seq_tokens / step_time, "trained_tokens": tokens,
+               "step_time_s": step_time, "seq_tokens": seq_tokens, "tokens_per_s": seq_tokens / step_time,
+               "trained_tokens": tokens,
                "mfu": seq_tokens * self.flops_per_token / step_time / self.peak_flops,
                "skipped_steps": self.skipped, "rejected_samples": sum(data_stats["rejected"].values())}
         nll, cnt = np.asarray(m["source_nll"]), np.asarray(m["source_tokens"])
@@ -83,8 +123,12 @@ class MetricsWriter:
         """Appends `row` to metrics.jsonl and TensorBoard (primary process only)."""
         if not self.primary:
             return
-        self._jsonl.write(json.dumps(row) + "\n")
-        self._jsonl.flush()
+        if self._lines is not None:
+            self._lines.append(json.dumps(row) + "\n")
+            self._path.write_text("".join(self._lines))
+        else:
+            self._jsonl.write(json.dumps(row) + "\n")
+            self._jsonl.flush()
         if self._tb is not None:
             for k, v in row.items():
                 if k != "step":

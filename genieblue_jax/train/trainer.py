@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from genieblue_jax import checkpoint as model_checkpoint
-from genieblue_jax import models, sharding as sharding_lib, structure, versions
+from genieblue_jax import models, paths, sharding as sharding_lib, structure, versions
 from genieblue_jax.jsonfile import read_json
 from genieblue_jax.train import metrics as metrics_lib
 from genieblue_jax.train.losses import token_nll
@@ -54,11 +54,16 @@ class Setup:
     pipeline: "object"            # data_pipelines.pipeline.PipelineConfig
     mesh: jax.sharding.Mesh
     per_host_batch: int
+    streams: int = 1              # data streams making the global batch (StreamBatchIterator)
+    batch: dict | None = None     # batch_plan(): rows per device, micro-steps, global rows / tokens
 
 
 def _demo_data(config, workdir: str) -> tuple[dict, str]:
-    """The demo datasets and tokenizer, written once into the workdir."""
+    """The demo datasets and tokenizer, written once into the workdir (a local one)."""
     from data_pipelines.demo_data import MIXTURE, write_demo_datasets
+    if paths.is_remote(workdir):
+        raise ConfigError(f"data.sources is empty, so the demo data would be written into the workdir, but "
+                          f"{workdir} is not on local disk: give data.sources (and data.tokenizer)")
     out = os.path.join(workdir, "demo_data")
     if jax.process_index() == 0 and not os.path.isfile(os.path.join(out, "tokenizer.model")):
         log.warning("no data.sources given: writing the demo dataset to %s", out)
@@ -191,24 +196,52 @@ def resolve(config: ml_collections.ConfigDict, workdir: str) -> Setup:
         sources, _ = _demo_data(c, workdir)
     mcfg = tokenized_model_config(c, tokenizer_path(c, workdir))
     mesh = make_mesh(c)
-    batch_shards = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
-    gb, micro = c.train.global_batch_size, c.train.micro_batches
-    if gb % micro or (gb // micro) % batch_shards:
-        raise ConfigError(f"train.global_batch_size={gb} with train.micro_batches={micro} gives micro-batches "
-                          f"of {gb / micro:g} rows, not divisible by the mesh's data x fsdp = {batch_shards}")
+    plan = batch_plan(c, mesh)
+    gb = plan["global_rows"]
     if gb % jax.process_count():
         raise ConfigError(f"train.global_batch_size={gb} is not divisible by {jax.process_count()} processes")
     per_host = gb // jax.process_count()
-    if c.data.host_sharding not in ("examples", "rows"):
-        raise ConfigError(f"data.host_sharding={c.data.host_sharding!r}: 'examples' or 'rows'")
-    if c.data.host_sharding == "rows":  # every host reads the global stream, keeps its rows
-        per_host = gb
+    streams = c.data.streams or jax.process_count()
+    if c.data.streams < 0 or streams % jax.process_count() or per_host % (streams // jax.process_count()):
+        raise ConfigError(f"data.streams={c.data.streams}: {streams} streams must be a multiple of the "
+                          f"{jax.process_count()} processes and split each one's {per_host} rows evenly")
     pipe = PipelineConfig.for_model(
         mcfg, sources=tuple(SourceSpec(n, s["path"], float(s.get("weight", 1.0))) for n, s in sorted(sources.items())),
         tokenizer=tokenizer_path(c, workdir), seq_len=c.data.seq_len, batch_size=per_host, image_mode=c.data.image_mode,
         max_patches=c.data.max_patches, max_patches_per_row=c.data.max_patches_per_row,
         image_token=c.model.image_token, seed=c.train.seed, num_workers=c.data.num_workers)
-    return Setup(mcfg, pipe, mesh, per_host)
+    return Setup(mcfg, pipe, mesh, per_host, streams, plan)
+
+
+def batch_plan(c: ml_collections.ConfigDict, mesh) -> dict:
+    """The global batch of a step on `mesh`: rows per device per micro-step x the batch shards
+    (mesh data x fsdp) x micro-steps (gradient accumulation), in rows and tokens.
+
+    A recipe states either `train.rows_per_device` (the batch then grows with the mesh, as a
+    pod recipe should) or `train.global_batch_size` (checked to split into micro-steps of whole
+    rows per device). Raises ConfigError naming the keys when neither or both disagree.
+
+        {"rows_per_device": 1, "batch_shards": 128, "micro_batches": 10, "global_rows": 1280,
+         "tokens_per_step": 5242880}
+    """
+    shards = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+    micro, per_device, gb = c.train.micro_batches, c.train.rows_per_device, c.train.global_batch_size
+    if micro < 1 or per_device < 0 or gb < 0:
+        raise ConfigError(f"train.micro_batches={micro}, train.rows_per_device={per_device}, "
+                          f"train.global_batch_size={gb}: must be >= 1, >= 0, >= 0")
+    if per_device:
+        if gb and gb != per_device * shards * micro:
+            raise ConfigError(f"train.global_batch_size={gb} disagrees with train.rows_per_device={per_device} x "
+                              f"{shards} batch shards (mesh data x fsdp) x train.micro_batches={micro} = "
+                              f"{per_device * shards * micro}; set one of them (0 leaves it to the other)")
+        gb = per_device * shards * micro
+    elif not gb or gb % micro or (gb // micro) % shards:
+        raise ConfigError(f"train.global_batch_size={gb} with train.micro_batches={micro} gives micro-batches of "
+                          f"{gb / micro:g} rows, not a whole number of rows for each of the mesh's data x fsdp = "
+                          f"{shards} batch shards; state train.rows_per_device instead (the global batch is then "
+                          f"rows_per_device x {shards} x {micro})")
+    return {"rows_per_device": gb // micro // shards, "batch_shards": shards, "micro_batches": micro,
+            "global_rows": gb, "tokens_per_step": gb * c.data.seq_len}
 
 
 def preprocessing(c: ml_collections.ConfigDict) -> dict:
@@ -260,13 +293,20 @@ def abstract_params(mcfg: structure.MLLMConfig, mesh) -> dict:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
 
 
+def _leaf_hash(x, i):
+    bits = jax.lax.bitcast_convert_type(x, {2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]).astype(jnp.uint32)
+    idx = jnp.arange(bits.size, dtype=jnp.uint32).reshape(bits.shape)
+    return jnp.sum(bits * (idx * jnp.uint32(2654435761) + i.astype(jnp.uint32)), dtype=jnp.uint32)
+
+
 def base_fingerprint(tree) -> str:
-    """A checksum of the frozen parameters (bit patterns, order-sensitive; computed on device)."""
+    """A checksum of the frozen parameters (bit patterns, order-sensitive; computed on device,
+    jitted, so that it runs on arrays spread over several processes: every process gets the
+    same replicated scalar per leaf)."""
     total = np.uint64(0)
+    leaf_hash = jax.jit(_leaf_hash)
     for i, (name, x) in enumerate(sorted(models.flatten(tree).items())):
-        bits = jax.lax.bitcast_convert_type(x, {2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]).astype(jnp.uint32)
-        idx = jnp.arange(bits.size, dtype=jnp.uint32).reshape(bits.shape)
-        h = int(jnp.sum(bits * (idx * jnp.uint32(2654435761) + jnp.uint32(i + 1)), dtype=jnp.uint32))
+        h = int(leaf_hash(x, np.uint32(i + 1)))
         total = np.uint64((int(total) * 1000003 + h + len(name)) % (1 << 64))
     return f"{int(total):016x}"
 
@@ -301,7 +341,12 @@ def make_train_step(mcfg, tx, num_sources: int, micro_batches: int, loss_chunk: 
 
     def _step(state, frozen, batch):
         total = jnp.maximum(jnp.sum(batch["loss_mask"][:, 1:]).astype(jnp.float32), 1.0)
-        micro = jax.tree.map(lambda x: x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:]), batch)
+        # Micro-batch j is rows j, j + k, j + 2k, ... (k micro-batches): each device's contiguous
+        # rows hold a share of every micro-batch, so each micro-step runs on all devices and the
+        # batch is never moved between devices (a contiguous split would put micro-batch 0 on
+        # the first devices only and make XLA shuffle rows across the mesh).
+        micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:])
+                             .swapaxes(0, 1), batch)
         grad_fn = jax.value_and_grad(_micro_loss, argnums=3, has_aux=True)
 
         def accumulate(carry, mb):
@@ -352,19 +397,28 @@ def batch_sharding(mesh):
     return NamedSharding(mesh, P(models.BATCH_AXES))
 
 
-def to_global(batch: dict, mesh, host_sharding: str = "examples") -> dict:
-    """This host's rows -> global arrays sharded over the batch axes.
-
-    host_sharding "examples": the batch holds this host's rows already (each host reads
-    disjoint examples). "rows": the batch is the whole global batch, the same on every
-    host, and each host keeps its slice (used to check multi-host runs bitwise against
-    single-host ones)."""
+def to_global(batch: dict, mesh) -> dict:
+    """This host's rows (its data streams' batches) -> global arrays sharded over the batch axes:
+    process i's rows are rows [i B/n, (i + 1) B/n) of the global batch."""
     s = batch_sharding(mesh)
-    if host_sharding == "rows":
-        n, i = jax.process_count(), jax.process_index()
-        rows = len(batch["tokens"]) // n
-        batch = {k: np.asarray(batch[k])[i * rows:(i + 1) * rows] for k in BATCH_KEYS}
     return {k: jax.make_array_from_process_local_data(s, np.asarray(batch[k])) for k in BATCH_KEYS}
+
+
+def _over_hosts(value: int) -> np.ndarray:
+    """`value` of every process, in process order (an all-gather of one integer; one process: no
+    communication)."""
+    if jax.process_count() == 1:
+        return np.array([value], np.int64)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(np.array(value, np.int64))).reshape(-1)
+
+
+def any_host_stops(requested: bool) -> bool:
+    """Whether any process was asked to stop (SIGTERM), agreed by all: every host then saves
+    and stops after the same step. A SIGTERM reaches the hosts of a pod at different times;
+    hosts that each followed their own flag would enter different collectives (save vs step)
+    and hang."""
+    return bool(_over_hosts(int(requested)).any())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,20 +428,41 @@ def to_global(batch: dict, mesh, host_sharding: str = "examples") -> dict:
 
 def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), "checkpoints"),
+        paths.path(workdir) / "checkpoints",
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True),
         item_names=("state", "data", "meta"))
 
 
+class _DataState:
+    """A data-iterator state for Grain's Orbax checkpoint handler, which writes one file per
+    process (`data/process_{i}-of-{n}.json`): each host saves and restores its own streams.
+    Saving takes a snapshot, so the iterator can move on while the checkpoint is written."""
+
+    def __init__(self, state: dict | None = None):
+        self.state = state
+
+    def get_state(self) -> bytes:
+        return json.dumps(self.state, indent=1).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self.state = json.loads(state)
+
+    def start_prefetch(self) -> None:
+        pass
+
+
 def save_checkpoint(mngr, step: int, state, data_state: dict, meta: dict) -> None:
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+    from grain.checkpoint import CheckpointSave
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=CheckpointSave(_DataState(data_state)),
                                             meta=ocp.args.JsonSave(meta)))
 
 
 def restore_checkpoint(mngr, step: int, abstract_state):
+    """(state, this process's data-iterator state, meta) of checkpoint `step`."""
+    from grain.checkpoint import CheckpointRestore
     out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                     data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-    return out["state"], out["data"], out["meta"]
+                                                     data=CheckpointRestore(_DataState()), meta=ocp.args.JsonRestore()))
+    return out["state"], out["data"].state, out["meta"]
 
 
 def restore_trained_part(workdir: str, component: str, like: dict) -> dict:
@@ -412,8 +487,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 def is_workdir(path: str) -> bool:
     """A training workdir: its config.json is a recipe (model / train / data sections)."""
     try:
-        with open(os.path.join(path, "config.json")) as f:
-            d = json.load(f)
+        d = json.loads((paths.path(path) / "config.json").read_text())
     except (OSError, ValueError):
         return False
     return isinstance(d, dict) and {"model", "train", "data"} <= set(d)
@@ -438,10 +512,10 @@ def load_trained(workdir: str, *, step: int | None = None, mesh=None) -> Trained
     fingerprint the checkpoint recorded; the trainable parts are read from the checkpoint
     (Adam's moments are not read). `mesh` defaults to the first device alone.
     """
-    workdir = os.path.abspath(workdir)
+    workdir = os.fspath(paths.path(workdir))
     config = read_config(workdir)
     tokenizer = tokenizer_path(config, workdir)
-    if not os.path.isfile(tokenizer) and not os.path.isdir(tokenizer):
+    if not paths.path(tokenizer).exists():
         raise FileNotFoundError(f"{workdir}: the tokenizer it was trained with ({tokenizer}) is missing")
     mcfg = tokenized_model_config(config, tokenizer)
     mcfg = mcfg.replace(llm=mcfg.llm.replace(remat=False), vision=mcfg.vision.replace(remat=False))
@@ -469,7 +543,7 @@ def load_trained(workdir: str, *, step: int | None = None, mesh=None) -> Trained
                          f"has {fingerprint}. Was an init checkpoint changed or moved?")
     target = {"trainable": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                         trainable)}
-    state_dir = os.path.join(workdir, "checkpoints", str(step), "state")
+    state_dir = paths.path(workdir) / "checkpoints" / str(step) / "state"
     try:
         restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
@@ -514,15 +588,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, step_hooks=()) -> 
     considered, like CLU's periodic actions: profiling, evaluation, early stopping (raise). A
     SIGTERM that arrives during a hook is honoured after that same step.
     """
-    from data_pipelines.pipeline import build_pipeline
+    from data_pipelines.pipeline import build_streams
     if config.train.log_every < 1:
         raise ConfigError(f"train.log_every={config.train.log_every}: must be >= 1")
-    os.makedirs(workdir, exist_ok=True)
+    workdir_path = paths.path(workdir)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        workdir_path.mkdir(parents=True, exist_ok=True)
+        (workdir_path / "config.json").write_text(config.to_json_best_effort(indent=2))
     setup = resolve(config, workdir)
     mcfg, mesh = setup.mcfg, setup.mesh
+    b = setup.batch
+    if jax.process_index() == 0:
+        print(f"batch: {b['rows_per_device']} rows/device x {b['batch_shards']} batch shards x {b['micro_batches']} "
+              f"micro-steps = {b['global_rows']} rows ({b['tokens_per_step']} token slots) per step, read as "
+              f"{setup.streams} data streams by {jax.process_count()} processes", flush=True)
     params = init_params(config, setup)
     trainable, frozen = structure.partition(params, config.train.stage)
     del params
@@ -537,9 +616,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, step_hooks=()) -> 
             "base_source": {"llm": config.init.llm_checkpoint or f"random(seed={config.train.seed})",
                             "vision": config.init.vit_checkpoint or f"random(seed={config.train.seed})"},
             "packages": versions.package_versions()}
-    rows_mode = config.data.host_sharding == "rows"
-    data_iter = iter(build_pipeline(setup.pipeline, process_index=0 if rows_mode else None,
-                                    process_count=1 if rows_mode else None))
+    data_iter = build_streams(setup.pipeline, setup.streams)
     mngr = checkpoint_manager(workdir, config.checkpoint.keep)
     start = mngr.latest_step()
     if start is not None:
@@ -561,9 +638,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, step_hooks=()) -> 
     frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
     jit_step = jax.jit(step_fn, in_shardings=(state_shardings, frozen_shardings, batch_sharding(mesh)),
                        out_shardings=(state_shardings, None), donate_argnums=(0,))
+    peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind, config.train.peak_flops_per_device)
     writer = metrics_lib.MetricsWriter(workdir, setup.pipeline.packing.sources,
                                        flops_per_token=metrics_lib.flops_per_token(mcfg, config.train.stage),
-                                       peak_flops=config.train.peak_flops_per_device * jax.device_count())
+                                       peak_flops=peak * jax.device_count())
     preemption = _Preemption()
     lr_schedule = schedule(config.optim.lr, config.optim.warmup_steps, config.train.steps)  # for logging
     total_steps = config.train.steps
@@ -573,8 +651,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, step_hooks=()) -> 
         writer.start(step, total_steps, desc=f"{config.train.stage} {mcfg.structure.name}")
         while step < total_steps:
             t0 = time.perf_counter()
-            batch = next(data_iter)
-            state, m = jit_step(state, frozen, to_global(batch, mesh, config.data.host_sharding))
+            rows = next(data_iter)
+            state, m = jit_step(state, frozen, to_global(rows, mesh))
             step += 1
             m = jax.device_get(m)
             if not m["ok"]:
@@ -583,15 +661,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, step_hooks=()) -> 
                 if int(state["bad_steps"]) >= config.train.max_bad_steps:
                     raise FloatingPointError(f"{int(state['bad_steps'])} non-finite steps in a row at step {step}; "
                                              f"stopping. The last good checkpoint is in {workdir}/checkpoints")
+            # The global batch's tokens: this host's rows, summed over the hosts that read disjoint rows.
+            local_tokens = int(np.sum(rows["segment_ids"] > 0))
+            seq_tokens = int(_over_hosts(local_tokens).sum())
             last = writer.row(step, m, lr=float(lr_schedule(step)), step_time=time.perf_counter() - t0,
-                              data_stats=data_iter.stats)
+                              seq_tokens=seq_tokens, data_stats=data_iter.stats)
             for hook in step_hooks:
                 hook(step, last)
-            if step % config.train.log_every == 0 or step == total_steps or preemption.requested:
+            stop = any_host_stops(preemption.requested)
+            if step % config.train.log_every == 0 or step == total_steps or stop:
                 writer.write(last)
-            if step % config.checkpoint.every_steps == 0 or step == total_steps or preemption.requested:
+            if step % config.checkpoint.every_steps == 0 or step == total_steps or stop:
                 save_checkpoint(mngr, step, state, data_iter.get_state(), meta)
-            if preemption.requested:
+            if stop:
                 mngr.wait_until_finished()
                 print(f"stopped by SIGTERM after step {step}; checkpoint saved. Run the same command to resume.",
                       flush=True)

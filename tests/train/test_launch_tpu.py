@@ -10,9 +10,10 @@ import subprocess
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# The set-up step each worker runs before training, exactly as the script writes it today.
-# (The one line to change when the remote install changes, e.g. to a `tpu` extra.)
-INSTALL = ["pip", "install", "-q", "-e", "."]
+# The set-up step each worker runs before training: the TPU extra (jax[tpu], libtpu) at the
+# locked versions.
+INSTALL = ["pip", "install", "-q", "-c", "requirements/lock-cpu.txt", "-e", ".[tpu]"]
+LOG = ["tee", "-a", "~/genieblue_jax_logs/$(hostname).log"]  # each worker keeps its own log
 
 # Training flags as a user gives them, one with a space, a colon and a comma: each must reach
 # experiments.run as one argument, unchanged, through both levels of quoting (local shell,
@@ -29,11 +30,14 @@ def dry_run(*args, env=None):
 
 
 def remote_commands(command: str) -> list[list[str]]:
-    """The --command value as the worker's shell runs it: argv lists joined by `&&`."""
-    words, commands = shlex.split(command), [[]]
-    for w in words:
-        if w == "&&":
-            commands.append([])
+    """The --command value as the worker's shell runs it: argv lists between `;`, `&&` and `|`
+    (each separator kept as its own list)."""
+    lexer = shlex.shlex(command, posix=True, punctuation_chars=";|")
+    lexer.whitespace_split = True
+    commands = [[]]
+    for w in lexer:
+        if w in (";", "&&", "|"):
+            commands += [[w], []]
         else:
             commands[-1].append(w)
     return commands
@@ -46,9 +50,12 @@ def test_dry_run_prints_the_exact_gcloud_command():
                       "--worker=all"]
     assert command.startswith("--command=")
     assert remote_commands(command.removeprefix("--command=")) == [
-        ["cd", "~/genieblue_jax"],
-        INSTALL,
-        ["python", "-m", "experiments.run", "--distributed", *TRAIN_FLAGS],
+        ["set", "-o", "pipefail"], [";"],
+        ["cd", "~/genieblue_jax"], ["&&"],
+        ["mkdir", "-p", "~/genieblue_jax_logs"], ["&&"],
+        INSTALL, ["&&"],
+        ["python", "-m", "experiments.run", "--distributed", *TRAIN_FLAGS, "2>&1"], ["|"],
+        LOG,
     ]
 
 
@@ -57,7 +64,9 @@ def test_no_project_and_another_repo_dir():
     assert argv[:-1] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod-2", "--zone=europe-west4-b",
                          "--worker=all"]
     assert remote_commands(argv[-1].removeprefix("--command=")) == [
-        ["cd", "/opt/genieblue"], INSTALL, ["python", "-m", "experiments.run", "--distributed", "--config=stage1"]]
+        ["set", "-o", "pipefail"], [";"], ["cd", "/opt/genieblue"], ["&&"], ["mkdir", "-p", "~/genieblue_jax_logs"],
+        ["&&"], INSTALL, ["&&"], ["python", "-m", "experiments.run", "--distributed", "--config=stage1", "2>&1"],
+        ["|"], LOG]
 
 
 def test_missing_training_flags_is_an_error():
