@@ -73,10 +73,8 @@ def target_devices(topology: str | None, num_devices: int, first: int = 0):
 def hbm_gb(device_kind: str, configured: float = 0.0) -> float | None:
     if configured > 0:
         return configured
-    for prefix in sorted(TPU_HBM_GB, key=len, reverse=True):
-        if device_kind.startswith(prefix):
-            return TPU_HBM_GB[prefix]
-    return None
+    from genieblue_jax.train.metrics import by_device_kind
+    return by_device_kind(TPU_HBM_GB, device_kind)
 
 
 def plan(config, devices, hbm: float = 0.0) -> dict:

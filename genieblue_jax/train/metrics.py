@@ -32,6 +32,14 @@ PEAK_FLOPS_BY_DEVICE_KIND = {
 CPU_PEAK_FLOPS = 110e9  # measured: float32 matmul on the project's 2-core development CPU
 
 
+def by_device_kind(table: dict, device_kind: str):
+    """The value of the longest key of `table` that `device_kind` starts with, or None."""
+    for prefix in sorted(table, key=len, reverse=True):
+        if device_kind.startswith(prefix):
+            return table[prefix]
+    return None
+
+
 def peak_flops_per_device(device_kind: str, configured: float = 0.0) -> float:
     """Peak FLOP/s of one device for MFU: `configured` when > 0 (config train.peak_flops_per_device),
     else looked up from the device kind; a CPU gets CPU_PEAK_FLOPS (measured here, not a data sheet).
@@ -42,9 +50,9 @@ def peak_flops_per_device(device_kind: str, configured: float = 0.0) -> float:
     Raises ValueError naming the device kind when it is unknown and nothing is configured."""
     if configured > 0:
         return float(configured)
-    for prefix in sorted(PEAK_FLOPS_BY_DEVICE_KIND, key=len, reverse=True):
-        if device_kind.startswith(prefix):
-            return PEAK_FLOPS_BY_DEVICE_KIND[prefix]
+    peak = by_device_kind(PEAK_FLOPS_BY_DEVICE_KIND, device_kind)
+    if peak is not None:
+        return peak
     if device_kind.lower() == "cpu":
         return CPU_PEAK_FLOPS
     raise ValueError(f"no peak FLOP/s known for device kind {device_kind!r}: set train.peak_flops_per_device")
