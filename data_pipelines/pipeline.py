@@ -90,6 +90,13 @@ class PipelineConfig:
     seed: int = 0
     num_epochs: int | None = None      # None: repeat forever
     num_workers: int = 0
+    # Grain's read-ahead of processed examples (grain.ReadOptions); order and checkpoints do not
+    # depend on it. Grain's defaults (16 threads, 500 examples) cost ~1 ms of GIL-held Python per
+    # example in grain 0.2.18: every next() scans the whole read-ahead buffer
+    # (PrefetchDatasetIterator._measure_prefetch_depth), which took a fifth of the demo
+    # pretraining's step time on 2 cores. 0 threads: examples are processed on demand.
+    read_threads: int = 1
+    read_buffer: int = 16
     packing_window_rows: int = 16     # a packing window holds >= this many rows' worth of tokens
 
     def __post_init__(self):
@@ -281,7 +288,8 @@ def build_pipeline(cfg: PipelineConfig, *, process_index: int | None = None,
              for i, s in enumerate(cfg.sources)]
     weights = [s.weight for s in cfg.sources]
     mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
-    stream = mixed.map(ExampleProcessor(cfg)).to_iter_dataset()
+    stream = mixed.map(ExampleProcessor(cfg)).to_iter_dataset(
+        grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_buffer))
     if cfg.num_workers > 0:
         # Grain's workers read absl flags; outside an absl app (notebooks, pytest) they are
         # unparsed and Grain would raise, so take their defaults.

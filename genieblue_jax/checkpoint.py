@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import orbax.checkpoint as ocp
@@ -86,9 +86,11 @@ def _write(path: str, meta: dict, params: dict, overwrite: bool, assets: tuple[s
 
 
 def save(path: str, configs: dict[str, Any], params: dict[str, Any], *, tokenizer: str | None = None,
-         source: dict | None = None, overwrite: bool = False) -> str:
-    """Writes components `configs[name]` / `params[name]` to `path`; returns its absolute path.
-    `tokenizer` (a tokenizer.json / .model file) is copied into hf_assets/, where `load` finds it."""
+         assets: Sequence[str] = (), source: dict | None = None, overwrite: bool = False) -> str:
+    """Writes components `configs[name]` / `params[name]` to `path` (local or gs://); returns
+    its path. `tokenizer` (a tokenizer.json / .model file) and the files in `assets` (e.g. an
+    HF repo's tokenizer_config.json) are copied into hf_assets/, where `load` finds them, before
+    the metadata file that marks the checkpoint whole is written."""
     if set(configs) != set(params):
         raise ValueError(f"configs {sorted(configs)} and params {sorted(params)} name different components")
     for name, cfg in configs.items():
@@ -96,7 +98,7 @@ def save(path: str, configs: dict[str, Any], params: dict[str, Any], *, tokenize
     meta = {"format_version": FORMAT_VERSION,
             "components": {n: c.to_dict() for n, c in configs.items()},
             "source": source or {}}
-    return _write(path, meta, params, overwrite, assets=(tokenizer,) if tokenizer else ())
+    return _write(path, meta, params, overwrite, assets=((tokenizer,) if tokenizer else ()) + tuple(assets))
 
 
 def save_mllm(path: str, mcfg, params: dict[str, Any], *, tokenizer: str | None = None,

@@ -242,7 +242,9 @@ def source_table(result: dict) -> str:
 
 
 def write(result: dict, path: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+    """Writes `result` as JSON to `path` (local or gs://, genieblue_jax.paths); returns `path`."""
+    from genieblue_jax import paths
+    p = paths.path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(result, indent=1))
     return path

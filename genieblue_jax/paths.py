@@ -49,3 +49,20 @@ def is_remote(p: str | os.PathLike) -> bool:
 def join(p: str | os.PathLike, *parts: str) -> str:
     """`os.path.join` that keeps a URL's scheme: the string form of `path(p) / parts...`."""
     return os.fspath(path(p).joinpath(*parts))
+
+
+def local_dir(p: str | os.PathLike) -> str:
+    """`p` as an absolute local path, for outputs that must be written on this machine's disk
+    (exports staged and renamed into place, ONNX / AIMET files). Raises ValueError naming `p`
+    for a gs:// / s3:// path (write locally, then copy: `gcloud storage cp -r DIR URL`) and,
+    through `path()`, for any other scheme.
+
+        >>> local_dir("gs://bucket/export")
+        Traceback (most recent call last):
+        ValueError: gs://bucket/export: written on local disk only; write to a local directory, then copy it (gcloud storage cp -r DIR gs://bucket/export)
+    """
+    if is_remote(p):
+        raise ValueError(f"{os.fspath(p)}: written on local disk only; write to a local directory, then copy it "
+                         f"(gcloud storage cp -r DIR {os.fspath(p)})")
+    return os.fspath(path(p))
+

@@ -45,7 +45,7 @@ def run(checkpoint: str, data: list[str], *, mode: str, image_root: str | None =
     import json
 
     import genieblue_jax
-    from genieblue_jax import evaluate
+    from genieblue_jax import evaluate, paths
     model = genieblue_jax.load(checkpoint, step=step)
     examples, rejects = evaluate.load_examples(data, image_root=image_root, limit=limit)
     for r in rejects:
@@ -53,7 +53,7 @@ def run(checkpoint: str, data: list[str], *, mode: str, image_root: str | None =
     if not examples:
         raise ValueError(f"no usable examples in {data} ({len(rejects)} rejected)")
     result = evaluate.evaluate(model, examples, mode=mode, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    result.update(checkpoint=os.path.abspath(checkpoint), data=[os.path.abspath(d) for d in data],
+    result.update(checkpoint=os.fspath(paths.path(checkpoint)), data=[os.path.abspath(d) for d in data],
                   rejected=rejects)
     runs = {f"{os.path.basename(os.path.normpath(checkpoint))} ({mode})": result}
     if mode != "text" and result["scores"]["text"] is not None:
@@ -63,8 +63,7 @@ def run(checkpoint: str, data: list[str], *, mode: str, image_root: str | None =
         result["text_retention_vs_base"] = evaluate.retention(result["scores"]["text"], base["scores"]["text"])
         runs["its base LLM (text)"] = base
     if reference:
-        with open(reference) as f:
-            evaluate.add_retention(result, json.load(f))
+        evaluate.add_retention(result, json.loads(paths.path(reference).read_text()))
     print(evaluate.table(runs))
     print()
     print(evaluate.source_table(result))
@@ -72,7 +71,7 @@ def run(checkpoint: str, data: list[str], *, mode: str, image_root: str | None =
         print(f"\ntext retention vs its base LLM: {result['text_retention_vs_base']:.2f}%")
     if result["counts"]["skipped"]:
         print(f"\n{result['counts']['skipped']} image questions skipped: mode 'text' runs the base LLM alone")
-    out = out or os.path.join(checkpoint, "eval", f"{mode}.json")
+    out = out or paths.join(checkpoint, "eval", f"{mode}.json")
     evaluate.write(result, out)
     print(f"\nwrote {out}")
     return result

@@ -50,11 +50,13 @@ def run(checkpoint: str, out: str, *, merge_lora: bool = False, dtype: str = "fl
     """The tool without absl (tests call it): loads, exports, prints, returns the `TorchExport`."""
     import genieblue_jax
     from genieblue_jax.export.to_torch import export_torch
-    if not os.path.exists(checkpoint):
+    from genieblue_jax import paths
+    src = paths.path(checkpoint)  # local or gs://
+    if not src.exists():
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no such directory")
-    if not os.path.isdir(checkpoint):
+    if not src.is_dir():
         raise NotADirectoryError(f"--checkpoint {checkpoint} is a file; give the checkpoint / workdir directory")
-    out_abs = os.path.abspath(out)
+    out_abs = paths.local_dir(out)
     if os.path.isdir(out_abs) and os.listdir(out_abs) and not overwrite:  # before the (slow) load
         raise FileExistsError(f"--out {out_abs} already exists and is not empty; pass --overwrite to replace the "
                               "export in it")

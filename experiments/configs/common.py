@@ -60,6 +60,11 @@ def base_config(scale: str) -> ml_collections.ConfigDict:
     c.data.max_patches = 16 if paper else 4
     c.data.max_patches_per_row = 20 if paper else 10
     c.data.num_workers = 8 if paper else 0
+    # Threads / examples of read-ahead per pipeline (data_pipelines.pipeline.PipelineConfig): a
+    # small buffer, as Grain's 500 costs Python time per example; paper scale reads from remote
+    # storage through its worker processes, so it keeps more threads in flight.
+    c.data.read_threads = 16 if paper else 1
+    c.data.read_buffer = 64 if paper else 16
     c.data.demo_examples = 3000
     # The global batch is packed by this many independent streams (data_pipelines.pipeline.
     # StreamBatchIterator), a multiple of the process count; fixed, it makes the batches the same

@@ -205,7 +205,8 @@ def check_exportable(model) -> None:
 
 
 def _prepare_out(out_dir: str, overwrite: bool) -> str:
-    out_dir = os.path.abspath(out_dir)
+    from genieblue_jax import paths
+    out_dir = paths.local_dir(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise FileExistsError(f"--out {out_dir} exists and is not a directory")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
@@ -215,33 +216,36 @@ def _prepare_out(out_dir: str, overwrite: bool) -> str:
 
 
 def _copy_tokenizer(src: str | None, dst_dir: str) -> list[str]:
-    """Copies the tokenizer file(s) of `src` (a file or a directory) into dst_dir; a
-    SentencePiece model of any name becomes tokenizer.model."""
+    """Copies the tokenizer file(s) of `src` (a file or a directory, local or gs://) into the
+    local dst_dir; a SentencePiece model of any name becomes tokenizer.model."""
+    from genieblue_jax import paths
     if not src:
         return []
-    if os.path.isfile(src):
+    source = paths.path(src)
+
+    def copy(f, name: str) -> str:
+        dst = os.path.join(dst_dir, name)
+        with open(dst, "wb") as out:
+            out.write(f.read_bytes())
+        return dst
+
+    if source.is_file():
         if src.endswith(".json"):
             name = "tokenizer.json"
         elif src.endswith(".model"):
             name = "tokenizer.model"
         else:
             raise ValueError(f"tokenizer {src}: unknown format (expected tokenizer.json or a SentencePiece .model)")
-        shutil.copyfile(src, os.path.join(dst_dir, name))
-        return [os.path.join(dst_dir, name)]
-    if not os.path.isdir(src):
+        return [copy(source, name)]
+    if not source.is_dir():
         raise FileNotFoundError(f"the model's tokenizer {src} does not exist")
-    copied = []
-    for name in TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(src, name)):
-            shutil.copyfile(os.path.join(src, name), os.path.join(dst_dir, name))
-            copied.append(os.path.join(dst_dir, name))
+    copied = [copy(source / name, name) for name in TOKENIZER_FILES if (source / name).is_file()]
     if not any(os.path.basename(f) in ("tokenizer.json", "tokenizer.model") for f in copied):
-        spm = sorted(n for n in os.listdir(src) if n.endswith(".model"))
+        spm = sorted(f.name for f in source.iterdir() if f.name.endswith(".model"))
         if len(spm) != 1:
             raise FileNotFoundError(f"the model's tokenizer directory {src} holds no tokenizer.json / tokenizer.model"
                                     + (f" and several .model files {spm}" if spm else ""))
-        shutil.copyfile(os.path.join(src, spm[0]), os.path.join(dst_dir, "tokenizer.model"))
-        copied.append(os.path.join(dst_dir, "tokenizer.model"))
+        copied.append(copy(source / spm[0], "tokenizer.model"))
     return copied
 
 

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import re
-import shutil
 from typing import Iterable
 
 import jax
@@ -145,12 +144,8 @@ def import_hf(hf_dir: str, out: str | None = None, *, param_dtype: str = "float3
                                    select_layer=select_layer)
     params = load_hf_params(hf_dir, arch, cfg, mesh=mesh)
     component = COMPONENT[hf_configs.ARCHITECTURES[arch]]
-    if out is not None:
+    if out is not None:  # `out` may be gs://; the HF files are read from local disk (memory-mapped)
         checkpoint.save(out, {component: cfg}, {component: params}, overwrite=overwrite,
+                        assets=[os.path.join(hf_dir, f) for f in ASSET_FILES if os.path.isfile(os.path.join(hf_dir, f))],
                         source={"hf_dir": os.path.abspath(hf_dir), "architecture": arch})
-        assets = [f for f in ASSET_FILES if os.path.isfile(os.path.join(hf_dir, f))]
-        if assets:
-            os.makedirs(os.path.join(out, checkpoint.ASSETS_DIR), exist_ok=True)
-            for f in assets:
-                shutil.copy2(os.path.join(hf_dir, f), os.path.join(out, checkpoint.ASSETS_DIR, f))
     return component, cfg, params

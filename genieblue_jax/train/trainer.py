@@ -209,7 +209,8 @@ def resolve(config: ml_collections.ConfigDict, workdir: str) -> Setup:
         mcfg, sources=tuple(SourceSpec(n, s["path"], float(s.get("weight", 1.0))) for n, s in sorted(sources.items())),
         tokenizer=tokenizer_path(c, workdir), seq_len=c.data.seq_len, batch_size=per_host, image_mode=c.data.image_mode,
         max_patches=c.data.max_patches, max_patches_per_row=c.data.max_patches_per_row,
-        image_token=c.model.image_token, seed=c.train.seed, num_workers=c.data.num_workers)
+        image_token=c.model.image_token, seed=c.train.seed, num_workers=c.data.num_workers,
+        read_threads=c.data.read_threads, read_buffer=c.data.read_buffer)
     return Setup(mcfg, pipe, mesh, per_host, streams, plan)
 
 

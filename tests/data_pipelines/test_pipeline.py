@@ -73,6 +73,22 @@ def test_deterministic_from_the_seed(demo):
     assert fingerprint(next(c)) != fingerprint(next(iter(build_pipeline(cfg, process_index=0, process_count=1))))
 
 
+def test_read_ahead_changes_neither_the_batches_nor_the_state(demo):
+    """Grain's threaded read-ahead (its defaults, 16 threads x 500 examples) against processing
+    each example on demand (0 threads): the same batches, and a state saved under one resumes
+    the other at the same batch."""
+    cfg = make_cfg(demo)
+    ahead = iter(build_pipeline(dataclasses.replace(cfg, read_threads=16, read_buffer=500), process_index=0,
+                                process_count=1))
+    on_demand = iter(build_pipeline(dataclasses.replace(cfg, read_threads=0, read_buffer=0), process_index=0,
+                                    process_count=1))
+    assert [fingerprint(next(ahead)) for _ in range(6)] == [fingerprint(next(on_demand)) for _ in range(6)]
+    resumed = iter(build_pipeline(dataclasses.replace(cfg, read_threads=0, read_buffer=0), process_index=0,
+                                  process_count=1))
+    resumed.set_state(ahead.get_state())
+    assert [fingerprint(next(resumed)) for _ in range(2)] == [fingerprint(next(ahead)) for _ in range(2)]
+
+
 def test_resume_in_a_new_process_gives_identical_batches(demo, tmp_path):
     cfg = make_cfg(demo)
     payload = {"config": dataclasses.asdict(cfg)}

@@ -116,4 +116,45 @@ def test_a_gs_run_saves_resumes_and_loads_like_a_local_one(tmp_path, gcs, monkey
     np.testing.assert_array_equal(np.asarray(remote_model.logits(tokens, mode="multimodal")),
                                   np.asarray(local_model.logits(tokens, mode="multimodal")))
     assert (paths.path(run) / "tensorboard").is_dir() and (paths.path(run) / "config.json").is_file()
+
+    # tools.evaluate on the gs:// run writes its report beside it, as it does for a local one.
+    from tools import evaluate as evaluate_tool
+    from tools import to_torch as to_torch_tool
+    eval_data = [f"{tmp_path}/data/train/{s}" for s in ("text", "vqa")]
+    remote_eval = evaluate_tool.run(run, eval_data, mode="multimodal", limit=3, max_new_tokens=4)
+    local_eval = evaluate_tool.run(local["workdir"], eval_data, mode="multimodal", limit=3, max_new_tokens=4)
+    report = __import__("json").loads((paths.path(run) / "eval" / "multimodal.json").read_text())
+    assert report["checkpoint"] == run and report["predictions"] == local_eval["predictions"] \
+        == remote_eval["predictions"]
+    # Exports are written on local disk: from a gs:// checkpoint, yes; to gs://, an error naming it.
+    to_torch_tool.run(run, str(tmp_path / "torch"))
+    assert (tmp_path / "torch" / "base_llm" / "config.json").is_file()
+    with pytest.raises(ValueError, match=f"{gcs}/torch: written on local disk only"):
+        to_torch_tool.run(run, f"{gcs}/torch")
+    from genieblue_jax.export.qnn import export_qnn
+    with pytest.raises(ValueError, match=f"{gcs}/qnn: written on local disk only"):
+        export_qnn(remote_model, f"{gcs}/qnn", quantize="no", calib=0)
     assert _tree_has_colon_dir(tmp_path) == [] and not os.path.exists(os.path.join(tmp_path, "gs:"))
+
+
+def test_from_hf_writes_a_gs_checkpoint_with_the_hf_assets(tmp_path, gcs):
+    """tools.from_hf (the command) with --out on gs://: the checkpoint and its hf_assets land
+    there, and load the same parameters as an import to local disk."""
+    import torch
+    import transformers
+    torch.manual_seed(0)
+    hf = tmp_path / "hf"
+    transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True)).save_pretrained(hf, safe_serialization=True)
+    (hf / "tokenizer_config.json").write_text('{"model_max_length": 512}')
+    for out in (f"{gcs}/imported", str(tmp_path / "imported")):
+        proc = subprocess.run([sys.executable, "-m", "tools.from_hf", f"--hf_dir={hf}", f"--out={out}"], cwd=REPO,
+                              env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (paths.path(gcs) / "imported" / "hf_assets" / "tokenizer_config.json").read_text() == \
+        '{"model_max_length": 512}'
+    _, remote, _ = checkpoint.restore(f"{gcs}/imported")
+    _, local, _ = checkpoint.restore(str(tmp_path / "imported"))
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()), remote, local))

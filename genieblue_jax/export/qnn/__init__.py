@@ -87,6 +87,8 @@ def export_qnn(model, out_dir: str, *, context: int = 2048, prefill_len: int = 1
         if calib == 0:
             raise ValueError("quantize='yes' needs calibration data: calib must be >= 1 (or quantize='no' for the "
                              "float graphs only)")
+    from genieblue_jax import paths
+    out_dir = paths.local_dir(out_dir)  # ONNX / AIMET write local files: a gs:// destination is an error
     if os.path.exists(out_dir) and os.listdir(out_dir):
         if not overwrite:
             raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite / --overwrite to replace it)")
