@@ -105,14 +105,14 @@ class MetricsWriter:
         self._bar = tqdm(total=total, initial=step, desc=desc, unit="step", dynamic_ncols=True)
         self._t_start, self._step_start = time.perf_counter(), step
 
-    def row(self, step: int, m: dict, *, lr: float, step_time: float, seq_tokens: int, data_stats: dict) -> dict:
+    def row(self, step: int, m: dict, *, lr: float, step_time: float, data_stats: dict) -> dict:
         """The metrics row of one step (on every process); advances the progress bar. Nothing is
         written: `write(row)` does, for the steps the trainer logs (`train.log_every`).
 
-        `seq_tokens`: the non-padding tokens of this step's whole global batch (summed over
-        processes), for tokens/s and MFU against `peak_flops` (all devices); `data_stats`: this
-        host's pipeline statistics (rejections)."""
-        tokens = int(m["trained_tokens"])
+        `m`: the step's metrics; m["seq_tokens"] is the non-padding tokens of the whole global
+        batch (all processes' rows), for tokens/s and MFU against `peak_flops` (all devices).
+        `data_stats`: this host's pipeline statistics (rejections)."""
+        tokens, seq_tokens = int(m["trained_tokens"]), int(m["seq_tokens"])
         row = {"step": step, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "lr": lr,
                "step_time_s": step_time, "seq_tokens": seq_tokens, "tokens_per_s": seq_tokens / step_time,
                "trained_tokens": tokens,

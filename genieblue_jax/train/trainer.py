@@ -365,7 +365,10 @@ def make_train_step(mcfg, tx, num_sources: int, micro_batches: int, loss_chunk: 
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
         new_state = {"trainable": keep(new_params, state["trainable"]), "opt_state": keep(new_opt, state["opt_state"]),
                      "step": state["step"] + 1, "bad_steps": jnp.where(ok, jnp.zeros_like(state["bad_steps"]), state["bad_steps"] + 1)}
+        # The global batch's non-padding tokens (for tokens/s and MFU), counted where the whole
+        # batch is: no host-side all-gather of per-host counts.
         metrics = {"loss": loss, "grad_norm": grad_norm, "ok": ok, "trained_tokens": total,
+                   "seq_tokens": jnp.sum(batch["segment_ids"] > 0),
                    "source_nll": src_nll, "source_tokens": src_cnt}
         return new_state, metrics
 
@@ -405,21 +408,15 @@ def to_global(batch: dict, mesh) -> dict:
     return {k: jax.make_array_from_process_local_data(s, np.asarray(batch[k])) for k in BATCH_KEYS}
 
 
-def _over_hosts(value: int) -> np.ndarray:
-    """`value` of every process, in process order (an all-gather of one integer; one process: no
-    communication)."""
-    if jax.process_count() == 1:
-        return np.array([value], np.int64)
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(np.array(value, np.int64))).reshape(-1)
-
-
 def any_host_stops(requested: bool) -> bool:
     """Whether any process was asked to stop (SIGTERM), agreed by all: every host then saves
     and stops after the same step. A SIGTERM reaches the hosts of a pod at different times;
     hosts that each followed their own flag would enter different collectives (save vs step)
-    and hang."""
-    return bool(_over_hosts(int(requested)).any())
+    and hang. One all-gather of one integer per step (none with one process)."""
+    if jax.process_count() == 1:
+        return requested
+    from jax.experimental import multihost_utils
+    return bool(np.asarray(multihost_utils.process_allgather(np.array(int(requested), np.int32))).any())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -662,11 +659,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, step_hooks=()) -> 
                 if int(state["bad_steps"]) >= config.train.max_bad_steps:
                     raise FloatingPointError(f"{int(state['bad_steps'])} non-finite steps in a row at step {step}; "
                                              f"stopping. The last good checkpoint is in {workdir}/checkpoints")
-            # The global batch's tokens: this host's rows, summed over the hosts that read disjoint rows.
-            local_tokens = int(np.sum(rows["segment_ids"] > 0))
-            seq_tokens = int(_over_hosts(local_tokens).sum())
             last = writer.row(step, m, lr=float(lr_schedule(step)), step_time=time.perf_counter() - t0,
-                              seq_tokens=seq_tokens, data_stats=data_iter.stats)
+                              data_stats=data_iter.stats)
             for hook in step_hooks:
                 hook(step, last)
             stop = any_host_stops(preemption.requested)

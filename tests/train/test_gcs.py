@@ -117,15 +117,19 @@ def test_a_gs_run_saves_resumes_and_loads_like_a_local_one(tmp_path, gcs, monkey
                                   np.asarray(local_model.logits(tokens, mode="multimodal")))
     assert (paths.path(run) / "tensorboard").is_dir() and (paths.path(run) / "config.json").is_file()
 
-    # tools.evaluate on the gs:// run writes its report beside it, as it does for a local one.
-    from tools import evaluate as evaluate_tool
+    # The tools.evaluate command on the gs:// run writes its report beside it, as it does beside
+    # a local one; the predictions are the local run's.
     from tools import to_torch as to_torch_tool
-    eval_data = [f"{tmp_path}/data/train/{s}" for s in ("text", "vqa")]
-    remote_eval = evaluate_tool.run(run, eval_data, mode="multimodal", limit=3, max_new_tokens=4)
-    local_eval = evaluate_tool.run(local["workdir"], eval_data, mode="multimodal", limit=3, max_new_tokens=4)
-    report = __import__("json").loads((paths.path(run) / "eval" / "multimodal.json").read_text())
-    assert report["checkpoint"] == run and report["predictions"] == local_eval["predictions"] \
-        == remote_eval["predictions"]
+    for workdir in (run, local["workdir"]):
+        proc = subprocess.run([sys.executable, "-m", "tools.evaluate", f"--checkpoint={workdir}", "--mode=multimodal",
+                               f"--data={tmp_path}/data/train/text", f"--data={tmp_path}/data/train/vqa", "--limit=3",
+                               "--max_new_tokens=4"], cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0 and f"wrote {workdir}/eval/multimodal.json" in proc.stdout, proc.stderr[-3000:]
+    remote_eval, local_eval = (__import__("json").loads((paths.path(w) / "eval" / "multimodal.json").read_text())
+                               for w in (run, local["workdir"]))
+    assert remote_eval["checkpoint"] == run and len(remote_eval["predictions"]) == 6
+    assert remote_eval["predictions"] == local_eval["predictions"]
     # Exports are written on local disk: from a gs:// checkpoint, yes; to gs://, an error naming it.
     to_torch_tool.run(run, str(tmp_path / "torch"))
     assert (tmp_path / "torch" / "base_llm" / "config.json").is_file()

@@ -82,6 +82,11 @@ def test_metrics_rows_every_log_every_steps_and_the_last(tmp_path, reference):
     assert len(written) == 2 and [r["step"] for r in written] == [4, 6]  # 6 steps, log_every 4: step 4 + the last
     assert written == [seen[3][1], seen[5][1]]                         # exactly the rows of those steps
     assert run["step"] == 6 and run["loss"] == seen[5][1]["loss"]
+    # Tokens counted in the step (where the global batch is) against the pipeline's own batches.
+    from data_pipelines.pipeline import build_streams
+    setup = trainer.resolve(tiny_config(**{"train.steps": 6}), run["workdir"])
+    batches = build_streams(setup.pipeline, setup.streams, process_index=0, process_count=1)
+    assert [row["seq_tokens"] for _, row in seen] == [int((next(batches)["segment_ids"] > 0).sum()) for _ in range(6)]
 
 
 def test_the_non_finite_check_runs_on_steps_that_are_not_logged(tmp_path):
