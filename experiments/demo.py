@@ -287,6 +287,7 @@ def example_image(data_dir: str, path: str) -> tuple[str, str]:
 def run(config: ml_collections.ConfigDict, workdir: str, recipe: str) -> dict:
     """Steps 1-6 for `config` (a demo-scale recipe); prints the results and what to try next."""
     from genieblue_jax.train import trainer
+    trainer.check_ranges(config)  # a bad value is an error now, not after the demo's pretraining
     t0 = time.perf_counter()
     assets = prepare(config)
     c = with_assets(config, assets)

@@ -171,10 +171,43 @@ def make_mesh(c: ml_collections.ConfigDict) -> jax.sharding.Mesh:
         raise ConfigError(f"mesh: {e}") from None
 
 
+# The numeric fields' valid ranges, checked before any work: key -> (lowest, lowest allowed?,
+# highest or None, highest allowed?). A value outside is a ConfigError naming the key (e.g.
+# train.steps=-1 would train nothing and exit 0, checkpoint.keep=0 keep no checkpoint,
+# optim.lr=-1 train uphill, data.seq_len=0 loop forever on rows that hold no sample).
+RANGES = {
+    "train.steps": (1, True, None, False), "train.log_every": (1, True, None, False),
+    "train.max_bad_steps": (1, True, None, False), "checkpoint.every_steps": (1, True, None, False),
+    "checkpoint.keep": (1, True, None, False), "data.seq_len": (1, True, None, False),
+    "data.max_patches": (1, True, None, False), "data.max_patches_per_row": (0, True, None, False),
+    "data.num_workers": (0, True, None, False), "data.read_threads": (0, True, None, False),
+    "data.read_buffer": (0, True, None, False), "train.loss_chunk": (0, True, None, False),
+    "model.attention_chunk": (0, True, None, False), "model.lora_alpha": (0, False, None, False),
+    "optim.lr": (0, True, None, False), "optim.warmup_steps": (0, True, None, False),
+    "optim.b1": (0, True, 1, False), "optim.b2": (0, True, 1, False), "optim.eps": (0, False, None, False),
+    "optim.weight_decay": (0, True, None, False), "optim.clip_norm": (0, False, None, False),
+    "optim.vit_layer_decay": (0, False, 1, True), "optim.vit_lr_scale": (0, True, None, False),
+    "train.peak_flops_per_device": (0, True, None, False),
+}
+
+
+def check_ranges(c: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError naming the first field outside its range in `RANGES`. (A NaN passes:
+    the step's non-finite guard stops a run it poisons.)"""
+    for key, (low, low_ok, high, high_ok) in RANGES.items():
+        section, name = key.split(".")
+        v = c[section][name]
+        if (v < low if low_ok else v <= low) or (high is not None and (v > high if high_ok else v >= high)):
+            rule = (f">= {low}" if low_ok else f"> {low}") + \
+                (f" and {'<=' if high_ok else '<'} {high}" if high is not None else "")
+            raise ConfigError(f"{key}={v!r}: must be {rule}")
+
+
 def resolve(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     """Validates the config (errors name the key) and builds model, data and mesh configs."""
     from data_pipelines.pipeline import PipelineConfig, SourceSpec
     c = config
+    check_ranges(c)
     if c.train.stage not in structure.STAGES:
         raise ConfigError(f"train.stage={c.train.stage!r}: choose one of {sorted(structure.STAGES)}")
     if (c.train.stage in LLM_STAGES) != (c.model.variant == "full"):
@@ -587,8 +620,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, step_hooks=()) -> 
     SIGTERM that arrives during a hook is honoured after that same step.
     """
     from data_pipelines.pipeline import build_streams
-    if config.train.log_every < 1:
-        raise ConfigError(f"train.log_every={config.train.log_every}: must be >= 1")
     workdir_path = paths.path(workdir)
     if jax.process_index() == 0:
         workdir_path.mkdir(parents=True, exist_ok=True)

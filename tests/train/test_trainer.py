@@ -1,5 +1,6 @@
 """The training engine's guarantees, on tiny models and the demo data."""
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -146,6 +147,36 @@ def test_inconsistent_settings_name_the_key(tmp_path, override, match):
         trainer.resolve(tiny_config(**override), str(tmp_path))
 
 
+# The values the fault-injection issue found accepted (or crashing with StopIteration /
+# ZeroDivisionError), plus the other fields' edges: each is an error naming the key, before any work.
+@pytest.mark.parametrize("key,value,rule", [
+    ("train.steps", -1, ">= 1"), ("train.steps", 0, ">= 1"), ("checkpoint.keep", 0, ">= 1"),
+    ("checkpoint.every_steps", 0, ">= 1"), ("optim.lr", -1.0, ">= 0"), ("data.seq_len", 0, ">= 1"),
+    ("train.log_every", 0, ">= 1"), ("optim.b2", 1.0, ">= 0 and < 1"), ("optim.eps", 0.0, "> 0"),
+    ("optim.vit_layer_decay", 1.5, "> 0 and <= 1"), ("data.read_buffer", -1, ">= 0"),
+])
+def test_out_of_range_values_name_the_key_before_any_work(tmp_path, key, value, rule):
+    with pytest.raises(trainer.ConfigError, match=f"^{re.escape(f'{key}={value!r}: must be {rule}')}$"):
+        trainer.train(tiny_config(**{key: value}), str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_every_recipe_is_within_the_ranges():
+    import importlib
+    import pkgutil
+    from experiments import configs
+    recipes = [m.name for m in pkgutil.iter_modules(configs.__path__) if m.name != "common"]
+    assert len(recipes) >= 10
+    for name in recipes:
+        for scale in ("demo", "paper"):
+            try:
+                c = importlib.import_module(f"experiments.configs.{name}").get_config(scale)
+            except ValueError:  # pretrain is demo scale only
+                continue
+            trainer.check_ranges(c)  # every RANGES key exists and the shipped values pass
+    assert set(trainer.RANGES) <= {f"{s}.{k}" for s, sec in c.items() if hasattr(sec, "keys") for k in sec}
+
+
 def test_paper_scale_requires_init_checkpoints(tmp_path):
     from experiments.configs import stage2_skip
     with pytest.raises(trainer.ConfigError, match="init.llm_checkpoint is required at paper scale"):
@@ -164,6 +195,9 @@ def test_cli_rejects_unknown_keys_and_bad_types(tmp_path):
     assert bad_recipe.returncode != 0 and "no such recipe" in bad_recipe.stderr
     bad_scale = run("--config=stage2_skip:huge")
     assert bad_scale.returncode != 0 and "huge" in bad_scale.stderr
+    bad_value = run("--config=stage2_skip", "--config.checkpoint.keep=0")
+    assert bad_value.returncode != 0 and "checkpoint.keep=0: must be >= 1" in bad_value.stderr
+    assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
 
 
 def test_stage2_starts_from_the_stage1_projector(tmp_path):
