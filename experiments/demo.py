@@ -9,8 +9,10 @@
     [6/6] evaluation     held-out questions: the base LLM, the deployed model (non-shared
                          base) and the shared-base ablation
 
-Steps 1-4 are shared by every demo recipe and cached under `demo.cache_dir` (default
-workdirs/demo), keyed by what makes them (models, steps, seeds), so a second run, or
+Steps 1-4 are shared by every demo recipe and cached under `demo.cache_dir` (default: a
+`demo` folder beside the workdir, so workdirs/demo for the default workdirs/RECIPE and
+/data/runs/demo for --workdir=/data/runs/s2; never the current directory when the workdir is
+elsewhere), keyed by what makes them (models, steps, seeds), so a second run, or
 another recipe, reuses them; the recipe's own workdir resumes as any training run does,
 and the evaluation is cached per checkpoint step.
 
@@ -75,12 +77,28 @@ class Assets:
     stage1_workdir: str | None = None
 
 
+def with_cache_dir(c: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+    """A copy of `c` whose demo.cache_dir is set: the configured one, or `demo` beside `workdir`.
+
+        >>> c = ml_collections.ConfigDict({"demo": {"cache_dir": ""}})
+        >>> with_cache_dir(c, "/data/runs/s2").demo.cache_dir
+        '/data/runs/demo'
+    """
+    c = ml_collections.ConfigDict(c.to_dict())
+    if not c.demo.cache_dir:
+        c.demo.cache_dir = os.path.join(os.path.dirname(os.path.abspath(workdir)), "demo")
+    return c
+
+
 # --- 1. data ------------------------------------------------------------------------------
 
 def demo_data(c: ml_collections.ConfigDict) -> Assets:
     """The demo datasets (train / eval / a text-only pretraining split) and tokenizer."""
     from data_pipelines.demo_data import SCENES, write_demo_datasets
     d = c.demo
+    if not d.cache_dir:
+        raise ValueError("config demo.cache_dir is empty: set it, or pass the config through "
+                         "experiments.demo.with_cache_dir(config, workdir) (a `demo` folder beside the workdir)")
     if d.scene not in SCENES:
         raise ValueError(f"config demo.scene={d.scene!r}: choose from {SCENES}")
     key = f"data_{d.scene}_{d.train_examples}_{d.eval_examples}_{d.pretrain_examples}_seed{c.train.seed}_v5"
@@ -288,6 +306,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, recipe: str) -> dict:
     """Steps 1-6 for `config` (a demo-scale recipe); prints the results and what to try next."""
     from genieblue_jax.train import trainer
     trainer.check_ranges(config)  # a bad value is an error now, not after the demo's pretraining
+    config = with_cache_dir(config, workdir)
     t0 = time.perf_counter()
     assets = prepare(config)
     c = with_assets(config, assets)

@@ -59,7 +59,7 @@ def pretrain(out: str, *, preset: str = "demo-siglip", steps: int = 400, example
 
     model = Tagger()
     params = model.init(jax.random.key(seed), x_train[:1])["params"]
-    tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, min(20, steps), steps), weight_decay=1e-4)
+    tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, min(20, steps - 1), steps), weight_decay=1e-4)
     opt_state = tx.init(params)
 
     @jax.jit

@@ -124,6 +124,7 @@ def run(workdir: str = "workdirs/reproduce", recipes=RECIPES, steps: int | None 
         c = importlib.import_module(f"experiments.configs.{name}").get_config("demo")
         if steps:
             c.train.steps = steps
+        c = demo.with_cache_dir(c, workdir)  # `demo` beside the workdir: workdirs/demo, the main job's cache
         if assets is None:
             assets = demo.prepare(c)
         c = demo.with_assets(c, assets)

@@ -7,7 +7,7 @@
 
 At demo scale (the default) the run is the embedded demo (experiments/demo.py): the demo
 data, a base LLM pretrained on its text tasks and the stage-1 projector are made or taken
-from the cache (workdirs/demo), the recipe trains around them, and the result is evaluated
+from the cache (demo.cache_dir; default: `demo` beside the workdir), the recipe trains around them, and the result is evaluated
 on held-out questions; `--config.demo.enabled=false` trains the recipe alone.
 
 `--config` takes a recipe name from experiments/configs/ (or a path to a config file),

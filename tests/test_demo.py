@@ -127,6 +127,20 @@ def test_the_demo_learns_images_and_keeps_the_base_text_exactly(demo_run, capsys
     assert base["scores"]["text"] - shared["scores"]["text"] > MIN_SHARED_TEXT_DROP  # shared base: text lost
 
 
+def test_the_cache_lives_beside_the_workdir_not_in_the_current_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    c = stage2_skip.get_config("demo")
+    assert c.demo.cache_dir == ""
+    assert demo.with_cache_dir(c, "/data/runs/s2").demo.cache_dir == "/data/runs/demo"
+    assert demo.with_cache_dir(c, "workdirs/stage2_skip").demo.cache_dir == str(tmp_path / "workdirs" / "demo")
+    c.demo.cache_dir = "/elsewhere/cache"  # an explicit one wins
+    assert demo.with_cache_dir(c, "/data/runs/s2").demo.cache_dir == "/elsewhere/cache"
+    c.demo.cache_dir = ""
+    with pytest.raises(ValueError, match="demo.cache_dir is empty"):
+        demo.prepare(c)
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_second_run_reuses_the_cache(demo_run, capsys):
     root, c, first = demo_run
     again = demo.run(c, str(root / "stage2_skip"), "stage2_skip")

@@ -112,7 +112,7 @@ def base_config(scale: str) -> ml_collections.ConfigDict:
     # recipe trains around them and is evaluated on held-out questions.
     c.demo = ml_collections.ConfigDict()
     c.demo.enabled = not paper
-    c.demo.cache_dir = "workdirs/demo"
+    c.demo.cache_dir = ""  # "": a `demo` folder beside the workdir (experiments.demo.with_cache_dir)
     c.demo.train_examples = 6000
     c.demo.eval_examples = 300
     c.demo.pretrain_examples = 20000   # text tasks only

@@ -188,6 +188,9 @@ RANGES = {
     "optim.weight_decay": (0, True, None, False), "optim.clip_norm": (0, False, None, False),
     "optim.vit_layer_decay": (0, False, 1, True), "optim.vit_lr_scale": (0, True, None, False),
     "train.peak_flops_per_device": (0, True, None, False),
+    "demo.train_examples": (1, True, None, False), "demo.eval_examples": (1, True, None, False),
+    "demo.pretrain_examples": (1, True, None, False), "demo.pretrain_steps": (1, True, None, False),
+    "demo.vision_steps": (1, True, None, False), "demo.stage1_steps": (1, True, None, False),
 }
 
 
