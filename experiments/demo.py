@@ -77,6 +77,21 @@ class Assets:
     stage1_workdir: str | None = None
 
 
+class Preempted(Exception):
+    """A demo training step (base LLM, stage 1 or the recipe) stopped early by SIGTERM: its
+    checkpoint is saved and the same command resumes it. Nothing after it runs, so no cache
+    entry and no evaluation is ever made from a half-trained model."""
+
+
+def train_to_end(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+    from genieblue_jax.train import trainer
+    result = trainer.train(cfg, workdir)
+    if result["step"] < cfg.train.steps:
+        raise Preempted(f"{cfg.train.stage} stopped by SIGTERM at step {result['step']} of {cfg.train.steps} "
+                        f"({workdir}); run the same command to resume")
+    return result
+
+
 def with_cache_dir(c: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
     """A copy of `c` whose demo.cache_dir is set: the configured one, or `demo` beside `workdir`.
 
@@ -151,7 +166,7 @@ def pretrain_base(c: ml_collections.ConfigDict, assets: Assets) -> str:
     if checkpoint.is_checkpoint(ckpt):
         print(f"cached: {ckpt}", flush=True)
         return ckpt
-    trainer.train(p, workdir)
+    train_to_end(p, workdir)
     t = trainer.load_trained(workdir)
     checkpoint.save(ckpt, {"llm": t.mcfg.llm.replace(remat=False, attention_chunk=0, scan_layers=False)},
                     {"llm": t.params["llm"]}, tokenizer=assets.tokenizer,
@@ -163,7 +178,6 @@ def pretrain_base(c: ml_collections.ConfigDict, assets: Assets) -> str:
 def stage1(c: ml_collections.ConfigDict, assets: Assets) -> str:
     """Stage 1 on captions around the cached base; returns its workdir."""
     from experiments.configs import stage1 as stage1_recipe
-    from genieblue_jax.train import trainer
     d = c.demo
     s = stage1_recipe.get_config("demo")
     s.model.llm, s.model.vit, s.train.seed = c.model.llm, c.model.vit, c.train.seed
@@ -176,7 +190,7 @@ def stage1(c: ml_collections.ConfigDict, assets: Assets) -> str:
     if _done(workdir, s.train.steps):
         print(f"cached: {workdir}", flush=True)
     else:
-        trainer.train(s, workdir)
+        train_to_end(s, workdir)
     return workdir
 
 
@@ -314,7 +328,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, recipe: str) -> dict:
     if _done(workdir, c.train.steps):
         print(f"cached: {workdir} (step {c.train.steps})", flush=True)
     else:
-        trainer.train(c, workdir)
+        train_to_end(c, workdir)
     out = {"workdir": workdir}
     if c.demo.evaluate and c.train.stage != "pretrain":
         banner(6, STEPS, "evaluation", f"{c.demo.eval_examples} held-out questions: base LLM, deployed, shared base")

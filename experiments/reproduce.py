@@ -115,7 +115,6 @@ def run(workdir: str = "workdirs/reproduce", recipes=RECIPES, steps: int | None 
     """Trains and evaluates `recipes` around the shared demo assets; writes the tables and plots."""
     from experiments import demo
     demo.pin_xla_cpu_isa()  # the same code as the main job's (experiments.run at demo scale)
-    from genieblue_jax.train import trainer
     t0 = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
     results, workdirs = {}, {}
@@ -134,7 +133,7 @@ def run(workdir: str = "workdirs/reproduce", recipes=RECIPES, steps: int | None 
         if demo._done(wd, c.train.steps):
             print(f"cached: {wd}", flush=True)
         else:
-            trainer.train(c, wd)
+            demo.train_to_end(c, wd)
         results[name], workdirs[name] = demo.evaluate_run(c, wd, assets), wd
         print(demo.results_table(results[name]), flush=True)
     text = tables(results)

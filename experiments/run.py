@@ -63,7 +63,10 @@ def main(argv):
     print(f"recipe {name} ({config.scale} scale), workdir {workdir}", flush=True)
     try:
         if config.demo.enabled:  # demo scale: data, base LLM, stage 1 (cached), the recipe, evaluation
-            demo.run(config, workdir, name)
+            try:
+                demo.run(config, workdir, name)
+            except demo.Preempted as e:
+                print(e, flush=True)
             return
         result = trainer.train(config, workdir)
     except trainer.ConfigError as e:

@@ -141,6 +141,37 @@ def test_the_cache_lives_beside_the_workdir_not_in_the_current_directory(tmp_pat
     assert os.listdir(tmp_path) == []
 
 
+def test_a_sigterm_in_the_base_pretraining_caches_nothing_half_trained(tmp_path, monkeypatch):
+    """A real SIGTERM at step 1 of the base LLM's pretraining (3 steps): the demo stops there
+    (Preempted) and writes no base checkpoint; the same call resumes the pretraining at step 1
+    and caches the base only after step 3."""
+    import signal
+
+    from experiments.configs import pretrain
+    from genieblue_jax import checkpoint
+    from genieblue_jax.train import trainer
+    c = pretrain.get_config("demo")
+    c.model.llm = "demo-tiny-qwen2"
+    c.demo.cache_dir, c.demo.pretrain_steps, c.demo.pretrain_examples = str(tmp_path / "cache"), 3, 200
+    c.demo.train_examples, c.demo.eval_examples = 20, 20
+    real_train = trainer.train
+
+    def sigterm_at_step_1(config, workdir, step_hooks=()):
+        def hook(step, row):
+            if step == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real_train(config, workdir, step_hooks=[hook])
+
+    monkeypatch.setattr(trainer, "train", sigterm_at_step_1)
+    with pytest.raises(demo.Preempted, match=r"^pretrain stopped by SIGTERM at step 1 of 3 \("):
+        demo.prepare(c)
+    base_dirs = [d for d in os.listdir(tmp_path / "cache") if d.startswith("base_")]
+    assert len(base_dirs) == 1 and not checkpoint.is_checkpoint(str(tmp_path / "cache" / base_dirs[0] / "llm"))
+    monkeypatch.setattr(trainer, "train", real_train)
+    assets = demo.prepare(c)
+    assert checkpoint.read_metadata(assets.base_llm)["source"]["steps"] == 3
+
+
 def test_a_second_run_reuses_the_cache(demo_run, capsys):
     root, c, first = demo_run
     again = demo.run(c, str(root / "stage2_skip"), "stage2_skip")
