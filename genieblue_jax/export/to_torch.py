@@ -223,10 +223,9 @@ def _copy_tokenizer(src: str | None, dst_dir: str) -> list[str]:
         return []
     source = paths.path(src)
 
-    def copy(f, name: str) -> str:
+    def copy(f, name: str) -> str:  # epath's copy, as checkpoint assets are copied
         dst = os.path.join(dst_dir, name)
-        with open(dst, "wb") as out:
-            out.write(f.read_bytes())
+        f.copy(paths.path(dst), overwrite=True)
         return dst
 
     if source.is_file():
