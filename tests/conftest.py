@@ -5,10 +5,24 @@ with `save_pretrained` (safetensors): no hub access, no downloaded weights.
 """
 import os
 
+# Tests compile far more than they run: XLA:CPU compilation is ~3/4 of a typical test's time
+# (tests/structure + tests/inference on 2 cores: 430 of 591 s). LLVM at -O0 compiles a third
+# faster and its code runs ~2x slower, the right trade for tiny models (those tests: 591 -> 447 s,
+# same results within their tolerances). Every test process and subprocess gets it (xla_flags());
+# the reduced demo, minutes of running whose measured bounds depend on the default code
+# generation, runs as a subprocess without it (tests/test_demo.py).
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
+def xla_flags(devices: int = 1) -> str:
+    """XLA_FLAGS for a test's subprocess: `devices` virtual CPU devices, compiled at -O0."""
+    return f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
+
+
 # Must be set before jax is imported anywhere: lets sharding tests build real meshes on CPU,
 # and compiles for the demo's ISA at most (experiments.demo.pin_xla_cpu_isa: the measured
 # thresholds of the reduced demo hold on AVX-512 machines too).
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 from experiments.demo import pin_xla_cpu_isa  # noqa: E402  (imports no jax)
 
 pin_xla_cpu_isa()

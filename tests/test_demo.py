@@ -1,5 +1,6 @@
-"""The embedded demo (experiments/demo.py), reduced to fit CI: the main job's six steps with
-fewer examples and steps, from an empty cache, then again from the cache.
+"""The embedded demo (experiments/demo.py), reduced to fit CI: the README's main-job command
+(`python -m experiments.run --config=stage2_skip`) with fewer examples and steps, from an
+empty cache, then again from the cache.
 
 What the main job promises, asserted on held-out questions. Routing, which holds whatever
 training did: the deployed model's text answers are the base LLM's token for token
@@ -11,6 +12,8 @@ ablation's text score is below the base's.
 """
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -56,11 +59,24 @@ def _config(cache_dir, seed=0):
     return c
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
+    """The main-job command with the REDUCED overrides, run as a subprocess with 8 virtual devices
+    and XLA's default code generation, as the bounds were measured (the other tests compile at
+    -O0: tests/conftest.py). Returns (root, config, the evaluation it wrote, its stdout)."""
     root = tmp_path_factory.mktemp("demo")
     c = _config(root / "cache")
-    return root, c, demo.run(c, str(root / "stage2_skip"), "stage2_skip")
+    overrides = {**REDUCED, "demo.cache_dir": c.demo.cache_dir, "train.seed": c.train.seed}
+    proc = subprocess.run([sys.executable, "-m", "experiments.run", "--config=stage2_skip",
+                           f"--workdir={root / 'stage2_skip'}", *(f"--config.{k}={v}" for k, v in overrides.items())],
+                          cwd=REPO, env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+                          capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(root / "stage2_skip" / "eval" / f"step_{c.train.steps}_n{c.demo.eval_examples}.json") as f:
+        return root, c, json.load(f), proc.stdout
 
 
 def _greedy_by_recompute(model):
@@ -93,7 +109,8 @@ def _greedy_by_recompute(model):
 
 
 def test_the_demo_learns_images_and_keeps_the_base_text_exactly(demo_run, capsys):
-    root, c, out = demo_run
+    root, c, out, printed = demo_run
+    assert demo.results_table(out) in printed and printed.count("cached:") == 0  # made from an empty cache
     runs = out["runs"]
     base, deployed, shared = runs["base LLM"], runs["deployed (non-shared base)"], runs["shared base"]
     print(demo.results_table(out))
@@ -173,7 +190,7 @@ def test_a_sigterm_in_the_base_pretraining_caches_nothing_half_trained(tmp_path,
 
 
 def test_a_second_run_reuses_the_cache(demo_run, capsys):
-    root, c, first = demo_run
+    root, c, first, _ = demo_run
     again = demo.run(c, str(root / "stage2_skip"), "stage2_skip")
     printed = capsys.readouterr().out
     assert printed.count("cached:") == 6  # data, base LLM, vision tower, stage 1, recipe, evaluation

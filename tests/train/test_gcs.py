@@ -16,6 +16,7 @@ import pytest
 import genieblue_jax
 from genieblue_jax import checkpoint, models, paths
 from genieblue_jax.train import trainer
+from tests.conftest import xla_flags
 from tests.train.conftest import losses, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -154,7 +155,7 @@ def test_from_hf_writes_a_gs_checkpoint_with_the_hf_assets(tmp_path, gcs):
     (hf / "tokenizer_config.json").write_text('{"model_max_length": 512}')
     for out in (f"{gcs}/imported", str(tmp_path / "imported")):
         proc = subprocess.run([sys.executable, "-m", "tools.from_hf", f"--hf_dir={hf}", f"--out={out}"], cwd=REPO,
-                              env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}, capture_output=True,
+                              env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()}, capture_output=True,
                               text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert (paths.path(gcs) / "imported" / "hf_assets" / "tokenizer_config.json").read_text() == \

@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from genieblue_jax.train import trainer
+from tests.conftest import xla_flags
 from tests.train.conftest import losses, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -36,7 +37,7 @@ def _free_port():
 
 
 def _start(workdir, port):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(2), "JAX_PLATFORMS": "cpu"}
     args = [f"--config.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in OVERRIDES.items()]
     return [subprocess.Popen([sys.executable, "-m", "experiments.run", "--config=stage2_skip", f"--workdir={workdir}",
                               f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
