@@ -48,6 +48,9 @@ flags.mark_flags_as_required(["checkpoint", "out"])
 
 def main(argv):
     tools.start(argv)
+    from genieblue_jax import paths
+    if not paths.path(FLAGS.checkpoint).exists():  # first: the quantizer's import alone takes ~20 s
+        sys.exit(f"export_qnn: {FLAGS.checkpoint}: no such directory")
     from genieblue_jax.export.qnn import quantize
     if FLAGS.quantize == "yes":   # before the checkpoint is loaded: a missing quantizer is no reason to wait
         try:

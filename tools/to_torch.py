@@ -3,7 +3,7 @@
     python -m tools.to_torch --checkpoint workdirs/stage2_skip --out /export/mllm
     python -m tools.to_torch --checkpoint /ckpt/mllm --out /export/mllm --merge_lora --dtype bfloat16 --overwrite
 
---checkpoint is anything `genieblue_jax.load` reads: a training workdir (or one of its
+--checkpoint is anything `genieblue_jax.load` reads (local or gs://): a training workdir (or one of its
 checkpoints/<step>), a genieblue_jax checkpoint, or a Hugging Face model directory. OUT gets
 base_llm/ (text requests), multimodal_llm/ (+ lora_adapter/ unless --merge_lora; image
 requests), vision_tower/, projector/, genieblue_torch.json and a README.md saying how to
@@ -12,7 +12,8 @@ load each part (`genieblue_jax.export.to_torch` documents the layout).
 A model that is not multimodal (e.g. a `tools.from_hf` LLM import) exports its component
 alone (base_llm/ or vision_tower/) and says so. CogVLM models are refused: transformers /
 PEFT have no architecture for their visual experts. An existing, non-empty OUT is refused
-unless --overwrite (which replaces only the parts an export writes).
+unless --overwrite (which replaces only the parts an export writes). OUT may be on gs://: the
+export is made in a local temporary directory, then copied.
 """
 from __future__ import annotations
 
@@ -56,9 +57,9 @@ def run(checkpoint: str, out: str, *, merge_lora: bool = False, dtype: str = "fl
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no such directory")
     if not src.is_dir():
         raise NotADirectoryError(f"--checkpoint {checkpoint} is a file; give the checkpoint / workdir directory")
-    out_abs = paths.local_dir(out)
-    if os.path.isdir(out_abs) and os.listdir(out_abs) and not overwrite:  # before the (slow) load
-        raise FileExistsError(f"--out {out_abs} already exists and is not empty; pass --overwrite to replace the "
+    dst = paths.path(out)  # local or gs://
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:  # before the (slow) load
+        raise FileExistsError(f"--out {out} already exists and is not empty; pass --overwrite to replace the "
                               "export in it")
     model = genieblue_jax.load(checkpoint)
     result = export_torch(model, out, merge_lora=merge_lora, dtype=dtype, overwrite=overwrite)

@@ -173,12 +173,13 @@ class TorchExport:
     manifest: dict
 
     def sizes(self) -> dict[str, int]:
-        """Bytes on disk per part (and the manifest + README as "metadata")."""
+        """Bytes stored per part (and the manifest + README as "metadata"), local or gs://."""
+        from genieblue_jax import paths
         out: dict[str, int] = {}
         for f in self.files:
-            rel = os.path.relpath(f, self.out_dir).split(os.sep)
+            rel = f[len(self.out_dir.rstrip("/")) + 1:].split("/")
             key = rel[0] if len(rel) > 1 else "metadata"
-            out[key] = out.get(key, 0) + os.path.getsize(f)
+            out[key] = out.get(key, 0) + paths.path(f).stat().length
         return out
 
 
@@ -248,6 +249,11 @@ def _copy_tokenizer(src: str | None, dst_dir: str) -> list[str]:
     return copied
 
 
+def _absolute(p: str) -> str:
+    from genieblue_jax import paths
+    return p if paths.is_remote(p) else os.path.abspath(p)  # abspath would make gs://b/x "CWD/gs:/b/x"
+
+
 def _write_json(path: str, content) -> str:
     with open(path, "w") as f:
         json.dump(content, f, indent=2, default=str)  # default: e.g. a workdir's metadata values
@@ -258,21 +264,26 @@ def _write_json(path: str, content) -> str:
 def export_torch(model, out_dir: str, *, merge_lora: bool = False, dtype: str = "float32",
                  overwrite: bool = False) -> TorchExport:
     """Writes `model` (a `GenieBlue`, or a path `genieblue_jax.load` reads) as PyTorch /
-    Hugging Face directories under `out_dir` (layout in the module docstring).
+    Hugging Face directories under `out_dir` (layout in the module docstring), a local
+    directory or a gs:// one.
 
     `merge_lora` folds the LoRA into multimodal_llm (no lora_adapter/); `dtype` ("float32",
     "bfloat16", "float16") is the storage dtype of every tensor. A model that is not a
     multimodal one (an LLM import) exports its components alone: base_llm (and/or
     vision_tower), with `"multimodal": false` in the manifest. Everything is written into a
     temporary directory next to OUT and moved in at the end, so a failed export leaves OUT
-    as it was; with `overwrite`, only the parts an export writes are replaced in OUT.
+    as it was; with `overwrite`, only the parts an export writes are replaced in OUT. A gs://
+    OUT is made in a local temporary directory first (the system's TMPDIR), then copied.
     """
     import genieblue_jax
+    from genieblue_jax import paths
     if isinstance(model, (str, os.PathLike)):
         model = genieblue_jax.load(os.fspath(model))
     check_exportable(model)
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; choose one of {DTYPES}")
+    if paths.is_remote(out_dir):
+        return _export_to_remote(model, os.fspath(out_dir), merge_lora=merge_lora, dtype=dtype, overwrite=overwrite)
     out_dir = _prepare_out(out_dir, overwrite)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
@@ -310,6 +321,40 @@ def export_torch(model, out_dir: str, *, merge_lora: bool = False, dtype: str = 
             files.append(full)
     return TorchExport(out_dir, {p: os.path.join(out_dir, p) for p, d in manifest["parts"].items() if d},
                        tuple(files), manifest)
+
+
+def _export_to_remote(model, out_dir: str, *, merge_lora: bool, dtype: str, overwrite: bool) -> TorchExport:
+    """export_torch to a gs:// (any remote) OUT: the whole export is made in a local temporary
+    directory, then each file is copied (etils.epath) and the local copy removed. OUT's earlier
+    parts are replaced, with `overwrite` only, once the new export exists in full."""
+    import tempfile
+
+    from genieblue_jax import paths
+    out = paths.path(out_dir)
+    if out.is_file():
+        raise FileExistsError(f"--out {out_dir} exists and is not a directory")
+    existing = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if existing and not overwrite:
+        raise FileExistsError(f"--out {out_dir} already exists and is not empty ({existing[:6]}); pass --overwrite "
+                              f"(overwrite=True) to replace the export in it")
+    with tempfile.TemporaryDirectory(prefix="genieblue_torch_") as tmp:
+        local = export_torch(model, os.path.join(tmp, "export"), merge_lora=merge_lora, dtype=dtype)
+        for name in (*PARTS, MANIFEST_FILE, README_FILE):  # an earlier export's parts, e.g. its adapter
+            old = out / name
+            if old.is_dir():
+                old.rmtree()
+            elif old.exists():
+                old.unlink()
+        files = []
+        for root, _, names in os.walk(local.out_dir):
+            for name in sorted(names):
+                rel = os.path.relpath(os.path.join(root, name), local.out_dir)
+                dst = out.joinpath(*rel.split(os.sep))
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                paths.path(os.path.join(root, name)).copy(dst)
+                files.append(os.fspath(dst))
+    return TorchExport(os.fspath(out), {p: os.fspath(out / p) for p in local.parts}, tuple(sorted(files)),
+                       local.manifest)
 
 
 def _write_parts(model, stage: str, *, merge_lora: bool, dtype: str):
@@ -356,7 +401,7 @@ def _manifest(model, parts: dict, tokenizer: list[str], *, merge_lora: bool, dty
         "format": "genieblue_torch", "format_version": FORMAT_VERSION,
         "genieblue_jax_version": genieblue_jax.__version__, "multimodal": model.is_mllm,
         "parts": parts, "tokenizer": tok, "merge_lora": bool(merge_lora), "dtype": dtype,
-        "source": {"path": os.path.abspath(model.path) if model.path else None, **model.source},
+        "source": {"path": _absolute(model.path) if model.path else None, **model.source},
     }
     if not model.is_mllm:
         if "vision" in model.configs:

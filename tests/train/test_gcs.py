@@ -131,11 +131,18 @@ def test_a_gs_run_saves_resumes_and_loads_like_a_local_one(tmp_path, gcs, monkey
                                for w in (run, local["workdir"]))
     assert remote_eval["checkpoint"] == run and len(remote_eval["predictions"]) == 6
     assert remote_eval["predictions"] == local_eval["predictions"]
-    # Exports are written on local disk: from a gs:// checkpoint, yes; to gs://, an error naming it.
-    to_torch_tool.run(run, str(tmp_path / "torch"))
-    assert (tmp_path / "torch" / "base_llm" / "config.json").is_file()
-    with pytest.raises(ValueError, match=f"{gcs}/torch: written on local disk only"):
+    # tools.to_torch from the gs:// run, to local disk and to gs://: the same files, byte for byte.
+    local_export = to_torch_tool.run(run, str(tmp_path / "torch"))
+    remote = to_torch_tool.run(run, f"{gcs}/torch")
+    local_files = sorted(str(p.relative_to(tmp_path / "torch")) for p in (tmp_path / "torch").rglob("*") if p.is_file())
+    assert [f.removeprefix(f"{gcs}/torch/") for f in remote.files] == local_files
+    assert "base_llm/config.json" in local_files and "lora_adapter/adapter_config.json" in local_files
+    for f in local_files:
+        assert (paths.path(gcs) / "torch" / f).read_bytes() == (tmp_path / "torch" / f).read_bytes(), f
+    assert remote.sizes() == local_export.sizes() and remote.out_dir == f"{gcs}/torch"
+    with pytest.raises(FileExistsError, match=f"--out {gcs}/torch already exists and is not empty"):
         to_torch_tool.run(run, f"{gcs}/torch")
+    # QNN graphs feed Qualcomm's local toolchain: a gs:// OUT is an error naming it.
     from genieblue_jax.export.qnn import export_qnn
     with pytest.raises(ValueError, match=f"{gcs}/qnn: written on local disk only"):
         export_qnn(remote_model, f"{gcs}/qnn", quantize="no", calib=0)

@@ -73,3 +73,26 @@ def test_missing_training_flags_is_an_error():
     run = subprocess.run(["bash", "tools/launch_tpu.sh", "pod-1", "zone", "--dry_run"], cwd=REPO,
                          capture_output=True, text=True)
     assert run.returncode == 2 and "no training flags after --" in run.stderr
+
+
+def test_data_buckets_are_mounted_read_only_on_every_worker_before_training():
+    """ArrayRecord shards are read by file path: each --data_bucket is mounted with gcsfuse
+    (read-only, metadata cached, as Grain's and MaxText's setup_gcsfuse.sh do) before the
+    install and the run, only if not mounted yet (a re-launch on the same workers)."""
+    argv = dry_run("pod-1", "zone", "--data_bucket", "gs://my-data", "--data_bucket", "more", "--dry_run", "--",
+                   "--config=stage2_skip:paper", "--config.data.sources=vqa=/tmp/gcsfuse/my-data/vqa:1",
+                   env={"REPO_DIR": "/opt/g"})
+    mount = []
+    for bucket in ("my-data", "more"):
+        mount += [["mkdir", "-p", f"/tmp/gcsfuse/{bucket}"], ["&&"],
+                  ["{", "mountpoint", "-q", f"/tmp/gcsfuse/{bucket}", "||", "gcsfuse", "-o", "ro", "--implicit-dirs",
+                   "--type-cache-max-size-mb=-1", "--stat-cache-max-size-mb=-1", "--kernel-list-cache-ttl-secs=-1",
+                   "--metadata-cache-ttl-secs=-1", bucket, f"/tmp/gcsfuse/{bucket}"], [";"], ["}"], ["&&"]]
+    assert remote_commands(argv[-1].removeprefix("--command=")) == [
+        ["set", "-o", "pipefail"], [";"], *mount, ["cd", "/opt/g"], ["&&"], ["mkdir", "-p", "~/genieblue_jax_logs"],
+        ["&&"], INSTALL, ["&&"], ["python", "-m", "experiments.run", "--distributed", "--config=stage2_skip:paper",
+                                  "--config.data.sources=vqa=/tmp/gcsfuse/my-data/vqa:1", "2>&1"], ["|"], LOG]
+    # Another mount root.
+    argv = dry_run("pod-1", "zone", "--data_bucket", "b", "--dry_run", "--", "--config=stage1",
+                   env={"DATA_MOUNT": "/mnt/gcs"})
+    assert remote_commands(argv[-1].removeprefix("--command="))[2] == ["mkdir", "-p", "/mnt/gcs/b"]
