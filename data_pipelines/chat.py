@@ -7,7 +7,9 @@ A conversation renders to
     <|im_start|>assistant\\n{answer}<|im_end|>\\n ...
 
 and `loss_mask[t]` is True exactly for the tokens of assistant contents and the
-`<|im_end|>` that closes each assistant turn (the model learns to stop). Everything else
+`<|im_end|>` that closes each assistant turn (the model learns to stop), for assistant
+turns that follow a user turn: an answer before any question is context only (as LLaVA's
+preprocessing drops a leading non-human turn; data_pipelines.convert drops and counts them). Everything else
 (role headers, user text, image tokens, the newline after `<|im_end|>`) is context only.
 A sequence always starts with `<|im_start|>`, which is never a target, so in a packed
 row no token is ever trained to be predicted from the previous sample.
@@ -64,7 +66,7 @@ class ChatTemplate:
 
         if self.default_system is not None and (not turns or turns[0].get("role") != "system"):
             turns = [{"role": "system", "content": self.default_system}, *turns]
-        n_images = 0
+        n_images, asked = 0, False
         for i, turn in enumerate(turns):
             role, content = turn.get("role"), turn.get("content")
             if role not in ROLES or not isinstance(content, str):
@@ -73,7 +75,8 @@ class ChatTemplate:
             if IMAGE_TAG in content and role != "user":
                 raise ValueError(f"example {example_id}: turn {i} ({role}) contains {IMAGE_TAG}; "
                                  "images belong in user turns")
-            trained = role == "assistant"
+            asked = asked or role == "user"
+            trained = role == "assistant" and asked
             add([self.im_start])
             add(self._headers[role])
             for j, piece in enumerate(content.split(IMAGE_TAG)):

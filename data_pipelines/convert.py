@@ -17,6 +17,14 @@ prepended to its first user turn. JSONL lines: {"id"?, "messages": [{"role", "co
 "source"?} (text only). Keys other than these are not read. A record without "id" gets
 "{source}-{index}" (LLaVA: 0-based list index; JSONL: 1-based line number).
 
+Record identity: ids do not feed training, and LLaVA-style data reuses one id for several
+conversations about one image, so a record that only shares an earlier record's id is kept,
+its id made unique (`ID#2`, `ID#3`, ...); a record byte-identical to an earlier one (same id,
+turns and image bytes) is a duplicate and rejected. Answers need a question: leading
+assistant turns (before any user turn) are dropped, as LLaVA's preprocessing drops a leading
+non-human turn, and a record left with no assistant turn after a user turn is rejected
+(`no_answer`). Records kept with such a change are counted by `ADJUSTMENTS`.
+
 Nothing is dropped silently: a bad record is counted and logged to `out/rejects.jsonl`
 ({"index" or "line", "id", "reason", "detail"}) with one of the `REASONS` below, and the
 good ones are written. If more than `max_reject_fraction` of the records are rejected the
@@ -25,6 +33,7 @@ shards are removed and no manifest is written.
 """
 import concurrent.futures
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -41,7 +50,12 @@ REASONS = {
                           "(or a tag outside a user turn)",
     "malformed_record": "missing/invalid fields, unknown role, empty turn",
     "malformed_json": "a JSONL line that is not valid JSON",
-    "duplicate_id": "an id already used by an earlier record",
+    "duplicate_record": "byte-identical to an earlier record (same id, turns and image bytes)",
+    "no_answer": "no assistant turn after a user turn: nothing to train or score",
+}
+ADJUSTMENTS = {
+    "id_made_unique": "the id of an earlier, different record: kept as ID#2, ID#3, ...",
+    "leading_answer_dropped": "assistant turn(s) before the first user turn: dropped (an answer needs a question)",
 }
 REJECTS_FILE = "rejects.jsonl"
 _LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -72,6 +86,7 @@ class ConversionReport:
     written: int = 0                                         # good records (written if it succeeded)
     rejected: int = 0
     reasons: dict = dataclasses.field(default_factory=dict)  # reason -> count
+    adjusted: dict = dataclasses.field(default_factory=dict)  # ADJUSTMENTS key -> records kept with it
     manifest: dict | None = None                             # None when the conversion failed
 
     @property
@@ -89,6 +104,9 @@ class ConversionReport:
                  f"  written   0 ({self.written} good records discarded: the conversion failed)",
                  f"  rejected  {self.rejected} ({100 * self.reject_fraction:.1f}%)"]
         lines += [f"    {reason:<20} {n}" for reason, n in sorted(self.reasons.items())]
+        if self.adjusted:
+            lines.append(f"  kept, adjusted  {sum(self.adjusted.values())}")
+            lines += [f"    {name:<22} {n}" for name, n in sorted(self.adjusted.items())]
         lines.append(f"  rejects log: {self.rejects_path}")
         return "\n".join(lines)
 
@@ -133,6 +151,40 @@ def _check_tags(turns: list[dict], num_images: int) -> None:
         raise _Reject("image_tag_mismatch", f"{tags} {IMAGE_TAG} tag(s) but {num_images} image(s)")
 
 
+def _answers_need_questions(turns: list[dict]) -> tuple[list[dict], list[str]]:
+    """`turns` without the assistant turns before the first user turn (system turns stay);
+    raises _Reject("no_answer") when no assistant turn follows a user turn."""
+    first_user = next((i for i, t in enumerate(turns) if t["role"] == "user"), None)
+    if first_user is None or not any(t["role"] == "assistant" for t in turns[first_user:]):
+        raise _Reject("no_answer", f"roles {[t['role'] for t in turns]}: no assistant turn after a user turn")
+    kept = [t for i, t in enumerate(turns) if i >= first_user or t["role"] != "assistant"]
+    return kept, (["leading_answer_dropped"] if len(kept) < len(turns) else [])
+
+
+class _Identity:
+    """Record identity over one input (module docstring): `admit(ex)` returns `ex` (its id made
+    unique if an earlier, different record had it) and the adjustments made, or raises
+    _Reject("duplicate_record") for a byte-identical repeat."""
+
+    def __init__(self):
+        self.ids: set[str] = set()
+        self.digests: set[bytes] = set()
+
+    def admit(self, ex: Example) -> tuple[Example, list[str]]:
+        digest = hashlib.blake2b(encode_example(ex), digest_size=16).digest()
+        if digest in self.digests:
+            raise _Reject("duplicate_record", f"id {ex.id!r}: byte-identical to an earlier record")
+        self.digests.add(digest)
+        adjusted = []
+        if ex.id in self.ids:
+            k = 2
+            while f"{ex.id}#{k}" in self.ids:
+                k += 1
+            ex, adjusted = dataclasses.replace(ex, id=f"{ex.id}#{k}"), ["id_made_unique"]
+        self.ids.add(ex.id)
+        return ex, adjusted
+
+
 def _check_schema(ex: Example) -> None:
     """Anything else `encode_example` refuses (e.g. text that is not valid UTF-8)."""
     try:
@@ -141,8 +193,8 @@ def _check_schema(ex: Example) -> None:
         raise _Reject("malformed_record", str(e)) from None
 
 
-def _llava_example(rec, index: int, image_root: str, source: str) -> Example:
-    """One LLaVA record -> Example; raises _Reject(reason, detail)."""
+def _llava_example(rec, index: int, image_root: str, source: str) -> tuple[Example, list[str]]:
+    """One LLaVA record -> (Example, adjustments); raises _Reject(reason, detail)."""
     if not isinstance(rec, dict):
         raise _Reject("malformed_record", f"record is a {type(rec).__name__}, not an object")
     rid = _record_id(rec, f"{source}-{index}")
@@ -158,6 +210,7 @@ def _llava_example(rec, index: int, image_root: str, source: str) -> Example:
             raise _Reject("malformed_record", f"conversations[{i}] has unknown role 'from'={role!r:.40}")
         turns.append({"role": _LLAVA_ROLES[role],
                       "content": _check_text(turn.get("value"), f"conversations[{i}].value")})
+    turns, adjusted = _answers_need_questions(turns)
     paths = rec.get("image")
     paths = [] if paths is None else [paths] if isinstance(paths, str) else paths
     if not isinstance(paths, list):
@@ -170,11 +223,11 @@ def _llava_example(rec, index: int, image_root: str, source: str) -> Example:
         first_user["content"] = (IMAGE_TAG + "\n") * len(paths) + first_user["content"]
     _check_tags(turns, len(paths))
     _check_schema(Example(rid, source, turns, [b""] * len(paths)))  # before any image I/O
-    return Example(rid, source, turns, [_read_image(image_root, p) for p in paths])
+    return Example(rid, source, turns, [_read_image(image_root, p) for p in paths]), adjusted
 
 
-def _chat_example(rec, line: int, source: str) -> Example:
-    """One JSONL chat record -> Example (text only); raises _Reject(reason, detail)."""
+def _chat_example(rec, line: int, source: str) -> tuple[Example, list[str]]:
+    """One JSONL chat record -> (Example (text only), adjustments); raises _Reject(reason, detail)."""
     if not isinstance(rec, dict):
         raise _Reject("malformed_record", f"line is a JSON {type(rec).__name__}, not an object")
     rid = _record_id(rec, f"{source}-{line}")
@@ -193,9 +246,10 @@ def _chat_example(rec, line: int, source: str) -> Example:
         turns.append({"role": msg["role"],
                       "content": _check_text(msg.get("content"), f"messages[{i}].content")})
     _check_tags(turns, 0)
+    turns, adjusted = _answers_need_questions(turns)
     ex = Example(rid, src, turns)
     _check_schema(ex)
-    return ex
+    return ex, adjusted
 
 
 def _convert(records, label: str, convert_one, input_path: str, out_dir: str, *, num_shards: int,
@@ -231,23 +285,25 @@ def _convert(records, label: str, convert_one, input_path: str, out_dir: str, *,
         report.reasons[r.reason] = report.reasons.get(r.reason, 0) + 1
 
     writer = ShardedWriter(out_dir, num_shards=num_shards)
-    seen = set()
+    identity = _Identity()
     with open(report.rejects_path, "w") as rejects, \
             concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
         try:
             for chunk in chunks():
                 for pos, rec, result in pool.map(attempt, chunk):  # map keeps input order
                     report.total += 1
-                    if isinstance(result, _Reject):
-                        reject(rejects, pos, rec, result)
-                    elif result.id in seen:
-                        reject(rejects, pos, rec, _Reject("duplicate_id", f"id {result.id!r} "
-                                                          "already used by an earlier record"),
-                               result.id)
-                    else:
-                        seen.add(result.id)
-                        writer.write(result)
-                        report.written += 1
+                    try:
+                        if isinstance(result, _Reject):
+                            raise result
+                        ex, adjusted = result
+                        ex, more = identity.admit(ex)
+                    except _Reject as r:
+                        reject(rejects, pos, rec, r)
+                        continue
+                    for name in adjusted + more:
+                        report.adjusted[name] = report.adjusted.get(name, 0) + 1
+                    writer.write(ex)
+                    report.written += 1
                 if report.total // 50_000 != (report.total - len(chunk)) // 50_000:
                     logging.info("%s: %d records, %d rejected", input_path, report.total, report.rejected)
         except BaseException:
@@ -298,14 +354,11 @@ def read_llava(json_path: str, image_root: str, *, source: str = "llava") -> tup
         raise ConversionError(f"{json_path}: not valid JSON ({e})") from None
     if not isinstance(records, list):
         raise ConversionError(f"{json_path}: expected a JSON list of LLaVA records, got a JSON {type(records).__name__}")
-    examples, rejects, seen = [], [], set()
+    examples, rejects, identity = [], [], _Identity()
     for i, rec in enumerate(records):
         try:
-            ex = _llava_example(rec, i, image_root, source)
-            if ex.id in seen:
-                raise _Reject("duplicate_id", f"id {ex.id!r} already used by an earlier record")
-            seen.add(ex.id)
-            examples.append(ex)
+            ex, _ = _llava_example(rec, i, image_root, source)
+            examples.append(identity.admit(ex)[0])
         except _Reject as r:
             rid = rec.get("id") if isinstance(rec, dict) else None
             rejects.append({"index": i, "id": rid, "reason": r.reason, "detail": r.detail})

@@ -35,6 +35,20 @@ def test_label_mask_golden_two_turns_one_image(template):
     assert chat.image_spans == [(start, 3)]
 
 
+def test_an_assistant_turn_before_any_user_turn_is_context_not_a_target(template):
+    """Data written by other tools than data_pipelines.convert (which drops such turns) may open
+    with an answer: it is rendered as context and never trained; later answers are."""
+    T, E = template.tokenizer.encode, template.tokenizer.token_id(IM_END)
+    opening = {"role": "assistant", "content": "Hello! Send me a picture."}
+    rest = [{"role": "user", "content": "<image>\nWhat colour?"}, {"role": "assistant", "content": "Red."}]
+    chat = template.render([opening, *rest], [2])
+    assert chat.tokens[chat.loss_mask].tolist() == T("Red.") + [E]
+    assert chat.tokens[chat.loss_mask].tolist() == template.render(rest, [2]).tokens[
+        template.render(rest, [2]).loss_mask].tolist()
+    system_first = template.render([{"role": "system", "content": "s"}, opening, *rest], [2])
+    assert system_first.tokens[system_first.loss_mask].tolist() == T("Red.") + [E]
+
+
 def test_system_prompt_and_generation_prompt(demo):
     tok = load_tokenizer(demo["tokenizer"])
     t = ChatTemplate(tok, default_system="Be brief.")

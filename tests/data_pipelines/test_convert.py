@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipelines.convert import ConversionError, convert_jsonl, convert_llava
+from data_pipelines.convert import ConversionError, convert_jsonl, convert_llava, read_llava
 from data_pipelines.records import ArrayRecordExampleSource
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -129,14 +129,14 @@ def test_llava_malformed_records_are_counted_by_reason(tmp_path):
     path.write_text(json.dumps(records))
     report = convert_llava(str(path), str(root), str(tmp_path / "out"), max_reject_fraction=1.0, num_workers=3)
     assert (report.total, report.written, report.rejected) == (11, 2, 9)
-    assert report.reasons == {"malformed_record": 6, "image_tag_mismatch": 2, "duplicate_id": 1}
+    assert report.reasons == {"malformed_record": 6, "image_tag_mismatch": 2, "duplicate_record": 1}
     rejects = read_jsonl(tmp_path / "out/rejects.jsonl")
     assert [(r["index"], r["id"], r["reason"]) for r in rejects] == [
         (1, None, "malformed_record"), (2, "no-convs", "malformed_record"),
         (3, "empty-convs", "malformed_record"), (4, "bad-role", "malformed_record"),
         (5, "empty-value", "malformed_record"), (6, "bad-image-field", "malformed_record"),
         (7, "tag-in-gpt", "image_tag_mismatch"), (8, "tag-no-image", "image_tag_mismatch"),
-        (9, "good", "duplicate_id")]
+        (9, "good", "duplicate_record")]
     assert "unknown role 'from'='bot'" in rejects[3]["detail"]
     source = ArrayRecordExampleSource(str(tmp_path / "out"))
     assert [source[i].id for i in range(len(source))] == ["good", "good-2"]
@@ -223,3 +223,63 @@ def test_cli_fails_past_max_reject_fraction_and_succeeds_otherwise(llava, tmp_pa
     assert ["malformed_json", "1"] in lines
     assert read_jsonl(tmp_path / "text/rejects.jsonl")[0]["reason"] == "malformed_json"
     assert json.loads((tmp_path / "text/manifest.json").read_text())["sources"] == {"chat": 5, "math": 1}
+
+
+def test_records_that_share_an_id_are_kept_under_unique_ids(tmp_path):
+    """LLaVA-style data asks several questions about one image under one id: all kept (ids made
+    unique, counted); only a byte-identical repeat is a duplicate. tools.evaluate's reader
+    (read_llava) applies the same rule."""
+    root = tmp_path / "images"
+    save_image(root / "a.png", "PNG", 0)
+    save_image(root / "b.png", "PNG", 1)
+    records = [{"id": "000123", "image": "a.png", "conversations": [human("<image>\nWhat colour?"), gpt("Red.")]},
+               {"id": "000123", "image": "a.png", "conversations": [human("<image>\nHow many?"), gpt("Two.")]},
+               {"id": "000456", "image": "b.png", "conversations": [human("<image>\nShape?"), gpt("A disc.")]},
+               {"id": "000123", "image": "a.png", "conversations": [human("<image>\nWhere?"), gpt("Left.")]},
+               {"id": "000456", "image": "b.png", "conversations": [human("<image>\nSize?"), gpt("Small.")]},
+               {"id": "000789", "conversations": [human("2+2?"), gpt("4")]}]
+    path = tmp_path / "llava.json"
+    path.write_text(json.dumps(records))
+    report = convert_llava(str(path), str(root), str(tmp_path / "all"))  # the default max_reject_fraction
+    assert (report.total, report.written, report.rejected, report.adjusted) == (6, 6, 0, {"id_made_unique": 3})
+    path.write_text(json.dumps(records + [records[1]]))  # record 6 repeats record 1 byte for byte
+    report = convert_llava(str(path), str(root), str(tmp_path / "out"), max_reject_fraction=0.5)
+    assert (report.total, report.written, report.rejected) == (7, 6, 1)
+    assert report.reasons == {"duplicate_record": 1} and report.adjusted == {"id_made_unique": 3}
+    assert [(r["index"], r["id"], r["reason"]) for r in read_jsonl(tmp_path / "out/rejects.jsonl")] == \
+        [(6, "000123", "duplicate_record")]
+    assert "  kept, adjusted  3" in report.summary().splitlines()
+    source = ArrayRecordExampleSource(str(tmp_path / "out"))
+    got = [source[i] for i in range(len(source))]
+    assert [ex.id for ex in got] == ["000123", "000123#2", "000456", "000123#3", "000456#2", "000789"]
+    assert [ex.turns[-1]["content"] for ex in got] == [r["conversations"][-1]["value"] for r in records]
+    examples, rejects = read_llava(str(path), str(root))
+    assert [ex.id for ex in examples] == [ex.id for ex in got]
+    assert [(r["index"], r["reason"]) for r in rejects] == [(6, "duplicate_record")]
+
+
+def test_an_answer_before_any_question_is_never_trained(tmp_path):
+    """A leading assistant turn is dropped and counted (LLaVA's preprocessing drops a leading
+    non-human turn); a record whose only answer comes before its question is rejected."""
+    root = tmp_path / "images"
+    save_image(root / "a.png", "PNG", 0)
+    records = [{"id": "greet", "image": "a.png", "conversations": [
+                   gpt("Hello! Send me a picture."), human("<image>\nWhat colour?"), gpt("Red.")]},
+               {"id": "backwards", "conversations": [gpt("Paris."), human("Capital of France?")]},
+               {"id": "ok", "conversations": [{"from": "system", "value": "Be brief."}, human("Hi?"), gpt("Hi.")]}]
+    path = tmp_path / "llava.json"
+    path.write_text(json.dumps(records))
+    report = convert_llava(str(path), str(root), str(tmp_path / "out"), max_reject_fraction=0.5)
+    assert (report.written, report.reasons, report.adjusted) == (2, {"no_answer": 1}, {"leading_answer_dropped": 1})
+    source = ArrayRecordExampleSource(str(tmp_path / "out"))
+    assert source[0].turns == [{"role": "user", "content": "<image>\nWhat colour?"},
+                               {"role": "assistant", "content": "Red."}]
+    assert source[1].turns[0] == {"role": "system", "content": "Be brief."}
+    # The chat JSONL converter applies the same rule.
+    jsonl = tmp_path / "chat.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"id": i, "messages": m}) for i, m in enumerate([
+        [{"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "q"},
+         {"role": "assistant", "content": "a"}],
+        [{"role": "user", "content": "q"}]])) + "\n")
+    report = convert_jsonl(str(jsonl), str(tmp_path / "out2"), max_reject_fraction=0.5)
+    assert (report.written, report.reasons, report.adjusted) == (1, {"no_answer": 1}, {"leading_answer_dropped": 1})
