@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 MODES = ("single", "dynamic")
 
@@ -38,7 +38,11 @@ def decode_image(data: bytes) -> np.ndarray:
     (scaled by 1/257 so 65535 -> 255, where PIL alone would clip), and images with alpha
     ("RGBA", "LA", "PA", or a "transparency" entry such as a PNG tRNS chunk), which are
     composited over white: the colour under a fully transparent pixel is undefined.
-    EXIF orientation is not applied (pixels are returned as stored).
+    EXIF orientation is applied (`PIL.ImageOps.exif_transpose`, as
+    `transformers.image_utils.load_image` and image viewers do): a phone photo stored
+    sideways with Orientation = 6 comes back upright, and its tile grid follows the upright
+    axes. Every path decodes through here (conversion, pipeline, chat, evaluate, export
+    calibration).
 
     Raises ImageDecodeError (a ValueError) with PIL's reason for corrupt, truncated or
     unrecognised data; callers add the record id / file name. PNG chunk checksums are
@@ -52,7 +56,7 @@ def decode_image(data: bytes) -> np.ndarray:
             img.verify()  # PNG: chunk CRCs and a missing end, which load() alone forgives
         with Image.open(io.BytesIO(data)) as img:
             img.load()    # PIL decodes lazily: force it so truncation is caught here
-            rgb = _to_rgb(img)
+            rgb = _to_rgb(ImageOps.exif_transpose(img))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageDecodeError(
             f"cannot decode image ({len(data)} bytes, starting {data[:8]!r}): "

@@ -263,3 +263,29 @@ def test_corrupt_and_truncated_data_raise_with_the_reason():
     assert issubclass(ImageDecodeError, ValueError)
     with pytest.raises(TypeError, match="str"):
         decode_image("image.png")
+
+
+def test_exif_orientation_is_applied_as_transformers_load_image_does(tmp_path):
+    """A phone JPEG stored 40 x 20 with EXIF Orientation = 6 (shown rotated 90 degrees
+    clockwise): decoded upright, as `transformers.image_utils.load_image` gives it, and its tile
+    grid is chosen from the upright size (20 x 40), not the stored one."""
+    from transformers.image_utils import load_image
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :10] = (255, 0, 0)  # red on the stored left edge: the top once rotated upright
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 CW to display
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+    (tmp_path / "phone.jpg").write_bytes(buf.getvalue())
+
+    pixels = decode_image(buf.getvalue())
+    reference = np.asarray(load_image(str(tmp_path / "phone.jpg")).convert("RGB"))
+    assert pixels.shape == reference.shape == (40, 20, 3)
+    np.testing.assert_array_equal(pixels, reference)
+    assert pixels[:8, :, 0].mean() > 200 and pixels[-8:, :, 0].mean() < 60  # red at the top
+    # The grid follows the upright image: 2 columns x 4 rows of 10-px tiles (+ thumbnail), where
+    # the stored axes would give 4 x 2.
+    assert select_grid(20, 40, patch=10, max_patches=8) == (2, 4) != select_grid(40, 20, patch=10, max_patches=8)
+    tiles = to_patches(pixels, patch=10, mode="dynamic", max_patches=8)
+    assert len(tiles) == 9
+    np.testing.assert_array_equal(tiles[1:], to_patches(reference, patch=10, mode="dynamic", max_patches=8)[1:])
