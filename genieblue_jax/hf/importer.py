@@ -56,14 +56,44 @@ def read_hf_config(hf_dir: str) -> dict:
 
 def config_from_hf_dir(hf_dir: str, *, param_dtype: str = "float32", dtype: str = "float32",
                        ignore_fields: Iterable[str] = (), select_layer: int = -1):
-    """(architecture, our config) for an HF directory."""
+    """(architecture, our config) for an HF directory.
+
+    Where config.json and the tensors disagree, the tensors win as in transformers: a config
+    that ties the embeddings while the safetensors hold an `lm_head.weight` with other values
+    than the embedding gives an untied config (logged as a warning naming both tensors), so
+    the stored head is imported, not dropped."""
     hf = read_hf_config(hf_dir)
     source = os.path.join(hf_dir, "config.json")
     arch = hf_configs.architecture_of(hf, source)
     kw = dict(source=source, ignore_fields=ignore_fields, param_dtype=param_dtype, dtype=dtype)
     if hf_configs.ARCHITECTURES[arch] == "siglip":
         return arch, hf_configs.vision_config_from_hf(hf, select_layer=select_layer, **kw)
-    return arch, hf_configs.llm_config_from_hf(hf, **kw)
+    cfg = hf_configs.llm_config_from_hf(hf, **kw)
+    if cfg.tie_embeddings:
+        differing = _stored_head_differing_from_embedding(SafetensorsCheckpoint(hf_dir))
+        if differing:
+            log.warning("%s: config.json ties the embeddings (tie_word_embeddings) but %r holds values other "
+                        "than %r: imported untied, with the stored head, as transformers loads it",
+                        hf_dir, *differing)
+            cfg = cfg.replace(tie_embeddings=False)
+    return arch, cfg
+
+
+def _stored_head_differing_from_embedding(ckpt: SafetensorsCheckpoint) -> tuple[str, str] | None:
+    """(head name, embedding name) when the checkpoint stores an lm_head.weight whose values
+    differ from the input embedding's; None when it stores none or an identical copy (compared
+    in row blocks of the memory-mapped files)."""
+    heads = [n for n in ckpt.names() if n.endswith("lm_head.weight")]
+    embeds = [n for n in ckpt.names() if n.endswith("embed_tokens.weight")]
+    if not heads or len(embeds) != 1:
+        return None
+    head, embed = ckpt.get(heads[0]), ckpt.get(embeds[0])
+    if head.shape != embed.shape or head.dtype != embed.dtype:
+        return heads[0], embeds[0]
+    for i in range(0, head.shape[0], 4096):
+        if not np.array_equal(head[i:i + 4096], embed[i:i + 4096]):
+            return heads[0], embeds[0]
+    return None
 
 
 def _shape_after(transform: Transform, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -95,7 +125,11 @@ def plan_import(ckpt: SafetensorsCheckpoint, arch: str, cfg, tied_embeddings: bo
                             f"{want} after {transform}")
     used = {name for name, _ in mapping.values()}
     redundant = [re.compile(p) for p in REDUNDANT_TENSORS[arch]]
-    if tied_embeddings:  # some tied checkpoints also store the (identical) lm_head
+    if tied_embeddings:  # some tied checkpoints also store the lm_head: skipped only if proven identical
+        differing = _stored_head_differing_from_embedding(ckpt)
+        if differing:
+            problems.append(f"tensor {differing[0]!r} differs from {differing[1]!r} but the config ties them "
+                            f"(config_from_hf_dir imports such a checkpoint untied, as transformers does)")
         redundant.append(re.compile(r"lm_head\.weight"))
     leftover = [n for n in ckpt.names() if n not in used and not any(r.fullmatch(n) for r in redundant)]
     if leftover:

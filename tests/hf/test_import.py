@@ -212,3 +212,34 @@ def test_out_of_vocab_ids_are_rejected(hf_decoder_dir):
     model = genieblue_jax.load(hf_decoder_dir("qwen2-a"))
     with pytest.raises(ValueError, match=r"outside \[0, 300\)"):
         model.logits(np.array([[1, 2, 300]]))
+
+
+def test_a_stored_head_that_a_tied_config_contradicts_is_imported_as_transformers_loads_it(tmp_path, caplog):
+    """config.json ties the embeddings, the safetensors also hold an lm_head.weight: a different
+    one is imported untied (transformers warns and keeps both stored tensors: logits compared
+    with it), an identical one is proven redundant and the model stays tied."""
+    import transformers
+    model = build_hf_decoder("qwen2-a")  # tie_word_embeddings=True
+    model.save_pretrained(tmp_path / "tied", safe_serialization=True)
+    head = np.random.default_rng(1).normal(0, 0.05, (300, 64)).astype(np.float32)
+
+    different = _copy(tmp_path / "tied", tmp_path, "different")
+    _edit_tensors(different, lambda t: t.__setitem__("lm_head.weight", head))
+    reference = transformers.Qwen2ForCausalLM.from_pretrained(different).eval()
+    np.testing.assert_array_equal(reference.lm_head.weight.detach().numpy(), head)  # what transformers does
+    with torch.no_grad():
+        want = reference(input_ids=torch.from_numpy(IDS)).logits.numpy()
+    with caplog.at_level("WARNING", logger="genieblue_jax.hf.importer"):
+        _, cfg, params = import_hf(str(different))
+    assert not cfg.tie_embeddings and "'lm_head.weight' holds values other than 'model.embed_tokens.weight'" in \
+        caplog.text
+    np.testing.assert_array_equal(np.asarray(params["lm_head"]["kernel"]), head.T)
+    assert np.abs(genieblue_jax.load(str(different)).logits(IDS) - want).max() <= 1e-4
+
+    same = _copy(tmp_path / "tied", tmp_path, "same")
+    _edit_tensors(same, lambda t: t.__setitem__("lm_head.weight", t["model.embed_tokens.weight"].copy()))
+    _, cfg, params = import_hf(str(same))
+    assert cfg.tie_embeddings and "lm_head" not in params
+    with torch.no_grad():
+        want = model(input_ids=torch.from_numpy(IDS)).logits.numpy()
+    assert np.abs(genieblue_jax.load(str(same)).logits(IDS) - want).max() <= 1e-4
