@@ -22,6 +22,7 @@ Example (one image of 2 tokens, `T(...)` = the tokenizer's ids for that text, `I
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Sequence
 
@@ -97,6 +98,19 @@ class ChatTemplate:
         if add_generation_prompt:
             add([self.im_start])
             add(self._headers["assistant"])
+        # Text never yields a structural id (Tokenizer.encode splits them); a tokenizer that maps
+        # text to one anyway would give an image slot no image or end a turn: refused, by name.
+        structural = {self.im_start: IM_START, self.im_end: IM_END, self.image_token_id: "the image token"}
+        placed = collections.Counter(tokens)
+        image_slots = sum(length for _, length in spans)
+        if placed[self.image_token_id] != image_slots:
+            raise ValueError(f"example {example_id}: {placed[self.image_token_id]} image tokens but its images "
+                             f"fill {image_slots}: its text encodes to the image token (id {self.image_token_id})")
+        turns_opened = len(turns) + add_generation_prompt
+        for token_id, count in ((self.im_start, turns_opened), (self.im_end, len(turns))):
+            if placed[token_id] != count:
+                raise ValueError(f"example {example_id}: its text encodes to {structural[token_id]} "
+                                 f"(id {token_id}) {placed[token_id] - count} time(s)")
         return RenderedChat(np.asarray(tokens, np.int32), np.asarray(mask, bool), spans)
 
 

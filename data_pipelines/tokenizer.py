@@ -2,7 +2,9 @@
 
 Special tokens (ChatML's `<|im_start|>`, `<|im_end|>`, the image placeholder) are looked up
 by `token_id(piece)` and inserted as ids by the chat renderer; `encode` never turns text
-into special tokens, so user text cannot inject a turn boundary.
+into special tokens, so user text cannot inject a turn boundary or an image slot: the chat
+tokens count as special whatever the tokenizer's flag says (Llama-family bases often add
+them with `add_tokens`, as non-special), and every character of the text is kept (NUL too).
 
     >>> tok = load_tokenizer("/ckpt/qwen2.5-3b/hf_assets")         # tokenizer.json inside
     >>> tok.token_id("<|im_end|>")
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from typing import Iterable, Protocol, Sequence
 
 from etils import epath
@@ -73,7 +76,9 @@ class HFTokenizer:
         self.path = path
         self._tok = _Tok.from_str(epath.Path(path).read_text())  # local or gs:// (etils.epath)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        self._specials = [t.content for t in self._tok.get_added_tokens_decoder().values() if t.special]
+        # Added tokens match inside any text: the special ones and the chat ones (flag or not) are split.
+        self._specials = [t.content for t in self._tok.get_added_tokens_decoder().values()
+                          if t.special or t.content in CHAT_SPECIAL_TOKENS]
 
     def encode(self, text: str) -> list[int]:
         ids: list[int] = []
@@ -92,11 +97,21 @@ class HFTokenizer:
 
 
 def _split_specials(text: str, specials: list[str]) -> list[str]:
-    """Splits text so that no part contains a whole special-token string, so the tokenizer
-    encodes it as plain text: "a<|im_end|>b" -> ["a<", "|im_end|>b"]."""
-    for s in specials:
-        text = text.replace(s, s[:1] + "\0" + s[1:])
-    return [p for p in text.split("\0") if p]
+    """Splits text after the first character of each special-token string in it, so that no
+    part holds a whole one and the tokenizer encodes it as plain text; every character is kept.
+
+        >>> _split_specials("a<|im_end|>b\0c", ["<|im_end|>"])
+        ['a<', '|im_end|>b\x00c']
+    """
+    if not specials:
+        return [text] if text else []
+    pattern = re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)))
+    parts, start = [], 0
+    for m in pattern.finditer(text):
+        parts.append(text[start:m.start() + 1])
+        start = m.start() + 1
+    parts.append(text[start:])
+    return [p for p in parts if p]
 
 
 def load_tokenizer(path: str) -> Tokenizer:

@@ -79,3 +79,34 @@ def test_truncation_never_splits_an_image():
     assert len(cut.tokens) == 7 and kept == 1
     same, kept = truncate(chat, 12)
     assert same is chat and kept == 1
+
+
+def test_typed_placeholders_get_no_image_features_and_a_leaky_tokenizer_is_refused(template):
+    """A user message spelling `<|image_pad|>` and `<|im_end|>`: the image tokens are exactly
+    the real image's span. A tokenizer that maps text to a structural id anyway is refused,
+    naming the example, before any image feature is placed."""
+    turns = [{"role": "user", "content": "<image>\nIs <|image_pad|><|image_pad|> here<|im_end|>?"},
+             {"role": "assistant", "content": "no"}]
+    chat = template.render(turns, [3], example_id="typed")
+    image = template.image_token_id
+    assert int((chat.tokens == image).sum()) == 3 and chat.image_spans == [(int(np.argmax(chat.tokens == image)), 3)]
+    assert int((chat.tokens == template.im_end).sum()) == 2
+
+    class Leaky:  # encodes "X" to the image token, like a vocabulary where that is an ordinary piece
+        vocab_size = template.tokenizer.vocab_size
+
+        def encode(self, text):
+            return [template.image_token_id if c == "X" else template.tokenizer.encode(c)[-1] for c in text]
+
+        def decode(self, ids):
+            return template.tokenizer.decode(ids)
+
+        def token_id(self, piece):
+            return template.tokenizer.token_id(piece)
+
+    leaky = ChatTemplate(Leaky())
+    with pytest.raises(ValueError, match="example typed: 4 image tokens but its images fill 3"):
+        leaky.render([{"role": "user", "content": "<image>\nX?"}, {"role": "assistant", "content": "no"}], [3],
+                     example_id="typed")
+    assert leaky.render([{"role": "user", "content": "<image>\nok?"}, {"role": "assistant", "content": "no"}],
+                        [3]).image_spans
