@@ -15,11 +15,14 @@ estimate for comparing runs and variants, not a profile.
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 import numpy as np
 
 from genieblue_jax import models, paths, structure
+
+log = logging.getLogger(__name__)
 
 
 # Dense bf16 peak FLOP/s per device (one chip; vendor data sheets), matched against the
@@ -72,6 +75,14 @@ def flops_per_token(mcfg: structure.MLLMConfig, stage: str) -> float:
     return 4.0 * base_used + 6.0 * branch_n
 
 
+def _step_of(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a line that is not a whole row."""
+    try:
+        return int(json.loads(line)["step"]) if line.endswith("\n") else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class MetricsWriter:
     """Writes on the primary process only (`jax.process_index() == 0`); others just compute.
 
@@ -80,7 +91,11 @@ class MetricsWriter:
     of seconds each) costs little. TensorBoard events go through tensorboardX, which writes
     gs:// itself (google-cloud-storage)."""
 
-    def __init__(self, workdir: str, sources, *, flops_per_token: float, peak_flops: float):
+    def __init__(self, workdir: str, sources, *, flops_per_token: float, peak_flops: float, start_step: int = 0):
+        """`start_step`: the step training (re)starts from. Rows of later steps, logged by a run
+        killed before it checkpointed them, are dropped from metrics.jsonl (and a line cut by the
+        kill), and TensorBoard hides their events (tensorboardX `purge_step`): the steps the
+        resumed run repeats appear once."""
         import jax
         self.primary = jax.process_index() == 0
         self.sources = tuple(sources)
@@ -90,12 +105,18 @@ class MetricsWriter:
         self._jsonl = self._lines = self._tb = None
         self._path = paths.path(workdir) / "metrics.jsonl"
         if self.primary:
+            lines = self._path.read_text().splitlines(keepends=True) if self._path.exists() else []
+            kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= start_step]
+            if len(kept) < len(lines):
+                log.warning("%s: dropped %d row(s) after step %d, the step this run resumes from (logged by a "
+                            "run stopped before it checkpointed them)", self._path, len(lines) - len(kept), start_step)
+                self._path.write_text("".join(kept))
             if paths.is_remote(workdir):
-                self._lines = self._path.read_text().splitlines(keepends=True) if self._path.exists() else []
+                self._lines = kept
             else:
                 self._jsonl = open(self._path, "a")
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(paths.join(workdir, "tensorboard"))
+            self._tb = SummaryWriter(paths.join(workdir, "tensorboard"), purge_step=start_step + 1 if start_step else None)
         self._bar = None
 
     def start(self, step: int, total: int, desc: str = "train") -> None:

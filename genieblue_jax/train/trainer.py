@@ -673,7 +673,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, step_hooks=()) -> 
     peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind, config.train.peak_flops_per_device)
     writer = metrics_lib.MetricsWriter(workdir, setup.pipeline.packing.sources,
                                        flops_per_token=metrics_lib.flops_per_token(mcfg, config.train.stage),
-                                       peak_flops=peak * jax.device_count())
+                                       peak_flops=peak * jax.device_count(), start_step=int(state["step"]))
     preemption = _Preemption()
     lr_schedule = schedule(config.optim.lr, config.optim.warmup_steps, config.train.steps)  # for logging
     total_steps = config.train.steps

@@ -72,6 +72,40 @@ def test_sigterm_then_restart_resumes_bitwise(tmp_path, capsys, reference):
     assert losses(run) == losses(reference["workdir"])  # bitwise: same data order, same state
 
 
+def _tensorboard_events(logdir):
+    """Every event of the TFRecord event files under `logdir` (length, crc, data, crc records)."""
+    import glob
+    import struct
+
+    from tensorboardX.proto import event_pb2
+    events = []
+    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+        data = open(path, "rb").read()
+        at = 0
+        while at < len(data):
+            (n,) = struct.unpack("<Q", data[at:at + 8])
+            events.append(event_pb2.Event.FromString(data[at + 12:at + 12 + n]))
+            at += 12 + n + 4
+    return events
+
+
+def test_rows_of_steps_lost_with_a_killed_run_are_dropped_on_resume(tmp_path, reference):
+    """A run killed after logging steps 4-6 but before checkpoint 6 was committed (and mid-way
+    through writing a row): the resumed run restarts at step 3, and metrics.jsonl holds each step
+    once, equal to an uninterrupted run; TensorBoard hides the lost run's events from step 4."""
+    run = str(tmp_path / "killed")
+    trainer.train(tiny_config(**{"train.steps": 6, "checkpoint.every_steps": 3}), run)
+    shutil.rmtree(os.path.join(run, "checkpoints", "6"))  # the kill: checkpoint 6 never committed
+    with open(os.path.join(run, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 7, "lo')                         # ... in the middle of writing a row
+    trainer.train(tiny_config(**{"train.steps": 6, "checkpoint.every_steps": 3}), run)
+    assert [r["step"] for r in rows(run)] == [1, 2, 3, 4, 5, 6]
+    assert losses(run) == losses(reference["workdir"])
+    purges = [e.step for e in _tensorboard_events(os.path.join(run, "tensorboard"))
+              if e.HasField("session_log") and e.session_log.status == e.session_log.START]
+    assert purges == [4]
+
+
 def test_metrics_rows_every_log_every_steps_and_the_last(tmp_path, reference):
     seen = []
     run = trainer.train(tiny_config(**{"train.steps": 6, "train.log_every": 4}), str(tmp_path / "run"),
