@@ -40,12 +40,14 @@ import sys
 
 from absl import app, flags, logging
 
-from data_pipelines.images import ImageDecodeError, decode_image
+from data_pipelines.images import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError, decode_image
 from data_pipelines.records import IMAGE_TAG, ROLES, Example, ShardedWriter, encode_example
 
 REASONS = {
     "missing_image": "an image file named by the record does not exist under image_root",
     "undecodable_image": "an image file that PIL cannot decode",
+    "image_too_large": "an image whose header declares more than max_image_pixels pixels (decompression bomb)",
+    "outside_image_root": "an image path that leads outside image_root (../, absolute, a symlink out)",
     "image_tag_mismatch": "the number of <image> tags differs from the number of images "
                           "(or a tag outside a user turn)",
     "malformed_record": "missing/invalid fields, unknown role, empty turn",
@@ -126,16 +128,33 @@ def _record_id(rec: dict, default: str) -> str:
     return str(rid)
 
 
-def _read_image(image_root: str, rel) -> bytes:
+@dataclasses.dataclass(frozen=True)
+class ImagePolicy:
+    """Where images may come from and how big they may be: paths resolve (symlinks followed)
+    inside `image_root` unless `allow_outside_root` (for datasets that really use absolute
+    paths); headers declaring more than `max_pixels` pixels are refused before decoding."""
+    image_root: str
+    allow_outside_root: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+def _read_image(policy: ImagePolicy, rel) -> bytes:
     if not isinstance(rel, str) or not rel:
         raise _Reject("malformed_record", f"image path must be a non-empty string, got {rel!r:.60}")
-    path = os.path.join(image_root, rel)
+    path = os.path.join(policy.image_root, rel)
+    if not policy.allow_outside_root:
+        root = os.path.realpath(policy.image_root)
+        if os.path.commonpath([root, os.path.realpath(path)]) != root:  # nothing of the file is read
+            raise _Reject("outside_image_root", f"{rel!r} leads outside image_root {policy.image_root} (pass "
+                          "--allow_outside_image_root if the dataset really uses such paths)")
     if not os.path.isfile(path):
         raise _Reject("missing_image", f"{path} does not exist")
     with open(path, "rb") as f:
         data = f.read()
     try:
-        decode_image(data)  # the pipeline's own decoder: what converts here also trains
+        decode_image(data, max_pixels=policy.max_pixels)  # the pipeline's own decoder: what converts here trains
+    except ImageTooLargeError as e:
+        raise _Reject("image_too_large", f"{path}: {e}") from None
     except ImageDecodeError as e:
         raise _Reject("undecodable_image", f"{path}: {e}") from None
     return data
@@ -193,7 +212,7 @@ def _check_schema(ex: Example) -> None:
         raise _Reject("malformed_record", str(e)) from None
 
 
-def _llava_example(rec, index: int, image_root: str, source: str) -> tuple[Example, list[str]]:
+def _llava_example(rec, index: int, images: ImagePolicy, source: str) -> tuple[Example, list[str]]:
     """One LLaVA record -> (Example, adjustments); raises _Reject(reason, detail)."""
     if not isinstance(rec, dict):
         raise _Reject("malformed_record", f"record is a {type(rec).__name__}, not an object")
@@ -223,7 +242,7 @@ def _llava_example(rec, index: int, image_root: str, source: str) -> tuple[Examp
         first_user["content"] = (IMAGE_TAG + "\n") * len(paths) + first_user["content"]
     _check_tags(turns, len(paths))
     _check_schema(Example(rid, source, turns, [b""] * len(paths)))  # before any image I/O
-    return Example(rid, source, turns, [_read_image(image_root, p) for p in paths]), adjusted
+    return Example(rid, source, turns, [_read_image(images, p) for p in paths]), adjusted
 
 
 def _chat_example(rec, line: int, source: str) -> tuple[Example, list[str]]:
@@ -324,9 +343,12 @@ def _convert(records, label: str, convert_one, input_path: str, out_dir: str, *,
 
 
 def convert_llava(json_path: str, image_root: str, out_dir: str, *, num_shards: int = 1,
-                  max_reject_fraction: float = 0.1, source: str = "llava",
-                  num_workers: int = 8) -> ConversionReport:
-    """LLaVA JSON list -> dataset in `out_dir`; images are checked on `num_workers` threads."""
+                  max_reject_fraction: float = 0.1, source: str = "llava", num_workers: int = 8,
+                  allow_outside_image_root: bool = False,
+                  max_image_pixels: int = DEFAULT_MAX_PIXELS) -> ConversionReport:
+    """LLaVA JSON list -> dataset in `out_dir`; images are checked on `num_workers` threads
+    (inside `image_root` unless `allow_outside_image_root`; at most `max_image_pixels`)."""
+    images = ImagePolicy(image_root, allow_outside_image_root, max_image_pixels)
     try:
         with open(json_path, encoding="utf-8") as f:
             records = json.load(f)
@@ -336,12 +358,13 @@ def convert_llava(json_path: str, image_root: str, out_dir: str, *, num_shards: 
         raise ConversionError(f"{json_path}: expected a JSON list of LLaVA records, "
                               f"got a JSON {type(records).__name__}")
     return _convert(enumerate(records), "index",
-                    lambda rec, i: _llava_example(rec, i, image_root, source), json_path, out_dir,
+                    lambda rec, i: _llava_example(rec, i, images, source), json_path, out_dir,
                     num_shards=num_shards, max_reject_fraction=max_reject_fraction,
                     num_workers=num_workers)
 
 
-def read_llava(json_path: str, image_root: str, *, source: str = "llava") -> tuple[list[Example], list[dict]]:
+def read_llava(json_path: str, image_root: str, *, source: str = "llava", allow_outside_image_root: bool = False,
+               max_image_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[list[Example], list[dict]]:
     """All records of a LLaVA JSON as `Example`s (in file order) and the rejected ones as
     {"index", "id", "reason", "detail"} (same checks and reasons as `convert_llava`), e.g.
     for evaluating straight from the JSON without converting it first."""
@@ -354,10 +377,11 @@ def read_llava(json_path: str, image_root: str, *, source: str = "llava") -> tup
         raise ConversionError(f"{json_path}: not valid JSON ({e})") from None
     if not isinstance(records, list):
         raise ConversionError(f"{json_path}: expected a JSON list of LLaVA records, got a JSON {type(records).__name__}")
+    images = ImagePolicy(image_root, allow_outside_image_root, max_image_pixels)
     examples, rejects, identity = [], [], _Identity()
     for i, rec in enumerate(records):
         try:
-            ex, _ = _llava_example(rec, i, image_root, source)
+            ex, _ = _llava_example(rec, i, images, source)
             examples.append(identity.admit(ex)[0])
         except _Reject as r:
             rid = rec.get("id") if isinstance(rec, dict) else None
@@ -399,6 +423,10 @@ def define_flags():
     flags.DEFINE_float("max_reject_fraction", 0.1, "Fail if more than this fraction of records is rejected.")
     flags.DEFINE_string("source", None, "Mixture source name of the records (default: llava / text).")
     flags.DEFINE_integer("num_workers", 8, "--format=llava: threads reading and checking images.")
+    flags.DEFINE_bool("allow_outside_image_root", False, "--format=llava: accept image paths that lead outside "
+                      "--image_root (absolute, ../, symlinks out); refused by default (reason outside_image_root).")
+    flags.DEFINE_integer("max_image_pixels", DEFAULT_MAX_PIXELS, "--format=llava: refuse images whose header "
+                         "declares more pixels (decompression bombs; reason image_too_large).")
 
 
 def main(argv):
@@ -412,7 +440,9 @@ def main(argv):
                 raise app.UsageError("--format=llava needs --json and --image_root")
             report = convert_llava(FLAGS.json, FLAGS.image_root, FLAGS.out, num_shards=FLAGS.num_shards,
                                    max_reject_fraction=FLAGS.max_reject_fraction,
-                                   source=FLAGS.source or "llava", num_workers=FLAGS.num_workers)
+                                   source=FLAGS.source or "llava", num_workers=FLAGS.num_workers,
+                                   allow_outside_image_root=FLAGS.allow_outside_image_root,
+                                   max_image_pixels=FLAGS.max_image_pixels)
         else:
             if not FLAGS.jsonl:
                 raise app.UsageError("--format=jsonl needs --jsonl")

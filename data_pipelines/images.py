@@ -27,11 +27,22 @@ MODES = ("single", "dynamic")
 _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
+# Decompression bombs: a 165 KB PNG can declare 12000 x 12000 pixels (432 MB decoded). Images
+# above this many pixels are refused from their header, before any pixel is decoded (PIL's own
+# guard only warns up to 179 Mpx). 64 Mpx keeps every real photo (a 200 Mpx phone sensor saves
+# 50 Mpx by default) far above the 16 tiles of 384 px (2.4 Mpx) the model sees.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
 class ImageDecodeError(ValueError):
     """Encoded image bytes that PIL cannot decode (corrupt, truncated, unknown format)."""
 
 
-def decode_image(data: bytes) -> np.ndarray:
+class ImageTooLargeError(ImageDecodeError):
+    """An image whose header declares more pixels than allowed (a decompression bomb)."""
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode an encoded image file to uint8 (H, W, 3) RGB.
 
     Every PIL mode is accepted: grey ("L", "1"), palette ("P"), "CMYK", "YCbCr", 16-bit grey
@@ -44,20 +55,30 @@ def decode_image(data: bytes) -> np.ndarray:
     axes. Every path decodes through here (conversion, pipeline, chat, evaluate, export
     calibration).
 
-    Raises ImageDecodeError (a ValueError) with PIL's reason for corrupt, truncated or
-    unrecognised data; callers add the record id / file name. PNG chunk checksums are
-    verified; formats without checksums (JPEG) only fail when the decoder does.
+    Raises ImageTooLargeError (an ImageDecodeError) when the header declares more than
+    `max_pixels` pixels, before decoding any, and ImageDecodeError (a ValueError) with PIL's
+    reason for corrupt, truncated or unrecognised data; callers add the record id / file name.
+    PNG chunk checksums are verified; formats without checksums (JPEG) only fail when the
+    decoder does.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"decode_image expects encoded image bytes, got {type(data).__name__}")
     data = bytes(data)
     try:
         with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size  # from the header: nothing decoded yet
+            if width * height > max_pixels:
+                raise ImageTooLargeError(f"image of {width} x {height} = {width * height / 1e6:.1f} Mpx "
+                                         f"({len(data)} bytes) exceeds the limit of {max_pixels / 1e6:.1f} Mpx")
             img.verify()  # PNG: chunk CRCs and a missing end, which load() alone forgives
         with Image.open(io.BytesIO(data)) as img:
             img.load()    # PIL decodes lazily: force it so truncation is caught here
             rgb = _to_rgb(ImageOps.exif_transpose(img))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except ImageTooLargeError:
+        raise
+    except Image.DecompressionBombError as e:  # PIL's own limit, met at open (> 179 Mpx)
+        raise ImageTooLargeError(f"image of {len(data)} bytes exceeds PIL's pixel limit: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise ImageDecodeError(
             f"cannot decode image ({len(data)} bytes, starting {data[:8]!r}): "
             f"{type(e).__name__}: {e}") from e

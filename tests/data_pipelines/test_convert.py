@@ -283,3 +283,53 @@ def test_an_answer_before_any_question_is_never_trained(tmp_path):
         [{"role": "user", "content": "q"}]])) + "\n")
     report = convert_jsonl(str(jsonl), str(tmp_path / "out2"), max_reject_fraction=0.5)
     assert (report.written, report.reasons, report.adjusted) == (1, {"no_answer": 1}, {"leading_answer_dropped": 1})
+
+
+def test_image_paths_that_leave_the_image_root_are_refused_unread(tmp_path):
+    """../, absolute paths, a symlinked file and a symlinked directory leading outside
+    --image_root are rejected (outside_image_root) and no byte of the outside file reaches any
+    log; a symlink that stays inside is fine, and the opt-in flag accepts outside paths.
+    tools.evaluate's reader (read_llava) applies the same rule."""
+    root, outside = tmp_path / "images", tmp_path / "private"
+    save_image(root / "in.png", "PNG", 0)
+    secret = save_image(outside / "secret.png", "PNG", 1)
+    (outside / "passwd").write_text("root:x:0:0:SECRET:/root:/bin/bash\n")
+    (root / "link_out.png").symlink_to(outside / "secret.png")
+    (root / "dir_out").symlink_to(outside)
+    (root / "link_in.png").symlink_to(root / "in.png")
+    q = [human("<image>\nWhat?"), gpt("Noise.")]
+    paths = ["in.png", "../private/secret.png", str(outside / "secret.png"), "link_out.png", "dir_out/secret.png",
+             "../private/passwd", "link_in.png"]
+    records = [{"id": f"r{i}", "image": p, "conversations": q} for i, p in enumerate(paths)]
+    (tmp_path / "llava.json").write_text(json.dumps(records))
+    report = convert_llava(str(tmp_path / "llava.json"), str(root), str(tmp_path / "out"), max_reject_fraction=1.0)
+    assert (report.written, report.reasons) == (2, {"outside_image_root": 5})
+    log = (tmp_path / "out" / "rejects.jsonl").read_text()
+    assert [r["id"] for r in read_jsonl(tmp_path / "out/rejects.jsonl")] == ["r1", "r2", "r3", "r4", "r5"]
+    assert "SECRET" not in log and "root:x" not in log and repr(secret[:8])[2:-1] not in log
+    _, rejects = read_llava(str(tmp_path / "llava.json"), str(root))
+    assert [r["reason"] for r in rejects] == ["outside_image_root"] * 5
+    allowed = convert_llava(str(tmp_path / "llava.json"), str(root), str(tmp_path / "allowed"), max_reject_fraction=1.0,
+                            allow_outside_image_root=True)
+    assert (allowed.written, allowed.reasons) == (6, {"undecodable_image": 1})  # passwd is not an image
+    written = ArrayRecordExampleSource(str(tmp_path / "allowed"))
+    assert written[1].images == [secret]
+
+
+def test_decompression_bombs_are_refused_from_their_header(tmp_path):
+    """A 12000 x 12000 PNG of a few KB (144 Mpx) is rejected (image_too_large) before decoding,
+    under the default 64 Mpx limit; the limit is a flag (--max_image_pixels)."""
+    root = tmp_path / "images"
+    root.mkdir()
+    Image.new("1", (12000, 12000)).save(root / "bomb.png")
+    assert (root / "bomb.png").stat().st_size < 200_000
+    save_image(root / "small.png", "PNG", 0)  # 12 x 9 = 108 pixels
+    q = [human("<image>\nWhat?"), gpt("Noise.")]
+    (tmp_path / "llava.json").write_text(json.dumps([{"id": "bomb", "image": "bomb.png", "conversations": q},
+                                                     {"id": "small", "image": "small.png", "conversations": q}]))
+    report = convert_llava(str(tmp_path / "llava.json"), str(root), str(tmp_path / "out"), max_reject_fraction=1.0)
+    assert (report.written, report.reasons) == (1, {"image_too_large": 1})
+    assert "12000 x 12000 = 144.0 Mpx" in read_jsonl(tmp_path / "out/rejects.jsonl")[0]["detail"]
+    proc = run_cli("--format=llava", f"--json={tmp_path / 'llava.json'}", f"--image_root={root}",
+                   f"--out={tmp_path / 'cli'}", "--max_image_pixels=100", "--max_reject_fraction=1.0")
+    assert proc.returncode == 0 and "image_too_large      2" in proc.stdout, proc.stdout + proc.stderr
