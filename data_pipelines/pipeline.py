@@ -74,6 +74,10 @@ def mixture(paths: dict[str, str], weights: dict[str, float]) -> tuple[SourceSpe
     return tuple(SourceSpec(n, paths[n], float(weights[n])) for n in sorted(paths))
 
 
+class RejectionStreakError(ValueError):
+    """A data source whose samples are all being rejected (PipelineConfig.max_rejects_in_a_row)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     sources: tuple[SourceSpec, ...]
@@ -98,6 +102,9 @@ class PipelineConfig:
     read_threads: int = 1
     read_buffer: int = 16
     packing_window_rows: int = 16     # a packing window holds >= this many rows' worth of tokens
+    # A source whose samples are rejected this many times in a row is broken (every sample too
+    # long, a tokenizer without the image token, ...): RejectionStreakError, not an endless loop.
+    max_rejects_in_a_row: int = 1000
 
     def __post_init__(self):
         if not self.sources:
@@ -196,6 +203,7 @@ class PackedBatchIterator(grain.DatasetIterator):
         self._rows: list[dict] = []
         self._next_row = 0
         self._exhausted = False
+        self._streaks: dict[str, collections.Counter] = {}  # source -> reasons of its current rejection streak
 
     def _load_window(self, count: bool = True) -> None:
         """Reads samples worth `packing_window_rows` rows of tokens and packs them into rows."""
@@ -211,7 +219,15 @@ class PackedBatchIterator(grain.DatasetIterator):
                 if count:
                     self.stats["rejected"][item.reason.split(":")[0]] += 1
                     log.warning("rejected sample %s (source %s): %s", item.id, item.source, item.reason)
+                streak = self._streaks.setdefault(item.source, collections.Counter())
+                streak[item.reason.split(":")[0]] += 1
+                if sum(streak.values()) >= self.cfg.max_rejects_in_a_row:
+                    raise RejectionStreakError(
+                        f"data source {item.source!r}: {sum(streak.values())} samples in a row rejected "
+                        f"(data.max_rejects_in_a_row), by reason {dict(streak)}; the last: id {item.id!r}: "
+                        f"{item.reason}")
                 continue
+            self._streaks.pop(item.source, None)
             samples.append(item)
             tokens += len(item)
         if count:

@@ -65,6 +65,9 @@ def base_config(scale: str) -> ml_collections.ConfigDict:
     # storage through its worker processes, so it keeps more threads in flight.
     c.data.read_threads = 16 if paper else 1
     c.data.read_buffer = 64 if paper else 16
+    # A source with this many samples in a row rejected stops the run naming it and the reasons
+    # (data_pipelines.pipeline.RejectionStreakError), instead of looping on a dataset it cannot use.
+    c.data.max_rejects_in_a_row = 1000
     c.data.demo_examples = 3000
     # The global batch is packed by this many independent streams (data_pipelines.pipeline.
     # StreamBatchIterator), a multiple of the process count; fixed, it makes the batches the same

@@ -181,7 +181,7 @@ RANGES = {
     "checkpoint.keep": (1, True, None, False), "data.seq_len": (1, True, None, False),
     "data.max_patches": (1, True, None, False), "data.max_patches_per_row": (0, True, None, False),
     "data.num_workers": (0, True, None, False), "data.read_threads": (0, True, None, False),
-    "data.read_buffer": (0, True, None, False), "train.loss_chunk": (0, True, None, False),
+    "data.read_buffer": (0, True, None, False), "data.max_rejects_in_a_row": (1, True, None, False), "train.loss_chunk": (0, True, None, False),
     "model.attention_chunk": (0, True, None, False), "model.lora_alpha": (0, False, None, False),
     "optim.lr": (0, True, None, False), "optim.warmup_steps": (0, True, None, False),
     "optim.b1": (0, True, 1, False), "optim.b2": (0, True, 1, False), "optim.eps": (0, False, None, False),
@@ -246,7 +246,8 @@ def resolve(config: ml_collections.ConfigDict, workdir: str) -> Setup:
         tokenizer=tokenizer_path(c, workdir), seq_len=c.data.seq_len, batch_size=per_host, image_mode=c.data.image_mode,
         max_patches=c.data.max_patches, max_patches_per_row=c.data.max_patches_per_row,
         image_token=c.model.image_token, seed=c.train.seed, num_workers=c.data.num_workers,
-        read_threads=c.data.read_threads, read_buffer=c.data.read_buffer)
+        read_threads=c.data.read_threads, read_buffer=c.data.read_buffer,
+        max_rejects_in_a_row=c.data.max_rejects_in_a_row)
     return Setup(mcfg, pipe, mesh, per_host, streams, plan)
 
 
@@ -594,14 +595,19 @@ def load_trained(workdir: str, *, step: int | None = None, mesh=None) -> Trained
 
 
 class _Preemption:
-    """SIGTERM sets a flag; the loop saves a checkpoint and exits cleanly."""
+    """SIGTERM sets a flag; the loop saves a checkpoint after the current step and exits
+    cleanly. A second SIGTERM before that (a step or a data read that does not end) stops the
+    process at once (KeyboardInterrupt out of train(); the last checkpoint stays the newest)."""
 
     def __init__(self):
         self.requested = False
         self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
-        log.warning("SIGTERM received: saving a checkpoint and stopping")
+        if self.requested:
+            self.restore()
+            raise KeyboardInterrupt("a second SIGTERM: stopping now, without a checkpoint of this step")
+        log.warning("SIGTERM received: saving a checkpoint and stopping (a second SIGTERM stops at once)")
         self.requested = True
 
     def restore(self):

@@ -267,3 +267,32 @@ def test_a_non_finite_step_is_skipped(tmp_path):
     assert not bool(m["ok"]) and int(after["bad_steps"]) == 1 and int(after["step"]) == 2
     for a, b in zip(jax.tree.leaves(after["trainable"]), jax.tree.leaves(good["trainable"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the update was skipped
+
+
+def test_a_source_whose_every_sample_is_rejected_stops_the_run_by_name(tmp_path):
+    """Rows of 24 tokens hold no image sample (short text ones still fit): the image sources'
+    samples are all rejected, and after data.max_rejects_in_a_row of one source in a row the run
+    stops naming it and the reasons (a dataset that is all rejected used to loop forever, writing
+    a warning per sample)."""
+    from data_pipelines.pipeline import RejectionStreakError
+    c = tiny_config(**{"data.seq_len": 24, "data.max_rejects_in_a_row": 40, "train.steps": 1000})
+    with pytest.raises(RejectionStreakError, match=r"data source '(vqa|caption|ocr)': 40 samples in a row rejected "
+                                                   r"\(data.max_rejects_in_a_row\), by reason \{'no trained token "
+                                                   r"within seq_len=24': 40\}"):
+        trainer.train(c, str(tmp_path / "run"))
+
+
+def test_a_second_sigterm_stops_at_once(tmp_path):
+    """The first SIGTERM asks for a checkpoint after the current step; a second one before that
+    (a step or a data read that does not end) stops train() at once, and the process's own
+    SIGTERM handler is back."""
+    before = signal.getsignal(signal.SIGTERM)
+
+    def two_sigterms(step, row):
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(KeyboardInterrupt, match="a second SIGTERM"):
+        trainer.train(tiny_config(), str(tmp_path / "run"), step_hooks=[two_sigterms])
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert not os.path.isdir(tmp_path / "run" / "checkpoints" / "1")
