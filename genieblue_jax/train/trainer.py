@@ -594,6 +594,84 @@ def load_trained(workdir: str, *, step: int | None = None, mesh=None) -> Trained
 # ---------------------------------------------------------------------------------------------
 
 
+# Fields a resumed run may change: how long it trains and how it logs, checkpoints and reads
+# (nothing that changes what a step computes). Any other difference from the config a
+# workdir's checkpoints were trained with is an error naming the keys (check_resumable).
+RESUMABLE = ("train.steps", "train.log_every", "train.max_bad_steps", "train.peak_flops_per_device",
+             "checkpoint.every_steps", "checkpoint.keep", "data.read_threads", "data.read_buffer",
+             "data.num_workers", "data.max_rejects_in_a_row", "demo.")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Raises ConfigError naming every differing key when `workdir` holds checkpoints trained
+    with a config that differs from `config` in anything but `RESUMABLE` fields (a second
+    trainer with another learning rate would otherwise resume the first one's run and overwrite
+    its config.json). Nothing to check in a workdir without checkpoints."""
+    ckpts = paths.path(workdir) / "checkpoints"
+    if not ckpts.is_dir() or not any(p.name.isdigit() for p in ckpts.iterdir()):
+        return
+    saved = _flat(read_config(workdir).to_dict())
+    now = _flat(json.loads(config.to_json_best_effort()))
+
+    def same(a, b):
+        return a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)  # NaN == NaN
+
+    differing = sorted(k for k in set(saved) | set(now)
+                       if not same(saved.get(k, "<absent>"), now.get(k, "<absent>")) and not k.startswith(RESUMABLE))
+    if differing:
+        shown = "; ".join(f"{k}: {saved.get(k, '<absent>')!r} there, {now.get(k, '<absent>')!r} now"
+                          for k in differing[:8])
+        raise ConfigError(f"{workdir} holds checkpoints trained with another config ({shown}"
+                          f"{f'; +{len(differing) - 8} more' if len(differing) > 8 else ''}); a resumed run may "
+                          f"change only {', '.join(RESUMABLE)}*. Use another --workdir for a new run")
+
+
+class WorkdirLock:
+    """One trainer per workdir: the primary process holds an exclusive `flock` on
+    WORKDIR/.lock for the run (the kernel releases it when the process ends, however it ends,
+    so a killed run never leaves a stale lock), and writes its host and pid there for the error
+    a second trainer gets. gs:// has no advisory locks: a gs:// workdir is not locked."""
+
+    def __init__(self, workdir: str):
+        self.workdir, self._fd = workdir, None
+
+    def __enter__(self):
+        if jax.process_index() != 0 or paths.is_remote(self.workdir):
+            return self
+        import fcntl
+        import socket
+        path = os.path.join(paths.path(self.workdir), ".lock")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError(f"{self.workdir} is in use by another trainer ({holder}): wait for it, stop it, or "
+                              f"use another --workdir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                  .encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        if self._fd is not None:
+            os.close(self._fd)  # releases the flock
+            self._fd = None
+
+
 class _Preemption:
     """SIGTERM sets a flag; the loop saves a checkpoint after the current step and exits
     cleanly. A second SIGTERM before that (a step or a data read that does not end) stops the
@@ -627,9 +705,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, step_hooks=()) -> 
     metrics.jsonl row, whether or not the row is written), before the step's checkpoint is
     considered, like CLU's periodic actions: profiling, evaluation, early stopping (raise). A
     SIGTERM that arrives during a hook is honoured after that same step.
+
+    A local workdir is locked for the run (`WorkdirLock`): a second trainer on it is a
+    ConfigError naming the holder.
     """
+    with WorkdirLock(workdir):
+        return _train(config, workdir, step_hooks)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, step_hooks) -> dict:
     from data_pipelines.pipeline import build_streams
     workdir_path = paths.path(workdir)
+    check_resumable(config, workdir)  # on every process, before config.json is replaced
     if jax.process_index() == 0:
         workdir_path.mkdir(parents=True, exist_ok=True)
         (workdir_path / "config.json").write_text(config.to_json_best_effort(indent=2))

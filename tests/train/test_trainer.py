@@ -1,4 +1,5 @@
 """The training engine's guarantees, on tiny models and the demo data."""
+import json
 import os
 import re
 import shutil
@@ -165,8 +166,26 @@ def test_parse_sources_rejects_bad_specs(spec, match):
 def test_resume_refuses_another_base(tmp_path, reference):
     run = str(tmp_path / "run")
     shutil.copytree(reference["workdir"], run)
+    # The same config (more steps) over a base that changed under it: the fingerprint refuses.
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    config["train"]["seed"] = 1
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
     with pytest.raises(trainer.ConfigError, match="trained on another frozen base"):
         trainer.train(tiny_config(**{"train.seed": 1, "train.steps": 8}), run)
+
+
+def test_a_second_trainer_with_another_config_is_refused_by_key(tmp_path, reference):
+    """Resuming a workdir's checkpoints with a config that differs in more than the resumable
+    fields (e.g. another learning rate: a second trainer started on the same workdir) names the
+    keys and leaves config.json as it was; more steps and another log interval resume."""
+    run = str(tmp_path / "run")
+    shutil.copytree(reference["workdir"], run)
+    saved = (tmp_path / "run" / "config.json").read_text()
+    with pytest.raises(trainer.ConfigError, match=r"holds checkpoints trained with another config \(optim.lr: "
+                                                  r"0.001 there, 0.0003 now; train.seed: 0 there, 5 now\)"):
+        trainer.train(tiny_config(**{"optim.lr": 3e-4, "train.seed": 5, "train.steps": 8}), run)
+    assert (tmp_path / "run" / "config.json").read_text() == saved
+    trainer.check_resumable(tiny_config(**{"train.steps": 8, "train.log_every": 3, "checkpoint.keep": 2}), run)
 
 
 @pytest.mark.parametrize("override,match", [
@@ -296,3 +315,35 @@ def test_a_second_sigterm_stops_at_once(tmp_path):
         trainer.train(tiny_config(), str(tmp_path / "run"), step_hooks=[two_sigterms])
     assert signal.getsignal(signal.SIGTERM) is before
     assert not os.path.isdir(tmp_path / "run" / "checkpoints" / "1")
+
+
+def test_a_second_trainer_on_a_running_workdir_is_refused(tmp_path):
+    """While one trainer runs (here: inside its first step hook), another train() on the same
+    workdir is a ConfigError naming the holder's pid; the lock is released when the run ends,
+    and a process killed while holding it (SIGKILL) leaves no stale lock."""
+    run = str(tmp_path / "run")
+    errors = []
+
+    def second_trainer(step, row):
+        if step == 1:
+            try:
+                trainer.train(tiny_config(), run)
+            except trainer.ConfigError as e:
+                errors.append(str(e))
+
+    trainer.train(tiny_config(**{"train.steps": 1}), run, step_hooks=[second_trainer])
+    assert len(errors) == 1 and f"is in use by another trainer (pid {os.getpid()} on " in errors[0]
+    with trainer.WorkdirLock(run):  # released after the run
+        pass
+    import subprocess
+    import sys
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from genieblue_jax.train import trainer; "
+                               f"trainer.WorkdirLock({run!r}).__enter__(); print('locked', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(trainer.ConfigError, match=f"in use by another trainer \\(pid {holder.pid} on "):
+        trainer.WorkdirLock(run).__enter__()
+    holder.kill()
+    holder.wait()
+    with trainer.WorkdirLock(run):  # the killed holder left no stale lock
+        pass
