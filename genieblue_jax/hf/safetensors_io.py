@@ -31,8 +31,22 @@ def read_header(path: str) -> dict:
         (n,) = struct.unpack("<Q", raw)
         if n > os.path.getsize(path) - 8:
             raise ValueError(f"{path}: header length {n} exceeds the file size; not a safetensors file")
-        header = json.loads(f.read(n))
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: the safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the safetensors header is a JSON {type(header).__name__}, not an object")
     header.pop("__metadata__", None)
+    data_size = os.path.getsize(path) - 8 - n
+    for name, meta in header.items():  # a truncated file: name the first tensor it cut
+        try:
+            begin, end = meta["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise ValueError(f"{path}: tensor {name!r} has no valid data_offsets in the header") from None
+        if not 0 <= begin <= end <= data_size:
+            raise ValueError(f"{path}: tensor {name!r} needs bytes {begin}..{end} of the data but the file holds "
+                             f"{data_size} (truncated or damaged file)")
     return {"header_size": n, "tensors": header}
 
 

@@ -243,3 +243,20 @@ def test_a_stored_head_that_a_tied_config_contradicts_is_imported_as_transformer
     with torch.no_grad():
         want = model(input_ids=torch.from_numpy(IDS)).logits.numpy()
     assert np.abs(genieblue_jax.load(str(same)).logits(IDS) - want).max() <= 1e-4
+
+
+def test_truncated_and_damaged_safetensors_name_the_file_and_tensor(hf_decoder_dir, tmp_path):
+    """A safetensors file cut short names the file and the first tensor past its end; a header
+    that is not JSON names the file (they were a reshape error and a bare JSONDecodeError)."""
+    import struct
+    cut = _copy(hf_decoder_dir("qwen2-a"), tmp_path, "cut")
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[:len(data) - 1000])
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor '[\w.]+' needs bytes \d+\.\.\d+ of the data but "
+                                         r"the file holds \d+ \(truncated or damaged file\)"):
+        import_hf(str(cut))
+    bad = _copy(hf_decoder_dir("qwen2-a"), tmp_path, "bad")
+    (n,) = struct.unpack("<Q", data[:8])
+    (bad / "model.safetensors").write_bytes(data[:8] + b"{not json" + data[17:])
+    with pytest.raises(ValueError, match=r"model.safetensors: the safetensors header is not valid JSON"):
+        import_hf(str(bad))
