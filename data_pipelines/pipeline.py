@@ -37,7 +37,7 @@ from data_pipelines import images as image_lib
 from data_pipelines.chat import ChatTemplate, truncate
 from data_pipelines.packing import (PackingSpec, Rejection, Sample, assemble_row, batch_rows,
                                     empty_row, first_fit)
-from data_pipelines.records import ArrayRecordExampleSource, Example
+from data_pipelines.records import ArrayRecordExampleSource, CorruptRecord, Example
 from data_pipelines.tokenizer import IMAGE_PAD, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -146,8 +146,10 @@ class ExampleProcessor:
                                           image_token=self.cfg.image_token)
         return self._template
 
-    def __call__(self, ex: Example) -> Sample | Rejection:
+    def __call__(self, ex: Example | CorruptRecord) -> Sample | Rejection:
         cfg = self.cfg
+        if isinstance(ex, CorruptRecord):
+            return Rejection(ex.id, ex.source, f"corrupt record: {ex.where}: {ex.reason}")
         try:
             patches = [image_lib.to_patches(image_lib.decode_image(b), patch=cfg.patch_size,
                                             mode=cfg.image_mode, max_patches=cfg.max_patches)

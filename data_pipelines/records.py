@@ -243,6 +243,17 @@ def read_manifest(dataset_dir: str) -> dict:
     return manifest
 
 
+@dataclasses.dataclass
+class CorruptRecord:
+    """What `ArrayRecordExampleSource` returns for a record it cannot read or decode (a damaged
+    shard): which record and why. The pipeline counts and logs it as a rejection ("corrupt
+    record") and training goes on; a resume skips it again the same way."""
+    id: str       # "DATASET_DIR[INDEX]"
+    source: str   # the dataset's source name (its manifest's, when it has one)
+    where: str    # "SHARD_FILE record K"
+    reason: str
+
+
 class ArrayRecordExampleSource:
     """Random access to a ShardedWriter dataset: a Grain `RandomAccessDataSource` of Examples.
 
@@ -285,18 +296,37 @@ class ArrayRecordExampleSource:
         index %= self._len
         return self._offsets[index % len(self._offsets)] + index // len(self._offsets)
 
-    def _decode(self, index: int, data: bytes) -> Example:
+    def _corrupt(self, index: int, error: Exception) -> CorruptRecord:
+        index %= self._len
+        shard = self.manifest["shards"][index % len(self._offsets)]["file"]
+        sources = list(self.manifest.get("sources") or {})
+        return CorruptRecord(f"{self.dataset_dir}[{index}]", sources[0] if len(sources) == 1 else "?",
+                             f"{os.path.join(self.dataset_dir, shard)} record {index // len(self._offsets)}",
+                             f"{type(error).__name__}: {str(error)[:300]}")
+
+    def _decode(self, index: int, data: bytes) -> Example | CorruptRecord:
         try:
             return decode_example(data)
         except ValueError as e:
-            raise ValueError(f"{self.dataset_dir} record {index}: {e}") from None
+            return self._corrupt(index, e)
 
-    def __getitem__(self, index: int) -> Example:
-        return self._decode(index, self._source[self._key(index)])
+    def __getitem__(self, index: int) -> Example | CorruptRecord:
+        """The index-th record; a `CorruptRecord` (not an exception) for one a damaged shard
+        cannot give back (riegeli's chunk hash, or an undecodable payload)."""
+        key = self._key(index)
+        try:
+            data = self._source[key]
+        except (RuntimeError, ValueError, OSError) as e:
+            return self._corrupt(index, e)
+        return self._decode(index, data)
 
-    def __getitems__(self, indices) -> list[Example]:
-        """Batched read (Grain uses it when present)."""
-        data = self._source.__getitems__([self._key(i) for i in indices]) if len(indices) else []
+    def __getitems__(self, indices) -> list[Example | CorruptRecord]:
+        """Batched read (Grain uses it when present); record by record when a batch hits a
+        damaged record."""
+        try:
+            data = self._source.__getitems__([self._key(i) for i in indices]) if len(indices) else []
+        except (RuntimeError, ValueError, OSError):
+            return [self[i] for i in indices]
         return [self._decode(i, d) for i, d in zip(indices, data)]
 
     def __repr__(self) -> str:

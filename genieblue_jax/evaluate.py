@@ -108,7 +108,7 @@ def load_examples(paths: Sequence[str], *, image_root: str | None = None, limit:
     rejects): records a LLaVA JSON could not use ({"path", "index", "id", "reason",
     "detail"}), reported, never dropped silently. `limit` keeps the first n of each path."""
     from data_pipelines.convert import read_llava
-    from data_pipelines.records import ArrayRecordExampleSource
+    from data_pipelines.records import ArrayRecordExampleSource, CorruptRecord
     examples, rejects = [], []
     for path in paths:
         if os.path.isdir(path):
@@ -117,7 +117,13 @@ def load_examples(paths: Sequence[str], *, image_root: str | None = None, limit:
                                         "(data_pipelines.convert output)")
             source = ArrayRecordExampleSource(path)
             n = len(source) if limit is None else min(limit, len(source))
-            examples += [source[i] for i in range(n)]
+            for i in range(n):
+                ex = source[i]
+                if isinstance(ex, CorruptRecord):  # a damaged shard: reported, the rest is scored
+                    rejects.append({"path": path, "index": i, "id": ex.id, "reason": "corrupt_record",
+                                    "detail": f"{ex.where}: {ex.reason}"})
+                else:
+                    examples.append(ex)
         elif path.endswith(".json"):
             got, bad = read_llava(path, image_root or os.path.dirname(os.path.abspath(path)),
                                   source=os.path.splitext(os.path.basename(path))[0])

@@ -194,3 +194,38 @@ def test_pipeline_reads_a_tfds_source(demo, tmp_path):
     it = iter(build_pipeline(cfg, process_index=0, process_count=1))
     list(it)
     assert it.stats["samples"] == 12 and it.stats["rejected"] == {}
+
+
+def test_a_damaged_shard_record_is_skipped_counted_and_named(demo, tmp_path, caplog):
+    """Bytes flipped inside one record of an ArrayRecord shard (riegeli's chunk hash fails): the
+    record is rejected as "corrupt record" naming the shard file and the record, the others are
+    all trained, and reading it again (a resume) skips it the same way instead of crashing."""
+    out = str(tmp_path / "damaged")
+    texts = [Example(f"t{i}", "text", [{"role": "user", "content": f"question {i} " * 5},
+                                       {"role": "assistant", "content": f"answer {i} " * 5}]) for i in range(8)]
+    with ShardedWriter(out) as w:
+        for ex in texts:
+            w.write(ex)
+    shard = os.path.join(out, ArrayRecordExampleSource(out).manifest["shards"][0]["file"])
+    intact = open(shard, "rb").read()
+    for at in range(64, len(intact), 32):  # the first place where flipped bytes break one record's chunk
+        data = bytearray(intact)
+        data[at:at + 8] = bytes(b ^ 0xFF for b in data[at:at + 8])
+        open(shard, "wb").write(bytes(data))
+        try:
+            source = ArrayRecordExampleSource(out)
+        except (RuntimeError, ValueError):  # a block header or the index: the file does not open
+            continue
+        read = [source[i] for i in range(8)]
+        bad = [i for i, ex in enumerate(read) if not isinstance(ex, Example)]
+        if bad:
+            break
+    assert len(bad) == 1 and read[bad[0]].where == f"{shard} record {bad[0]}" and "hash mismatch" in read[bad[0]].reason
+    assert [ex.id for ex in read if isinstance(ex, Example)] == [f"t{i}" for i in range(8) if i != bad[0]]
+    assert [type(ex) for ex in source.__getitems__(list(range(8)))] == [type(ex) for ex in read]
+    cfg = make_cfg(demo, sources=(SourceSpec("text", out),), num_epochs=1, batch_size=2)
+    it = iter(build_pipeline(cfg, process_index=0, process_count=1))
+    batches = list(it)
+    assert it.stats["rejected"] == {"corrupt record": 1} and it.stats["samples"] == 7
+    assert sum(int(b["segment_ids"].max(axis=1).sum()) for b in batches) == 7
+    assert f"corrupt record: {shard} record {bad[0]}" in caplog.text
