@@ -306,6 +306,9 @@ def init_params(config, setup: Setup) -> dict:
         shardings = _shardings(models.abstract_params(cfg), mesh)
         if ckpt:
             _, params, _ = model_checkpoint.restore(ckpt, mesh=mesh)
+            for name, leaf in models.flatten(params[component]).items():  # a NaN base would train nothing
+                if jnp.issubdtype(leaf.dtype, jnp.floating) and not bool(jnp.isfinite(leaf).all()):
+                    raise ConfigError(f"init checkpoint {ckpt}: tensor {component}/{name} contains NaN or Inf")
             return jax.tree.map(lambda x, s: jax.device_put(x.astype(cfg.params_dtype), s), params[component], shardings)
         if config.scale == "paper":
             raise ConfigError(f"init: no checkpoint for the {component} at paper scale")
@@ -378,7 +381,8 @@ def make_train_step(mcfg, tx, num_sources: int, micro_batches: int, loss_chunk: 
             return _step(state, frozen, batch)
 
     def _step(state, frozen, batch):
-        total = jnp.maximum(jnp.sum(batch["loss_mask"][:, 1:]).astype(jnp.float32), 1.0)
+        trained = jnp.sum(batch["loss_mask"][:, 1:])  # tokens with a target in the whole global batch
+        total = jnp.maximum(trained.astype(jnp.float32), 1.0)
         # Micro-batch j is rows j, j + k, j + 2k, ... (k micro-batches): each device's contiguous
         # rows hold a share of every micro-batch, so each micro-step runs on all devices and the
         # batch is never moved between devices (a contiguous split would put micro-batch 0 on
@@ -396,15 +400,20 @@ def make_train_step(mcfg, tx, num_sources: int, micro_batches: int, loss_chunk: 
         init = (jnp.zeros((), jnp.float32), zeros, jnp.zeros(num_sources), jnp.zeros(num_sources))
         (loss, grads, src_nll, src_cnt), _ = jax.lax.scan(accumulate, init, micro)
         grad_norm = optax.tree.norm(grads)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # A batch with no trained token (every loss mask zero) changes nothing: no weight decay,
+        # no Adam state update; counted by the loop, not a bad step.
+        ok = finite & (trained > 0)
         updates, new_opt = tx.update(grads, state["opt_state"], state["trainable"])
         new_params = jax.tree.map(lambda p, u: p + u, state["trainable"], updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        bad = state["bad_steps"]
         new_state = {"trainable": keep(new_params, state["trainable"]), "opt_state": keep(new_opt, state["opt_state"]),
-                     "step": state["step"] + 1, "bad_steps": jnp.where(ok, jnp.zeros_like(state["bad_steps"]), state["bad_steps"] + 1)}
+                     "step": state["step"] + 1,
+                     "bad_steps": jnp.where(finite, jnp.where(trained > 0, jnp.zeros_like(bad), bad), bad + 1)}
         # The global batch's non-padding tokens (for tokens/s and MFU), counted where the whole
         # batch is: no host-side all-gather of per-host counts.
-        metrics = {"loss": loss, "grad_norm": grad_norm, "ok": ok, "trained_tokens": total,
+        metrics = {"loss": loss, "grad_norm": grad_norm, "ok": ok, "trained_tokens": trained,
                    "seq_tokens": jnp.sum(batch["segment_ids"] > 0),
                    "source_nll": src_nll, "source_tokens": src_cnt}
         return new_state, metrics
@@ -780,7 +789,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, step_hooks) -> dict:
             state, m = jit_step(state, frozen, to_global(rows, mesh))
             step += 1
             m = jax.device_get(m)
-            if not m["ok"]:
+            if not m["ok"] and m["trained_tokens"] == 0:
+                writer.skipped += 1
+                log.warning("step %d: the batch has no trained token (every loss mask is zero); nothing updated", step)
+            elif not m["ok"]:
                 writer.skipped += 1
                 log.warning("step %d: non-finite loss or gradient; update skipped", step)
                 if int(state["bad_steps"]) >= config.train.max_bad_steps:
@@ -793,8 +805,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, step_hooks) -> dict:
             stop = any_host_stops(preemption.requested)
             if step % config.train.log_every == 0 or step == total_steps or stop:
                 writer.write(last)
-            if step % config.checkpoint.every_steps == 0 or step == total_steps or stop:
+            # Never during a run of non-finite steps: a bad step's checkpoint would rotate a good
+            # one out (checkpoint.keep), and the stop message points at the last good one.
+            in_bad_streak = not m["ok"] and int(state["bad_steps"]) > 0
+            if (step % config.checkpoint.every_steps == 0 or step == total_steps or stop) and not in_bad_streak:
                 save_checkpoint(mngr, step, state, data_iter.get_state(), meta)
+            elif in_bad_streak and (step % config.checkpoint.every_steps == 0 or stop):
+                log.warning("step %d: no checkpoint written during non-finite steps", step)
             if stop:
                 mngr.wait_until_finished()
                 print(f"stopped by SIGTERM after step {step}; checkpoint saved. Run the same command to resume.",

@@ -286,6 +286,33 @@ def test_a_non_finite_step_is_skipped(tmp_path):
     assert not bool(m["ok"]) and int(after["bad_steps"]) == 1 and int(after["step"]) == 2
     for a, b in zip(jax.tree.leaves(after["trainable"]), jax.tree.leaves(good["trainable"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the update was skipped
+    # A batch with no trained token: loss 0 and finite, yet nothing may move (weight decay and
+    # Adam's moments would), and it is not a bad step.
+    empty = dict(batch, loss_mask=np.zeros_like(batch["loss_mask"]))
+    same, m = step(good, frozen, empty)
+    assert not bool(m["ok"]) and int(m["trained_tokens"]) == 0 and int(same["bad_steps"]) == 0
+    for a, b in zip(jax.tree.leaves((same["trainable"], same["opt_state"])),
+                    jax.tree.leaves((good["trainable"], good["opt_state"]))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_non_finite_steps_write_no_checkpoint_and_a_nan_init_weight_is_named(tmp_path):
+    """lr = NaN makes every step after the first non-finite: with a checkpoint every step and
+    keep=1, the checkpoint of step 1 (the last step the guard accepted) survives the bad steps
+    (none is written for them), so the stop message's "last good checkpoint" exists. A NaN in
+    an init checkpoint is an error naming the tensor."""
+    c = tiny_config(**{"train.steps": 6, "optim.lr": float("nan"), "train.max_bad_steps": 3,
+                       "checkpoint.every_steps": 1, "checkpoint.keep": 1})
+    with pytest.raises(FloatingPointError, match=r"^3 non-finite steps in a row at step 4;"):
+        trainer.train(c, str(tmp_path / "run"))
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["1"]
+    from genieblue_jax import checkpoint
+    mcfg = trainer.resolve(tiny_config(), str(tmp_path / "x")).mcfg
+    llm = models.init_params(mcfg.llm, jax.random.key(0))
+    llm["layers_1"]["mlp"]["up_proj"]["kernel"] = llm["layers_1"]["mlp"]["up_proj"]["kernel"].at[0, 0].set(np.nan)
+    checkpoint.save(str(tmp_path / "nan_llm"), {"llm": mcfg.llm}, {"llm": llm})
+    with pytest.raises(trainer.ConfigError, match=r"nan_llm: tensor llm/layers_1/mlp/up_proj/kernel contains NaN"):
+        trainer.train(tiny_config(**{"init.llm_checkpoint": str(tmp_path / "nan_llm")}), str(tmp_path / "run2"))
 
 
 def test_a_source_whose_every_sample_is_rejected_stops_the_run_by_name(tmp_path):
