@@ -116,7 +116,8 @@ class MetricsWriter:
             else:
                 self._jsonl = open(self._path, "a")
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(paths.join(workdir, "tensorboard"), purge_step=start_step + 1 if start_step else None)
+            self._tb = SummaryWriter(paths.join(workdir, "tensorboard"),
+                                     purge_step=start_step + 1 if start_step else None)
         self._bar = None
 
     def start(self, step: int, total: int, desc: str = "train") -> None:

@@ -364,8 +364,9 @@ def test_a_second_trainer_on_a_running_workdir_is_refused(tmp_path):
         pass
     import subprocess
     import sys
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from genieblue_jax.train import trainer; "
-                               f"trainer.WorkdirLock({run!r}).__enter__(); print('locked', flush=True); time.sleep(60)"],
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from genieblue_jax.train import trainer; "
+                               f"trainer.WorkdirLock({run!r}).__enter__(); print('locked', flush=True); "
+                               "time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert holder.stdout.readline().strip() == "locked"
     with pytest.raises(trainer.ConfigError, match=f"in use by another trainer \\(pid {holder.pid} on "):
