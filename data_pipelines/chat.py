@@ -9,8 +9,8 @@ A conversation renders to
 and `loss_mask[t]` is True exactly for the tokens of assistant contents and the
 `<|im_end|>` that closes each assistant turn (the model learns to stop), for assistant
 turns that follow a user turn: an answer before any question is context only (as LLaVA's
-preprocessing drops a leading non-human turn; data_pipelines.convert drops and counts them). Everything else
-(role headers, user text, image tokens, the newline after `<|im_end|>`) is context only.
+preprocessing drops a leading non-human turn; data_pipelines.convert drops and counts them).
+Everything else (role headers, user text, image tokens, the newline after `<|im_end|>`) is context only.
 A sequence always starts with `<|im_start|>`, which is never a target, so in a packed
 row no token is ever trained to be predicted from the previous sample.
 
@@ -22,7 +22,6 @@ Example (one image of 2 tokens, `T(...)` = the tokenizer's ids for that text, `I
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 from typing import Sequence
 
@@ -98,20 +97,21 @@ class ChatTemplate:
         if add_generation_prompt:
             add([self.im_start])
             add(self._headers["assistant"])
+        ids = np.asarray(tokens, np.int32)
         # Text never yields a structural id (Tokenizer.encode splits them); a tokenizer that maps
         # text to one anyway would give an image slot no image or end a turn: refused, by name.
-        structural = {self.im_start: IM_START, self.im_end: IM_END, self.image_token_id: "the image token"}
-        placed = collections.Counter(tokens)
         image_slots = sum(length for _, length in spans)
-        if placed[self.image_token_id] != image_slots:
-            raise ValueError(f"example {example_id}: {placed[self.image_token_id]} image tokens but its images "
+        placed = int(np.count_nonzero(ids == self.image_token_id))
+        if placed != image_slots:
+            raise ValueError(f"example {example_id}: {placed} image tokens but its images "
                              f"fill {image_slots}: its text encodes to the image token (id {self.image_token_id})")
-        turns_opened = len(turns) + add_generation_prompt
-        for token_id, count in ((self.im_start, turns_opened), (self.im_end, len(turns))):
-            if placed[token_id] != count:
-                raise ValueError(f"example {example_id}: its text encodes to {structural[token_id]} "
-                                 f"(id {token_id}) {placed[token_id] - count} time(s)")
-        return RenderedChat(np.asarray(tokens, np.int32), np.asarray(mask, bool), spans)
+        for token_id, name, count in ((self.im_start, IM_START, len(turns) + add_generation_prompt),
+                                      (self.im_end, IM_END, len(turns))):
+            placed = int(np.count_nonzero(ids == token_id))
+            if placed != count:
+                raise ValueError(f"example {example_id}: its text encodes to {name} (id {token_id}) "
+                                 f"{placed - count} time(s)")
+        return RenderedChat(ids, np.asarray(mask, bool), spans)
 
 
 def truncate(chat: RenderedChat, max_len: int) -> tuple[RenderedChat, int]:

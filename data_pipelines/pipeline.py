@@ -218,14 +218,15 @@ class PackedBatchIterator(grain.DatasetIterator):
                 self._exhausted = True
                 break
             if isinstance(item, Rejection):
+                kind = item.reason.split(":")[0]
                 if count:
-                    self.stats["rejected"][item.reason.split(":")[0]] += 1
+                    self.stats["rejected"][kind] += 1
                     log.warning("rejected sample %s (source %s): %s", item.id, item.source, item.reason)
                 streak = self._streaks.setdefault(item.source, collections.Counter())
-                streak[item.reason.split(":")[0]] += 1
-                if sum(streak.values()) >= self.cfg.max_rejects_in_a_row:
+                streak[kind] += 1
+                if streak.total() >= self.cfg.max_rejects_in_a_row:
                     raise RejectionStreakError(
-                        f"data source {item.source!r}: {sum(streak.values())} samples in a row rejected "
+                        f"data source {item.source!r}: {streak.total()} samples in a row rejected "
                         f"(data.max_rejects_in_a_row), by reason {dict(streak)}; the last: id {item.id!r}: "
                         f"{item.reason}")
                 continue

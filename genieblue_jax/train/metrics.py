@@ -106,7 +106,7 @@ class MetricsWriter:
         self._path = paths.path(workdir) / "metrics.jsonl"
         if self.primary:
             lines = self._path.read_text().splitlines(keepends=True) if self._path.exists() else []
-            kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= start_step]
+            kept = [line for line in lines if (s := _step_of(line)) is not None and s <= start_step]
             if len(kept) < len(lines):
                 log.warning("%s: dropped %d row(s) after step %d, the step this run resumes from (logged by a "
                             "run stopped before it checkpointed them)", self._path, len(lines) - len(kept), start_step)

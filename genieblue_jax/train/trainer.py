@@ -808,7 +808,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, step_hooks) -> dict:
                 writer.write(last)
             # Never during a run of non-finite steps: a bad step's checkpoint would rotate a good
             # one out (checkpoint.keep), and the stop message points at the last good one.
-            in_bad_streak = not m["ok"] and int(state["bad_steps"]) > 0
+            in_bad_streak = int(state["bad_steps"]) > 0  # an accepted step resets it to 0
             if (step % config.checkpoint.every_steps == 0 or step == total_steps or stop) and not in_bad_streak:
                 save_checkpoint(mngr, step, state, data_iter.get_state(), meta)
             elif in_bad_streak and (step % config.checkpoint.every_steps == 0 or stop):
