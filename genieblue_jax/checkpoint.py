@@ -3,7 +3,8 @@
     CKPT/
       genieblue.json    {"format_version": 1, "components": {"llm": {<LLMConfig.to_dict()>}, ...},
                          "mllm": {...} (whole multimodal models only), "source": {...},
-                         "packages": {"jax": "0.10.2", ...} (versions.package_versions())}
+                         "packages": {"jax": "0.10.2", ...} (versions.package_versions()),
+                         "checksums": {"params/...": {"size": ..., "sha256": ...}, ...}}
       params/           Orbax tree {"llm": {...}, "vision": {...}, ...}
       hf_assets/        tokenizer and processor files (from an HF import, or the tokenizer a
                         multimodal model was trained with)
@@ -16,7 +17,9 @@ layout follows from the structure recorded under "mllm":
              "branch_dtype": "float32", "preprocessing": {"image_mode": "dynamic", "max_patches": 16}}
 
 Restoring goes straight into the requested shardings (Orbax reads each shard where it
-lives), so a large model is never assembled on one host.
+lives), so a large model is never assembled on one host. It first checks every file against
+the checksums genieblue.json recorded (genieblue_jax.checksums): a damaged file is a
+`CorruptCheckpointError` naming it, never a silently changed weight.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from typing import Any, Sequence
 import jax
 import orbax.checkpoint as ocp
 
-from genieblue_jax import models, paths, sharding as sharding_lib, versions
+from genieblue_jax import checksums, models, paths, sharding as sharding_lib, versions
 from genieblue_jax.jsonfile import read_json
 
 META_FILE = "genieblue.json"
@@ -77,7 +80,8 @@ def _write(path: str, meta: dict, params: dict, overwrite: bool, assets: tuple[s
         (root / ASSETS_DIR).mkdir(parents=True, exist_ok=True)
         for asset in assets:
             paths.path(asset).copy(root / ASSETS_DIR / os.path.basename(asset), overwrite=True)
-    if primary:  # written last: its presence marks a whole checkpoint
+    if primary:  # written last: its presence marks a whole checkpoint, its checksums what it holds
+        meta["checksums"] = checksums.record(root, exclude={META_FILE})
         (root / META_FILE).write_text(json.dumps(meta, indent=2))
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -166,8 +170,15 @@ def assets_dir(path: str) -> str | None:
 
 def restore(path: str, *, mesh=None, rules=sharding_lib.DEFAULT_RULES):
     """Returns (configs, params, metadata). With a mesh, every parameter lands in the sharding
-    the rules give it; without, on the first device."""
+    the rules give it; without, on the first device.
+
+    Raises `checksums.CorruptCheckpointError` (naming the files) when a file differs from what
+    was written; a checkpoint written before checksums were recorded is read unverified."""
     meta = read_metadata(path)
+    if "checksums" in meta:
+        problems = checksums.checked_by_primary(lambda: checksums.damage(path, meta["checksums"]))
+        if problems:
+            raise checksums.CorruptCheckpointError(path, problems)
     configs = meta["components"]
     abstract = {name: models.abstract_params(cfg) for name, cfg in configs.items()}
     if "mllm_config" in meta:

@@ -108,8 +108,8 @@ class MetricsWriter:
             lines = self._path.read_text().splitlines(keepends=True) if self._path.exists() else []
             kept = [line for line in lines if (s := _step_of(line)) is not None and s <= start_step]
             if len(kept) < len(lines):
-                log.warning("%s: dropped %d row(s) after step %d, the step this run resumes from (logged by a "
-                            "run stopped before it checkpointed them)", self._path, len(lines) - len(kept), start_step)
+                log.warning("%s: dropped %d row(s) after step %d, the step this run resumes from (logged "
+                            "after the checkpoint it resumes from)", self._path, len(lines) - len(kept), start_step)
                 self._path.write_text("".join(kept))
             if paths.is_remote(workdir):
                 self._lines = kept

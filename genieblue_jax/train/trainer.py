@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from genieblue_jax import checkpoint as model_checkpoint
-from genieblue_jax import models, paths, sharding as sharding_lib, structure, versions
+from genieblue_jax import checksums, models, paths, sharding as sharding_lib, structure, versions
 from genieblue_jax.jsonfile import read_json
 from genieblue_jax.train import metrics as metrics_lib
 from genieblue_jax.train.losses import token_nll
@@ -370,6 +370,12 @@ def _micro_loss(mcfg, num_sources, loss_chunk, trainable, frozen, mb, total_toke
     return jnp.sum(nll * mask) / total_tokens, per_source
 
 
+def _all_finite(tree) -> jax.Array:
+    """True iff no floating-point leaf of `tree` holds a NaN or an Inf."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.stack([jnp.isfinite(x).all() for x in leaves]).all() if leaves else jnp.bool_(True)
+
+
 def make_train_step(mcfg, tx, num_sources: int, micro_batches: int, loss_chunk: int = 0, mesh=None):
     """state = {trainable, opt_state, step, bad_steps}; returns (state, metrics).
     `loss_chunk` > 0: the LM head and cross-entropy run that many positions at a time.
@@ -401,12 +407,14 @@ def make_train_step(mcfg, tx, num_sources: int, micro_batches: int, loss_chunk: 
         init = (jnp.zeros((), jnp.float32), zeros, jnp.zeros(num_sources), jnp.zeros(num_sources))
         (loss, grads, src_nll, src_cnt), _ = jax.lax.scan(accumulate, init, micro)
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = tx.update(grads, state["opt_state"], state["trainable"])
+        new_params = jax.tree.map(lambda p, u: p + u, state["trainable"], updates)
+        # Accepted only if what the step would store is finite too: a finite loss and gradient
+        # can still give a NaN update (e.g. from a damaged Adam moment).
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite((new_params, new_opt))
         # A batch with no trained token (every loss mask zero) changes nothing: no weight decay,
         # no Adam state update; counted by the loop, not a bad step.
         ok = finite & (trained > 0)
-        updates, new_opt = tx.update(grads, state["opt_state"], state["trainable"])
-        new_params = jax.tree.map(lambda p, u: p + u, state["trainable"], updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
         bad = state["bad_steps"]
         new_state = {"trainable": keep(new_params, state["trainable"]), "opt_state": keep(new_opt, state["opt_state"]),
@@ -471,11 +479,91 @@ def any_host_stops(requested: bool) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+# Files Orbax writes into a step directory after `_StepChecksums` has run (its commit).
+_WRITTEN_AT_COMMIT = {"_CHECKPOINT_METADATA", "commit_success.txt"}
+_DAMAGED_DIR = "damaged_checkpoints"
+
+
+class _StepChecksums:
+    """Orbax's post-finalization callback: once every process has written step `step` and
+    before Orbax commits it (renames the temporary directory, or writes commit_success.txt on
+    gs://), the primary process records the step's files in its checksums.json, so that a
+    committed step always carries them. `step` is set by `save_checkpoint`."""
+
+    def __init__(self, workdir: str):
+        self.directory, self.step = paths.path(workdir) / "checkpoints", None
+
+    def __call__(self) -> None:
+        if jax.process_index() != 0 or self.step is None:
+            return
+        # Local disk: Orbax writes into STEP.orbax-checkpoint-tmp*, renamed at the commit; gs://: STEP.
+        pending = sorted(self.directory.glob(f"{self.step}.orbax-checkpoint-tmp*"))
+        step_dir = pending[-1] if pending else self.directory / str(self.step)
+        try:
+            checksums.write_manifest(step_dir, exclude=_WRITTEN_AT_COMMIT)
+        except OSError as e:  # the step is still committed, unverifiable; training goes on
+            log.error("checkpoint step %d: could not record checksums in %s: %s", self.step, step_dir, e)
+
+
+def checkpoint_manager(workdir: str, keep: int, *, checksummer: _StepChecksums | None = None) -> ocp.CheckpointManager:
+    """Orbax's manager of WORKDIR/checkpoints (items state, data, meta); with `checksummer`,
+    every step it saves records its files' checksums (only the training loop saves)."""
+    async_options = ocp.AsyncOptions(post_finalization_callback=checksummer) if checksummer else None
     return ocp.CheckpointManager(
         paths.path(workdir) / "checkpoints",
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
+                                             async_options=async_options),
         item_names=("state", "data", "meta"))
+
+
+def step_damage(workdir: str, step: int) -> list[str] | None:
+    """Files of checkpoint `step` that differ from what was written (checksums.json), on every
+    process as process 0 found them; [] if intact, None if the step has no checksums (written
+    by an older genieblue_jax: unverifiable)."""
+    step_dir = paths.path(workdir) / "checkpoints" / str(step)
+    return checksums.checked_by_primary(lambda: checksums.manifest_damage(step_dir))
+
+
+def _warn_unverified(workdir: str, step: int) -> None:
+    log.warning("%s/checkpoints/%d has no checksums.json (saved by an older version): not verified", workdir, step)
+
+
+def verified_step(workdir: str, step: int) -> None:
+    """Raises `checksums.CorruptCheckpointError` naming the damaged files of checkpoint `step`."""
+    problems = step_damage(workdir, step)
+    if problems:
+        raise checksums.CorruptCheckpointError(os.path.join(workdir, "checkpoints", str(step)), problems)
+    if problems is None:
+        _warn_unverified(workdir, step)
+
+
+def newest_intact_step(mngr: ocp.CheckpointManager, workdir: str) -> int | None:
+    """The newest checkpoint step whose files are what was written, or None. Each damaged newer
+    step is reported by path and moved to WORKDIR/damaged_checkpoints/ (kept for inspection;
+    the run saves that step again), so a resume falls back to the newest intact step."""
+    while (step := mngr.latest_step()) is not None:
+        problems = step_damage(workdir, step)
+        if problems is None:
+            _warn_unverified(workdir, step)
+        if not problems:
+            return step
+        damaged = paths.path(workdir) / _DAMAGED_DIR / str(step)
+        if jax.process_index() == 0:  # moves it; the others wait, then list the steps again
+            damaged.parent.mkdir(parents=True, exist_ok=True)
+            n = 1
+            while damaged.exists():
+                damaged, n = paths.path(workdir) / _DAMAGED_DIR / f"{step}.{n}", n + 1
+            (paths.path(workdir) / "checkpoints" / str(step)).rename(damaged)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"genieblue_jax damaged step {step} moved")
+        mngr.reload()
+        if jax.process_index() == 0:
+            older = mngr.latest_step()
+            print(f"checkpoint step {step} is damaged ({'; '.join(problems[:3])}"
+                  f"{f' +{len(problems) - 3} more' if len(problems) > 3 else ''}): moved to {damaged}; "
+                  f"resuming from {'scratch' if older is None else f'step {older}'}", flush=True)
+    return None
 
 
 class _DataState:
@@ -496,8 +584,10 @@ class _DataState:
         pass
 
 
-def save_checkpoint(mngr, step: int, state, data_state: dict, meta: dict) -> None:
+def save_checkpoint(mngr, checksummer: _StepChecksums, step: int, state, data_state: dict, meta: dict) -> None:
     from grain.checkpoint import CheckpointSave
+    mngr.wait_until_finished()  # the previous step's checksums are written before `step` is set
+    checksummer.step = step
     mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=CheckpointSave(_DataState(data_state)),
                                             meta=ocp.args.JsonSave(meta)))
 
@@ -516,6 +606,7 @@ def restore_trained_part(workdir: str, component: str, like: dict) -> dict:
     step = mngr.latest_step()
     if step is None:
         raise ConfigError(f"init.stage1_workdir={workdir}: no checkpoint found")
+    verified_step(workdir, step)
     meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     tree = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(None)))["state"]
     part = tree["trainable"].get(component)
@@ -573,6 +664,7 @@ def load_trained(workdir: str, *, step: int | None = None, mesh=None) -> Trained
         step = max(steps) if step is None else step
         if step not in steps:
             raise FileNotFoundError(f"{workdir}/checkpoints: no step {step}; saved steps {sorted(steps)}")
+        verified_step(workdir, step)
         meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     finally:
         mngr.close()
@@ -752,8 +844,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, step_hooks) -> dict:
                             "vision": config.init.vit_checkpoint or f"random(seed={config.train.seed})"},
             "packages": versions.package_versions()}
     data_iter = build_streams(setup.pipeline, setup.streams)
-    mngr = checkpoint_manager(workdir, config.checkpoint.keep)
-    start = mngr.latest_step()
+    checksummer = _StepChecksums(workdir)
+    mngr = checkpoint_manager(workdir, config.checkpoint.keep, checksummer=checksummer)
+    start = newest_intact_step(mngr, workdir)
     if start is not None:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
         state, data_state, saved_meta = restore_checkpoint(mngr, start, abstract)
@@ -795,10 +888,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, step_hooks) -> dict:
                 log.warning("step %d: the batch has no trained token (every loss mask is zero); nothing updated", step)
             elif not m["ok"]:
                 writer.skipped += 1
-                log.warning("step %d: non-finite loss or gradient; update skipped", step)
+                log.warning("step %d: non-finite loss, gradient or update; update skipped", step)
                 if int(state["bad_steps"]) >= config.train.max_bad_steps:
-                    raise FloatingPointError(f"{int(state['bad_steps'])} non-finite steps in a row at step {step}; "
-                                             f"stopping. The last good checkpoint is in {workdir}/checkpoints")
+                    mngr.wait_until_finished()
+                    good = mngr.latest_step()
+                    raise FloatingPointError(
+                        f"{int(state['bad_steps'])} non-finite steps in a row at step {step}; stopping. " +
+                        (f"The last good checkpoint is step {good} in {workdir}/checkpoints" if good is not None
+                         else "No checkpoint was saved (no step was finite since the start)"))
             last = writer.row(step, m, lr=float(lr_schedule(step)), step_time=time.perf_counter() - t0,
                               data_stats=data_iter.stats)
             for hook in step_hooks:
@@ -810,7 +907,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, step_hooks) -> dict:
             # one out (checkpoint.keep), and the stop message points at the last good one.
             in_bad_streak = int(state["bad_steps"]) > 0  # an accepted step resets it to 0
             if (step % config.checkpoint.every_steps == 0 or step == total_steps or stop) and not in_bad_streak:
-                save_checkpoint(mngr, step, state, data_iter.get_state(), meta)
+                save_checkpoint(mngr, checksummer, step, state, data_iter.get_state(), meta)
             elif in_bad_streak and (step % config.checkpoint.every_steps == 0 or stop):
                 log.warning("step %d: no checkpoint written during non-finite steps", step)
             if stop:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import genieblue_jax
-from genieblue_jax import checkpoint, models, paths
+from genieblue_jax import checkpoint, checksums, models, paths
 from genieblue_jax.train import trainer
 from tests.conftest import xla_flags
 from tests.train.conftest import losses, tiny_config
@@ -105,6 +105,13 @@ def test_a_gs_run_saves_resumes_and_loads_like_a_local_one(tmp_path, gcs, monkey
     first = trainer.train(config(gcs), run, step_hooks=[sigterm_after_step_3])
     assert first["step"] == 3
     assert sorted(int(p.name) for p in (paths.path(run) / "checkpoints").iterdir() if p.name.isdigit()) == [3]
+    # The checksums on gs:// (written into the step before its commit_success.txt) match the files.
+    recorded = __import__("json").loads((paths.path(run) / "checkpoints" / "3" / "checksums.json").read_text())
+    assert "meta/metadata" in recorded["files"] and any(f.startswith("state/ocdbt") for f in recorded["files"])
+    assert trainer.step_damage(run, 3) == []
+    init_sums = checkpoint.read_metadata(f"{gcs}/init/llm")["checksums"]
+    assert {"params/manifest.ocdbt", "hf_assets/tokenizer.model"} <= set(init_sums)
+    assert checksums.damage(f"{gcs}/init/llm", init_sums) == []
     second = trainer.train(config(gcs), run)
     assert second["step"] == 6
     rows = [__import__("json").loads(line) for line in (paths.path(run) / "metrics.jsonl").read_text().splitlines()]

@@ -73,6 +73,68 @@ def test_sigterm_then_restart_resumes_bitwise(tmp_path, capsys, reference):
     assert losses(run) == losses(reference["workdir"])  # bitwise: same data order, same state
 
 
+def _sha256sum(path):
+    """coreutils' SHA-256 of a file: the outside reference for the recorded checksums."""
+    return subprocess.run(["sha256sum", path], capture_output=True, text=True, check=True).stdout.split()[0]
+
+
+def test_damaged_checkpoints_are_named_and_the_resume_falls_back_to_the_newest_intact_step(
+        tmp_path, capsys, caplog, reference):
+    """Checkpoints 1-4, then three kinds of damage: a flipped byte in a parameter / Adam file of
+    step 4, a truncated metadata JSON in step 3, a deleted data-state file in step 2, and step
+    1's checksums removed (as an older version wrote it). `genieblue_jax.load` refuses step 4 by
+    file; the resumed run reports each damaged step by file, moves it aside, resumes from step 1
+    (unverified, with a warning) and ends with the uninterrupted run's losses, bitwise."""
+    import genieblue_jax
+    from genieblue_jax import checksums
+    run = tmp_path / "run"
+    trainer.train(tiny_config(**{"train.steps": 4, "checkpoint.every_steps": 1, "checkpoint.keep": 4}), str(run))
+    ckpts = run / "checkpoints"
+    assert sorted(os.listdir(ckpts)) == ["1", "2", "3", "4"]
+    recorded = json.loads((ckpts / "4" / "checksums.json").read_text())["files"]
+    assert {"meta/metadata", "data/process_0-of-1.json"} <= set(recorded)
+    assert len([f for f in recorded if f.startswith("state/")]) > 5
+    for rel in ("meta/metadata", "state/manifest.ocdbt"):
+        assert recorded[rel]["sha256"] == _sha256sum(ckpts / "4" / rel)
+        assert recorded[rel]["size"] == os.path.getsize(ckpts / "4" / rel)
+
+    state_files = [os.path.join(d, f) for d, _, fs in os.walk(ckpts / "4" / "state") for f in fs]
+    flipped = max(state_files, key=os.path.getsize)
+    with open(flipped, "r+b") as f:
+        f.seek(os.path.getsize(flipped) // 2)
+        byte = f.read(1)[0]
+        f.seek(-1, 1)
+        f.write(bytes([byte ^ 0x10]))
+    flipped = os.path.relpath(flipped, ckpts / "4")
+    meta = ckpts / "3" / "meta" / "metadata"
+    meta.write_bytes(meta.read_bytes()[:-7])
+    os.remove(ckpts / "2" / "data" / "process_0-of-1.json")
+    os.remove(ckpts / "1" / "checksums.json")
+
+    with pytest.raises(checksums.CorruptCheckpointError,
+                       match=re.escape(f"{ckpts / '4'}: damaged checkpoint: {flipped}: content differs")):
+        genieblue_jax.load(str(run))
+
+    capsys.readouterr()
+    with caplog.at_level("WARNING"):
+        trainer.train(tiny_config(**{"train.steps": 6, "checkpoint.every_steps": 1, "checkpoint.keep": 4}), str(run))
+    out = capsys.readouterr().out
+    damaged = run / "damaged_checkpoints"
+    assert f"checkpoint step 4 is damaged ({flipped}: content differs from what was written (SHA-256)): " \
+           f"moved to {damaged / '4'}; resuming from step 3" in out
+    size = os.path.getsize(damaged / "3" / "meta" / "metadata")
+    assert f"checkpoint step 3 is damaged (meta/metadata: {size} bytes, {size + 7} were written): " \
+           f"moved to {damaged / '3'}; resuming from step 2" in out
+    assert f"checkpoint step 2 is damaged (data/process_0-of-1.json: missing): moved to {damaged / '2'}; " \
+           f"resuming from step 1" in out
+    assert "resuming from step 1 (" in out
+    assert f"{ckpts}/1 has no checksums.json (saved by an older version): not verified" in caplog.text
+    assert sorted(os.listdir(damaged)) == ["2", "3", "4"]
+    assert losses(run) == losses(reference["workdir"])  # nothing good lost: bitwise the uninterrupted run
+    assert sorted(os.listdir(ckpts)) == ["3", "4", "5", "6"]
+    assert genieblue_jax.load(str(run)).source["step"] == 6
+
+
 def _tensorboard_events(logdir):
     """Every event of the TFRecord event files under `logdir` (length, crc, data, crc records)."""
     import glob
@@ -286,6 +348,17 @@ def test_a_non_finite_step_is_skipped(tmp_path):
     assert not bool(m["ok"]) and int(after["bad_steps"]) == 1 and int(after["step"]) == 2
     for a, b in zip(jax.tree.leaves(after["trainable"]), jax.tree.leaves(good["trainable"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the update was skipped
+    # A damaged Adam moment (a negative second moment: its square root is NaN) with a finite loss
+    # and gradient: the update would write NaN weights; the step is refused and nothing moves.
+    adam = good["opt_state"][1]
+    nu = dict(adam.nu, projector=jax.tree.map(lambda x: jax.numpy.full_like(x, -1.0), adam.nu["projector"]))
+    damaged = dict(good, opt_state=(good["opt_state"][0], adam._replace(nu=nu), *good["opt_state"][2:]))
+    after, m = step(damaged, frozen, batch)
+    assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))
+    assert not bool(m["ok"]) and int(after["bad_steps"]) == 1
+    for a, b in zip(jax.tree.leaves((after["trainable"], after["opt_state"])),
+                    jax.tree.leaves((damaged["trainable"], damaged["opt_state"]))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # A batch with no trained token: loss 0 and finite, yet nothing may move (weight decay and
     # Adam's moments would), and it is not a bad step.
     empty = dict(batch, loss_mask=np.zeros_like(batch["loss_mask"]))
@@ -297,15 +370,21 @@ def test_a_non_finite_step_is_skipped(tmp_path):
 
 
 def test_non_finite_steps_write_no_checkpoint_and_a_nan_init_weight_is_named(tmp_path):
-    """lr = NaN makes every step after the first non-finite: with a checkpoint every step and
-    keep=1, the checkpoint of step 1 (the last step the guard accepted) survives the bad steps
-    (none is written for them), so the stop message's "last good checkpoint" exists. A NaN in
-    an init checkpoint is an error naming the tensor."""
-    c = tiny_config(**{"train.steps": 6, "optim.lr": float("nan"), "train.max_bad_steps": 3,
+    """A diverging run (lr = 1e30, after the warm-up's first steps: huge but finite weights at
+    step 2, a non-finite loss from step 3): with a checkpoint every step and keep=1, the
+    checkpoint of step 2 (the last step the guard accepted) survives the bad steps (none is written for them), and the
+    stop message names it. lr = NaN: no step is finite (the update is NaN), nothing is saved
+    and the message says so. A NaN in an init checkpoint is an error naming the tensor."""
+    c = tiny_config(**{"train.steps": 6, "optim.lr": 1e30, "train.max_bad_steps": 3,
                        "checkpoint.every_steps": 1, "checkpoint.keep": 1})
-    with pytest.raises(FloatingPointError, match=r"^3 non-finite steps in a row at step 4;"):
+    with pytest.raises(FloatingPointError, match=r"^3 non-finite steps in a row at step 5; stopping. The last good "
+                                                 r"checkpoint is step 2 in "):
         trainer.train(c, str(tmp_path / "run"))
-    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["1"]
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2"]
+    c = tiny_config(**{"train.steps": 6, "optim.lr": float("nan"), "train.max_bad_steps": 2})
+    with pytest.raises(FloatingPointError, match=r"^2 non-finite steps in a row at step 2; stopping. No checkpoint"):
+        trainer.train(c, str(tmp_path / "nan_run"))
+    assert not os.listdir(tmp_path / "nan_run" / "checkpoints")
     from genieblue_jax import checkpoint
     mcfg = trainer.resolve(tiny_config(), str(tmp_path / "x")).mcfg
     llm = models.init_params(mcfg.llm, jax.random.key(0))
