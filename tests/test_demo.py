@@ -168,7 +168,7 @@ def test_a_sigterm_in_the_base_pretraining_caches_nothing_half_trained(tmp_path,
     from genieblue_jax import checkpoint
     from genieblue_jax.train import trainer
     c = pretrain.get_config("demo")
-    c.model.llm = "demo-tiny-qwen2"
+    c.model.llm = "tiny-qwen2"  # 4 layers: what is tested is the caching, not the model
     c.demo.cache_dir, c.demo.pretrain_steps, c.demo.pretrain_examples = str(tmp_path / "cache"), 3, 200
     c.demo.train_examples, c.demo.eval_examples = 20, 20
     real_train = trainer.train

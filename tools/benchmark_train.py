@@ -82,15 +82,11 @@ def make_batch(batch_size: int, seq_len: int, patches_per_row: int, image_size: 
             "images": rng.uniform(-1, 1, (batch_size, patches_per_row, image_size, image_size, 3)).astype(np.float32)}
 
 
-def benchmark_one(variant: str, *, batch_size: int = 8, seq_len: int = 512, patches_per_row: int = 8,
-                  steps: int = 10, warmup: int = 2, peak_flops: float = 110e9, overrides=()) -> dict:
+def _benchmarked(variant: str, seq_len: int, patches_per_row: int, overrides=()):
+    """(config, model config) of the benchmarked `variant`: its recipe with demo-qwen2."""
     import importlib
 
-    import jax
-    import jax.numpy as jnp
-
-    from genieblue_jax import models, structure
-    from genieblue_jax.train import metrics as metrics_lib, trainer
+    from genieblue_jax.train import trainer
     config = importlib.import_module(f"experiments.configs.{VARIANTS[variant]}").get_config("demo")
     config.model.llm = "demo-qwen2"  # the benchmarked shape (the recipes default to the smaller demo LLM)
     config.data.seq_len, config.data.max_patches_per_row = seq_len, patches_per_row
@@ -98,6 +94,29 @@ def benchmark_one(variant: str, *, batch_size: int = 8, seq_len: int = 512, patc
     mcfg = trainer.model_config(config, image_token_id=IMAGE_TOKEN_ID)
     if mcfg.llm.vocab_size <= IMAGE_TOKEN_ID:
         raise ValueError(f"{config.model.llm}: vocabulary {mcfg.llm.vocab_size} has no id {IMAGE_TOKEN_ID}")
+    return config, mcfg
+
+
+def parameter_split(variant: str, overrides=()) -> tuple[int, int]:
+    """(trainable, total) parameters of the benchmarked `variant`, from shapes alone (nothing is
+    initialised or compiled): the trainer's parameter tree split by the recipe's stage."""
+    from genieblue_jax import models, structure
+    from genieblue_jax.train import trainer
+    config, mcfg = _benchmarked(variant, 96, 1, overrides)
+    trainable, frozen = structure.partition(trainer.abstract_params(mcfg, trainer.make_mesh(config)),
+                                            config.train.stage)
+    n = models.count_params(trainable)
+    return n, n + models.count_params(frozen)
+
+
+def benchmark_one(variant: str, *, batch_size: int = 8, seq_len: int = 512, patches_per_row: int = 8,
+                  steps: int = 10, warmup: int = 2, peak_flops: float = 110e9, overrides=()) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from genieblue_jax import models, structure
+    from genieblue_jax.train import metrics as metrics_lib, trainer
+    config, mcfg = _benchmarked(variant, seq_len, patches_per_row, overrides)
     mesh = trainer.make_mesh(config)
     # The trainer's own initialisation (random frozen parts at demo scale), no data pipeline.
     params = trainer.init_params(config, trainer.Setup(mcfg, pipeline=None, mesh=mesh, per_host_batch=batch_size))
