@@ -175,6 +175,9 @@ def restore(path: str, *, mesh=None, rules=sharding_lib.DEFAULT_RULES):
     Raises `checksums.CorruptCheckpointError` (naming the files) when a file differs from what
     was written; a checkpoint written before checksums were recorded is read unverified."""
     meta = read_metadata(path)
+    params_dir = paths.path(path) / PARAMS_DIR
+    if not params_dir.is_dir():
+        raise FileNotFoundError(f"{path}: {META_FILE} is there but {PARAMS_DIR}/ is missing (incomplete copy?)")
     if "checksums" in meta:
         problems = checksums.checked_by_primary(lambda: checksums.damage(path, meta["checksums"]))
         if problems:
@@ -190,9 +193,6 @@ def restore(path: str, *, mesh=None, rules=sharding_lib.DEFAULT_RULES):
                      else sharding_lib.single_device_shardings(tree))
         target[name] = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
-    params_dir = paths.path(path) / PARAMS_DIR
-    if not params_dir.is_dir():
-        raise FileNotFoundError(f"{path}: {META_FILE} is there but {PARAMS_DIR}/ is missing (incomplete copy?)")
     try:
         params = ocp.StandardCheckpointer().restore(params_dir, target)
     except (ValueError, KeyError, FileNotFoundError) as e:

@@ -188,13 +188,14 @@ def test_metrics_rows_every_log_every_steps_and_the_last(tmp_path, reference):
 
 
 def test_the_non_finite_check_runs_on_steps_that_are_not_logged(tmp_path):
-    # lr = NaN: step 1 is finite and makes the weights NaN, so step 2 is the first non-finite step.
-    # With max_bad_steps 1 it must stop there, although rows are only written every 5 steps.
+    # lr = 1e30: steps 1-2 are finite (the warm-up) and make the weights huge, so step 3 is the
+    # first non-finite step. With max_bad_steps 1 it must stop there, although rows are only
+    # written every 5 steps.
     seen = []
-    c = tiny_config(**{"train.steps": 6, "train.log_every": 5, "optim.lr": float("nan"), "train.max_bad_steps": 1})
-    with pytest.raises(FloatingPointError, match=r"^1 non-finite steps in a row at step 2;"):
+    c = tiny_config(**{"train.steps": 6, "train.log_every": 5, "optim.lr": 1e30, "train.max_bad_steps": 1})
+    with pytest.raises(FloatingPointError, match=r"^1 non-finite steps in a row at step 3;"):
         trainer.train(c, str(tmp_path / "run"), step_hooks=[lambda step, row: seen.append(step)])
-    assert seen == [1] and rows(str(tmp_path / "run")) == []
+    assert seen == [1, 2] and rows(str(tmp_path / "run")) == []
 
 
 def test_log_every_must_be_positive(tmp_path):
