@@ -86,9 +86,11 @@ def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh, rules=DEFAULT_RULES)
 def param_shardings(abstract_tree, mesh: Mesh, rules=DEFAULT_RULES):
     """Tree of NamedShardings matching `abstract_tree` (e.g. `models.abstract_params(cfg)`),
     empty subtrees included (a variant without a branch has `"branch": {}`)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda keys, x: NamedSharding(mesh, spec_for("/".join(str(getattr(k, "key", k)) for k in keys), tuple(x.shape), mesh, rules)),
-        abstract_tree)
+    def sharding(keys, x):
+        name = "/".join(str(getattr(k, "key", k)) for k in keys)  # as models.flatten names it
+        return NamedSharding(mesh, spec_for(name, tuple(x.shape), mesh, rules))
+
+    return jax.tree_util.tree_map_with_path(sharding, abstract_tree)
 
 
 def single_device_shardings(abstract_tree, device=None):
