@@ -8,6 +8,7 @@ import data_pipelines.demo_data
 import data_pipelines.images
 import data_pipelines.packing
 import data_pipelines.records
+import genieblue_jax.checksums
 import genieblue_jax.evaluate
 import genieblue_jax.export.hf_writer
 import genieblue_jax.export.to_torch
@@ -33,7 +34,8 @@ import genieblue_jax.versions
                                     genieblue_jax.train.optimizer, genieblue_jax.train.trainer, genieblue_jax.structure,
                                     genieblue_jax.structure.config, genieblue_jax.structure.branch,
                                     data_pipelines.packing, data_pipelines.records, data_pipelines.images,
-                                    data_pipelines.demo_data, genieblue_jax.evaluate, genieblue_jax.versions])
+                                    data_pipelines.demo_data, genieblue_jax.evaluate, genieblue_jax.versions,
+                                    genieblue_jax.checksums])
 def test_docstring_examples(module):
     result = doctest.testmod(module, verbose=False)
     assert result.attempted > 0 and result.failed == 0
