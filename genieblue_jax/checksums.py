@@ -37,8 +37,13 @@ class CorruptCheckpointError(ValueError):
 
     def __init__(self, path: str, problems: list[str]):
         self.path, self.problems = str(path), list(problems)
-        shown = "; ".join(self.problems[:5]) + (f" (+{len(self.problems) - 5} more)" if len(self.problems) > 5 else "")
-        super().__init__(f"{self.path}: damaged checkpoint: {shown}")
+        super().__init__(f"{self.path}: damaged checkpoint: {summary(self.problems)}")
+
+
+def summary(problems: list[str], shown: int = 5) -> str:
+    """The first `shown` problems joined, and how many more there are."""
+    more = len(problems) - shown
+    return "; ".join(problems[:shown]) + (f" (+{more} more)" if more > 0 else "")
 
 
 def _sha256(path) -> str:

@@ -95,10 +95,11 @@ class Drill:
 
     def reference_losses(self) -> list[float]:
         if self.reference is None:
-            rc, out = self.run(self.workdir("reference"))
+            w = self.workdir("reference")
+            rc, out = self.run(w)
             if rc != 0:
                 raise RuntimeError(f"the reference run failed:\n{out[-3000:]}")
-            self.reference = [r["loss"] for r in _rows(os.path.join(self.root, f"{self.n:03d}_reference"))]
+            self.reference = [r["loss"] for r in _rows(w)]
         return self.reference
 
     def same_as_reference(self, workdir: str) -> str | None:

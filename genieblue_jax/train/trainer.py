@@ -560,8 +560,7 @@ def newest_intact_step(mngr: ocp.CheckpointManager, workdir: str) -> int | None:
         mngr.reload()
         if jax.process_index() == 0:
             older = mngr.latest_step()
-            print(f"checkpoint step {step} is damaged ({'; '.join(problems[:3])}"
-                  f"{f' +{len(problems) - 3} more' if len(problems) > 3 else ''}): moved to {damaged}; "
+            print(f"checkpoint step {step} is damaged ({checksums.summary(problems, 3)}): moved to {damaged}; "
                   f"resuming from {'scratch' if older is None else f'step {older}'}", flush=True)
     return None
 
