@@ -71,6 +71,8 @@ def main(argv):
         result = trainer.train(config, workdir)
     except trainer.ConfigError as e:
         sys.exit(f"config error: {e}")
+    except trainer.WorkdirInUseError as e:
+        sys.exit(str(e))
     print(f"done: step {result['step']}, loss {result.get('loss', float('nan')):.4f}; workdir {workdir}")
 
 

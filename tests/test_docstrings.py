@@ -23,6 +23,7 @@ import genieblue_jax.structure.branch
 import genieblue_jax.structure.config
 import genieblue_jax.train.optimizer
 import genieblue_jax.train.trainer
+import genieblue_jax.train.workdir_lock
 import genieblue_jax.versions
 
 
@@ -35,7 +36,7 @@ import genieblue_jax.versions
                                     genieblue_jax.structure.config, genieblue_jax.structure.branch,
                                     data_pipelines.packing, data_pipelines.records, data_pipelines.images,
                                     data_pipelines.demo_data, genieblue_jax.evaluate, genieblue_jax.versions,
-                                    genieblue_jax.checksums])
+                                    genieblue_jax.checksums, genieblue_jax.train.workdir_lock])
 def test_docstring_examples(module):
     result = doctest.testmod(module, verbose=False)
     assert result.attempted > 0 and result.failed == 0

@@ -82,7 +82,15 @@ def config_from_hf_dir(hf_dir: str, *, param_dtype: str = "float32", dtype: str 
 def _stored_head_differing_from_embedding(ckpt: SafetensorsCheckpoint) -> tuple[str, str] | None:
     """(head name, embedding name) when the checkpoint stores an lm_head.weight whose values
     differ from the input embedding's; None when it stores none or an identical copy (compared
-    in row blocks of the memory-mapped files)."""
+    in row blocks of the memory-mapped files, once per version of the files: config_from_hf_dir
+    and plan_import both ask)."""
+    return _head_verdict(ckpt.hf_dir, ckpt.stamp())
+
+
+@functools.lru_cache(maxsize=16)
+def _head_verdict(hf_dir: str, stamp: tuple) -> tuple[str, str] | None:
+    del stamp  # the cache key: a rewritten file is compared again
+    ckpt = SafetensorsCheckpoint(hf_dir)
     heads = [n for n in ckpt.names() if n.endswith("lm_head.weight")]
     embeds = [n for n in ckpt.names() if n.endswith("embed_tokens.weight")]
     if not heads or len(embeds) != 1:

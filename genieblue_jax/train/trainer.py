@@ -33,6 +33,7 @@ from genieblue_jax.jsonfile import read_json
 from genieblue_jax.train import metrics as metrics_lib
 from genieblue_jax.train.losses import token_nll
 from genieblue_jax.train.optimizer import make_optimizer, schedule
+from genieblue_jax.train.workdir_lock import WorkdirInUseError, WorkdirLock  # noqa: F401 (public here)
 
 log = logging.getLogger(__name__)
 
@@ -737,42 +738,6 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
                           f"change only {', '.join(RESUMABLE)}*. Use another --workdir for a new run")
 
 
-class WorkdirLock:
-    """One trainer per workdir: the primary process holds an exclusive `flock` on
-    WORKDIR/.lock for the run (the kernel releases it when the process ends, however it ends,
-    so a killed run never leaves a stale lock), and writes its host and pid there for the error
-    a second trainer gets. gs:// has no advisory locks: a gs:// workdir is not locked."""
-
-    def __init__(self, workdir: str):
-        self.workdir, self._fd = workdir, None
-
-    def __enter__(self):
-        if jax.process_index() != 0 or paths.is_remote(self.workdir):
-            return self
-        import fcntl
-        import socket
-        path = os.path.join(paths.path(self.workdir), ".lock")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise ConfigError(f"{self.workdir} is in use by another trainer ({holder}): wait for it, stop it, or "
-                              f"use another --workdir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
-                  .encode(), 0)
-        self._fd = fd
-        return self
-
-    def __exit__(self, *exc):
-        if self._fd is not None:
-            os.close(self._fd)  # releases the flock
-            self._fd = None
-
-
 class _Preemption:
     """SIGTERM sets a flag; the loop saves a checkpoint after the current step and exits
     cleanly. A second SIGTERM before that (a step or a data read that does not end) stops the
@@ -807,8 +772,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, step_hooks=()) -> 
     considered, like CLU's periodic actions: profiling, evaluation, early stopping (raise). A
     SIGTERM that arrives during a hook is honoured after that same step.
 
-    A local workdir is locked for the run (`WorkdirLock`): a second trainer on it is a
-    ConfigError naming the holder.
+    The workdir is held for the run (`WorkdirLock`: a flock on local disk, a renewed lease on
+    gs://): a second trainer on it gets WorkdirInUseError naming the holder.
     """
     with WorkdirLock(workdir):
         return _train(config, workdir, step_hooks)

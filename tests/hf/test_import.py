@@ -238,11 +238,19 @@ def test_a_stored_head_that_a_tied_config_contradicts_is_imported_as_transformer
 
     same = _copy(tmp_path / "tied", tmp_path, "same")
     _edit_tensors(same, lambda t: t.__setitem__("lm_head.weight", t["model.embed_tokens.weight"].copy()))
+    from genieblue_jax.hf import importer
+    before = importer._head_verdict.cache_info()
     _, cfg, params = import_hf(str(same))
     assert cfg.tie_embeddings and "lm_head" not in params
+    after = importer._head_verdict.cache_info()  # config and plan both ask; the data is read once
+    assert (after.misses - before.misses, after.hits - before.hits) == (1, 1)
     with torch.no_grad():
         want = model(input_ids=torch.from_numpy(IDS)).logits.numpy()
     assert np.abs(genieblue_jax.load(str(same)).logits(IDS) - want).max() <= 1e-4
+    _edit_tensors(same, lambda t: t.__setitem__("lm_head.weight", head))  # rewritten: compared again
+    _, cfg, params = import_hf(str(same))
+    assert not cfg.tie_embeddings
+    np.testing.assert_array_equal(np.asarray(params["lm_head"]["kernel"]), head.T)
 
 
 def test_truncated_and_damaged_safetensors_name_the_file_and_tensor(hf_decoder_dir, tmp_path):

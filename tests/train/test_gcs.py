@@ -99,12 +99,16 @@ def test_a_gs_run_saves_resumes_and_loads_like_a_local_one(tmp_path, gcs, monkey
     run = f"{gcs}/run"
 
     def sigterm_after_step_3(step, row):
+        if step == 1:  # train() holds the gs:// workdir: another trainer is refused
+            with pytest.raises(trainer.WorkdirInUseError, match=f"{run} is in use by another trainer \\(pid {os.getpid()}"):
+                trainer.WorkdirLock(run).__enter__()
         if step == 3:
             os.kill(os.getpid(), 15)
 
     first = trainer.train(config(gcs), run, step_hooks=[sigterm_after_step_3])
     assert first["step"] == 3
     assert sorted(int(p.name) for p in (paths.path(run) / "checkpoints").iterdir() if p.name.isdigit()) == [3]
+    assert not (paths.path(run) / ".lock").exists()  # released (an object store has no empty directories)
     # The checksums on gs:// (written into the step before its commit_success.txt) match the files.
     recorded = __import__("json").loads((paths.path(run) / "checkpoints" / "3" / "checksums.json").read_text())
     assert "meta/metadata" in recorded["files"] and any(f.startswith("state/ocdbt") for f in recorded["files"])
@@ -154,6 +158,44 @@ def test_a_gs_run_saves_resumes_and_loads_like_a_local_one(tmp_path, gcs, monkey
     with pytest.raises(ValueError, match=f"{gcs}/qnn: written on local disk only"):
         export_qnn(remote_model, f"{gcs}/qnn", quantize="no", calib=0)
     assert _tree_has_colon_dir(tmp_path) == [] and not os.path.exists(os.path.join(tmp_path, "gs:"))
+
+
+def test_a_gs_workdir_is_leased_to_one_trainer(gcs):
+    """gs:// has no advisory locks: the holder keeps a claim object renewed by a heartbeat
+    (workdir_lock). A second trainer is refused naming the holder while the claim is renewed,
+    also after longer than the lease; a dead run's unrenewed claim blocks the workdir until its
+    lease expires and is then deleted by the next holder; two trainers that both write their
+    claims before either lists both refuse."""
+    from genieblue_jax.train.workdir_lock import WorkdirInUseError, WorkdirLock
+    run, lease = f"{gcs}/leased", 3
+    claims = paths.path(run) / ".lock"
+
+    def claim_names():  # an object store has no empty directories
+        return [p.name for p in claims.iterdir()] if claims.exists() else []
+
+    with WorkdirLock(run, lease_s=lease):
+        with pytest.raises(WorkdirInUseError, match=f"{run} is in use by another trainer \\(pid {os.getpid()} on .*"
+                                                    f"lease renewed"):
+            WorkdirLock(run, lease_s=lease).__enter__()
+        time.sleep(lease + 1.5)  # the claim is older than the lease now: only the heartbeat keeps it live
+        with pytest.raises(WorkdirInUseError, match=f"pid {os.getpid()} on "):
+            WorkdirLock(run, lease_s=lease).__enter__()
+        assert len(claim_names()) == 1  # the refused trainers deleted their claims
+    assert claim_names() == []  # released
+
+    dead = claims / "dead.json"  # a SIGKILLed run's claim: never renewed, never deleted by its owner
+    dead.write_text('{"holder": "pid 1 on lost-vm, since 2026-11-30 09:00:00"}')
+    with pytest.raises(WorkdirInUseError, match="pid 1 on lost-vm"):
+        WorkdirLock(run, lease_s=lease).__enter__()
+    time.sleep(lease + 1.5)
+    with WorkdirLock(run, lease_s=lease):
+        assert not dead.exists()
+
+    a, b = WorkdirLock(run), WorkdirLock(run)  # interleaved: a writes, b writes, a lists, b lists
+    a.write_claim()
+    b.write_claim()
+    assert len(a.live_claims()) == 1 and len(b.live_claims()) == 1  # each sees the other: both refuse
+    a.__exit__(), b.__exit__()
 
 
 def test_from_hf_writes_a_gs_checkpoint_with_the_hf_assets(tmp_path, gcs):

@@ -426,7 +426,7 @@ def test_a_second_sigterm_stops_at_once(tmp_path):
 
 def test_a_second_trainer_on_a_running_workdir_is_refused(tmp_path):
     """While one trainer runs (here: inside its first step hook), another train() on the same
-    workdir is a ConfigError naming the holder's pid; the lock is released when the run ends,
+    workdir is a WorkdirInUseError naming the holder's pid; the lock is released when the run ends,
     and a process killed while holding it (SIGKILL) leaves no stale lock."""
     run = str(tmp_path / "run")
     errors = []
@@ -435,7 +435,7 @@ def test_a_second_trainer_on_a_running_workdir_is_refused(tmp_path):
         if step == 1:
             try:
                 trainer.train(tiny_config(), run)
-            except trainer.ConfigError as e:
+            except trainer.WorkdirInUseError as e:
                 errors.append(str(e))
 
     trainer.train(tiny_config(**{"train.steps": 1}), run, step_hooks=[second_trainer])
@@ -449,7 +449,7 @@ def test_a_second_trainer_on_a_running_workdir_is_refused(tmp_path):
                                "time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert holder.stdout.readline().strip() == "locked"
-    with pytest.raises(trainer.ConfigError, match=f"in use by another trainer \\(pid {holder.pid} on "):
+    with pytest.raises(trainer.WorkdirInUseError, match=f"in use by another trainer \\(pid {holder.pid} on "):
         trainer.WorkdirLock(run).__enter__()
     holder.kill()
     holder.wait()
