@@ -310,11 +310,12 @@ def build_pipeline(cfg: PipelineConfig, *, process_index: int | None = None,
     stream = mixed.map(ExampleProcessor(cfg)).to_iter_dataset(
         grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_buffer))
     if cfg.num_workers > 0:
-        # Grain's workers read absl flags; outside an absl app (notebooks, pytest) they are
-        # unparsed and Grain would raise, so take their defaults.
         from absl import flags
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
+        if not flags.FLAGS.is_parsed():  # Grain reads its absl flags in every worker process
+            raise RuntimeError(f"num_workers={cfg.num_workers}: Grain's worker processes read absl flags, which "
+                               f"this process has not parsed; run under absl.app.run (as python -m "
+                               f"experiments.run does), call absl.flags.FLAGS.mark_as_parsed() first, or use "
+                               f"num_workers=0")
         stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
     return PackedBatches(stream, cfg)
 

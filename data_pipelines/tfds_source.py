@@ -6,14 +6,14 @@ and `Tensor(shape=(), dtype=np.object_)` (raw bytes). `EXAMPLE_FEATURES` stores 
 Example fields as they are: id, source, turns ({"role": [...], "content": [...]}) and
 images (the encoded image files, untouched).
 
-    builder = GenieblueDemo(data_dir="/data/tfds")          # the demo data (demo_data.py)
+    builder = ExampleDataset(examples={"train": train, "validation": val}, data_dir="/data/tfds")
     builder.download_and_prepare()                          # array_record, offline, no TF
-    source = TfdsExampleSource("genieblue_demo", "train", data_dir="/data/tfds")
+    source = TfdsExampleSource("example_dataset", "train", data_dir="/data/tfds")
     source = TfdsExampleSource(builder.data_dir, "validation")   # or the prepared directory
     dataset = grain.MapDataset.source(source)
 
 Any TFDS dataset with the `EXAMPLE_FEATURES` fields can be read with `TfdsExampleSource`;
-`GenieblueDemo(examples={split: examples})` builds one from Examples given in code.
+`ExampleDataset(examples={split: examples})` builds one from Examples given in code.
 """
 import os
 import pathlib
@@ -30,8 +30,6 @@ EXAMPLE_FEATURES = {
     "turns": tfds.features.Sequence({"role": tfds.features.Text(), "content": tfds.features.Text()}),
     "images": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),
 }
-DEMO_SPLITS = {"train": 512, "validation": 64}  # examples per split of the default demo data
-DEMO_SEED = 0
 
 
 def example_to_features(ex: Example) -> dict:
@@ -58,17 +56,19 @@ def features_to_example(features: Mapping) -> Example:
 
 
 class _ThisFile:
-    """Class attribute with this module's path (see `GenieblueDemo.code_path`)."""
+    """Class attribute with this module's path (see `ExampleDataset.code_path`)."""
 
     def __get__(self, obj, cls) -> pathlib.Path:
         return pathlib.Path(__file__)
 
 
-class GenieblueDemo(tfds.core.GeneratorBasedBuilder):
-    """TFDS builder of Example datasets; by default the demo data (`demo_data.demo_examples`).
+class ExampleDataset(tfds.core.GeneratorBasedBuilder):
+    """TFDS builder of Example datasets (registered name "example_dataset").
 
     `examples` maps split name -> iterable of Examples (ids unique within a split); records
-    keep the given order (shuffling is Grain's job).
+    keep the given order (shuffling is Grain's job). A duplicate id is a ValueError naming the
+    split, the id and the record index. Without `examples` the builder reads a prepared dataset
+    only (`download_and_prepare()` is then a ValueError).
     """
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Example schema version 1."}
@@ -89,11 +89,9 @@ class GenieblueDemo(tfds.core.GeneratorBasedBuilder):
             features=tfds.features.FeaturesDict(EXAMPLE_FEATURES), disable_shuffling=True)
 
     def _split_generators(self, dl_manager):
-        examples = self._examples
-        if examples is None:
-            from data_pipelines.demo_data import demo_examples
-            examples = {split: demo_examples(split, n, DEMO_SEED) for split, n in DEMO_SPLITS.items()}
-        return {split: self._generate_examples(split, exs) for split, exs in examples.items()}
+        if self._examples is None:  # None: a builder that only reads (tfds.builder(name))
+            raise ValueError("ExampleDataset needs examples={split: [Example, ...]} to prepare a dataset")
+        return {split: self._generate_examples(split, exs) for split, exs in self._examples.items()}
 
     def _generate_examples(self, split, examples):
         seen = set()

@@ -33,7 +33,7 @@ import ml_collections
 
 from experiments.configs import common
 
-# Sources and weights of the demo's training stages (data_pipelines.demo_data.SOURCES).
+# Sources and weights of the demo's training stages (experiments.demo_data.SOURCES).
 # Pretraining reads the "pretrain" split, written without images: the text tasks plus the
 # image conversations answered blind, so the base LLM knows the language of the questions
 # and answers (as a real pretrained LLM would) but none of the images' content.
@@ -109,7 +109,7 @@ def with_cache_dir(c: ml_collections.ConfigDict, workdir: str) -> ml_collections
 
 def demo_data(c: ml_collections.ConfigDict) -> Assets:
     """The demo datasets (train / eval / a text-only pretraining split) and tokenizer."""
-    from data_pipelines.demo_data import SCENES, write_demo_datasets
+    from experiments.demo_data import SCENES, write_demo_datasets
     d = c.demo
     if not d.cache_dir:
         raise ValueError("config demo.cache_dir is empty: set it, or pass the config through "
@@ -267,7 +267,7 @@ def evaluate_run(c: ml_collections.ConfigDict, workdir: str, assets: Assets) -> 
 
 def chance(examples) -> dict:
     """Uniform-guess accuracy (percent) of the VQA questions among `examples`."""
-    from data_pipelines.demo_data import chance_accuracy
+    from experiments.demo_data import chance_accuracy
     values = [chance_accuracy(ex.turns[0]["content"]) for ex in examples if ex.source == "vqa"]
     values = [v for v in values if v is not None]
     return {"vqa": 100.0 * sum(values) / len(values) if values else None}

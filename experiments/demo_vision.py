@@ -4,7 +4,7 @@ GenieBlue starts from a pretrained SigLIP; the demo has none, and a random tower
 do not separate the scenes' objects well enough for a tiny MLLM to learn grounding in a few
 hundred CPU steps. So, as the demo pretrains its base LLM, it pretrains its ViT: dense
 supervision, a linear head on every output token predicting the object kind under its
-patch (`data_pipelines.demo_data.patch_kinds`: background or one of 15 shape x colour
+patch (`experiments.demo_data.patch_kinds`: background or one of 15 shape x colour
 kinds), on square scenes of a split of its own ("vision"), never the train / eval splits.
 The head is thrown away; the tower is saved as a genieblue_jax checkpoint ("vision"
 component) that `init.vit_checkpoint` reads. About 30 s on a 2-core CPU for 400 steps.
@@ -21,7 +21,7 @@ import numpy as np
 def scenes(n: int, seed: int, image_size: int, patch: int, scene: str = "grid"):
     """(pixels float32 (m, S, S, 3) normalised, labels int32 (m, S/patch * S/patch)) for the
     square scenes among the first n of split "vision" in style `scene` (demo_data.SCENES)."""
-    from data_pipelines.demo_data import demo_items, patch_kinds
+    from experiments.demo_data import demo_items, patch_kinds
     from data_pipelines.images import decode_image, normalize
     pixels, labels = [], []
     for ex, meta in demo_items("vision", n, seed, image_size=image_size, mixture={"caption": 1},
@@ -43,7 +43,7 @@ def pretrain(out: str, *, preset: str = "demo-siglip", steps: int = 400, example
     import jax
     import optax
 
-    from data_pipelines.demo_data import KINDS
+    from experiments.demo_data import KINDS
     from genieblue_jax import checkpoint, models
     from genieblue_jax.models.siglip import SiglipVisionTower
     t0 = time.perf_counter()

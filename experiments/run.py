@@ -68,6 +68,11 @@ def main(argv):
             except demo.Preempted as e:
                 print(e, flush=True)
             return
+        from experiments.demo_data import with_demo_sources
+        try:
+            config = with_demo_sources(config, workdir)  # demo scale without data: the demo datasets
+        except ValueError as e:
+            raise trainer.ConfigError(str(e)) from None
         result = trainer.train(config, workdir)
     except trainer.ConfigError as e:
         sys.exit(f"config error: {e}")

@@ -107,7 +107,7 @@ def load_examples(paths: Sequence[str], *, image_root: str | None = None, limit:
     the JSON's folder) and converted dataset directories, in order. Returns (examples,
     rejects): records a LLaVA JSON could not use ({"path", "index", "id", "reason",
     "detail"}), reported, never dropped silently. `limit` keeps the first n of each path."""
-    from data_pipelines.convert import read_llava
+    from data_pipelines.conversion import read_llava
     from data_pipelines.records import ArrayRecordExampleSource, CorruptRecord
     examples, rejects = [], []
     for path in paths:

@@ -20,7 +20,6 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from genieblue_jax import models
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

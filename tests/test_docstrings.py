@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 
-import data_pipelines.demo_data
+import experiments.demo_data
 import data_pipelines.images
 import data_pipelines.packing
 import data_pipelines.records
@@ -35,7 +35,7 @@ import genieblue_jax.versions
                                     genieblue_jax.train.optimizer, genieblue_jax.train.trainer, genieblue_jax.structure,
                                     genieblue_jax.structure.config, genieblue_jax.structure.branch,
                                     data_pipelines.packing, data_pipelines.records, data_pipelines.images,
-                                    data_pipelines.demo_data, genieblue_jax.evaluate, genieblue_jax.versions,
+                                    experiments.demo_data, genieblue_jax.evaluate, genieblue_jax.versions,
                                     genieblue_jax.checksums, genieblue_jax.train.workdir_lock])
 def test_docstring_examples(module):
     result = doctest.testmod(module, verbose=False)

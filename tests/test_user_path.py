@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import transformers
 
-from data_pipelines.demo_data import demo_examples
+from experiments.demo_data import demo_examples
 from tests.conftest import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

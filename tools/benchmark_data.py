@@ -27,7 +27,7 @@ flags.DEFINE_integer("max_patches_per_row", 48, "Image patch slots per row in th
 
 
 def pipeline_config(demo, seq_len, batch_size, workers, max_patches_per_row):
-    from data_pipelines.demo_data import MIXTURE
+    from experiments.demo_data import MIXTURE
     from data_pipelines.pipeline import PipelineConfig, mixture
     return PipelineConfig(sources=mixture(demo["datasets"]["train"], MIXTURE), tokenizer=demo["tokenizer"],
                           seq_len=seq_len, batch_size=batch_size, patch_size=56, tokens_per_patch=16,
@@ -84,7 +84,7 @@ def train_step_tokens_per_s(batches):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    from data_pipelines.demo_data import write_demo_datasets
+    from experiments.demo_data import write_demo_datasets
     if FLAGS.data_dir is None:
         FLAGS.data_dir = tempfile.mkdtemp(prefix="genieblue_demo_")
     if not os.path.isfile(os.path.join(FLAGS.data_dir, "tokenizer.model")):

@@ -195,8 +195,8 @@ def main(argv):
     print(f"\nbatch {FLAGS.batch_size} x {FLAGS.seq_len} tokens, {FLAGS.patches_per_row} patches/row; "
           f"{FLAGS.steps} timed steps after {FLAGS.warmup}; jax {ours['stage2_skip']['jax']} on "
           f"{ours['stage2_skip']['devices']} device(s), {os.cpu_count()} CPU cores; float32")
-    print(f"| variant | trainable | JAX step s | tokens/s | MFU | compile s | peak RSS MB | PyTorch step s "
-          f"| PyTorch RSS MB | JAX / PyTorch |")
+    print("| variant | trainable | JAX step s | tokens/s | MFU | compile s | peak RSS MB | PyTorch step s "
+          "| PyTorch RSS MB | JAX / PyTorch |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for v, r in ours.items():
         t = ref.get(v)

@@ -119,7 +119,7 @@ def base_config(scale: str) -> ml_collections.ConfigDict:
     c.demo.train_examples = 6000
     c.demo.eval_examples = 300
     c.demo.pretrain_examples = 20000   # text tasks only
-    c.demo.scene = "single"            # data_pipelines.demo_data.SCENES: what the images show
+    c.demo.scene = "single"            # experiments.demo_data.SCENES: what the images show
     c.demo.pretrain_steps = 300
     c.demo.vision_steps = 400
     c.demo.stage1_steps = 60

@@ -59,24 +59,6 @@ class Setup:
     batch: dict | None = None     # batch_plan(): rows per device, micro-steps, global rows / tokens
 
 
-def _demo_data(config, workdir: str) -> tuple[dict, str]:
-    """The demo datasets and tokenizer, written once into the workdir (a local one)."""
-    from data_pipelines.demo_data import MIXTURE, write_demo_datasets
-    if paths.is_remote(workdir):
-        raise ConfigError(f"data.sources is empty, so the demo data would be written into the workdir, but "
-                          f"{workdir} is not on local disk: give data.sources (and data.tokenizer)")
-    out = os.path.join(workdir, "demo_data")
-    if jax.process_index() == 0 and not os.path.isfile(os.path.join(out, "tokenizer.model")):
-        log.warning("no data.sources given: writing the demo dataset to %s", out)
-        n = config.data.demo_examples
-        write_demo_datasets(out, splits={"train": n, "eval": max(n // 10, 20)}, seed=0)
-    if jax.process_count() > 1:  # the other hosts read what process 0 wrote
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("genieblue_jax demo data written")
-    sources = {s: {"path": os.path.join(out, "train", s), "weight": float(w)} for s, w in MIXTURE.items()}
-    return sources, os.path.join(out, "tokenizer.model")
-
-
 def parse_sources(spec: str) -> dict[str, dict]:
     """`data.sources`, one string so that it can be given on the command line: comma-separated
     `name=DIR[:weight]` (weight 1 when left out). The text after the last colon is the weight and
@@ -116,7 +98,8 @@ def parse_sources(spec: str) -> dict[str, dict]:
 
 
 def tokenizer_path(c: ml_collections.ConfigDict, workdir: str) -> str:
-    """The recipe's tokenizer: `data.tokenizer`, or the demo data's inside the workdir."""
+    """The recipe's tokenizer: `data.tokenizer` (workdirs of versions before 2026-11-30 trained on
+    the demo data without naming it: its tokenizer inside the workdir)."""
     return c.data.tokenizer or os.path.join(workdir, "demo_data", "tokenizer.model")
 
 
@@ -226,12 +209,12 @@ def resolve(config: ml_collections.ConfigDict, workdir: str) -> Setup:
             raise ConfigError("init.stage1_workdir is required at paper scale for stage 2 / full")
         if not c.data.sources:
             raise ConfigError("data.sources is required at paper scale: 'name=DIR:weight,name=DIR:weight,...'")
-    if c.data.sources:
-        sources = parse_sources(c.data.sources)
-        if not c.data.tokenizer:
-            raise ConfigError("data.tokenizer is required with data.sources")
-    else:
-        sources, _ = _demo_data(c, workdir)
+    if not c.data.sources:
+        raise ConfigError("data.sources is empty: give 'name=DIR:weight,name=DIR:weight,...' (python -m "
+                          "experiments.run writes the demo datasets for a demo-scale run that names none)")
+    sources = parse_sources(c.data.sources)
+    if not c.data.tokenizer:
+        raise ConfigError("data.tokenizer is required with data.sources")
     mcfg = tokenized_model_config(c, tokenizer_path(c, workdir))
     mesh = make_mesh(c)
     plan = batch_plan(c, mesh)

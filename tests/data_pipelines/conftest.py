@@ -1,7 +1,7 @@
 """Demo datasets and tokenizer written once per test session."""
 import pytest
 
-from data_pipelines.demo_data import write_demo_datasets
+from experiments.demo_data import write_demo_datasets
 
 
 @pytest.fixture(scope="session")

@@ -63,4 +63,6 @@ def main(config_path, action, out_path, *args):
 
 
 if __name__ == "__main__":
+    from absl import flags
+    flags.FLAGS.mark_as_parsed()  # outside absl.app: Grain's workers read their flags' defaults
     main(*sys.argv[1:])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipelines.convert import ConversionError, convert_jsonl, convert_llava, read_llava
+from data_pipelines.conversion import ConversionError, convert_jsonl, convert_llava, read_llava
 from data_pipelines.records import ArrayRecordExampleSource
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -111,6 +111,16 @@ def test_worker_processes_give_the_same_stream_and_resume_exactly(demo, tmp_path
     for _ in range(2):
         next(plain)
     assert [fingerprint(next(plain)) for _ in range(3)] == first["next"]
+    # The library leaves absl's global flags alone: outside absl.app (flags unparsed), workers are
+    # an error saying what to do, not a silent change to the caller's process state.
+    cfg_path = tmp_path / "unparsed.json"
+    cfg_path.write_text(json.dumps(payload))
+    run = subprocess.run([sys.executable, "-c", "import json, sys; from tests.data_pipelines.pipeline_worker import "
+                          "load_config; from data_pipelines.pipeline import build_pipeline; "
+                          f"build_pipeline(load_config(json.load(open({str(cfg_path)!r}))['config']), "
+                          "process_index=0, process_count=1)"], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 1 and "RuntimeError: num_workers=2: Grain's worker processes read absl flags, which " \
+        "this process has not parsed; run under absl.app.run" in run.stderr, run.stderr[-2000:]
 
 
 def test_two_processes_read_disjoint_parts_whose_union_is_everything(demo, tmp_path):
@@ -185,11 +195,11 @@ def test_stage1_single_patch_mode_sized_from_the_model(demo):
 
 
 def test_pipeline_reads_a_tfds_source(demo, tmp_path):
-    from data_pipelines.tfds_source import GenieblueDemo
+    from data_pipelines.tfds_source import ExampleDataset
     src = ArrayRecordExampleSource(demo["datasets"]["train"]["ocr"])
     examples = [src[i] for i in range(12)]
-    GenieblueDemo(examples={"train": examples}, data_dir=str(tmp_path)).download_and_prepare()
-    cfg = make_cfg(demo, sources=(SourceSpec("ocr", "genieblue_demo", tfds_split="train",
+    ExampleDataset(examples={"train": examples}, data_dir=str(tmp_path)).download_and_prepare()
+    cfg = make_cfg(demo, sources=(SourceSpec("ocr", "example_dataset", tfds_split="train",
                                              tfds_data_dir=str(tmp_path)),), num_epochs=1, batch_size=2)
     it = iter(build_pipeline(cfg, process_index=0, process_count=1))
     list(it)

@@ -7,7 +7,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from data_pipelines.records import Example
-from data_pipelines.tfds_source import GenieblueDemo, TfdsExampleSource
+from data_pipelines.tfds_source import ExampleDataset, TfdsExampleSource
 
 
 def examples(split: str, n: int) -> list[Example]:
@@ -28,7 +28,7 @@ def prepared(tmp_path_factory):
     data_dir = str(tmp_path_factory.mktemp("tfds"))
     splits = {"train": examples("train", 7), "validation": examples("validation", 3)}
     tfds.display_progress_bar(False)
-    builder = GenieblueDemo(data_dir=data_dir, examples=splits)
+    builder = ExampleDataset(data_dir=data_dir, examples=splits)
     builder.download_and_prepare()
     return data_dir, builder, splits
 
@@ -38,7 +38,7 @@ def test_builder_to_source_round_trip_is_exact(prepared):
     assert builder.info.file_format.value == "array_record"
     assert "tensorflow" not in sys.modules  # TFDS wrote and reads this with numpy only
     for split, exs in splits.items():
-        by_name = TfdsExampleSource("genieblue_demo", split, data_dir=data_dir)
+        by_name = TfdsExampleSource("example_dataset", split, data_dir=data_dir)
         by_dir = TfdsExampleSource(builder.data_dir, split)
         assert len(by_name) == len(by_dir) == len(exs)
         assert [by_name[i] for i in range(len(exs))] == exs
@@ -51,17 +51,17 @@ def test_builder_to_source_round_trip_is_exact(prepared):
     assert pickle.loads(pickle.dumps(source))[4] == train[4]
     sliced = TfdsExampleSource(builder.data_dir, "train[2:5]")
     assert [sliced[i] for i in range(len(sliced))] == train[2:5]
-    with pytest.raises(IndexError, match=r"index 7 out of range for genieblue_demo 'train' \(7 records\)"):
+    with pytest.raises(IndexError, match=r"index 7 out of range for example_dataset 'train' \(7 records\)"):
         source[7]
 
 
 def test_builder_rejects_duplicate_ids(tmp_path):
     exs = examples("train", 3)
-    builder = GenieblueDemo(data_dir=str(tmp_path), examples={"train": exs + [exs[1]]})
+    builder = ExampleDataset(data_dir=str(tmp_path), examples={"train": exs + [exs[1]]})
     with pytest.raises(ValueError, match="split 'train': duplicate example id 'train-1' \\(record 3\\)"):
         builder.download_and_prepare()
 
 
 def test_unprepared_dataset_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="'genieblue_demo' is not prepared"):
-        TfdsExampleSource("genieblue_demo", "train", data_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="'example_dataset' is not prepared"):
+        TfdsExampleSource("example_dataset", "train", data_dir=str(tmp_path))

@@ -45,7 +45,7 @@ def _params(mcfg):
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from data_pipelines.demo_data import write_demo_datasets
+    from experiments.demo_data import write_demo_datasets
     return write_demo_datasets(str(tmp_path_factory.mktemp("qnn_demo")), splits={"train": 24}, seed=0)
 
 

@@ -1,7 +1,23 @@
 """Tiny, fast versions of the real recipes (tiny presets, short rows, a few steps)."""
+import atexit
 import json
+import os
+import shutil
+import tempfile
 
 from experiments.configs import stage2_skip
+from experiments.demo_data import with_demo_sources
+
+_DATA_ROOT = []
+
+
+def with_demo_data(c):
+    """`c` reading the demo datasets of `c.data.demo_examples` examples, as `experiments.run`
+    gives a demo-scale run without data.sources; written once per test process, not per run."""
+    if not _DATA_ROOT:
+        _DATA_ROOT.append(tempfile.mkdtemp(prefix="genieblue_tests_demo_data_"))
+        atexit.register(shutil.rmtree, _DATA_ROOT[0], True)
+    return with_demo_sources(c, os.path.join(_DATA_ROOT[0], f"examples_{c.data.demo_examples}"))
 
 
 def tiny_config(**overrides):
@@ -17,7 +33,7 @@ def tiny_config(**overrides):
         for p in parents:
             node = node[p]
         node[last] = value
-    return c
+    return with_demo_data(c)
 
 
 def rows(workdir):

@@ -76,7 +76,7 @@ def test_unknown_schemes_are_errors_not_local_directories(tmp_path, monkeypatch)
 
 
 def test_a_gs_run_saves_resumes_and_loads_like_a_local_one(tmp_path, gcs, monkeypatch):
-    from data_pipelines.demo_data import MIXTURE, write_demo_datasets
+    from experiments.demo_data import MIXTURE, write_demo_datasets
     monkeypatch.chdir(tmp_path)
     data = write_demo_datasets(str(tmp_path / "data"), splits={"train": 200}, seed=0)
     # Init checkpoints and the tokenizer on gs://, written by the framework itself.

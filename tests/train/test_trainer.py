@@ -13,7 +13,7 @@ import pytest
 
 from genieblue_jax import models, structure
 from genieblue_jax.train import trainer
-from tests.train.conftest import losses, rows, tiny_config
+from tests.train.conftest import losses, rows, tiny_config, with_demo_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -321,7 +321,7 @@ def test_stage2_starts_from_the_stage1_projector(tmp_path):
     c1 = stage1.get_config("demo")
     c1.model.llm, c1.model.vit, c1.train.steps, c1.data.seq_len = "tiny-qwen2", "tiny-siglip", 2, 96
     c1.data.max_patches_per_row, c1.data.demo_examples, c1.mesh.data = 4, 200, 1
-    first = trainer.train(c1, str(tmp_path / "stage1"))
+    first = trainer.train(with_demo_data(c1), str(tmp_path / "stage1"))
     trained = models.flatten(first["state"]["trainable"])
     assert {n.split("/")[0] for n in trained} == {"projector"}  # stage 1 trains the projector only
     c2 = tiny_config(**{"init.stage1_workdir": str(tmp_path / "stage1")})

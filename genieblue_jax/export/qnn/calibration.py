@@ -5,8 +5,7 @@ Where the data comes from (`data_sources`), first match wins:
 1. `--data DIR (repeatable)`: converted datasets (`data_pipelines.convert` output), mixed
    with equal weights, with `--tokenizer` or the checkpoint's own tokenizer;
 2. the training workdir the model came from (`model.source["workdir"]`, also recorded in
-   a checkpoint saved from a workdir): its `config.data.sources` and tokenizer, or, for a
-   demo run, the demo data it wrote (WORKDIR/demo_data/train/<source>);
+   a checkpoint saved from a workdir): its `config.data.sources` and tokenizer;
 3. otherwise an error saying what to pass.
 
 Packed rows are cut back into their samples (one per segment, its patches with it), so
@@ -91,11 +90,9 @@ def data_sources(model, data: Sequence[str] = (), tokenizer: str | None = None):
         sources = tuple(SourceSpec(n, s["path"], s["weight"])
                         for n, s in sorted(trainer.parse_sources(config.data.sources).items()))
         where = f"the training data of {workdir} (config.data.sources)"
-    else:
-        from data_pipelines.demo_data import MIXTURE
-        sources = tuple(SourceSpec(s, os.path.join(workdir, "demo_data", "train", s), float(w))
-                        for s, w in sorted(MIXTURE.items()))
-        where = f"the demo training data of {workdir}"
+    else:  # a demo run of a version before 2026-11-30 (since then its config names the demo data)
+        raise ValueError(f"no calibration data: {workdir}/config.json names no data.sources; pass --data DIR "
+                         f"(repeatable), e.g. the demo data it wrote: {workdir}/demo_data/train/<source>")
     for s in sources:
         if not os.path.isdir(s.path):
             raise FileNotFoundError(f"no calibration data: source {s.name!r} of {workdir} is at {s.path}, which does "

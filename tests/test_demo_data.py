@@ -1,4 +1,4 @@
-"""The synthetic demo dataset (data_pipelines/demo_data.py): determinism, mixture, and
+"""The synthetic demo dataset (experiments/demo_data.py): determinism, mixture, and
 answers that are right for the pixels actually rendered."""
 import collections
 import doctest
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from data_pipelines import demo_data
-from data_pipelines.demo_data import (COLOURS, MIXTURE, NUMBER_WORDS, SHAPES, SOURCES, answer_of,
+from experiments import demo_data
+from experiments.demo_data import (COLOURS, MIXTURE, NUMBER_WORDS, SHAPES, SOURCES, answer_of,
                                       demo_examples, demo_item, demo_items)
 from data_pipelines.images import decode_image
 from data_pipelines.records import IMAGE_TAG, Example, check_example

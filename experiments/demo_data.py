@@ -443,6 +443,45 @@ def write_demo_datasets(out_dir: str, *, splits: Mapping[str, int] = None, seed:
     return {"datasets": datasets, "tokenizer": tokenizer}
 
 
+
+def with_demo_sources(config, workdir: str):
+    """`config` (an ml_collections.ConfigDict, changed in place and returned) reading the demo
+    datasets, written once into WORKDIR/demo_data (by process 0; the others wait for it), when
+    it is a demo-scale config that names no `data.sources`: what `python -m experiments.run`
+    trains on without data. `config.data.demo_examples` train examples (and a tenth, at least 20, held out).
+    A config that names its sources is returned unchanged.
+
+    Raises ValueError for a remote (gs://) workdir: the demo data is written to local disk.
+    """
+    import os
+
+    if config.data.sources or config.scale != "demo":
+        return config
+    from genieblue_jax import paths
+    if paths.is_remote(workdir):
+        raise ValueError(f"data.sources is empty, so the demo data would be written into the workdir, but "
+                         f"{workdir} is not on local disk: give data.sources (and data.tokenizer)")
+    import jax
+    out = os.path.join(os.path.abspath(workdir), "demo_data")
+    if jax.process_index() == 0 and not os.path.isdir(out):
+        print(f"no data.sources given: writing the demo dataset to {out}", flush=True)
+        n = config.data.demo_examples
+        # Written beside, then renamed into place: runs started together on one workdir (one of
+        # them is then refused by the workdir lock) never write into each other's files.
+        staging = f"{out}.tmp-{os.getpid()}"
+        write_demo_datasets(staging, splits={"train": n, "eval": max(n // 10, 20)}, seed=0)
+        try:
+            os.rename(staging, out)
+        except OSError:  # another run renamed its (identical) copy first
+            import shutil
+            shutil.rmtree(staging)
+    if jax.process_count() > 1:  # the other hosts read what process 0 wrote
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("demo data written")
+    config.data.sources = ",".join(f"{s}={os.path.join(out, 'train', s)}:{w}" for s, w in MIXTURE.items())
+    config.data.tokenizer = os.path.join(out, "tokenizer.model")
+    return config
+
 if __name__ == "__main__":
     import argparse
     import json

@@ -1,0 +1,130 @@
+"""The library's layers point down only (WORKSPACE.md, "Layers"): every import in
+genieblue_jax/ and data_pipelines/, at module level or inside a function, read with `ast`,
+must go to a layer its own layer may use. Nothing in the library imports `experiments`,
+`tools` or `tests` (the demo, the command lines, the tests).
+"""
+import ast
+import os
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Layer -> the layers it may import (besides itself). A module's layer is the longest prefix of
+# its dotted name listed in LAYER_OF.
+USES = {
+    "base": set(),                      # paths, JSON marker files, checksums, package versions
+    "data": {"base"},                   # input pipelines: know nothing of models
+    "models": {"base"},
+    "sharding": {"base", "models"},
+    "structure": {"base", "models", "sharding"},
+    "checkpoint": {"base", "models", "sharding", "structure", "data"},   # + the training workdir format
+    "hf": {"base", "models", "sharding", "structure", "checkpoint"},
+    "inference": {"base", "data", "models", "sharding", "structure", "checkpoint"},
+    "train": {"base", "data", "models", "sharding", "structure", "checkpoint"},
+    "api": {"base", "data", "models", "sharding", "structure", "checkpoint", "hf", "inference"},
+    "export": {"base", "data", "models", "sharding", "structure", "checkpoint", "hf", "inference", "api"},
+}
+LAYER_OF = {
+    "genieblue_jax.paths": "base", "genieblue_jax.jsonfile": "base", "genieblue_jax.checksums": "base",
+    "genieblue_jax.versions": "base",
+    "data_pipelines": "data",
+    "genieblue_jax.models": "models",
+    "genieblue_jax.sharding": "sharding",
+    "genieblue_jax.structure": "structure",
+    "genieblue_jax.checkpoint": "checkpoint", "genieblue_jax.workdir": "checkpoint",
+    "genieblue_jax.hf": "hf",
+    "genieblue_jax.inference": "inference",
+    "genieblue_jax.train": "train",
+    "genieblue_jax.api": "api", "genieblue_jax.evaluate": "api",
+    "genieblue_jax": "api",             # the package itself: `genieblue_jax.load` is the public API
+    "genieblue_jax.export": "export",
+}
+OUTSIDE = ("experiments", "tools", "tests")
+
+
+def layer_of(module: str) -> str | None:
+    parts = module.split(".")
+    for i in range(len(parts), 0, -1):
+        if ".".join(parts[:i]) in LAYER_OF:
+            return LAYER_OF[".".join(parts[:i])]
+    return None
+
+
+def _modules():
+    for root in ("genieblue_jax", "data_pipelines"):
+        for d, _, files in os.walk(os.path.join(REPO, root)):
+            for f in sorted(files):
+                if f.endswith(".py"):
+                    path = os.path.join(d, f)
+                    name = os.path.relpath(path, REPO)[:-3].replace(os.sep, ".").removesuffix(".__init__")
+                    yield name, path
+
+
+def imports_of(module: str, path: str):
+    """(line, imported module) for every import statement of the file; `from P import X` counts
+    as importing P.X when P.X is a module of ours, else P."""
+    package = module if path.endswith("__init__.py") else module.rsplit(".", 1)[0]
+    tree = ast.parse(open(path).read(), path)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            for alias in node.names:
+                full = f"{base}.{alias.name}"
+                is_module = os.path.exists(os.path.join(REPO, *full.split("."))) or \
+                    os.path.exists(os.path.join(REPO, *full.split(".")) + ".py")
+                yield node.lineno, full if is_module else base
+
+
+def violations():
+    out = []
+    for module, path in _modules():
+        mine = layer_of(module)
+        if mine is None:
+            out.append(f"{path}: not in LAYER_OF (give the new module a layer)")
+            continue
+        for line, target in imports_of(module, path):
+            top = target.split(".")[0]
+            where = f"{os.path.relpath(path, REPO)}:{line}: {module} ({mine}) imports {target}"
+            if top in OUTSIDE:
+                out.append(f"{where}, outside the library")
+            elif top in ("genieblue_jax", "data_pipelines"):
+                theirs = layer_of(target)
+                if theirs != mine and theirs not in USES[mine]:
+                    out.append(f"{where} ({theirs}): {mine} may use only {sorted(USES[mine])}")
+    return out
+
+
+def test_every_import_points_down_the_layers():
+    assert violations() == []
+
+
+def test_the_checker_sees_an_upward_import(tmp_path, monkeypatch):
+    """The rule's other side: an import up the layers (models -> train), one into the demo and
+    one hidden inside a function are all reported, with the file and line."""
+    bad = tmp_path / "genieblue_jax" / "models"
+    bad.mkdir(parents=True)
+    (bad / "upward.py").write_text("import numpy\nfrom genieblue_jax.train import trainer\n\n\ndef f():\n"
+                                   "    from experiments import demo_data\n    import data_pipelines.pipeline\n")
+    monkeypatch.setattr(f"{__name__}.REPO", str(tmp_path))
+    found = violations()
+    assert found == [
+        "genieblue_jax/models/upward.py:2: genieblue_jax.models.upward (models) imports genieblue_jax.train "
+        "(train): models may use only ['base']",
+        "genieblue_jax/models/upward.py:6: genieblue_jax.models.upward (models) imports experiments, outside the "
+        "library",
+        "genieblue_jax/models/upward.py:7: genieblue_jax.models.upward (models) imports data_pipelines.pipeline "
+        "(data): models may use only ['base']"]
+
+
+@pytest.mark.parametrize("module,layer", [("genieblue_jax.models.llm", "models"), ("genieblue_jax", "api"),
+                                          ("data_pipelines.pipeline", "data"), ("genieblue_jax.export.qnn", "export"),
+                                          ("genieblue_jax.paths", "base")])
+def test_layer_of(module, layer):
+    assert layer_of(module) == layer
