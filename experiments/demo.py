@@ -141,10 +141,10 @@ def sources(data_dir: str, split: str, mixture: dict[str, int]) -> str:
 # --- 2.-5. training -------------------------------------------------------------------------
 
 def _done(workdir: str, steps: int) -> bool:
-    from genieblue_jax.train import trainer
-    if not trainer.is_workdir(workdir):
+    from genieblue_jax import workdir as workdir_lib
+    if not workdir_lib.is_workdir(workdir):
         return False
-    mngr = trainer.checkpoint_manager(workdir, keep=1)
+    mngr = workdir_lib.checkpoint_manager(workdir, keep=1)
     try:
         return mngr.latest_step() == steps
     finally:
@@ -155,7 +155,7 @@ def pretrain_base(c: ml_collections.ConfigDict, assets: Assets) -> str:
     """Pretrains the base LLM on the text tasks (stage "pretrain"); returns its checkpoint."""
     from experiments.configs import pretrain
     from genieblue_jax import checkpoint, models
-    from genieblue_jax.train import trainer
+    from genieblue_jax import workdir as workdir_lib
     d = c.demo
     p = pretrain.get_config("demo")
     p.model.llm, p.model.vit, p.train.seed = c.model.llm, c.model.vit, c.train.seed
@@ -167,7 +167,7 @@ def pretrain_base(c: ml_collections.ConfigDict, assets: Assets) -> str:
         print(f"cached: {ckpt}", flush=True)
         return ckpt
     train_to_end(p, workdir)
-    t = trainer.load_trained(workdir)
+    t = workdir_lib.load_trained(workdir)
     checkpoint.save(ckpt, {"llm": t.mcfg.llm.replace(remat=False, attention_chunk=0, scan_layers=False)},
                     {"llm": t.params["llm"]}, tokenizer=assets.tokenizer,
                     source={"pretrained": workdir, "steps": t.step}, overwrite=True)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genieblue_jax import checkpoint, models, paths
+from genieblue_jax import checkpoint, models, paths, workdir
 from genieblue_jax.models.masks import positions_from_segments
 
 
@@ -264,12 +264,11 @@ def load(path: str, *, mesh=None, step: int | None = None) -> GenieBlue:
 
     A workdir gives its latest checkpoint (or `step`); `WORKDIR/checkpoints/<step>` names
     a step directly. Errors name the path and what is missing."""
-    from genieblue_jax.train import trainer
     path = os.fspath(paths.path(path))  # local paths made absolute; gs:// as it is
     if not paths.path(path).is_dir():
         raise FileNotFoundError(f"{path}: no such directory")
     parent = paths.path(path).parent
-    if parent.name == "checkpoints" and paths.path(path).name.isdigit() and trainer.is_workdir(os.fspath(parent.parent)):
+    if parent.name == "checkpoints" and paths.path(path).name.isdigit() and workdir.is_workdir(os.fspath(parent.parent)):
         return load(os.fspath(parent.parent), mesh=mesh, step=int(paths.path(path).name))
     if checkpoint.is_checkpoint(path):
         configs, params, meta = checkpoint.restore(path, mesh=mesh)
@@ -277,11 +276,11 @@ def load(path: str, *, mesh=None, step: int | None = None) -> GenieBlue:
         return GenieBlue(configs, params, path=path, mesh=mesh, mcfg=meta.get("mllm_config"),
                          tokenizer=_find_tokenizer(checkpoint.assets_dir(path)),
                          preprocessing=mllm.get("preprocessing") if mllm else None, source=meta.get("source"))
-    if trainer.is_workdir(path):
-        t = trainer.load_trained(path, step=step, mesh=mesh)
+    if workdir.is_workdir(path):
+        t = workdir.load_trained(path, step=step, mesh=mesh)
         configs = {"llm": t.mcfg.llm, "vision": t.mcfg.vision, "projector": t.mcfg.projector}
         return GenieBlue(configs, t.params, path=path, mesh=mesh, mcfg=t.mcfg, tokenizer=t.tokenizer,
-                         preprocessing=trainer.preprocessing(t.config),
+                         preprocessing=workdir.preprocessing(t.config),
                          source={"workdir": path, "step": t.step, **t.meta})
     if (paths.path(path) / "config.json").is_file():
         from genieblue_jax.hf import import_hf

@@ -86,14 +86,15 @@ def plan(config, devices, hbm: float = 0.0) -> dict:
 
     from data_pipelines.pipeline import PAPER_STAGE2_MIXTURE
     from genieblue_jax import sharding as sharding_lib, structure
+    from genieblue_jax import workdir as workdir_lib
     from genieblue_jax.train import trainer
-    mcfg = trainer.model_config(config, image_token_id=0)
+    mcfg = workdir_lib.model_config(config, image_token_id=0)
     try:
         mesh = sharding_lib.make_mesh(dict(config.mesh), list(devices))
     except ValueError as e:
         raise trainer.ConfigError(f"mesh: {e}") from None
     batch = trainer.batch_plan(config, mesh)
-    params = trainer.abstract_params(mcfg, mesh)
+    params = workdir_lib.abstract_params(mcfg, mesh)
     trainable, frozen = structure.partition(params, config.train.stage)
     tx = trainer.build_optimizer(config, mcfg, trainable)
     opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -118,7 +119,7 @@ def plan(config, devices, hbm: float = 0.0) -> dict:
     if out["hbm_gb"] is not None and resident > out["hbm_gb"]:
         return {**out, "arguments_gb": resident, "temporaries_gb": float("nan"), "outputs_gb": float("nan"),
                 "aliased_gb": float("nan"), "total_gb": resident}
-    num_sources = (len(trainer.parse_sources(config.data.sources)) if config.data.sources
+    num_sources = (len(workdir_lib.parse_sources(config.data.sources)) if config.data.sources
                    else len(PAPER_STAGE2_MIXTURE))
     step = trainer.make_train_step(mcfg, tx, num_sources, config.train.micro_batches, config.train.loss_chunk, mesh)
     state_sh = jax.tree.map(lambda x: x.sharding, state)

@@ -86,12 +86,12 @@ def _benchmarked(variant: str, seq_len: int, patches_per_row: int, overrides=())
     """(config, model config) of the benchmarked `variant`: its recipe with demo-qwen2."""
     import importlib
 
-    from genieblue_jax.train import trainer
+    from genieblue_jax import workdir as workdir_lib
     config = importlib.import_module(f"experiments.configs.{VARIANTS[variant]}").get_config("demo")
     config.model.llm = "demo-qwen2"  # the benchmarked shape (the recipes default to the smaller demo LLM)
     config.data.seq_len, config.data.max_patches_per_row = seq_len, patches_per_row
     _apply_overrides(config, overrides)
-    mcfg = trainer.model_config(config, image_token_id=IMAGE_TOKEN_ID)
+    mcfg = workdir_lib.model_config(config, image_token_id=IMAGE_TOKEN_ID)
     if mcfg.llm.vocab_size <= IMAGE_TOKEN_ID:
         raise ValueError(f"{config.model.llm}: vocabulary {mcfg.llm.vocab_size} has no id {IMAGE_TOKEN_ID}")
     return config, mcfg
@@ -101,9 +101,10 @@ def parameter_split(variant: str, overrides=()) -> tuple[int, int]:
     """(trainable, total) parameters of the benchmarked `variant`, from shapes alone (nothing is
     initialised or compiled): the trainer's parameter tree split by the recipe's stage."""
     from genieblue_jax import models, structure
+    from genieblue_jax import workdir as workdir_lib
     from genieblue_jax.train import trainer
     config, mcfg = _benchmarked(variant, 96, 1, overrides)
-    trainable, frozen = structure.partition(trainer.abstract_params(mcfg, trainer.make_mesh(config)),
+    trainable, frozen = structure.partition(workdir_lib.abstract_params(mcfg, trainer.make_mesh(config)),
                                             config.train.stage)
     n = models.count_params(trainable)
     return n, n + models.count_params(frozen)
@@ -115,11 +116,12 @@ def benchmark_one(variant: str, *, batch_size: int = 8, seq_len: int = 512, patc
     import jax.numpy as jnp
 
     from genieblue_jax import models, structure
+    from genieblue_jax import workdir as workdir_lib
     from genieblue_jax.train import metrics as metrics_lib, trainer
     config, mcfg = _benchmarked(variant, seq_len, patches_per_row, overrides)
     mesh = trainer.make_mesh(config)
     # The trainer's own initialisation (random frozen parts at demo scale), no data pipeline.
-    params = trainer.init_params(config, trainer.Setup(mcfg, pipeline=None, mesh=mesh, per_host_batch=batch_size))
+    params = workdir_lib.init_params(config, mcfg, mesh)
     trainable, frozen = structure.partition(params, config.train.stage)
     tx = trainer.build_optimizer(config, mcfg, trainable)
     state = {"trainable": trainable, "opt_state": jax.jit(tx.init, out_shardings=trainer.opt_state_shardings(tx, trainable, mesh))(trainable),

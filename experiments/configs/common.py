@@ -52,7 +52,8 @@ def base_config(scale: str) -> ml_collections.ConfigDict:
     c.init.stage1_workdir = ml_collections.FieldReference(None, field_type=str)  # projector from stage 1
 
     c.data = ml_collections.ConfigDict()
-    # "name=DIR:weight,name=DIR:weight,..." (trainer.parse_sources); empty = the demo data.
+    # "name=DIR:weight,name=DIR:weight,..." (workdir.parse_sources); empty at demo scale: experiments.run
+    # trains on the demo datasets, written into WORKDIR/demo_data (experiments.demo_data.with_demo_sources).
     c.data.sources = ""
     c.data.tokenizer = ml_collections.FieldReference(None, field_type=str)
     c.data.seq_len = 4096 if paper else 256

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from genieblue_jax import models, structure
+from genieblue_jax import workdir as workdir_lib
 from genieblue_jax.train import trainer
 from tests.train.conftest import losses, rows, tiny_config, with_demo_data
 
@@ -29,7 +30,7 @@ def reference(tmp_path_factory):
 def test_frozen_base_bitwise_and_optimizer_state_only_for_trainable(reference):
     c = tiny_config(**{"train.steps": 6})
     setup = trainer.resolve(c, reference["workdir"])
-    _, fresh_frozen = structure.partition(trainer.init_params(c, setup), "stage2")
+    _, fresh_frozen = structure.partition(workdir_lib.init_params(c, setup.mcfg, setup.mesh), "stage2")
     for name, leaf in models.flatten(reference["frozen"]).items():
         np.testing.assert_array_equal(np.asarray(leaf), np.asarray(models.flatten(fresh_frozen)[name]), err_msg=name)
     assert {n.split("/")[0] for n in models.flatten(reference["frozen"])} == {"llm", "vision"}  # base + unused head
@@ -326,7 +327,7 @@ def test_stage2_starts_from_the_stage1_projector(tmp_path):
     assert {n.split("/")[0] for n in trained} == {"projector"}  # stage 1 trains the projector only
     c2 = tiny_config(**{"init.stage1_workdir": str(tmp_path / "stage1")})
     setup = trainer.resolve(c2, str(tmp_path / "stage2"))
-    params = models.flatten(trainer.init_params(c2, setup))
+    params = models.flatten(workdir_lib.init_params(c2, setup.mcfg, setup.mesh))
     for name, value in trained.items():
         np.testing.assert_array_equal(np.asarray(params[name]), np.asarray(value), err_msg=name)
 
@@ -334,7 +335,7 @@ def test_stage2_starts_from_the_stage1_projector(tmp_path):
 def test_a_non_finite_step_is_skipped(tmp_path):
     c = tiny_config()
     setup = trainer.resolve(c, str(tmp_path))
-    trainable, frozen = structure.partition(trainer.init_params(c, setup), "stage2")
+    trainable, frozen = structure.partition(workdir_lib.init_params(c, setup.mcfg, setup.mesh), "stage2")
     tx = trainer.build_optimizer(c, setup.mcfg, trainable)
     state = {"trainable": trainable, "opt_state": tx.init(trainable), "step": jax.numpy.zeros((), "int32"),
              "bad_steps": jax.numpy.zeros((), "int32")}

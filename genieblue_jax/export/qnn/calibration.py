@@ -83,12 +83,12 @@ def data_sources(model, data: Sequence[str] = (), tokenizer: str | None = None):
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"no calibration data: the model was trained in {workdir}, which no longer exists; "
                                 "pass --data DIR (repeatable)")
-    from genieblue_jax.train import trainer
-    config = trainer.read_config(workdir)
-    tok = tokenizer or trainer.tokenizer_path(config, workdir)
+    from genieblue_jax import workdir as workdir_lib
+    config = workdir_lib.read_config(workdir)
+    tok = tokenizer or workdir_lib.tokenizer_path(config, workdir)
     if config.data.sources:
         sources = tuple(SourceSpec(n, s["path"], s["weight"])
-                        for n, s in sorted(trainer.parse_sources(config.data.sources).items()))
+                        for n, s in sorted(workdir_lib.parse_sources(config.data.sources).items()))
         where = f"the training data of {workdir} (config.data.sources)"
     else:  # a demo run of a version before 2026-11-30 (since then its config names the demo data)
         raise ValueError(f"no calibration data: {workdir}/config.json names no data.sources; pass --data DIR "

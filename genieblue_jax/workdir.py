@@ -1,0 +1,316 @@
+"""The training workdir, read by whoever needs its model: the trainer, `genieblue_jax.load`,
+the exporters. A workdir holds
+
+    config.json                 the recipe (an ml_collections config; `read_config`)
+    checkpoints/<step>/         Orbax items state (trainable params + Adam), data (each
+                                process's iterator state), meta (stage, variant, base
+                                fingerprint); checksums.json of every file (`verified_step`)
+    metrics.jsonl, tensorboard/ written by the trainer
+
+and the recipe says how to rebuild the frozen base (`init_params`: the init checkpoints, or a
+seeded random init at demo scale), checked against the fingerprint each checkpoint recorded
+(`base_fingerprint`). `load_trained` puts the two together. This module sits in the checkpoint
+layer: it imports nothing of the training loop (optimizer, step, data pipeline).
+
+    >>> parse_sources("vqa=/data/vqa:2,text=/data/text")
+    {'vqa': {'path': '/data/vqa', 'weight': 2.0}, 'text': {'path': '/data/text', 'weight': 1.0}}
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from genieblue_jax import checkpoint as model_checkpoint
+from genieblue_jax import checksums, models, paths, sharding as sharding_lib, structure
+from genieblue_jax.jsonfile import read_json
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+LLM_STAGES = ("full", "pretrain")  # stages that train the LLM itself (float32 masters, variant "full")
+
+
+def parse_sources(spec: str) -> dict[str, dict]:
+    """`data.sources`, one string so that it can be given on the command line: comma-separated
+    `name=DIR[:weight]` (weight 1 when left out). The text after the last colon is the weight and
+    must be a number > 0, unless that colon is a URL scheme's (followed by `//`, as in
+    `gs://bucket/x`): then the whole text is the path and the weight is 1. Anything else after a
+    colon (`vqa=/d:6O.7`, `a=/x/y:`) is a ConfigError naming the source and the text.
+
+        >>> parse_sources("caption=/data/caption:316.3, vqa=/data/vqa:64.7,text=/data/text")
+        {'caption': {'path': '/data/caption', 'weight': 316.3}, 'vqa': {'path': '/data/vqa', 'weight': 64.7}, \
+'text': {'path': '/data/text', 'weight': 1.0}}
+        >>> parse_sources("vqa=gs://b/d:2,ocr=gs://b/e")
+        {'vqa': {'path': 'gs://b/d', 'weight': 2.0}, 'ocr': {'path': 'gs://b/e', 'weight': 1.0}}
+    """
+    out: dict[str, dict] = {}
+    for part in (p.strip() for p in str(spec).split(",")):
+        name, eq, rest = part.partition("=")
+        name = name.strip()
+        if not part or not eq or not name or not rest:
+            raise ConfigError(f"data.sources={spec!r}: {part!r} is not name=DIR[:weight]")
+        path, weight = rest, 1.0
+        head, colon, tail = rest.rpartition(":")
+        if colon and not tail.startswith("//"):  # a weight (a URL scheme's colon is followed by //)
+            try:
+                path, weight = head, float(tail)
+            except ValueError:
+                raise ConfigError(f"data.sources={spec!r}: source {name!r} has weight {tail!r}, not a number "
+                                  f"(name=DIR[:weight])") from None
+            if not path:
+                raise ConfigError(f"data.sources={spec!r}: source {name!r} has no DIR (name=DIR[:weight])")
+        if name in out:
+            raise ConfigError(f"data.sources={spec!r}: source {name!r} given twice")
+        if not (weight > 0 and math.isfinite(weight)):
+            raise ConfigError(f"data.sources={spec!r}: source {name!r} has weight {weight}; weights must be finite "
+                              f"and > 0")
+        out[name] = {"path": path, "weight": weight}
+    return out
+
+
+def tokenizer_path(c: ml_collections.ConfigDict, workdir: str) -> str:
+    """The recipe's tokenizer: `data.tokenizer` (workdirs of versions before 2026-11-30 trained on
+    the demo data without naming it: its tokenizer inside the workdir)."""
+    return c.data.tokenizer or os.path.join(workdir, "demo_data", "tokenizer.model")
+
+
+def tokenized_model_config(c: ml_collections.ConfigDict, tokenizer: str) -> structure.MLLMConfig:
+    """`model_config` with the image token id looked up in the tokenizer (checked against the vocab)."""
+    from data_pipelines.tokenizer import load_tokenizer
+    tok = load_tokenizer(tokenizer)
+    try:
+        image_token_id = tok.token_id(c.model.image_token)
+    except KeyError as e:
+        raise ConfigError(f"model.image_token: {e.args[0]}") from None
+    mcfg = model_config(c, image_token_id)
+    if tok.vocab_size > mcfg.llm.vocab_size:
+        raise ConfigError(f"data.tokenizer has {tok.vocab_size} tokens but model.llm only {mcfg.llm.vocab_size}")
+    return mcfg
+
+
+def model_config(c: ml_collections.ConfigDict, image_token_id: int) -> structure.MLLMConfig:
+    """The MLLM config of a recipe: presets (or the init checkpoints' configs), dtypes, structure."""
+    try:
+        llm, vit = models.get_preset(c.model.llm), models.get_preset(c.model.vit)
+    except KeyError as e:
+        raise ConfigError(f"model.llm / model.vit: {e.args[0]}") from None
+    if c.init.llm_checkpoint:
+        llm = model_checkpoint.read_metadata(c.init.llm_checkpoint)["components"]["llm"]
+    if c.init.vit_checkpoint:
+        vit = model_checkpoint.read_metadata(c.init.vit_checkpoint)["components"]["vision"]
+    llm = llm.replace(dtype=c.model.compute_dtype, param_dtype=c.model.base_param_dtype, remat=c.model.remat,
+                      attention_chunk=c.model.attention_chunk, scan_layers=c.model.scan_layers)
+    if c.train.stage in LLM_STAGES:
+        llm = llm.replace(param_dtype="float32")  # a trained LLM keeps float32 master weights
+    vit = vit.replace(dtype=c.model.compute_dtype, param_dtype="float32", remat=c.model.remat,
+                      scan_layers=c.model.scan_layers)
+    try:
+        struct = structure.StructureConfig(c.model.variant, c.model.placement, c.model.interval,
+                                           c.model.lora_rank, c.model.lora_alpha)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+    return structure.MLLMConfig(llm, vit, models.ProjectorConfig.between(vit, llm, dtype=c.model.compute_dtype),
+                                struct, image_token_id)
+
+
+def preprocessing(c: ml_collections.ConfigDict) -> dict:
+    """How the recipe cuts images into patches (inference must do the same)."""
+    return {"image_mode": c.data.image_mode, "max_patches": int(c.data.max_patches)}
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a workdir was trained with (its config.json)."""
+    return ml_collections.ConfigDict(read_json(workdir, "config.json", "not a training workdir"))
+
+
+def is_workdir(path: str) -> bool:
+    """A training workdir: its config.json is a recipe (model / train / data sections)."""
+    try:
+        d = json.loads((paths.path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and {"model", "train", "data"} <= set(d)
+
+
+def _shardings(tree, mesh):
+    return sharding_lib.param_shardings(tree, mesh)
+
+
+def init_params(config: ml_collections.ConfigDict, mcfg: structure.MLLMConfig, mesh) -> dict:
+    """All MLLM parameters of recipe `config` ({"llm", "vision", "projector", "branch"}), each
+    created or loaded straight into its sharding on `mesh`: the base from the init checkpoints
+    (a NaN / Inf tensor is a ConfigError naming it) or, at demo scale only, seeded at random;
+    the projector from `init.stage1_workdir` when given; the branch copied from the base."""
+    rng = jax.random.key(config.train.seed)
+    k_llm, k_vit, k_proj, k_branch = jax.random.split(rng, 4)
+
+    def load_or_init(component, cfg, ckpt, key):
+        shardings = _shardings(models.abstract_params(cfg), mesh)
+        if ckpt:
+            _, params, _ = model_checkpoint.restore(ckpt, mesh=mesh)
+            for name, leaf in models.flatten(params[component]).items():  # a NaN base would train nothing
+                if jnp.issubdtype(leaf.dtype, jnp.floating) and not bool(jnp.isfinite(leaf).all()):
+                    raise ConfigError(f"init checkpoint {ckpt}: tensor {component}/{name} contains NaN or Inf")
+            return jax.tree.map(lambda x, s: jax.device_put(x.astype(cfg.params_dtype), s), params[component], shardings)
+        if config.scale == "paper":
+            raise ConfigError(f"init: no checkpoint for the {component} at paper scale")
+        log.warning("no init checkpoint for the %s: random initialisation (demo scale only)", component)
+        return models.init_params(cfg, key, shardings)
+
+    params = {"llm": load_or_init("llm", mcfg.llm, config.init.llm_checkpoint, k_llm),
+              "vision": load_or_init("vision", mcfg.vision, config.init.vit_checkpoint, k_vit)}
+    params["projector"] = models.init_params(mcfg.projector, k_proj, _shardings(models.abstract_params(mcfg.projector), mesh))
+    if config.init.stage1_workdir:
+        params["projector"] = restore_trained_part(config.init.stage1_workdir, "projector", params["projector"])
+    branch = structure.init_branch(mcfg, params["llm"], k_branch, _shardings(structure.abstract_branch(mcfg), mesh))
+    # Trainable weights are float32 masters even when the frozen base they copy is bfloat16.
+    params["branch"] = jax.tree.map(lambda x: x.astype(jnp.float32), branch)
+    return params
+
+
+def abstract_params(mcfg: structure.MLLMConfig, mesh) -> dict:
+    """Shapes, dtypes and shardings of all parameters as `init_params` makes them (no memory)."""
+    abstract = structure.abstract_mllm(mcfg)
+    abstract["branch"] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), abstract["branch"])
+    shardings = _shardings(abstract, mesh)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+
+
+def _leaf_hash(x, i):
+    bits = jax.lax.bitcast_convert_type(x, {2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]).astype(jnp.uint32)
+    idx = jnp.arange(bits.size, dtype=jnp.uint32).reshape(bits.shape)
+    return jnp.sum(bits * (idx * jnp.uint32(2654435761) + i.astype(jnp.uint32)), dtype=jnp.uint32)
+
+
+def base_fingerprint(tree) -> str:
+    """A checksum of the frozen parameters (bit patterns, order-sensitive; computed on device,
+    jitted, so that it runs on arrays spread over several processes: every process gets the
+    same replicated scalar per leaf)."""
+    total = np.uint64(0)
+    leaf_hash = jax.jit(_leaf_hash)
+    for i, (name, x) in enumerate(sorted(models.flatten(tree).items())):
+        h = int(leaf_hash(x, np.uint32(i + 1)))
+        total = np.uint64((int(total) * 1000003 + h + len(name)) % (1 << 64))
+    return f"{int(total):016x}"
+
+
+def checkpoint_manager(workdir: str, keep: int, *, checksummer=None) -> ocp.CheckpointManager:
+    """Orbax's manager of WORKDIR/checkpoints (items state, data, meta); with `checksummer`,
+    every step it saves records its files' checksums (only the training loop saves)."""
+    async_options = ocp.AsyncOptions(post_finalization_callback=checksummer) if checksummer else None
+    return ocp.CheckpointManager(
+        paths.path(workdir) / "checkpoints",
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
+                                             async_options=async_options),
+        item_names=("state", "data", "meta"))
+
+
+def step_damage(workdir: str, step: int) -> list[str] | None:
+    """Files of checkpoint `step` that differ from what was written (checksums.json), on every
+    process as process 0 found them; [] if intact, None if the step has no checksums (written
+    by an older genieblue_jax: unverifiable)."""
+    step_dir = paths.path(workdir) / "checkpoints" / str(step)
+    return checksums.checked_by_primary(lambda: checksums.manifest_damage(step_dir))
+
+
+def warn_unverified(workdir: str, step: int) -> None:
+    log.warning("%s/checkpoints/%d has no checksums.json (saved by an older version): not verified", workdir, step)
+
+
+def verified_step(workdir: str, step: int) -> None:
+    """Raises `checksums.CorruptCheckpointError` naming the damaged files of checkpoint `step`."""
+    problems = step_damage(workdir, step)
+    if problems:
+        raise checksums.CorruptCheckpointError(os.path.join(workdir, "checkpoints", str(step)), problems)
+    if problems is None:
+        warn_unverified(workdir, step)
+
+
+def restore_trained_part(workdir: str, component: str, like: dict) -> dict:
+    """One trained component (e.g. the stage-1 projector) from another run's latest checkpoint."""
+    mngr = checkpoint_manager(workdir, keep=1)
+    step = mngr.latest_step()
+    if step is None:
+        raise ConfigError(f"init.stage1_workdir={workdir}: no checkpoint found")
+    verified_step(workdir, step)
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    tree = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(None)))["state"]
+    part = tree["trainable"].get(component)
+    if part is None:
+        raise ConfigError(f"init.stage1_workdir={workdir} (stage {meta.get('stage')}) has no trained {component}")
+    return jax.tree.map(lambda new, ref: jax.device_put(np.asarray(new, ref.dtype), ref.sharding), part, like)
+
+
+@dataclasses.dataclass
+class Trained:
+    """A trained model read back from a workdir (`load_trained`)."""
+    mcfg: structure.MLLMConfig
+    params: dict          # {"llm", "vision", "projector", "branch"}: frozen base + trained parts
+    config: ml_collections.ConfigDict
+    tokenizer: str        # tokenizer file path
+    step: int
+    meta: dict            # the checkpoint's meta (stage, variant, base fingerprint and source)
+
+
+def load_trained(workdir: str, *, step: int | None = None, mesh=None) -> Trained:
+    """The model of a training workdir at `step` (default: the latest checkpoint).
+
+    The frozen base is rebuilt exactly as training built it (from `init.llm_checkpoint` /
+    `init.vit_checkpoint`, or the seeded random init of the demo) and checked against the
+    fingerprint the checkpoint recorded; the trainable parts are read from the checkpoint
+    (Adam's moments are not read). `mesh` defaults to the first device alone.
+    """
+    workdir = os.fspath(paths.path(workdir))
+    config = read_config(workdir)
+    tokenizer = tokenizer_path(config, workdir)
+    if not paths.path(tokenizer).exists():
+        raise FileNotFoundError(f"{workdir}: the tokenizer it was trained with ({tokenizer}) is missing")
+    mcfg = tokenized_model_config(config, tokenizer)
+    mcfg = mcfg.replace(llm=mcfg.llm.replace(remat=False), vision=mcfg.vision.replace(remat=False))
+    mesh = mesh if mesh is not None else sharding_lib.make_mesh({"data": 1}, jax.devices()[:1])
+    mngr = checkpoint_manager(workdir, keep=1)
+    try:
+        steps = mngr.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint (has the run saved one yet?)")
+        step = max(steps) if step is None else step
+        if step not in steps:
+            raise FileNotFoundError(f"{workdir}/checkpoints: no step {step}; saved steps {sorted(steps)}")
+        verified_step(workdir, step)
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    finally:
+        mngr.close()
+    if meta.get("variant") != mcfg.structure.name or meta.get("stage") != config.train.stage:
+        raise ValueError(f"{workdir}: checkpoint step {step} is {meta.get('stage')} / {meta.get('variant')}, "
+                         f"but config.json says {config.train.stage} / {mcfg.structure.name}")
+    params = init_params(config, mcfg, mesh)
+    trainable, frozen = structure.partition(params, config.train.stage)
+    fingerprint = base_fingerprint(frozen)
+    if meta["base_fingerprint"] != fingerprint:
+        raise ValueError(f"{workdir}: checkpoint step {step} was trained on a frozen base with fingerprint "
+                         f"{meta['base_fingerprint']} ({meta['base_source']}); the base rebuilt from config.json "
+                         f"has {fingerprint}. Was an init checkpoint changed or moved?")
+    target = {"trainable": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                        trainable)}
+    state_dir = paths.path(workdir) / "checkpoints" / str(step) / "state"
+    try:
+        restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise ValueError(f"{state_dir}: does not hold the trainable parameters of {mcfg.structure.name} "
+                         f"({config.train.stage}) that config.json describes: {str(e)[:400]}") from e
+    params = structure.combine(restored["trainable"], frozen)
+    return Trained(mcfg, params, config, tokenizer, int(step), meta)
