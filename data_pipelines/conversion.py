@@ -377,7 +377,8 @@ def read_llava(json_path: str, image_root: str, *, source: str = "llava", allow_
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConversionError(f"{json_path}: not valid JSON ({e})") from None
     if not isinstance(records, list):
-        raise ConversionError(f"{json_path}: expected a JSON list of LLaVA records, got a JSON {type(records).__name__}")
+        raise ConversionError(f"{json_path}: expected a JSON list of LLaVA records, got a JSON "
+                              f"{type(records).__name__}")
     images = ImagePolicy(image_root, allow_outside_image_root, max_image_pixels)
     examples, rejects, identity = [], [], _Identity()
     for i, rec in enumerate(records):

@@ -17,8 +17,8 @@ examples whose union is the whole stream. Each host then builds `batch_size` row
 
 Packing works in windows: samples are read until they hold `packing_window_rows` rows'
 worth of tokens, the window is packed with first-fit and its rows are emitted in order
-(only a window's last rows can be part-filled, so larger windows pack tighter). The state is the parent's state at the start
-of the current window plus the number of its rows already emitted, so restoring re-reads
+(only a window's last rows can be part-filled, so larger windows pack tighter). The state is
+the parent's state at the start of the current window plus the number of its rows already emitted, so restoring re-reads
 and re-packs that one window (deterministically) and continues exactly.
 
 Bad samples never stop training and are never trained with an empty loss: they become
@@ -30,13 +30,13 @@ import collections
 import copy
 import dataclasses
 import logging
+
 import grain
 import numpy as np
 
 from data_pipelines import images as image_lib
 from data_pipelines.chat import ChatTemplate, truncate
-from data_pipelines.packing import (PackingSpec, Rejection, Sample, assemble_row, batch_rows,
-                                    empty_row, first_fit)
+from data_pipelines.packing import PackingSpec, Rejection, Sample, assemble_row, batch_rows, empty_row, first_fit
 from data_pipelines.records import ArrayRecordExampleSource, CorruptRecord, Example
 from data_pipelines.tokenizer import IMAGE_PAD, load_tokenizer
 
@@ -113,7 +113,8 @@ class PipelineConfig:
         if len(set(names)) != len(names):
             raise ValueError(f"PipelineConfig.sources has duplicate names {names}")
         if any(s.weight <= 0 for s in self.sources):
-            raise ValueError(f"PipelineConfig.sources weights must be > 0: {[(s.name, s.weight) for s in self.sources]}")
+            raise ValueError(f"PipelineConfig.sources weights must be > 0: "
+                             f"{[(s.name, s.weight) for s in self.sources]}")
         if self.image_mode not in ("single", "dynamic"):
             raise ValueError(f"PipelineConfig.image_mode={self.image_mode!r}; 'single' or 'dynamic'")
 

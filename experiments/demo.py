@@ -349,5 +349,5 @@ def run(config: ml_collections.ConfigDict, workdir: str, recipe: str) -> dict:
     return out
 
 
-__all__ = ["run", "pin_xla_cpu_isa", "prepare", "with_assets", "evaluate_run", "results_table", "source_columns", "column_title",
-           "example_image", "banner", "Assets", "common"]
+__all__ = ["run", "pin_xla_cpu_isa", "prepare", "with_assets", "evaluate_run", "results_table", "source_columns",
+           "column_title", "example_image", "banner", "Assets", "common"]

@@ -21,8 +21,8 @@ import numpy as np
 def scenes(n: int, seed: int, image_size: int, patch: int, scene: str = "grid"):
     """(pixels float32 (m, S, S, 3) normalised, labels int32 (m, S/patch * S/patch)) for the
     square scenes among the first n of split "vision" in style `scene` (demo_data.SCENES)."""
-    from experiments.demo_data import demo_items, patch_kinds
     from data_pipelines.images import decode_image, normalize
+    from experiments.demo_data import demo_items, patch_kinds
     pixels, labels = [], []
     for ex, meta in demo_items("vision", n, seed, image_size=image_size, mixture={"caption": 1},
                                   scene=scene):

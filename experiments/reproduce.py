@@ -90,7 +90,8 @@ def plots(results: dict, workdirs: dict, out_dir: str) -> list[str]:
     plt.close(fig)
 
     names = list(results)
-    full_mm = results["full_ft"]["runs"]["deployed (non-shared base)"]["scores"]["multimodal"] if "full_ft" in results else None
+    full_mm = (results["full_ft"]["runs"]["deployed (non-shared base)"]["scores"]["multimodal"]
+               if "full_ft" in results else None)
     mm = [100 * results[n]["runs"]["deployed (non-shared base)"]["scores"]["multimodal"] / full_mm if full_mm else 0
           for n in names]
     shared = [results[n]["runs"]["shared base"]["retention"].get("text", 0) for n in names]
@@ -145,7 +146,8 @@ def run(workdir: str = "workdirs/reproduce", recipes=RECIPES, steps: int | None 
             for n, r in results.items()}, f, indent=1)
     pngs = plots(results, workdirs, workdir)
     print("\n" + text)
-    print(f"\nwrote {os.path.join(workdir, 'results.md')}, results.json, {', '.join(os.path.basename(p) for p in pngs)} "
+    plot_files = ", ".join(os.path.basename(p) for p in pngs)
+    print(f"\nwrote {os.path.join(workdir, 'results.md')}, results.json, {plot_files} "
           f"in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
     return results
 

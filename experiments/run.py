@@ -7,8 +7,8 @@
 
 At demo scale (the default) the run is the embedded demo (experiments/demo.py): the demo
 data, a base LLM pretrained on its text tasks and the stage-1 projector are made or taken
-from the cache (demo.cache_dir; default: `demo` beside the workdir), the recipe trains around them, and the result is evaluated
-on held-out questions; `--config.demo.enabled=false` trains the recipe alone.
+from the cache (demo.cache_dir; default: `demo` beside the workdir), the recipe trains around
+them, and the result is evaluated on held-out questions; `--config.demo.enabled=false` trains the recipe alone.
 
 `--config` takes a recipe name from experiments/configs/ (or a path to a config file),
 optionally followed by `:demo` / `:paper`. Any field can be overridden with
@@ -59,7 +59,8 @@ def main(argv):
     initialize_distributed(jax, flags.FLAGS)
     from genieblue_jax.train import trainer
     name = os.path.basename(flags.FLAGS["config"].config_filename or "run").removesuffix(".py")
-    workdir = flags.FLAGS.workdir or os.path.join("workdirs", name + ("" if config.scale == "demo" else f"_{config.scale}"))
+    default = os.path.join("workdirs", name + ("" if config.scale == "demo" else f"_{config.scale}"))
+    workdir = flags.FLAGS.workdir or default
     print(f"recipe {name} ({config.scale} scale), workdir {workdir}", flush=True)
     try:
         if config.demo.enabled:  # demo scale: data, base LLM, stage 1 (cached), the recipe, evaluation

@@ -192,7 +192,8 @@ class GenieBlue:
         """
         from genieblue_jax import inference
         from genieblue_jax.inference.requests import stack_patches
-        batch = isinstance(prompt, (list, tuple)) and len(prompt) > 0 and not isinstance(prompt[0], (int, np.integer, dict))
+        batch = (isinstance(prompt, (list, tuple)) and len(prompt) > 0
+                 and not isinstance(prompt[0], (int, np.integer, dict)))
         prompts = list(prompt) if batch else [prompt]
         if batch:
             image_lists = [None] * len(prompts) if images is None else list(images)
@@ -203,7 +204,8 @@ class GenieBlue:
         requests = []
         for i, (p, ims) in enumerate(zip(prompts, image_lists)):
             where = f"prompt {i}"
-            if isinstance(p, np.ndarray) or (isinstance(p, (list, tuple)) and p and isinstance(p[0], (int, np.integer))):
+            token_list = isinstance(p, (list, tuple)) and p and isinstance(p[0], (int, np.integer))
+            if isinstance(p, np.ndarray) or token_list:
                 if ims:
                     raise ValueError(f"{where}: token-id prompts take no images; give text (the template places them)")
                 requests.append((list(map(int, p)), None))
@@ -268,7 +270,8 @@ def load(path: str, *, mesh=None, step: int | None = None) -> GenieBlue:
     if not paths.path(path).is_dir():
         raise FileNotFoundError(f"{path}: no such directory")
     parent = paths.path(path).parent
-    if parent.name == "checkpoints" and paths.path(path).name.isdigit() and workdir.is_workdir(os.fspath(parent.parent)):
+    if (parent.name == "checkpoints" and paths.path(path).name.isdigit()
+            and workdir.is_workdir(os.fspath(parent.parent))):
         return load(os.fspath(parent.parent), mesh=mesh, step=int(paths.path(path).name))
     if checkpoint.is_checkpoint(path):
         configs, params, meta = checkpoint.restore(path, mesh=mesh)

@@ -30,7 +30,8 @@ from typing import Any, Sequence
 import jax
 import orbax.checkpoint as ocp
 
-from genieblue_jax import checksums, models, paths, sharding as sharding_lib, versions
+from genieblue_jax import checksums, models, paths, versions
+from genieblue_jax import sharding as sharding_lib
 from genieblue_jax.jsonfile import read_json
 
 META_FILE = "genieblue.json"

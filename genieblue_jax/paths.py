@@ -10,9 +10,9 @@ colon in its name (`gs:/bucket/run` with one slash, or `foo://x`, would otherwis
     'gs://bucket/run/checkpoints'
     >>> path("runs/a").is_absolute()      # local paths are made absolute
     True
-    >>> path("gs:/bucket/run")
+    >>> path("gs:/bucket/run")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
-    ValueError: gs:/bucket/run: not a path genieblue_jax can use (a URL needs scheme://; supported: gs://, s3://, or a local path)
+    ValueError: gs:/bucket/run: not a path genieblue_jax can use (a URL needs scheme://; supported: gs://, s3://, ...)
 """
 from __future__ import annotations
 
@@ -57,9 +57,9 @@ def local_dir(p: str | os.PathLike) -> str:
     for a gs:// / s3:// path (write locally, then copy: `gcloud storage cp -r DIR URL`) and,
     through `path()`, for any other scheme.
 
-        >>> local_dir("gs://bucket/export")
+        >>> local_dir("gs://bucket/export")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
-        ValueError: gs://bucket/export: written on local disk only; write to a local directory, then copy it (gcloud storage cp -r DIR gs://bucket/export)
+        ValueError: gs://bucket/export: written on local disk only; write to a local directory, then copy it ...
     """
     if is_remote(p):
         raise ValueError(f"{os.fspath(p)}: written on local disk only; write to a local directory, then copy it "

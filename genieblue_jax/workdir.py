@@ -30,7 +30,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from genieblue_jax import checkpoint as model_checkpoint
-from genieblue_jax import checksums, models, paths, sharding as sharding_lib, structure
+from genieblue_jax import checksums, models, paths, structure
+from genieblue_jax import sharding as sharding_lib
 from genieblue_jax.jsonfile import read_json
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,8 @@ def init_params(config: ml_collections.ConfigDict, mcfg: structure.MLLMConfig, m
             for name, leaf in models.flatten(params[component]).items():  # a NaN base would train nothing
                 if jnp.issubdtype(leaf.dtype, jnp.floating) and not bool(jnp.isfinite(leaf).all()):
                     raise ConfigError(f"init checkpoint {ckpt}: tensor {component}/{name} contains NaN or Inf")
-            return jax.tree.map(lambda x, s: jax.device_put(x.astype(cfg.params_dtype), s), params[component], shardings)
+            return jax.tree.map(lambda x, s: jax.device_put(x.astype(cfg.params_dtype), s), params[component],
+                                shardings)
         if config.scale == "paper":
             raise ConfigError(f"init: no checkpoint for the {component} at paper scale")
         log.warning("no init checkpoint for the %s: random initialisation (demo scale only)", component)
@@ -172,7 +174,8 @@ def init_params(config: ml_collections.ConfigDict, mcfg: structure.MLLMConfig, m
 
     params = {"llm": load_or_init("llm", mcfg.llm, config.init.llm_checkpoint, k_llm),
               "vision": load_or_init("vision", mcfg.vision, config.init.vit_checkpoint, k_vit)}
-    params["projector"] = models.init_params(mcfg.projector, k_proj, _shardings(models.abstract_params(mcfg.projector), mesh))
+    params["projector"] = models.init_params(mcfg.projector, k_proj,
+                                             _shardings(models.abstract_params(mcfg.projector), mesh))
     if config.init.stage1_workdir:
         params["projector"] = restore_trained_part(config.init.stage1_workdir, "projector", params["projector"])
     branch = structure.init_branch(mcfg, params["llm"], k_branch, _shardings(structure.abstract_branch(mcfg), mesh))

@@ -45,6 +45,7 @@ if _XLA_CACHE_OWNED:
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import pytest  # noqa: E402
+
 # The test extra (pip install -e .[test]) is required; a missing one fails, it never skips.
 import torch  # noqa: E402
 import transformers  # noqa: E402

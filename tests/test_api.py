@@ -20,10 +20,10 @@ import transformers
 from PIL import Image
 
 import genieblue_jax
+from data_pipelines.images import num_patches
 from genieblue_jax import checkpoint, inference, models, structure
 from genieblue_jax.hf import import_hf
 from genieblue_jax.train import trainer
-from data_pipelines.images import num_patches
 from tests.train.conftest import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,7 +162,8 @@ def test_bad_input_names_the_culprit(trained, tmp_path):
     meta["mllm"]["structure"]["variant"] = "cogvlm"
     with open(os.path.join(other_variant, checkpoint.META_FILE), "w") as f:
         json.dump(meta, f)
-    with pytest.raises(ValueError, match=r"params: the stored parameters do not match genieblue.json \(a cogvlm-skip MLLM\)"):
+    with pytest.raises(ValueError,
+                       match=r"params: the stored parameters do not match genieblue.json \(a cogvlm-skip MLLM\)"):
         genieblue_jax.load(other_variant)
     # requests
     bad = tmp_path / "bad.png"
@@ -201,8 +202,8 @@ def test_chat_tool(trained):
 
     interactive(Conversation(model, None, max_new_tokens=4), read=read, write=out.append)
     statuses = [line for line in out if line.startswith("[")]
-    assert [s.split(";")[0] for s in statuses] == ["[base LLM (non-shared)", "[multimodal path (replicated blocks + LoRA)",
-                                                    "[base LLM (non-shared)"], out
+    assert [s.split(";")[0] for s in statuses] == [
+        "[base LLM (non-shared)", "[multimodal path (replicated blocks + LoRA)", "[base LLM (non-shared)"], out
     assert any("nope.png not found" in line for line in out)
     assert any("mode='text' runs the base LLM alone" in line for line in out)  # the image is still in the chat
     run = subprocess.run([sys.executable, "-m", "tools.chat", "--checkpoint", trained["workdir"], "--prompt",

@@ -8,11 +8,20 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from experiments import demo_data
-from experiments.demo_data import (COLOURS, MIXTURE, NUMBER_WORDS, SHAPES, SOURCES, answer_of,
-                                      demo_examples, demo_item, demo_items)
 from data_pipelines.images import decode_image
 from data_pipelines.records import IMAGE_TAG, Example, check_example
+from experiments import demo_data
+from experiments.demo_data import (
+    COLOURS,
+    MIXTURE,
+    NUMBER_WORDS,
+    SHAPES,
+    SOURCES,
+    answer_of,
+    demo_examples,
+    demo_item,
+    demo_items,
+)
 
 N = 400                     # examples per split in most tests: 40 mixture blocks
 

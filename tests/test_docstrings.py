@@ -4,19 +4,19 @@ import importlib
 
 import pytest
 
-import experiments.demo_data
 import data_pipelines.images
 import data_pipelines.packing
 import data_pipelines.records
+import experiments.demo_data
 import genieblue_jax.checksums
 import genieblue_jax.evaluate
 import genieblue_jax.export.hf_writer
 import genieblue_jax.export.to_torch
-import genieblue_jax.models.llm
 import genieblue_jax.hf.tables
 import genieblue_jax.jsonfile
 import genieblue_jax.models
 import genieblue_jax.models.configs
+import genieblue_jax.models.llm
 import genieblue_jax.models.scan
 import genieblue_jax.structure
 import genieblue_jax.structure.branch

@@ -85,7 +85,8 @@ def plan(config, devices, hbm: float = 0.0) -> dict:
     import jax.numpy as jnp
 
     from data_pipelines.pipeline import PAPER_STAGE2_MIXTURE
-    from genieblue_jax import sharding as sharding_lib, structure
+    from genieblue_jax import sharding as sharding_lib
+    from genieblue_jax import structure
     from genieblue_jax import workdir as workdir_lib
     from genieblue_jax.train import trainer
     mcfg = workdir_lib.model_config(config, image_token_id=0)
@@ -135,8 +136,8 @@ def plan(config, devices, hbm: float = 0.0) -> dict:
 
 def _bytes_per_device(tree) -> int:
     """Bytes of the largest per-device share of a tree of sharded ShapeDtypeStructs."""
-    import numpy as np
     import jax
+    import numpy as np
     return int(sum(np.prod(x.sharding.shard_shape(x.shape), dtype=np.int64) * np.dtype(x.dtype).itemsize
                    for x in jax.tree.leaves(tree)))
 

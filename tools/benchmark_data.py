@@ -27,8 +27,8 @@ flags.DEFINE_integer("max_patches_per_row", 48, "Image patch slots per row in th
 
 
 def pipeline_config(demo, seq_len, batch_size, workers, max_patches_per_row):
-    from experiments.demo_data import MIXTURE
     from data_pipelines.pipeline import PipelineConfig, mixture
+    from experiments.demo_data import MIXTURE
     return PipelineConfig(sources=mixture(demo["datasets"]["train"], MIXTURE), tokenizer=demo["tokenizer"],
                           seq_len=seq_len, batch_size=batch_size, patch_size=56, tokens_per_patch=16,
                           image_mode="dynamic", max_patches=4, max_patches_per_row=max_patches_per_row,

@@ -46,7 +46,8 @@ def _model():
         return model.mcfg, model.params
     mcfg = structure.MLLMConfig.from_presets(FLAGS.llm, FLAGS.vit, structure.StructureConfig())
     d = FLAGS.dtype
-    mcfg = mcfg.replace(llm=mcfg.llm.replace(dtype=d, param_dtype=d), vision=mcfg.vision.replace(dtype=d, param_dtype=d),
+    mcfg = mcfg.replace(llm=mcfg.llm.replace(dtype=d, param_dtype=d),
+                        vision=mcfg.vision.replace(dtype=d, param_dtype=d),
                         projector=mcfg.projector.replace(dtype=d, param_dtype=d))
     params = structure.init_mllm(mcfg, jax.random.key(0))
     # LoRA B starts at zero; make it non-zero so the multimodal path does its real work.

@@ -50,7 +50,8 @@ def define_flags():
     flags.DEFINE_float("peak_flops", 110e9, "Peak FLOP/s of one device, for the MFU estimate (this CPU: f32).")
     flags.DEFINE_bool("torch", True, "Also run the PyTorch reference (tools.benchmark_torch_reference).")
     flags.DEFINE_string("aot_devices", "", "Comma-separated device counts for the paper-scale AOT memory plan.")
-    flags.DEFINE_multi_string("set", [], "Recipe override KEY=VALUE (e.g. --set=model.scan_layers=False), every variant.")
+    flags.DEFINE_multi_string("set", [], "Recipe override KEY=VALUE (e.g. --set=model.scan_layers=False), "
+                              "every variant.")
 
 
 def _apply_overrides(config, overrides):
@@ -117,14 +118,16 @@ def benchmark_one(variant: str, *, batch_size: int = 8, seq_len: int = 512, patc
 
     from genieblue_jax import models, structure
     from genieblue_jax import workdir as workdir_lib
-    from genieblue_jax.train import metrics as metrics_lib, trainer
+    from genieblue_jax.train import metrics as metrics_lib
+    from genieblue_jax.train import trainer
     config, mcfg = _benchmarked(variant, seq_len, patches_per_row, overrides)
     mesh = trainer.make_mesh(config)
     # The trainer's own initialisation (random frozen parts at demo scale), no data pipeline.
     params = workdir_lib.init_params(config, mcfg, mesh)
     trainable, frozen = structure.partition(params, config.train.stage)
     tx = trainer.build_optimizer(config, mcfg, trainable)
-    state = {"trainable": trainable, "opt_state": jax.jit(tx.init, out_shardings=trainer.opt_state_shardings(tx, trainable, mesh))(trainable),
+    init_opt = jax.jit(tx.init, out_shardings=trainer.opt_state_shardings(tx, trainable, mesh))
+    state = {"trainable": trainable, "opt_state": init_opt(trainable),
              "step": jnp.zeros((), jnp.int32), "bad_steps": jnp.zeros((), jnp.int32)}
     state = jax.device_put(state, jax.tree.map(lambda x: trainer.on_mesh(x.sharding, mesh), state))
     step_fn = trainer.make_train_step(mcfg, tx, 1, 1, config.train.loss_chunk, mesh)
@@ -163,7 +166,8 @@ def _subprocess_json(cmd: list[str], what: str) -> tuple[list[dict], str]:
     if proc.returncode:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         raise RuntimeError(f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}")
-    return [json.loads(x[len(RESULT_PREFIX):]) for x in proc.stdout.splitlines() if x.startswith(RESULT_PREFIX)], proc.stdout
+    results = [json.loads(x[len(RESULT_PREFIX):]) for x in proc.stdout.splitlines() if x.startswith(RESULT_PREFIX)]
+    return results, proc.stdout
 
 
 def main(argv):

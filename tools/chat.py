@@ -19,6 +19,7 @@ import sys
 import time
 
 from absl import app, flags
+
 import tools
 
 FLAGS = flags.FLAGS

@@ -22,6 +22,7 @@ import os
 import sys
 
 from absl import app, flags
+
 import tools
 
 FLAGS = flags.FLAGS

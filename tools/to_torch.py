@@ -50,8 +50,8 @@ def run(checkpoint: str, out: str, *, merge_lora: bool = False, dtype: str = "fl
         overwrite: bool = False):
     """The tool without absl (tests call it): loads, exports, prints, returns the `TorchExport`."""
     import genieblue_jax
-    from genieblue_jax.export.to_torch import export_torch
     from genieblue_jax import paths
+    from genieblue_jax.export.to_torch import export_torch
     src = paths.path(checkpoint)  # local or gs://
     if not src.exists():
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no such directory")

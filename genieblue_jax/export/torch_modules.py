@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from genieblue_jax import models
-from genieblue_jax.jsonfile import read_json
 from genieblue_jax.hf.tables import PROJECTOR_TABLE, resolve
+from genieblue_jax.jsonfile import read_json
 from genieblue_jax.models.configs import ProjectorConfig
 
 
@@ -175,8 +175,9 @@ class GenieBlueTorch(nn.Module):
             counts = is_image.sum(-1)
             for row in torch.nonzero(counts != feats.shape[1]).flatten().tolist():
                 raise ValueError(f"row {row}: the input has {int(counts[row])} image tokens (id {self.image_token_id}) "
-                                 f"but its images give {feats.shape[1]} features ({feats.shape[1] // self.tokens_per_patch}"
-                                 f" patches x {self.tokens_per_patch} tokens)")
+                                 f"but its images give {feats.shape[1]} features "
+                                 f"({feats.shape[1] // self.tokens_per_patch} patches x "
+                                 f"{self.tokens_per_patch} tokens)")
             # row-major: the i-th image token of row r gets feats[r, i]
             embeds = embeds.masked_scatter(is_image[..., None], feats.to(embeds.dtype).reshape(-1, feats.shape[-1]))
         elif mode != "text" and bool(is_image.any()):
@@ -254,6 +255,7 @@ def load_torch_mllm(out_dir: str, *, merge_lora: bool = True, torch_dtype=torch.
     """
     import safetensors.torch
     import transformers
+
     from genieblue_jax.export import to_torch
     manifest = _read_manifest(out_dir)
     parts = manifest["parts"]
@@ -275,8 +277,9 @@ def load_torch_mllm(out_dir: str, *, merge_lora: bool = True, torch_dtype=torch.
         stored = set(safetensors.torch.load_file(os.path.join(adapter_dir, to_torch.ADAPTER_WEIGHTS_FILE)))
         created = set(peft.get_peft_model_state_dict(mm))
         if stored != created:
-            raise ValueError(f"{adapter_dir}: PEFT's adapter config creates LoRA tensors {sorted(created - stored)[:4]} "
-                             f"that the file lacks, and the file holds {sorted(stored - created)[:4]} it does not use")
+            raise ValueError(f"{adapter_dir}: PEFT's adapter config creates LoRA tensors "
+                             f"{sorted(created - stored)[:4]} that the file lacks, and the file holds "
+                             f"{sorted(stored - created)[:4]} it does not use")
         if merge_lora:
             mm = mm.merge_and_unload().eval()
     elif manifest.get("lora_layers") and not manifest.get("merge_lora"):

@@ -23,7 +23,8 @@ from typing import Iterable
 import jax
 import numpy as np
 
-from genieblue_jax import checkpoint, models, sharding as sharding_lib
+from genieblue_jax import checkpoint, models
+from genieblue_jax import sharding as sharding_lib
 from genieblue_jax.hf import configs as hf_configs
 from genieblue_jax.hf.safetensors_io import SafetensorsCheckpoint
 from genieblue_jax.hf.tables import HF_PREFIXES, TABLES, Transform, resolve
@@ -188,6 +189,6 @@ def import_hf(hf_dir: str, out: str | None = None, *, param_dtype: str = "float3
     component = COMPONENT[hf_configs.ARCHITECTURES[arch]]
     if out is not None:  # `out` may be gs://; the HF files are read from local disk (memory-mapped)
         checkpoint.save(out, {component: cfg}, {component: params}, overwrite=overwrite,
-                        assets=[os.path.join(hf_dir, f) for f in ASSET_FILES if os.path.isfile(os.path.join(hf_dir, f))],
+                        assets=[p for p in (os.path.join(hf_dir, f) for f in ASSET_FILES) if os.path.isfile(p)],
                         source={"hf_dir": os.path.abspath(hf_dir), "architecture": arch})
     return component, cfg, params

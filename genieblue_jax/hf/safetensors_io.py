@@ -97,7 +97,8 @@ class SafetensorsCheckpoint:
     def stamp(self) -> tuple[tuple[str, int, int], ...]:
         """(path, size in bytes, mtime in ns) of every shard: identifies this version of the
         files, for caching what was computed from their data."""
-        return tuple((f, (st := os.stat(f)).st_size, st.st_mtime_ns) for f in sorted({e[0] for e in self._entries.values()}))
+        files = sorted({e[0] for e in self._entries.values()})
+        return tuple((f, (st := os.stat(f)).st_size, st.st_mtime_ns) for f in files)
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries

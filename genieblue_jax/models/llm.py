@@ -48,9 +48,9 @@ import jax.numpy as jnp
 
 from genieblue_jax.models.configs import LLMConfig
 from genieblue_jax.models.layers import dense, shard_batch
-from genieblue_jax.models.scan import run_scanned
 from genieblue_jax.models.lora import LoRADense, LoRASpec
 from genieblue_jax.models.masks import cached_causal_segment_mask, causal_segment_mask
+from genieblue_jax.models.scan import run_scanned
 
 
 class RMSNorm(nn.Module):
@@ -230,7 +230,8 @@ class Attention(nn.Module):
             out = dot_product_attention(q, k, v, mask, cfg.compute_dtype, cfg.attention_chunk)
         text_out = _proj(cfg, cfg.hidden_size, "o_proj", cfg.out_bias, self.lora)(out)
         if self.expert:
-            text_out = _route(is_image, text_out, dense(cfg, cfg.hidden_size, "vision_o_proj", use_bias=cfg.out_bias)(out))
+            vision_o = dense(cfg, cfg.hidden_size, "vision_o_proj", use_bias=cfg.out_bias)
+            text_out = _route(is_image, text_out, vision_o(out))
         return text_out if kv_cache is None else (text_out, kv_cache)
 
 

@@ -5,12 +5,26 @@
     >>> mcfg.structure.name, mcfg.layer_kinds
     ('genieblue-skip', ('base', 'lora', 'lora', 'lora'))
 """
-from genieblue_jax.structure.branch import (abstract_branch, branch_sources, fold_lora, init_branch,
-                                            merge_trees, multimodal_decoder, multimodal_llm_params)
-from genieblue_jax.structure.config import (MODES, PLACEMENTS, VARIANTS, MLLMConfig, StructureConfig,
-                                            replicated_layers)
-from genieblue_jax.structure.mllm import (abstract_mllm, check_image_tokens, decode, forward, forward_hidden,
-                                          image_features, init_mllm, merge_image_features)
+from genieblue_jax.structure.branch import (
+                                            abstract_branch,
+                                            branch_sources,
+                                            fold_lora,
+                                            init_branch,
+                                            merge_trees,
+                                            multimodal_decoder,
+                                            multimodal_llm_params,
+)
+from genieblue_jax.structure.config import MODES, PLACEMENTS, VARIANTS, MLLMConfig, StructureConfig, replicated_layers
+from genieblue_jax.structure.mllm import (
+                                            abstract_mllm,
+                                            check_image_tokens,
+                                            decode,
+                                            forward,
+                                            forward_hidden,
+                                            image_features,
+                                            init_mllm,
+                                            merge_image_features,
+)
 from genieblue_jax.structure.trainable import STAGES, combine, partition, trainable_names
 
 __all__ = ["MLLMConfig", "StructureConfig", "VARIANTS", "PLACEMENTS", "MODES", "STAGES",

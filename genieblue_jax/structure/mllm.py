@@ -16,8 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from genieblue_jax import models
-from genieblue_jax.structure.branch import (abstract_branch, init_branch, multimodal_decoder,
-                                            multimodal_llm_params)
+from genieblue_jax.structure.branch import abstract_branch, init_branch, multimodal_decoder, multimodal_llm_params
 from genieblue_jax.structure.config import MODES, MLLMConfig
 
 

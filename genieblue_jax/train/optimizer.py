@@ -16,7 +16,8 @@ The optimizer sees only the trainable tree, so its state exists for trainable le
     [0.125, 0.25, 0.5, 1.0]
     >>> layer_lr_scale("vision/embeddings/patch_embedding/kernel", 4, 0.5)
     0.0625
-    >>> layer_lr_scale("vision/post_layernorm/scale", 4, 0.5, vit_scale=0.1), layer_lr_scale("projector/linear_1/kernel", 4, 0.5, 0.1)
+    >>> (layer_lr_scale("vision/post_layernorm/scale", 4, 0.5, vit_scale=0.1),
+    ...  layer_lr_scale("projector/linear_1/kernel", 4, 0.5, 0.1))
     (0.1, 1.0)
     >>> no_weight_decay("llm/layers_0/input_layernorm/scale"), no_weight_decay("branch/layers_0/mlp/up_proj/kernel")
     (True, False)
@@ -30,7 +31,8 @@ import optax
 
 from genieblue_jax import models
 
-_NO_DECAY = re.compile(r".*(/bias|norm\d?/scale|layernorm/scale|layer_norm\d?/scale|position_embedding/embedding|/probe)$")
+_NO_DECAY = re.compile(r".*(/bias|norm\d?/scale|layernorm/scale|layer_norm\d?/scale"
+                       r"|position_embedding/embedding|/probe)$")
 _VIT_LAYER = re.compile(r"^vision/encoder/layers_(\d+)/")
 
 

@@ -26,16 +26,28 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from genieblue_jax import checksums, models, paths, sharding as sharding_lib, structure, versions
+from genieblue_jax import checksums, models, paths, structure, versions
+from genieblue_jax import sharding as sharding_lib
 from genieblue_jax.train import metrics as metrics_lib
 from genieblue_jax.train.losses import token_nll
 from genieblue_jax.train.optimizer import make_optimizer, schedule
 from genieblue_jax.train.workdir_lock import WorkdirInUseError, WorkdirLock  # noqa: F401 (public here)
-from genieblue_jax.workdir import (LLM_STAGES, ConfigError, base_fingerprint, checkpoint_manager, init_params,
-                                   parse_sources, read_config, step_damage, tokenized_model_config, tokenizer_path,
-                                   warn_unverified)
+from genieblue_jax.workdir import (
+    LLM_STAGES,
+    ConfigError,
+    base_fingerprint,
+    checkpoint_manager,
+    init_params,
+    parse_sources,
+    read_config,
+    step_damage,
+    tokenized_model_config,
+    tokenizer_path,
+    warn_unverified,
+)
 
 log = logging.getLogger(__name__)
 
@@ -226,8 +238,8 @@ def make_train_step(mcfg, tx, num_sources: int, micro_batches: int, loss_chunk: 
 
         def accumulate(carry, mb):
             loss, grads, src_nll, src_cnt = carry
-            (l, (s_nll, s_cnt)), g = grad_fn(mcfg, num_sources, loss_chunk, state["trainable"], frozen, mb, total)
-            return (loss + l, jax.tree.map(jnp.add, grads, g), src_nll + s_nll, src_cnt + s_cnt), None
+            (mb_loss, (s_nll, s_cnt)), g = grad_fn(mcfg, num_sources, loss_chunk, state["trainable"], frozen, mb, total)
+            return (loss + mb_loss, jax.tree.map(jnp.add, grads, g), src_nll + s_nll, src_cnt + s_cnt), None
 
         zeros = jax.tree.map(jnp.zeros_like, state["trainable"])
         init = (jnp.zeros((), jnp.float32), zeros, jnp.zeros(num_sources), jnp.zeros(num_sources))
@@ -381,7 +393,8 @@ def save_checkpoint(mngr, checksummer: _StepChecksums, step: int, state, data_st
     from grain.checkpoint import CheckpointSave
     mngr.wait_until_finished()  # the previous step's checksums are written before `step` is set
     checksummer.step = step
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=CheckpointSave(_DataState(data_state)),
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                            data=CheckpointSave(_DataState(data_state)),
                                             meta=ocp.args.JsonSave(meta)))
 
 

@@ -22,7 +22,7 @@ the same trainer). A second trainer gets `WorkdirInUseError` naming the holder.
     >>> with WorkdirLock(run):
     ...     WorkdirLock(run).__enter__()  # doctest: +ELLIPSIS
     Traceback (most recent call last):
-    genieblue_jax.train.workdir_lock.WorkdirInUseError: ... is in use by another trainer (pid ...): wait for it, stop it, or use another --workdir
+    genieblue_jax.train.workdir_lock.WorkdirInUseError: ... is in use by another trainer (pid ...): wait for it, ...
 """
 from __future__ import annotations
 

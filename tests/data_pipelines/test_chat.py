@@ -18,10 +18,10 @@ def test_label_mask_golden_two_turns_one_image(template):
              {"role": "user", "content": "What colour is the square?"},
              {"role": "assistant", "content": "blue"}]
     chat = template.render(turns, [3])
-    S, E, I = tok.token_id(IM_START), tok.token_id(IM_END), tok.token_id(IMAGE_PAD)
+    S, E, IMG = tok.token_id(IM_START), tok.token_id(IM_END), tok.token_id(IMAGE_PAD)
     T = tok.encode
     expected, trained = [], []
-    for ids, mask in [([S] + T("user\n"), 0), ([I] * 3, 0), (T("\nHow many circles are there?"), 0),
+    for ids, mask in [([S] + T("user\n"), 0), ([IMG] * 3, 0), (T("\nHow many circles are there?"), 0),
                       ([E] + T("\n"), 0), ([S] + T("assistant\n"), 0), (T("two"), 1), ([E], 1), (T("\n"), 0),
                       ([S] + T("user\n") + T("What colour is the square?") + [E] + T("\n"), 0),
                       ([S] + T("assistant\n"), 0), (T("blue"), 1), ([E], 1), (T("\n"), 0)]:
@@ -31,7 +31,7 @@ def test_label_mask_golden_two_turns_one_image(template):
     np.testing.assert_array_equal(chat.loss_mask, trained)
     # Exactly the answers plus their end-of-turn tokens are trained.
     assert chat.tokens[chat.loss_mask].tolist() == T("two") + [E] + T("blue") + [E]
-    start = expected.index(I)
+    start = expected.index(IMG)
     assert chat.image_spans == [(start, 3)]
 
 
@@ -59,7 +59,8 @@ def test_system_prompt_and_generation_prompt(demo):
 
 
 @pytest.mark.parametrize("turns,counts,match", [
-    ([{"role": "user", "content": "<image><image>x"}, {"role": "assistant", "content": "y"}], [2], "more <image> tags than images"),
+    ([{"role": "user", "content": "<image><image>x"}, {"role": "assistant", "content": "y"}], [2],
+     "more <image> tags than images"),
     ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], [2], "0 <image> tags but 1 images"),
     ([{"role": "assistant", "content": "<image>"}], [2], "images belong in user turns"),
     ([{"role": "robot", "content": "x"}], [], "role 'robot'"),

@@ -9,8 +9,7 @@ import pytest
 from PIL import Image
 
 from data_pipelines import images
-from data_pipelines.images import (ImageDecodeError, candidate_grids, decode_image, num_patches,
-                                   select_grid, to_patches)
+from data_pipelines.images import ImageDecodeError, candidate_grids, decode_image, num_patches, select_grid, to_patches
 
 
 def _encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -150,7 +149,8 @@ def test_dynamic_patches_are_row_major_tiles_then_thumbnail():
         expected = (np.asarray(colour, np.float32) / np.float32(255) - np.float32(0.5)) / np.float32(0.5)
         np.testing.assert_array_equal(out[i], np.broadcast_to(expected, (patch, patch, 3)))
     thumb = np.asarray(Image.fromarray(image).resize((patch, patch), Image.Resampling.BICUBIC))
-    np.testing.assert_array_equal(out[6], (thumb.astype(np.float32) / np.float32(255) - np.float32(0.5)) / np.float32(0.5))
+    want = (thumb.astype(np.float32) / np.float32(255) - np.float32(0.5)) / np.float32(0.5)
+    np.testing.assert_array_equal(out[6], want)
     np.testing.assert_array_equal(to_patches(image, patch=patch, mode="single")[0], out[6])
 
 

@@ -9,8 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from data_pipelines.pipeline import (PipelineConfig, SourceSpec, build_pipeline, mixture,
-                                     packing_efficiency)
+from data_pipelines.pipeline import PipelineConfig, SourceSpec, build_pipeline, mixture, packing_efficiency
 from data_pipelines.records import ArrayRecordExampleSource, Example, ShardedWriter
 from data_pipelines.tokenizer import IM_START, IMAGE_PAD, load_tokenizer
 from genieblue_jax.structure import check_image_tokens

@@ -8,8 +8,15 @@ import grain
 import msgpack
 import pytest
 
-from data_pipelines.records import (SCHEMA_VERSION, ArrayRecordExampleSource, Example, ShardedWriter,
-                                    decode_example, encode_example, read_manifest)
+from data_pipelines.records import (
+    SCHEMA_VERSION,
+    ArrayRecordExampleSource,
+    Example,
+    ShardedWriter,
+    decode_example,
+    encode_example,
+    read_manifest,
+)
 
 
 def make_examples(n: int) -> list[Example]:

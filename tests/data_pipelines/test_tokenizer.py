@@ -4,8 +4,7 @@ import json
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from data_pipelines.tokenizer import (CHAT_SPECIAL_TOKENS, HFTokenizer, IM_END, SentencePieceTokenizer,
-                                      load_tokenizer)
+from data_pipelines.tokenizer import CHAT_SPECIAL_TOKENS, IM_END, HFTokenizer, SentencePieceTokenizer, load_tokenizer
 
 
 @pytest.fixture

@@ -304,8 +304,9 @@ def test_report_sizes(exported):
     with open(os.path.join(exported["out"], "report.json")) as f:
         assert json.load(f)["sizes"]["deployments"] == d
     ps = rep["paper_scale"]["deployments"]
-    print("\n" + "\n".join(f"{k}: tiny {d[k]['quantized_bytes'] / 1e3:.1f} kB quantized / {d[k]['float_bytes'] / 1e3:.1f} "
-                           f"kB float; paper scale {ps[k]['quantized_bytes']:,} bytes" for k in d))
+    print("\n" + "\n".join(f"{k}: tiny {d[k]['quantized_bytes'] / 1e3:.1f} kB quantized / "
+                           f"{d[k]['float_bytes'] / 1e3:.1f} kB float; paper scale {ps[k]['quantized_bytes']:,} bytes"
+                           for k in d))
     # the paper-scale rows, to the byte, from the configs' parameter shapes and the deployment recipe
     bits = int(rep["settings"]["embedding_precision"][3:])
     by_component = _paper_scale_bytes(rep["paper_scale"]["context"], embedding_bits=bits)
@@ -389,7 +390,8 @@ def test_errors_name_the_culprit(exported, tmp_path):
         qnn.export_qnn(model, str(tmp_path / "d"), context=CONTEXT, prefill_len=PREFILL, data=["/no/such/dir"])
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="empty/manifest.json not found: not a dataset"):
-        qnn.export_qnn(model, str(tmp_path / "d2"), context=CONTEXT, prefill_len=PREFILL, data=[str(tmp_path / "empty")])
+        qnn.export_qnn(model, str(tmp_path / "d2"), context=CONTEXT, prefill_len=PREFILL,
+                       data=[str(tmp_path / "empty")])
     with pytest.raises(FileExistsError, match="not empty"):
         qnn.export_qnn(model, exported["out"], context=CONTEXT, prefill_len=PREFILL)
     llm_only = genieblue_jax.api.GenieBlue({"llm": model.mcfg.llm}, {"llm": model.params["llm"]}, path="/ckpt/llm")

@@ -16,9 +16,16 @@ from safetensors import safe_open
 
 import genieblue_jax
 from genieblue_jax import models
-from genieblue_jax.export import hf_writer
-from genieblue_jax.export import (hf_names, hf_tensors, llm_config_to_hf, save_llm, save_vision,
-                                  vision_config_to_hf, write_safetensors)
+from genieblue_jax.export import (
+    hf_names,
+    hf_tensors,
+    hf_writer,
+    llm_config_to_hf,
+    save_llm,
+    save_vision,
+    vision_config_to_hf,
+    write_safetensors,
+)
 from genieblue_jax.hf import UnsupportedConfigError, import_hf
 from genieblue_jax.hf.configs import llm_config_from_hf, vision_config_from_hf
 from genieblue_jax.hf.safetensors_io import SafetensorsCheckpoint, read_header

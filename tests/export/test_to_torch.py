@@ -97,7 +97,8 @@ def _lora_layers(peft_model):
 def skip(tmp_path_factory):
     """GenieBlue-Skip saved as a checkpoint (with a tokenizer) and exported by the CLI (the
     one subprocess of this file); its JAX reference logits."""
-    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
     tmp = tmp_path_factory.mktemp("to_torch")
     tok = Tokenizer(tok_models.WordLevel({"<unk>": 0, "hello": 1, "world": 2, "<|im_end|>": 3}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

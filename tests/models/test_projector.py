@@ -62,17 +62,18 @@ def test_projector_matches_torch_mlp():
                               torch.nn.Linear(16, 16))
     p = jax.tree.map(lambda a: torch.from_numpy(np.array(a)), params)
     with torch.no_grad():
-        mlp[0].weight.copy_(p["layer_norm"]["scale"]); mlp[0].bias.copy_(p["layer_norm"]["bias"])
-        mlp[1].weight.copy_(p["linear_1"]["kernel"].T); mlp[1].bias.copy_(p["linear_1"]["bias"])
-        mlp[3].weight.copy_(p["linear_2"]["kernel"].T); mlp[3].bias.copy_(p["linear_2"]["bias"])
+        for module, name, transpose in ((mlp[0], "layer_norm", False), (mlp[1], "linear_1", True),
+                                        (mlp[3], "linear_2", True)):
+            weight = p[name]["kernel"].T if transpose else p[name]["scale"]
+            module.weight.copy_(weight)
+            module.bias.copy_(p[name]["bias"])
         ref = mlp(vila_downsample_block(torch.from_numpy(x))).numpy()
     assert ours.shape == (2, 16, 16)
     assert np.abs(ours - ref).max() <= 1e-5
 
 
 def test_shipped_torch_projector_matches_ours_and_round_trips():
-    from genieblue_jax.export.torch_modules import (VilaProjector, projector_params_from_state_dict,
-                                                    projector_state_dict)
+    from genieblue_jax.export.torch_modules import VilaProjector, projector_params_from_state_dict, projector_state_dict
     cfg = models.ProjectorConfig(vision_hidden_size=12, llm_hidden_size=16)
     params = models.init_params(cfg, jax.random.key(0))
     params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(1), p.shape), params)

@@ -93,7 +93,8 @@ def test_text_mode_is_bitwise_the_base_after_training_and_shared_is_the_branch_f
                                            tokens, positions_from_segments(segments), segments))
     diff = np.abs(shared - want)[valid].max()
     print(f"{variant}: shared vs hand-folded plain decoder max diff {diff:.2e} "
-          f"(logits up to {np.abs(want[valid]).max():.2f}); shared vs base {np.abs(shared - base_alone)[valid].max():.2e}")
+          f"(logits up to {np.abs(want[valid]).max():.2f}); "
+          f"shared vs base {np.abs(shared - base_alone)[valid].max():.2e}")
     assert diff <= 2e-6
 
 

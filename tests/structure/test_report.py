@@ -37,5 +37,5 @@ def test_cli_prints_the_table():
                           "--vit=siglip-so400m-384"], cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     for name, figure in PAPER.items():
-        line = next(l for l in run.stdout.splitlines() if l.startswith(f"| {name} "))
+        line = next(x for x in run.stdout.splitlines() if x.startswith(f"| {name} "))
         assert figure in line, line

@@ -77,7 +77,8 @@ def test_gradient_tree_is_exactly_the_trainable_leaves(variant, stage, base_para
     params = dict(params, branch=perturb(params["branch"]))
     trainable, frozen = structure.partition(params, stage)
     tokens, segments, images = image_batch(mcfg)
-    grads = jax.grad(_loss, argnums=1)(mcfg, trainable, frozen, tokens, positions_from_segments(segments), segments, images)
+    positions = positions_from_segments(segments)
+    grads = jax.grad(_loss, argnums=1)(mcfg, trainable, frozen, tokens, positions, segments, images)
     names = set(models.flatten(grads))
     expected = _expected_trainable(variant, stage)
     # counts first: a readable failure; then the exact names

@@ -92,7 +92,8 @@ def test_a_gs_run_saves_resumes_and_loads_like_a_local_one(tmp_path, gcs, monkey
         return tiny_config(**{"train.steps": steps, "init.llm_checkpoint": f"{root}/init/llm",
                               "init.vit_checkpoint": f"{root}/init/vit",
                               "data.tokenizer": f"{root}/init/llm/hf_assets/tokenizer.model",
-                              "data.sources": ",".join(f"{s}={tmp_path}/data/train/{s}:{w}" for s, w in MIXTURE.items())})
+                              "data.sources": ",".join(f"{s}={tmp_path}/data/train/{s}:{w}"
+                                                       for s, w in MIXTURE.items())})
 
     local = trainer.train(config(str(tmp_path / "local")), str(tmp_path / "local" / "run"))
     # On gs://: stopped after step 3 (SIGTERM), then resumed by the same call.
@@ -100,7 +101,8 @@ def test_a_gs_run_saves_resumes_and_loads_like_a_local_one(tmp_path, gcs, monkey
 
     def sigterm_after_step_3(step, row):
         if step == 1:  # train() holds the gs:// workdir: another trainer is refused
-            with pytest.raises(trainer.WorkdirInUseError, match=f"{run} is in use by another trainer \\(pid {os.getpid()}"):
+            with pytest.raises(trainer.WorkdirInUseError,
+                               match=f"{run} is in use by another trainer \\(pid {os.getpid()}"):
                 trainer.WorkdirLock(run).__enter__()
         if step == 3:
             os.kill(os.getpid(), 15)

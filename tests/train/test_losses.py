@@ -2,9 +2,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from genieblue_jax import models, sharding as sharding_lib
+from genieblue_jax import models
+from genieblue_jax import sharding as sharding_lib
 from genieblue_jax.train.losses import token_nll
 
 

@@ -281,6 +281,7 @@ def test_out_of_range_values_name_the_key_before_any_work(tmp_path, key, value, 
 def test_every_recipe_is_within_the_ranges():
     import importlib
     import pkgutil
+
     from experiments import configs
     recipes = [m.name for m in pkgutil.iter_modules(configs.__path__) if m.name != "common"]
     assert len(recipes) >= 10

@@ -71,7 +71,8 @@ def data_sources(model, data: Sequence[str] = (), tokenizer: str | None = None):
                 raise FileNotFoundError(f"--data {d}: no such directory")
         tok = tokenizer or model.tokenizer_path
         if not tok:
-            raise ValueError(f"--data given but no tokenizer: {model.path or 'the model'} carries none; pass --tokenizer")
+            raise ValueError(f"--data given but no tokenizer: {model.path or 'the model'} carries none; "
+                             f"pass --tokenizer")
         names = [os.path.basename(os.path.normpath(d)) or f"data{i}" for i, d in enumerate(data)]
         names = [f"{n}_{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
         return _checked(tuple(SourceSpec(n, d, 1.0) for n, d in zip(names, data))), tok, f"--data {', '.join(data)}"

@@ -468,8 +468,8 @@ class ModelGraphs:
         """{canonical name: element count} of parameters no graph uses."""
         all_leaves = (self._llm, self._mm, self._vision, self._projector)
         used = {leaves.names[p] for leaves in all_leaves for p in leaves.used}
-        return {leaves.names[p]: math.prod(np.shape(leaves.flat[p])) for leaves in all_leaves for p in sorted(leaves.flat)
-                if leaves.names[p] not in used}
+        return {leaves.names[p]: math.prod(np.shape(leaves.flat[p]))
+                for leaves in all_leaves for p in sorted(leaves.flat) if leaves.names[p] not in used}
 
 
 def check_sizes(mcfg, context: int, prefill_len: int) -> None:

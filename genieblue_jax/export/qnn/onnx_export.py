@@ -37,9 +37,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from genieblue_jax.jsonfile import read_json
 from genieblue_jax.export.qnn.graphs import MASK_VALUE, DecoderGraph, ModelGraphs, check_sizes, example_inputs
 from genieblue_jax.export.qnn.runtime import DecoderSpec
+from genieblue_jax.jsonfile import read_json
 
 FORMAT = "genieblue_jax.qnn/1"
 MANIFEST = "manifest.json"
@@ -54,7 +54,8 @@ def tensor_role(name: str, shape) -> str:
 
         >>> tensor_role("branch.layers_3.mlp.up_proj.lora_b", (8, 128))
         'lora'
-        >>> tensor_role("llm.lm_head.kernel", (64, 512)), tensor_role("vision.embeddings.patch_embedding.kernel", (48, 3, 8, 8))
+        >>> (tensor_role("llm.lm_head.kernel", (64, 512)),
+        ...  tensor_role("vision.embeddings.patch_embedding.kernel", (48, 3, 8, 8)))
         ('matmul', 'conv')
         >>> tensor_role("llm.layers_0.input_layernorm.scale", (64,)), tensor_role("llm.rope.cos", (64, 16))
         ('norm', 'rope_table')

@@ -95,7 +95,8 @@ def summarize_sizes(sizes: dict[str, dict]) -> dict:
                               for k in ("elements", "float_bytes", "quantized_bytes")}
     head = sizes.get("llm.lm_head.kernel")
     return {"components": components, "deployments": deployments,
-            "lm_head_bytes": None if head is None else {"float": head["float_bytes"], "quantized": head["quantized_bytes"]},
+            "lm_head_bytes": (None if head is None
+                              else {"float": head["float_bytes"], "quantized": head["quantized_bytes"]}),
             "unquantized": sorted(n for n, s in sizes.items() if s["bits"] == 32 and s["role"] != "bias")}
 
 
@@ -191,7 +192,8 @@ def to_markdown(r: dict) -> str:
     for c, v in sz["components"].items():
         by = ", ".join(f"{k}: {n:,}" for k, n in sorted(v["elements_by_bits"].items()))
         lines.append(f"| {c} | {v['elements']:,} | {_mb(v['float_bytes'])} | {_mb(v['quantized_bytes'])} | {by} |")
-    lines += ["", "| deployment | parameters | float32 | quantized (W4 LLM / W8 ViT, projector, LoRA) |", "|---|---|---|---|"]
+    lines += ["", "| deployment | parameters | float32 | quantized (W4 LLM / W8 ViT, projector, LoRA) |",
+              "|---|---|---|---|"]
     for label, v in sz["deployments"].items():
         lines.append(f"| {label} | {v['elements']:,} | {_mb(v['float_bytes'])} | {_mb(v['quantized_bytes'])} |")
     if sz["lm_head_bytes"]:
@@ -209,7 +211,8 @@ def to_markdown(r: dict) -> str:
               "| deployment | parameters | quantized | paper Table 9 (BlueLM-V-3B / GenieBlue) |", "|---|---|---|---|"]
     for label, v in ps["deployments"].items():
         ref = PAPER_TABLE9_GB.get(label)
-        lines.append(f"| {label} | {v['elements']:,} | {_gb(v['quantized_bytes'])} | {f'{ref:.2f} GB' if ref else ''} |")
+        paper = f"{ref:.2f} GB" if ref else ""
+        lines.append(f"| {label} | {v['elements']:,} | {_gb(v['quantized_bytes'])} | {paper} |")
     st = ps["structure_report_storage_bytes"]
     lines += ["", f"`structure.report.storage_summary` (all weights at W4/W8, no scales, no head copy): LLM "
                   f"{_gb(st['llm_only'])}, base MLLM {_gb(st['base_mllm'])}, GenieBlue {_gb(st['genieblue'])}. "
