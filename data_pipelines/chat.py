@@ -33,12 +33,16 @@ from data_pipelines.tokenizer import IM_END, IM_START, IMAGE_PAD, Tokenizer
 
 @dataclasses.dataclass
 class RenderedChat:
+    """A conversation rendered by `ChatTemplate.render`."""
     tokens: np.ndarray            # int32 (L,)
     loss_mask: np.ndarray         # bool (L,): tokens trained as targets
     image_spans: list[tuple[int, int]]  # (start, length) of each image's token run, in order
 
 
 class ChatTemplate:
+    """ChatML rendering (Qwen2 / LLaVA-OneVision style `<|im_start|>role\n...<|im_end|>\n`):
+    image tags expanded to runs of the image token, answers (and their end tokens) trained."""
+
     def __init__(self, tokenizer: Tokenizer, *, default_system: str | None = None,
                  image_token: str = IMAGE_PAD):
         self.tokenizer = tokenizer

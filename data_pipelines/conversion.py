@@ -94,13 +94,16 @@ class ConversionReport:
 
     @property
     def rejects_path(self) -> str:
+        """out_dir/rejects.jsonl: one JSON line per rejected record."""
         return os.path.join(self.out_dir, REJECTS_FILE)
 
     @property
     def reject_fraction(self) -> float:
+        """Rejected / total records (0 for an empty input)."""
         return self.rejected / self.total if self.total else 0.0
 
     def summary(self) -> str:
+        """The printed report: totals, written, rejected per reason, adjustments, the rejects log."""
         lines = [f"converted {self.input} -> {self.out_dir}",
                  f"  total     {self.total}",
                  f"  written   {self.written}" if self.manifest is not None else

@@ -35,6 +35,7 @@ def define_flags():
 
 
 def main(argv):
+    """The command (absl flags above); exits non-zero with the error and the report on failure."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if FLAGS.format is None or FLAGS.out is None:

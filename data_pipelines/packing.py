@@ -47,6 +47,7 @@ class Rejection:
 
 @dataclasses.dataclass(frozen=True)
 class PackingSpec:
+    """The shape of a packed row: tokens per row, patch slots per row, patch side in pixels."""
     seq_len: int
     max_patches_per_row: int
     patch_size: int               # pixels, from the vision config
@@ -85,6 +86,12 @@ def first_fit(lengths: Sequence[int], patch_counts: Sequence[int], seq_len: int,
 
 
 def assemble_row(samples: Sequence[Sample], spec: PackingSpec) -> dict[str, np.ndarray]:
+    """One packed row of `spec.seq_len` tokens from `samples` (in order), as numpy arrays:
+    tokens / segment_ids (1, 2, ... per sample, 0 = padding) / positions (restarting at 0 per
+    sample) / loss_mask / source_ids (int32 or bool, (seq_len,)); images (max_patches_per_row,
+    S, S, 3) float32 with image_valid (bool) and image_positions (int32: the first image-token
+    index of each patch, -1 when empty). ValueError naming the sample ids when they do not fit
+    or a source is unknown."""
     L, P, S = spec.seq_len, spec.max_patches_per_row, spec.patch_size
     row = {
         "tokens": np.zeros(L, np.int32), "segment_ids": np.zeros(L, np.int32),
@@ -113,6 +120,7 @@ def assemble_row(samples: Sequence[Sample], spec: PackingSpec) -> dict[str, np.n
 
 
 def batch_rows(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Rows of `assemble_row` stacked into a batch: every array gets a leading (rows,) axis."""
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 

@@ -60,6 +60,7 @@ class SourceSpec:
     tfds_data_dir: str | None = None
 
     def open(self):
+        """The source as a random-access Grain data source of Examples (ArrayRecord or TFDS)."""
         if self.tfds_split is None:
             return ArrayRecordExampleSource(self.path)
         from data_pipelines.tfds_source import TfdsExampleSource
@@ -80,6 +81,8 @@ class RejectionStreakError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
+    """Everything `build_pipeline` needs: sources and their weights, tokenizer, row shape,
+    image handling, batch size, seed and Grain read options."""
     sources: tuple[SourceSpec, ...]
     tokenizer: str                     # tokenizer.json / .model, or a directory holding one
     seq_len: int
@@ -125,6 +128,7 @@ class PipelineConfig:
 
     @property
     def packing(self) -> PackingSpec:
+        """The row shape this config packs into."""
         return PackingSpec(self.seq_len, self.max_patches_per_row, self.patch_size,
                            tuple(s.name for s in self.sources))
 
@@ -141,6 +145,7 @@ class ExampleProcessor:
 
     @property
     def template(self) -> ChatTemplate:
+        """The chat template (the tokenizer loaded once per worker process)."""
         if self._template is None:
             self._template = ChatTemplate(load_tokenizer(self.cfg.tokenizer),
                                           default_system=self.cfg.default_system,
@@ -197,6 +202,9 @@ class PackedBatches(grain.IterDataset):
 
 
 class PackedBatchIterator(grain.DatasetIterator):
+    """Packs processed samples into batches of rows, window by window (module docstring);
+    checkpointable through `get_state` / `set_state`."""
+
     def __init__(self, parent: grain.DatasetIterator, cfg: PipelineConfig):
         super().__init__(parent)
         self.cfg = cfg
@@ -264,11 +272,15 @@ class PackedBatchIterator(grain.DatasetIterator):
         return batch
 
     def get_state(self) -> dict:
+        """JSON-able state: {"parent": the source iterator's state at the start of the current
+        packing window, "next_row": rows of that window already emitted, "exhausted": bool,
+        "stats": counters}. Small (no tensors): restoring re-reads and re-packs one window."""
         return {"parent": copy.deepcopy(self._window_state), "next_row": self._next_row,
                 "exhausted": self._exhausted and self._next_row == len(self._rows),
                 "stats": _stats_to_json(self.stats)}
 
     def set_state(self, state: dict) -> None:
+        """Resumes at `state` (from `get_state`): the next batch is the one that followed it."""
         self._parent.set_state(copy.deepcopy(state["parent"]))
         self._window_state = copy.deepcopy(state["parent"])
         self.stats = _stats_from_json(state["stats"])
@@ -361,6 +373,7 @@ class StreamBatchIterator:
 
     @property
     def stats(self) -> dict:
+        """The counters (samples, rejects by reason, batches, tokens, slots) summed over streams."""
         total = _new_stats()
         for it in self._its.values():
             for key, value in it.stats.items():
@@ -368,9 +381,13 @@ class StreamBatchIterator:
         return total
 
     def get_state(self) -> dict:
+        """{"streams": {stream index: that stream's `PackedBatchIterator.get_state()`}} for the
+        streams this process reads (what its data checkpoint holds)."""
         return {"streams": {str(j): it.get_state() for j, it in self._its.items()}}
 
     def set_state(self, state: dict) -> None:
+        """Resumes every stream of `state`; ValueError when it holds other streams than this
+        process reads (another process count or data.streams)."""
         saved = sorted(int(j) for j in state["streams"])
         if saved != list(self.owned):
             raise ValueError(f"the data state holds streams {saved}, but this process reads streams "

@@ -24,16 +24,26 @@ CHAT_SPECIAL_TOKENS = (IM_START, IM_END, IMAGE_PAD, END_OF_TEXT)
 
 
 class Tokenizer(Protocol):
-    vocab_size: int
+    """What the pipeline, the chat renderer and inference need of a tokenizer."""
+    vocab_size: int  # ids are in [0, vocab_size), added tokens included
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, no BOS / EOS added; never a special token's id (see the module)."""
+        ...
 
-    def decode(self, ids: Sequence[int]) -> str: ...
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of `ids`, special tokens written out."""
+        ...
 
-    def token_id(self, piece: str) -> int: ...
+    def token_id(self, piece: str) -> int:
+        """The id of one vocabulary entry (e.g. "<|im_end|>"); KeyError naming it if absent."""
+        ...
 
 
 class SentencePieceTokenizer:
+    """A SentencePiece `.model` (a local path or gs://, or `model_proto` bytes) as a `Tokenizer`;
+    its user-defined pieces (our chat specials) are never produced by `encode`."""
+
     def __init__(self, model_path: str | None = None, *, model_proto: bytes | None = None):
         import sentencepiece as spm
         self.path = model_path
@@ -51,15 +61,18 @@ class SentencePieceTokenizer:
         self._specials = [p.piece for p in proto.pieces if p.type == user_defined]
 
     def encode(self, text: str) -> list[int]:
+        """`Tokenizer.encode`."""
         ids: list[int] = []
         for part in _split_specials(text, self._specials):
             ids += self._sp.EncodeAsIds(part)
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
+        """`Tokenizer.decode`."""
         return self._sp.DecodeIds([int(i) for i in ids])
 
     def token_id(self, piece: str) -> int:
+        """`Tokenizer.token_id`."""
         i = self._sp.PieceToId(piece)
         if i == self._sp.unk_id() and piece != self._sp.IdToPiece(i):
             raise KeyError(f"token {piece!r} is not in the vocabulary of {self.path or 'this tokenizer'}")
@@ -81,15 +94,18 @@ class HFTokenizer:
                           if t.special or t.content in CHAT_SPECIAL_TOKENS]
 
     def encode(self, text: str) -> list[int]:
+        """`Tokenizer.encode`."""
         ids: list[int] = []
         for part in _split_specials(text, self._specials):
             ids += self._tok.encode(part, add_special_tokens=False).ids
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
+        """`Tokenizer.decode`."""
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def token_id(self, piece: str) -> int:
+        """`Tokenizer.token_id`."""
         i = self._tok.token_to_id(piece)
         if i is None:
             raise KeyError(f"token {piece!r} is not in the vocabulary of {self.path}")

@@ -55,6 +55,7 @@ class GenieBlue:
 
     @property
     def is_mllm(self) -> bool:
+        """True for a whole multimodal model (else a single component: an LLM or a ViT)."""
         return self.mcfg is not None
 
     def _component(self, name: str):

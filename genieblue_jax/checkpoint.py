@@ -41,6 +41,7 @@ FORMAT_VERSION = 1
 
 
 def is_checkpoint(path: str) -> bool:
+    """True when `path` (local or gs://) holds a genieblue_jax checkpoint (its genieblue.json)."""
     return (paths.path(path) / META_FILE).is_file()
 
 

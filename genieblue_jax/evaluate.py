@@ -242,6 +242,7 @@ def table(results: dict[str, dict]) -> str:
 
 
 def source_table(result: dict) -> str:
+    """Markdown table of an evaluation's accuracy per source (examples, accuracy %)."""
     lines = ["| source | examples | accuracy |", "|---|---|---|"]
     lines += [f"| {s} | {v['n']} | {_fmt(v['accuracy'])} |" for s, v in result["by_source"].items()]
     return "\n".join(lines)

@@ -13,13 +13,14 @@ a dimension that does not divide by the mesh axes it is sharded over.
 from __future__ import annotations
 
 import math
-import re
 from typing import Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from genieblue_jax import rules as rules_lib
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -64,13 +65,12 @@ def make_mesh(axes: dict[str, int] | None = None, devices: Sequence | None = Non
 
 def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh, rules=DEFAULT_RULES) -> P:
     """PartitionSpec of one parameter; raises naming the parameter if uncovered or indivisible."""
-    for pattern, spec in rules:
-        if re.fullmatch(pattern, path):
-            break
-    else:
-        raise ValueError(f"no sharding rule matches parameter {path!r} (shape {shape})")
+    try:
+        spec = rules_lib.first_match(rules, path, what="sharding rule")
+    except ValueError as e:
+        raise ValueError(f"{e} (shape {shape})") from None
     if len(spec) > len(shape):
-        raise ValueError(f"rule {pattern!r} gives {spec} for {path!r} of rank {len(shape)}")
+        raise ValueError(f"the sharding rule for {path!r} gives {spec}, for a parameter of rank {len(shape)}")
     for dim, axis in zip(shape, spec):
         names = () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
         size = math.prod(mesh.shape[a] for a in names if a in mesh.shape)
@@ -93,5 +93,6 @@ def param_shardings(abstract_tree, mesh: Mesh, rules=DEFAULT_RULES):
 
 
 def single_device_shardings(abstract_tree, device=None):
+    """A SingleDeviceSharding on `device` (default: the first device) for every leaf."""
     device = device or jax.devices()[0]
     return jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(device), abstract_tree)

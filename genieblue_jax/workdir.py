@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
-    pass
+    """A recipe (config) the framework cannot run; the message names the config key."""
 
 
 LLM_STAGES = ("full", "pretrain")  # stages that train the LLM itself (float32 masters, variant "full")
@@ -230,6 +230,7 @@ def step_damage(workdir: str, step: int) -> list[str] | None:
 
 
 def warn_unverified(workdir: str, step: int) -> None:
+    """Logs that checkpoint `step` carries no checksums (an older version wrote it)."""
     log.warning("%s/checkpoints/%d has no checksums.json (saved by an older version): not verified", workdir, step)
 
 
@@ -242,19 +243,50 @@ def verified_step(workdir: str, step: int) -> None:
         warn_unverified(workdir, step)
 
 
+def abstract_like(tree) -> dict:
+    """ShapeDtypeStructs (with the shardings) of the arrays of `tree`: a restore target."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def restore_step(mngr: ocp.CheckpointManager, step: int, *, state=None, partial: bool = False, data=None) -> dict:
+    """The one way a checkpoint of a workdir is read (trainer resume, `load_trained`, the stage-1
+    projector): the items of `step` through `mngr`, in one Orbax restore.
+
+    Always `meta` (dict: stage, variant, base fingerprint, packages). With `state`, an abstract
+    tree (`abstract_like`) of the state item ({"trainable", "opt_state", "step", "bad_steps"}):
+    its arrays restored straight into its shardings and dtypes; with `partial`, only the leaves
+    `state` names (e.g. {"trainable": ...} without Adam's moments: nothing else is read). With
+    `data`, Grain's `CheckpointRestore` args: this process's data-iterator state.
+    Returns {"meta": ..., "state": ..., "data": ...} (the items asked for).
+    """
+    args = {"meta": ocp.args.JsonRestore()}
+    if state is not None:
+        args["state"] = ocp.args.PyTreeRestore(
+            item=state, restore_args=ocp.checkpoint_utils.construct_restore_args(state), partial_restore=partial)
+    if data is not None:
+        args["data"] = data
+    return mngr.restore(step, args=ocp.args.Composite(**args))
+
+
 def restore_trained_part(workdir: str, component: str, like: dict) -> dict:
-    """One trained component (e.g. the stage-1 projector) from another run's latest checkpoint."""
+    """One trained component (e.g. the stage-1 projector) from another run's latest checkpoint,
+    into the shardings and dtypes of `like` (only that component is read). ConfigError when the
+    workdir has no checkpoint or its stage did not train `component`."""
     mngr = checkpoint_manager(workdir, keep=1)
-    step = mngr.latest_step()
-    if step is None:
-        raise ConfigError(f"init.stage1_workdir={workdir}: no checkpoint found")
-    verified_step(workdir, step)
-    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    tree = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(None)))["state"]
-    part = tree["trainable"].get(component)
-    if part is None:
-        raise ConfigError(f"init.stage1_workdir={workdir} (stage {meta.get('stage')}) has no trained {component}")
-    return jax.tree.map(lambda new, ref: jax.device_put(np.asarray(new, ref.dtype), ref.sharding), part, like)
+    try:
+        step = mngr.latest_step()
+        if step is None:
+            raise ConfigError(f"init.stage1_workdir={workdir}: no checkpoint found")
+        verified_step(workdir, step)
+        meta = restore_step(mngr, step)["meta"]
+        try:
+            restored = restore_step(mngr, step, state={"trainable": {component: abstract_like(like)}}, partial=True)
+        except (ValueError, KeyError) as e:
+            raise ConfigError(f"init.stage1_workdir={workdir} (stage {meta.get('stage')}) has no trained {component} "
+                              f"of these shapes: {str(e)[:300]}") from e
+        return restored["state"]["trainable"][component]
+    finally:
+        mngr.close()
 
 
 @dataclasses.dataclass
@@ -293,27 +325,24 @@ def load_trained(workdir: str, *, step: int | None = None, mesh=None) -> Trained
         if step not in steps:
             raise FileNotFoundError(f"{workdir}/checkpoints: no step {step}; saved steps {sorted(steps)}")
         verified_step(workdir, step)
-        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        meta = restore_step(mngr, step)["meta"]
+        if meta.get("variant") != mcfg.structure.name or meta.get("stage") != config.train.stage:
+            raise ValueError(f"{workdir}: checkpoint step {step} is {meta.get('stage')} / {meta.get('variant')}, "
+                             f"but config.json says {config.train.stage} / {mcfg.structure.name}")
+        params = init_params(config, mcfg, mesh)
+        trainable, frozen = structure.partition(params, config.train.stage)
+        fingerprint = base_fingerprint(frozen)
+        if meta["base_fingerprint"] != fingerprint:
+            raise ValueError(f"{workdir}: checkpoint step {step} was trained on a frozen base with fingerprint "
+                             f"{meta['base_fingerprint']} ({meta['base_source']}); the base rebuilt from "
+                             f"config.json has {fingerprint}. Was an init checkpoint changed or moved?")
+        try:  # the trainable parameters only: Adam's moments are not read
+            restored = restore_step(mngr, step, state={"trainable": abstract_like(trainable)}, partial=True)
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            raise ValueError(f"{workdir}/checkpoints/{step}/state: does not hold the trainable parameters of "
+                             f"{mcfg.structure.name} ({config.train.stage}) that config.json describes: "
+                             f"{str(e)[:400]}") from e
     finally:
         mngr.close()
-    if meta.get("variant") != mcfg.structure.name or meta.get("stage") != config.train.stage:
-        raise ValueError(f"{workdir}: checkpoint step {step} is {meta.get('stage')} / {meta.get('variant')}, "
-                         f"but config.json says {config.train.stage} / {mcfg.structure.name}")
-    params = init_params(config, mcfg, mesh)
-    trainable, frozen = structure.partition(params, config.train.stage)
-    fingerprint = base_fingerprint(frozen)
-    if meta["base_fingerprint"] != fingerprint:
-        raise ValueError(f"{workdir}: checkpoint step {step} was trained on a frozen base with fingerprint "
-                         f"{meta['base_fingerprint']} ({meta['base_source']}); the base rebuilt from config.json "
-                         f"has {fingerprint}. Was an init checkpoint changed or moved?")
-    target = {"trainable": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                        trainable)}
-    state_dir = paths.path(workdir) / "checkpoints" / str(step) / "state"
-    try:
-        restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise ValueError(f"{state_dir}: does not hold the trainable parameters of {mcfg.structure.name} "
-                         f"({config.train.stage}) that config.json describes: {str(e)[:400]}") from e
-    params = structure.combine(restored["trainable"], frozen)
+    params = structure.combine(restored["state"]["trainable"], frozen)
     return Trained(mcfg, params, config, tokenizer, int(step), meta)

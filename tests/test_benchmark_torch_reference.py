@@ -85,6 +85,8 @@ def test_one_step_trains_exactly_the_trainable_set(variant, one_thread):
 
 
 def test_downsample_matches_vila_flat_square():
-    # The worked example of genieblue_jax.models.projector.vila_downsample (ids + 1; 0 = pad).
+    # The reference's projector is the exporter's PyTorch one (export.torch_modules); the worked
+    # example of genieblue_jax.models.projector.vila_downsample (ids + 1; 0 = pad) holds for it.
+    from genieblue_jax.export.torch_modules import vila_downsample
     x = (torch.arange(9.0) + 1).reshape(1, 9, 1)
-    assert ref_tool.vila_downsample(x)[0].tolist() == [[1, 2, 4, 5], [7, 8, 0, 0], [3, 0, 6, 0], [9, 0, 0, 0]]
+    assert vila_downsample(x)[0].tolist() == [[1, 2, 4, 5], [7, 8, 0, 0], [3, 0, 6, 0], [9, 0, 0, 0]]

@@ -27,7 +27,7 @@ USES = {
 }
 LAYER_OF = {
     "genieblue_jax.paths": "base", "genieblue_jax.jsonfile": "base", "genieblue_jax.checksums": "base",
-    "genieblue_jax.versions": "base",
+    "genieblue_jax.versions": "base", "genieblue_jax.rules": "base",
     "data_pipelines": "data",
     "genieblue_jax.models": "models",
     "genieblue_jax.sharding": "sharding",

@@ -60,6 +60,9 @@ import transformers
 from absl import app, flags
 from torch import nn
 
+from genieblue_jax.export.torch_modules import VilaProjector, place_image_features
+from genieblue_jax.models.configs import ProjectorConfig
+
 FLAGS = flags.FLAGS
 
 VARIANTS = ("stage2_skip", "lora", "full_ft")
@@ -103,40 +106,11 @@ def define_flags():
 # ----------------------------------------------------------------------------- model
 
 
-def vila_downsample(tokens: torch.Tensor) -> torch.Tensor:
-    """VILA's DownSampleBlock: (n, g*g, c) -> (n, ceil(g/2)^2, 4c), zero pad + flat_square."""
-    n, t, c = tokens.shape
-    g = math.isqrt(t)
-    if g * g != t:
-        raise ValueError(f"{t} vision tokens do not form a square grid")
-    x = tokens.reshape(n, g, g, c)
-    if g % 2:
-        x = F.pad(x, (0, 0, 0, 1, 0, 1))  # zeros at the bottom and the right
-        g += 1
-    # flat_square: view(n, w, h/2, 2c) -> permute(0, 2, 1, 3) -> view(n, h/2, w/2, 4c)
-    x = x.reshape(n, g, g // 2, 2 * c).permute(0, 2, 1, 3).reshape(n, g // 2, g // 2, 4 * c)
-    return x.reshape(n, -1, 4 * c)
-
-
-class Projector(nn.Module):
-    """VILA mlp_downsample: downsample -> LayerNorm -> Linear -> GELU -> Linear."""
-
-    def __init__(self, vision_hidden: int, llm_hidden: int):
-        super().__init__()
-        self.layer_norm = nn.LayerNorm(4 * vision_hidden)
-        self.linear_1 = nn.Linear(4 * vision_hidden, llm_hidden)
-        self.linear_2 = nn.Linear(llm_hidden, llm_hidden)
-
-    def forward(self, vision_tokens):
-        x = self.layer_norm(vila_downsample(vision_tokens))
-        return self.linear_2(F.gelu(self.linear_1(x)))
-
-
 class ReferenceMLLM(nn.Module):
     """Vision -> projector -> image-token slots of the LLM input embeddings -> LLM -> loss."""
 
     def __init__(self, llm: transformers.Qwen2ForCausalLM, vision: transformers.SiglipVisionModel,
-                 projector: Projector):
+                 projector: VilaProjector):
         super().__init__()
         self.llm, self.vision, self.projector = llm, vision, projector
 
@@ -145,11 +119,7 @@ class ReferenceMLLM(nn.Module):
         features = self.projector(self.vision(pixel_values=images).last_hidden_state)
         embeds = self.llm.get_input_embeddings()(tokens)
         is_image = tokens == IMAGE_TOKEN_ID
-        if int(is_image.sum()) != features.shape[0] * features.shape[1]:
-            raise ValueError(f"{int(is_image.sum())} image tokens but {features.shape[0]} patches x "
-                             f"{features.shape[1]} features")
-        # Fills the image slots in row-major order: row b gets the features of its images in order.
-        embeds = embeds.masked_scatter(is_image.unsqueeze(-1), features.to(embeds.dtype))
+        embeds = place_image_features(embeds, is_image, features)  # row b: the features of its images in order
         logits = self.llm(inputs_embeds=embeds, use_cache=False).logits
         # Target t is predicted from position t - 1; image tokens are never targets.
         losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(),
@@ -204,7 +174,8 @@ def build_model(variant: str, seed: int = 0) -> Reference:
         transformers.Qwen2Config(**LLM_CONFIG, attn_implementation=ATTN_IMPLEMENTATION))
     vision = transformers.SiglipVisionModel(
         transformers.SiglipVisionConfig(**VISION_CONFIG, attn_implementation=ATTN_IMPLEMENTATION))
-    projector = Projector(VISION_CONFIG["hidden_size"], LLM_CONFIG["hidden_size"])
+    projector = VilaProjector(ProjectorConfig(vision_hidden_size=VISION_CONFIG["hidden_size"],
+                                              llm_hidden_size=LLM_CONFIG["hidden_size"]))
     n_layers = LLM_CONFIG["num_hidden_layers"]
     replicated: tuple[int, ...] = ()
     if variant == "stage2_skip":

@@ -51,6 +51,16 @@ def vila_downsample(tokens: torch.Tensor) -> torch.Tensor:
     return x.reshape(b, h * h, 4 * c)
 
 
+def place_image_features(embeds: torch.Tensor, is_image: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Input embeddings (b, t, d) with their image-token slots (`is_image` (b, t) bool) filled by
+    `features` (..., d), in row-major order: the i-th image token of the batch gets the i-th
+    feature vector (as `structure.mllm` places them in JAX). ValueError when the counts differ."""
+    flat = features.reshape(-1, features.shape[-1])
+    if int(is_image.sum()) != flat.shape[0]:
+        raise ValueError(f"{int(is_image.sum())} image tokens but {flat.shape[0]} image features")
+    return embeds.masked_scatter(is_image[..., None], flat.to(embeds.dtype))
+
+
 class VilaProjector(nn.Module):
     """`forward(vision_tokens (b, g*g, vision_hidden)) -> (b, ceil(g/2)^2, llm_hidden)`."""
 
@@ -62,11 +72,13 @@ class VilaProjector(nn.Module):
         self.linear_2 = nn.Linear(cfg.llm_hidden_size, cfg.llm_hidden_size)
 
     def forward(self, vision_tokens: torch.Tensor) -> torch.Tensor:
+        """(b, g*g, vision_hidden) -> (b, ceil(g/2)^2, llm_hidden)."""
         x = self.layer_norm(vila_downsample(vision_tokens))
         return self.linear_2(nn.functional.gelu(self.linear_1(x)))  # exact erf GELU, as VILA
 
     @classmethod
     def from_params(cls, cfg: ProjectorConfig, params) -> "VilaProjector":
+        """The projector with our (JAX) parameters `params` loaded, in eval mode."""
         module = cls(cfg)
         module.load_state_dict({k: torch.from_numpy(np.array(v, np.float32))
                                 for k, v in projector_state_dict(cfg, params).items()})
@@ -178,8 +190,7 @@ class GenieBlueTorch(nn.Module):
                                  f"but its images give {feats.shape[1]} features "
                                  f"({feats.shape[1] // self.tokens_per_patch} patches x "
                                  f"{self.tokens_per_patch} tokens)")
-            # row-major: the i-th image token of row r gets feats[r, i]
-            embeds = embeds.masked_scatter(is_image[..., None], feats.to(embeds.dtype).reshape(-1, feats.shape[-1]))
+            embeds = place_image_features(embeds, is_image, feats)  # row r's i-th image token gets feats[r, i]
         elif mode != "text" and bool(is_image.any()):
             raise ValueError(f"input_ids hold image tokens (id {self.image_token_id}) but no images were given")
         return llm, embeds, mask, positions

@@ -16,7 +16,8 @@ from genieblue_jax.models.configs import LLMConfig, VisionConfig
 
 
 class UnsupportedConfigError(ValueError):
-    pass
+    """An HF config field or value genieblue_jax does not implement; the message names the
+    field and the file."""
 
 
 # Fields that never change the computation.
@@ -115,6 +116,17 @@ def _rope_theta(f: _Fields) -> float:
 
 def llm_config_from_hf(hf: dict, *, source: str = "config.json", ignore_fields: Iterable[str] = (),
                        param_dtype: str = "float32", dtype: str = "float32") -> LLMConfig:
+    """Our `LLMConfig` for a transformers decoder config (`Qwen2ForCausalLM` /
+    `LlamaForCausalLM` config.json as a dict; `source` names it in errors).
+
+    Strict: every field is read or known to be inert (metadata, `ignore_fields`); a field
+    that changes the computation in a way we do not implement (sliding windows, RoPE scaling,
+    dropout, a non-SiLU activation, Llama's `pretraining_tp` != 1) or that we do not know
+    raises `UnsupportedConfigError` naming the field and the file, instead of importing a
+    model that computes something else. Qwen2 always has q/k/v biases; Llama has
+    `attention_bias` / `mlp_bias`. `rope_theta` may come from transformers 5's
+    `rope_parameters`. `param_dtype` / `dtype`: storage / compute dtype names ("float32",
+    "bfloat16")."""
     arch = architecture_of(hf, source)
     family = ARCHITECTURES[arch]
     if family not in ("qwen2", "llama"):
@@ -151,6 +163,11 @@ def llm_config_from_hf(hf: dict, *, source: str = "config.json", ignore_fields: 
 def vision_config_from_hf(hf: dict, *, source: str = "config.json", ignore_fields: Iterable[str] = (),
                           param_dtype: str = "float32", dtype: str = "float32",
                           select_layer: int = -1) -> VisionConfig:
+    """Our `VisionConfig` for a SigLIP config (`SiglipVisionModel`, or a `SiglipModel` whose
+    `vision_config` is read; the text tower is not imported). Strict like `llm_config_from_hf`:
+    an unknown field, an activation other than gelu_pytorch_tanh or attention dropout raises
+    `UnsupportedConfigError` naming it. `select_layer`: the encoder layer whose output feeds
+    the projector (-1: the last; LLaVA / VILA use -2 with the post-LayerNorm skipped)."""
     arch = architecture_of(hf, source)
     if ARCHITECTURES[arch] != "siglip":
         raise UnsupportedConfigError(f"{source}: {arch} is not a SigLIP vision model")

@@ -48,6 +48,7 @@ ASSET_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vo
 
 
 def read_hf_config(hf_dir: str) -> dict:
+    """`hf_dir`/config.json as a dict; FileNotFoundError / ValueError naming the directory or file."""
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{hf_dir}: no config.json (is this a Hugging Face model directory?)")

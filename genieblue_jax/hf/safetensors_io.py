@@ -24,6 +24,9 @@ SINGLE_FILE = "model.safetensors"
 
 
 def read_header(path: str) -> dict:
+    """The JSON header of safetensors file `path`: {"header_size": bytes, "tensors": {name:
+    {"dtype", "shape", "data_offsets"}}, "metadata": dict}. ValueError naming the file when it is
+    too short, the header is not JSON, or an entry is malformed."""
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
@@ -92,6 +95,7 @@ class SafetensorsCheckpoint:
         self._maps: dict[str, np.memmap] = {}
 
     def names(self) -> list[str]:
+        """Every tensor name, sorted."""
         return sorted(self._entries)
 
     def stamp(self) -> tuple[tuple[str, int, int], ...]:
@@ -110,15 +114,18 @@ class SafetensorsCheckpoint:
             raise KeyError(f"tensor {name!r} not found in {self.hf_dir}") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape, from the header (no data read); KeyError naming it if absent."""
         return tuple(self._meta(name)[1]["shape"])
 
     def dtype(self, name: str) -> np.dtype:
+        """The tensor's numpy dtype (bfloat16 through ml_dtypes); ValueError for an unsupported one."""
         meta = self._meta(name)[1]
         if meta["dtype"] not in _DTYPES:
             raise ValueError(f"tensor {name!r} has unsupported dtype {meta['dtype']}")
         return np.dtype(_DTYPES[meta["dtype"]])
 
     def get(self, name: str) -> np.ndarray:
+        """The tensor as a read-only view of the memory-mapped file (nothing copied until used)."""
         path, meta, data_start = self._meta(name)
         dtype = self.dtype(name)
         begin, end = meta["data_offsets"]

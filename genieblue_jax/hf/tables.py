@@ -21,6 +21,7 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class Transform:
+    """A tensor layout change between HF and ours, both ways (e.g. TRANSPOSE for Linear)."""
     name: str
     to_ours: Callable[[np.ndarray], np.ndarray]
     to_hf: Callable[[np.ndarray], np.ndarray]
@@ -39,12 +40,15 @@ CONV_OIHW_TO_HWIO = Transform(
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
+    """One row of a name table: our parameter path and the HF tensor name (`{i}` stands for a
+    layer index in both) and the transform from HF's layout to ours."""
     ours: str
     hf: str
     transform: Transform = IDENTITY
 
     @property
     def pattern(self) -> re.Pattern:
+        """`ours` as an anchored regex, `{i}` captured as the named group "i"."""
         return re.compile("^" + re.escape(self.ours).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
 
 

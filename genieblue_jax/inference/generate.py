@@ -230,6 +230,7 @@ compile per (batch, cache length)."""
 
 @dataclasses.dataclass
 class GenerationResult:
+    """What `generate` returns for a batch (numpy, on the host)."""
     tokens: np.ndarray    # (b, max_new_tokens) int32; pad_id after a row's stop token (and after an early end)
     lengths: np.ndarray   # (b,) new tokens per row, its stop token included
     finished: np.ndarray  # (b,) bool: the row emitted a stop token

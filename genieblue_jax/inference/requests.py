@@ -32,6 +32,7 @@ from data_pipelines.tokenizer import END_OF_TEXT, IM_END
 
 @dataclasses.dataclass
 class Request:
+    """One encoded request: its prompt's token ids (image tokens in place) and its patches."""
     tokens: list[int]
     patches: np.ndarray  # float32 (k, S, S, 3) normalised; k = 0 without images
 
@@ -90,6 +91,7 @@ class RequestEncoder:
         return tuple(out)
 
     def patches(self, images: Sequence[Any], where: str = "request") -> list[np.ndarray]:
+        """Each image (path, bytes, PIL or array) cut as training cut it: float32 (k, S, S, 3)."""
         return [image_lib.to_patches(read_image(im, f"{where}, image {i}"), patch=self.patch_size,
                                      mode=self.image_mode, max_patches=self.max_patches)
                 for i, im in enumerate(images)]

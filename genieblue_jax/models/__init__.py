@@ -75,6 +75,7 @@ def init_params(cfg, rng, shardings=None):
 
 
 def count_params(tree) -> int:
+    """Number of elements over all array leaves of `tree` (arrays or ShapeDtypeStructs)."""
     return int(sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree.leaves(tree)))
 
 
@@ -87,6 +88,7 @@ def flatten(tree, sep: str = "/") -> dict:
 
 
 def unflatten(flat: dict, sep: str = "/") -> dict:
+    """Inverse of `flatten`: {"a/b/c": leaf} -> {"a": {"b": {"c": leaf}}}."""
     tree: dict = {}
     for name, leaf in flat.items():
         node = tree

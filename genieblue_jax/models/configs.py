@@ -139,10 +139,12 @@ class VisionConfig(_Config):
 
     @property
     def grid_size(self) -> int:
+        """ViT patches per side of one image tile: image_size // patch_size (27 for so400m-384)."""
         return self.image_size // self.patch_size
 
     @property
     def num_patches(self) -> int:
+        """ViT patches (tokens) per image tile: grid_size ** 2 (729 for so400m-384)."""
         return self.grid_size ** 2
 
 
@@ -160,10 +162,12 @@ class ProjectorConfig(_Config):
 
     @property
     def in_features(self) -> int:
+        """Input width of the projector's MLP: 4 x the ViT width (after the 2x2 downsampler)."""
         return 4 * self.vision_hidden_size
 
     @staticmethod
     def between(vision: VisionConfig, llm: LLMConfig, **kw) -> "ProjectorConfig":
+        """The projector from `vision`'s width to `llm`'s (other fields from `kw`)."""
         return ProjectorConfig(vision_hidden_size=vision.hidden_size, llm_hidden_size=llm.hidden_size, **kw)
 
 
@@ -229,6 +233,7 @@ PRESETS: dict[str, _Config] = {
 
 
 def get_preset(name: str):
+    """`PRESETS[name]` (an LLMConfig or VisionConfig); KeyError listing the presets if unknown."""
     try:
         return PRESETS[name]
     except KeyError:

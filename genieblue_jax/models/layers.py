@@ -25,11 +25,13 @@ class Dense(nn.Dense):
 
 
 def dense(cfg, features: int, name: str, use_bias: bool = True) -> nn.Dense:
+    """Our `Dense` (kernel (in, features)) in `cfg`'s compute / parameter dtypes, N(0, initializer_range) init."""
     return Dense(features, use_bias=use_bias, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
                     kernel_init=nn.initializers.normal(cfg.initializer_range), name=name)
 
 
 def layer_norm(cfg, name: str) -> nn.LayerNorm:
+    """flax LayerNorm (scale, bias) with `cfg.layer_norm_eps` in `cfg`'s dtypes (SigLIP, projector)."""
     return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype,
                         param_dtype=cfg.params_dtype, name=name)
 

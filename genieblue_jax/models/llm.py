@@ -256,6 +256,9 @@ class MLP(nn.Module):
 
 
 class DecoderBlock(nn.Module):
+    """One pre-norm decoder block (RMSNorm, GQA attention with RoPE, RMSNorm, SwiGLU MLP), as
+    `Qwen2DecoderLayer` / `LlamaDecoderLayer`. `kind`: "base" (plain), "lora" (LoRA adapters on
+    `lora.targets`) or "expert" (CogVLM-style visual-expert projections routed by token type)."""
     cfg: LLMConfig
     kind: str = "base"
     lora: LoRASpec | None = None
@@ -288,6 +291,8 @@ class DecoderLM(nn.Module):
     lora: LoRASpec | None = None
 
     def setup(self):
+        """Builds embedding, blocks (one per `layer_kinds` entry), final norm and head; ValueError
+        when the layer kinds do not fit the config."""
         cfg = self.cfg
         kinds = self.layer_kinds or ("base",) * cfg.num_layers
         if len(kinds) != cfg.num_layers or set(kinds) - set(LAYER_KINDS):
@@ -305,6 +310,7 @@ class DecoderLM(nn.Module):
             self.lm_head = dense(cfg, cfg.vocab_size, "lm_head", use_bias=False)
 
     def embed(self, tokens):
+        """Token embeddings: int (b, t) -> (b, t, hidden) in the compute dtype."""
         return self.embed_tokens(tokens)
 
     def hidden_states(self, x, positions, segment_ids, token_types=None, cache=None, fresh_cache: bool = False):
@@ -355,6 +361,8 @@ class DecoderLM(nn.Module):
         return self.norm(x), new_cache
 
     def unembed(self, h):
+        """Logits (b, t, vocab) float32 of final hidden states h (b, t, hidden): the tied
+        embedding or `lm_head`."""
         if self.cfg.tie_embeddings:
             logits = self.embed_tokens.attend(h)
         else:

@@ -20,6 +20,8 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 @dataclasses.dataclass(frozen=True)
 class LoRASpec:
+    """LoRA adapters: rank r, alpha (the update is scaled by alpha / r, as PEFT), and the
+    projections they wrap (names of LORA_TARGETS). ValueError for rank < 1 or unknown targets."""
     rank: int = 8
     alpha: float = 16.0
     targets: tuple[str, ...] = LORA_TARGETS
@@ -33,6 +35,7 @@ class LoRASpec:
 
     @property
     def scale(self) -> float:
+        """alpha / rank: the factor on the adapter's output (PEFT's `scaling`)."""
         return self.alpha / self.rank
 
 
@@ -43,6 +46,11 @@ def lora_a_init(key, shape, dtype=jnp.float32):
 
 
 class LoRADense(nn.Module):
+    """A Dense layer (kernel (in, features), optional bias) with a LoRA adapter, as PEFT's
+    `lora.Linear`: y = x W + b + (alpha / r) * (x A) B, A (in, r) kaiming-uniform, B (r, out)
+    zero, so an adapter starts as the identity change. The base parameter names are kept
+    (`kernel`, `bias`; Levanter-style), the adapter adds `lora_a` / `lora_b`. Input (..., in),
+    output (..., features), computed in `dtype`."""
     features: int
     use_bias: bool
     spec: LoRASpec

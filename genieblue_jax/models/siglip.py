@@ -34,6 +34,7 @@ def _attend(q, k, v, num_heads: int, dtype):
 
 
 class SiglipMLP(nn.Module):
+    """fc1 -> GELU (tanh approximation) -> fc2, as `SiglipMLP`."""
     cfg: VisionConfig
 
     @nn.compact
@@ -43,6 +44,7 @@ class SiglipMLP(nn.Module):
 
 
 class SiglipAttention(nn.Module):
+    """Bidirectional multi-head self-attention with biases, as `SiglipAttention`."""
     cfg: VisionConfig
 
     @nn.compact
@@ -53,6 +55,7 @@ class SiglipAttention(nn.Module):
 
 
 class SiglipEncoderLayer(nn.Module):
+    """Pre-LN encoder layer: x + attn(LN(x)), then + mlp(LN(.)), as `SiglipEncoderLayer`."""
     cfg: VisionConfig
 
     @nn.compact

@@ -81,6 +81,8 @@ def branch_sources(mcfg: MLLMConfig) -> dict[str, tuple[str, str | None]]:
 
 
 def abstract_branch(mcfg: MLLMConfig) -> dict:
+    """Shapes and dtypes (ShapeDtypeStructs) of the branch `init_branch` makes: replicated blocks
+    or experts and LoRA adapters, named as in the multimodal decoder."""
     abstract = _abstract_multimodal(mcfg)
     return models.unflatten({p: abstract[p] for p in branch_sources(mcfg)})
 

@@ -73,13 +73,17 @@ class StructureConfig:
 
     @property
     def lora_spec(self) -> LoRASpec:
+        """The LoRA adapters of the non-replicated blocks (rank, alpha, target projections)."""
         return LoRASpec(self.lora_rank, self.lora_alpha, self.lora_targets)
 
     @property
     def name(self) -> str:
+        """The variant's name as the paper's tables write it: "lora", "full", "genieblue-skip"."""
         return self.variant if self.variant in ("lora", "full") else f"{self.variant}-{self.placement}"
 
     def selected_layers(self, num_layers: int) -> tuple[int, ...]:
+        """Indices of the replicated (genieblue) / expert (cogvlm) blocks of a `num_layers`-block
+        LLM (`replicated_layers`); () for lora and full."""
         if self.variant in ("lora", "full"):
             return ()
         return replicated_layers(num_layers, self.placement, self.interval)
@@ -93,12 +97,14 @@ class StructureConfig:
         return tuple(special if i in chosen else "lora" for i in range(num_layers))
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-able fields (genieblue.json); `from_dict` inverts it."""
         d = dataclasses.asdict(self)
         d["lora_targets"] = list(self.lora_targets)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "StructureConfig":
+        """Inverse of `to_dict` (validated as any construction)."""
         return cls(**d)
 
 
@@ -129,14 +135,18 @@ class MLLMConfig:
 
     @property
     def layer_kinds(self) -> tuple[str, ...]:
+        """Per-layer kinds of this model's multimodal decoder (`StructureConfig.layer_kinds`)."""
         return self.structure.layer_kinds(self.llm.num_layers)
 
     def replace(self, **changes) -> "MLLMConfig":
+        """A copy with `changes` (dataclasses.replace; validated again)."""
         return dataclasses.replace(self, **changes)
 
     @staticmethod
     def from_presets(llm: str, vit: str, structure: StructureConfig | None = None,
                      image_token_id: int | None = None) -> "MLLMConfig":
+        """An MLLM of two presets (`models.PRESETS` names), the projector between them, the given
+        structure (default `StructureConfig()`), image token id (default: the last vocab id)."""
         llm_cfg, vit_cfg = get_preset(llm), get_preset(vit)
         return MLLMConfig(llm_cfg, vit_cfg, ProjectorConfig.between(vit_cfg, llm_cfg),
                           structure or StructureConfig(),

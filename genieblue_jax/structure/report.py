@@ -31,6 +31,7 @@ LLM_BITS, OTHER_BITS = 4, 8
 
 @dataclasses.dataclass(frozen=True)
 class VariantCount:
+    """One row of the paper's Tables 4-5 (`count_variant`): parameter counts and storage bytes."""
     name: str
     stage1_trainable: int
     stage2_trainable: int      # what our trainer updates
@@ -45,6 +46,10 @@ def _count(flat: dict, pattern: str) -> int:
 
 
 def count_variant(name: str, mcfg: MLLMConfig) -> VariantCount:
+    """The paper's Table 4-5 accounting for variant `mcfg`, from parameter shapes alone (no
+    memory): trainable parameters in stage 1 and stage 2 (without / with the ViT head), the
+    base LLM, what a phone holds, and its storage in bytes at the paper's precisions (LLM-like
+    weights at LLM_BITS, ViT / projector / LoRA at OTHER_BITS)."""
     abstract = abstract_mllm(mcfg)
     flat = models.flatten(abstract)
     stage2 = "full" if mcfg.structure.variant == "full" else "stage2"
@@ -61,6 +66,7 @@ def count_variant(name: str, mcfg: MLLMConfig) -> VariantCount:
 
 
 def paper_table(llm: str = "qwen2.5-3b", vit: str = "siglip-so400m-384") -> list[VariantCount]:
+    """`count_variant` for each of the paper's variants (PAPER_VARIANTS) at these presets."""
     return [count_variant(name, MLLMConfig.from_presets(llm, vit, structure=s)) for name, s in PAPER_VARIANTS]
 
 

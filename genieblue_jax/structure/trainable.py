@@ -22,10 +22,10 @@ full-size gradient or update tree.
 """
 from __future__ import annotations
 
-import re
 from typing import Sequence
 
 from genieblue_jax import models
+from genieblue_jax import rules as rules_lib
 
 _NOT_HEAD = r"vision/(?!head/).*"
 STAGES: dict[str, tuple[str, ...]] = {
@@ -37,6 +37,8 @@ STAGES: dict[str, tuple[str, ...]] = {
 
 
 def stage_rules(stage: str | Sequence[str]) -> tuple[str, ...]:
+    """The trainable-parameter patterns of a stage name (STAGES), or `stage` itself when it is a
+    sequence of patterns. ValueError naming an unknown stage."""
     if isinstance(stage, str):
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; known: {sorted(STAGES)} (or give regexes)")
@@ -46,13 +48,13 @@ def stage_rules(stage: str | Sequence[str]) -> tuple[str, ...]:
 
 def trainable_names(params: dict, stage: str | Sequence[str]) -> set[str]:
     """Full names of the trainable leaves; raises if a rule matches nothing."""
-    rules = stage_rules(stage)
-    names = list(models.flatten(params))
-    unused = [r for r in rules if not any(re.fullmatch(r, n) for n in names)]
-    if unused:
-        raise ValueError(f"trainable rule(s) {unused} match no parameter; components present: "
-                         f"{sorted(params)}")
-    return {n for n in names if any(re.fullmatch(r, n) for r in rules)}
+    table = [(r, True) for r in stage_rules(stage)]
+    try:
+        trainable = rules_lib.assign(table, models.flatten(params), default=False, what="trainable rule",
+                                     check_used=True)
+    except ValueError as e:
+        raise ValueError(f"{e}; components present: {sorted(params)}") from None
+    return {n for n, t in trainable.items() if t}
 
 
 def partition(params: dict, stage: str | Sequence[str]) -> tuple[dict, dict]:
@@ -64,4 +66,5 @@ def partition(params: dict, stage: str | Sequence[str]) -> tuple[dict, dict]:
 
 
 def combine(trainable: dict, frozen: dict) -> dict:
+    """Inverse of `partition`: one nested tree of both parts."""
     return models.unflatten({**models.flatten(frozen), **models.flatten(trainable)})

@@ -62,6 +62,9 @@ def peak_flops_per_device(device_kind: str, configured: float = 0.0) -> float:
 
 
 def flops_per_token(mcfg: structure.MLLMConfig, stage: str) -> float:
+    """Training FLOPs per trained-sequence token of the LLM path for `stage`, by the module
+    docstring's accounting (6 N for trainable weights, 4 N for frozen ones; no vision tower, no
+    attention scores). Used for the printed MFU."""
     abstract = structure.abstract_mllm(mcfg)
     llm = models.flatten(abstract["llm"])
     branch = models.flatten(abstract["branch"])
@@ -121,6 +124,7 @@ class MetricsWriter:
         self._bar = None
 
     def start(self, step: int, total: int, desc: str = "train") -> None:
+        """Opens the progress bar at `step` of `total` (primary process only)."""
         if not self.primary:
             return
         from tqdm import tqdm
@@ -165,6 +169,7 @@ class MetricsWriter:
                     self._tb.add_scalar(k, v, row["step"])
 
     def close(self) -> None:
+        """Closes the progress bar, metrics.jsonl and TensorBoard (everything written is flushed)."""
         if self._bar is not None:
             self._bar.close()
         if self._jsonl is not None:

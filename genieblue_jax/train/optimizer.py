@@ -30,17 +30,22 @@ import jax
 import optax
 
 from genieblue_jax import models
+from genieblue_jax import rules as rules_lib
 
-_NO_DECAY = re.compile(r".*(/bias|norm\d?/scale|layernorm/scale|layer_norm\d?/scale"
-                       r"|position_embedding/embedding|/probe)$")
+# Weight decay per parameter (genieblue_jax.rules: first full match wins): none on biases, norm
+# scales, position embeddings and the attention-pooling probe; every other (matrix) leaf decays.
+DECAY_RULES = ((r".*/bias", False), (r".*(norm\d?|layernorm|layer_norm\d?)/scale", False),
+               (r".*position_embedding/embedding", False), (r".*/probe", False), (r".*", True))
 _VIT_LAYER = re.compile(r"^vision/encoder/layers_(\d+)/")
 
 
 def no_weight_decay(name: str) -> bool:
-    return bool(_NO_DECAY.match(name))
+    """True when `name` (a flat parameter name) gets no weight decay (DECAY_RULES)."""
+    return not rules_lib.first_match(DECAY_RULES, name, what="weight-decay rule")
 
 
 def layer_lr_scale(name: str, num_vit_layers: int, decay: float, vit_scale: float = 1.0) -> float:
+    """The learning-rate factor of parameter `name` (module docstring: ViT layer-wise decay)."""
     m = _VIT_LAYER.match(name)
     if m:
         return vit_scale * decay ** (num_vit_layers - 1 - int(m.group(1)))
@@ -50,6 +55,13 @@ def layer_lr_scale(name: str, num_vit_layers: int, decay: float, vit_scale: floa
 
 
 def schedule(lr: float, warmup_steps: int, steps: int):
+    """optax schedule: step -> learning rate, linear warm-up from 0 to `lr` over `warmup_steps`
+    (at least 1), then cosine decay to 0 at `steps` (Appendix D of the paper).
+
+        >>> s = schedule(1e-3, 10, 100)
+        >>> [round(float(s(step)), 7) for step in (0, 5, 10, 55, 100)]
+        [0.0, 0.0005, 0.001, 0.0005, 0.0]
+    """
     return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup_steps, 1), max(steps, warmup_steps + 1), 0.0)
 
 
@@ -68,6 +80,12 @@ def _scale_by_tree(factors):
 def make_optimizer(trainable: dict, *, lr: float, warmup_steps: int, steps: int, b1: float, b2: float,
                    eps: float, weight_decay: float, clip_norm: float, vit_layer_decay: float,
                    num_vit_layers: int, vit_lr_scale: float = 1.0) -> optax.GradientTransformation:
+    """AdamW for the `trainable` tree only (its leaves name the parameters: see the module
+    docstring): global-norm clipping at `clip_norm`, Adam (`b1`, `b2`, `eps`), decoupled weight
+    decay `weight_decay` on the leaves `DECAY_RULES` decays, the `schedule`, then the per-leaf
+    ViT factors (`layer_lr_scale`: layer-wise decay `vit_layer_decay` over `num_vit_layers`
+    encoder layers, times `vit_lr_scale`). The optimizer state has the trainable tree's
+    structure: frozen weights get none."""
     flat = models.flatten(trainable)
     decay_mask = models.unflatten({n: not no_weight_decay(n) for n in flat})
     lr_scales = models.unflatten({n: layer_lr_scale(n, num_vit_layers, vit_layer_decay, vit_lr_scale) for n in flat})

@@ -38,11 +38,13 @@ from genieblue_jax.train.workdir_lock import WorkdirInUseError, WorkdirLock  # n
 from genieblue_jax.workdir import (
     LLM_STAGES,
     ConfigError,
+    abstract_like,
     base_fingerprint,
     checkpoint_manager,
     init_params,
     parse_sources,
     read_config,
+    restore_step,
     step_damage,
     tokenized_model_config,
     tokenizer_path,
@@ -58,6 +60,7 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class Setup:
+    """What `resolve` builds from a recipe: model config, pipeline config, mesh, batch plan."""
     mcfg: structure.MLLMConfig
     pipeline: "object"            # data_pipelines.pipeline.PipelineConfig
     mesh: jax.sharding.Mesh
@@ -278,6 +281,7 @@ def opt_state_shardings(tx, trainable, mesh):
 
 
 def build_optimizer(config, mcfg, trainable):
+    """`make_optimizer` with the recipe's `optim.*` and `train.steps`."""
     o = config.optim
     return make_optimizer(trainable, lr=o.lr, warmup_steps=o.warmup_steps, steps=config.train.steps, b1=o.b1,
                           b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, clip_norm=o.clip_norm,
@@ -291,6 +295,7 @@ def on_mesh(sharding, mesh):
 
 
 def batch_sharding(mesh):
+    """Rows split over the mesh's batch axes (data x fsdp), the rest replicated."""
     return NamedSharding(mesh, P(models.BATCH_AXES))
 
 
@@ -390,10 +395,12 @@ class _DataState:
 
 
 def save_checkpoint(mngr, checksummer: _StepChecksums, step: int, state, data_state: dict, meta: dict) -> None:
+    """Starts the async save of step `step` (state, this process's data state, meta); the step's
+    checksums.json is written before Orbax commits it (`_StepChecksums`)."""
     from grain.checkpoint import CheckpointSave
     mngr.wait_until_finished()  # the previous step's checksums are written before `step` is set
     checksummer.step = step
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
                                             data=CheckpointSave(_DataState(data_state)),
                                             meta=ocp.args.JsonSave(meta)))
 
@@ -401,8 +408,7 @@ def save_checkpoint(mngr, checksummer: _StepChecksums, step: int, state, data_st
 def restore_checkpoint(mngr, step: int, abstract_state):
     """(state, this process's data-iterator state, meta) of checkpoint `step`."""
     from grain.checkpoint import CheckpointRestore
-    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                     data=CheckpointRestore(_DataState()), meta=ocp.args.JsonRestore()))
+    out = restore_step(mngr, step, state=abstract_state, data=CheckpointRestore(_DataState()))
     return out["state"], out["data"].state, out["meta"]
 
 
@@ -527,8 +533,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, step_hooks) -> dict:
     mngr = checkpoint_manager(workdir, config.checkpoint.keep, checksummer=checksummer)
     start = newest_intact_step(mngr, workdir)
     if start is not None:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        state, data_state, saved_meta = restore_checkpoint(mngr, start, abstract)
+        state, data_state, saved_meta = restore_checkpoint(mngr, start, abstract_like(state))
         if saved_meta["base_fingerprint"] != fingerprint:
             raise ConfigError(f"{workdir}: checkpoint at step {start} was trained on another frozen base "
                               f"({saved_meta['base_source']}, fingerprint {saved_meta['base_fingerprint']}); this "

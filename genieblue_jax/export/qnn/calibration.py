@@ -28,6 +28,7 @@ import numpy as np
 
 @dataclasses.dataclass
 class Sample:
+    """One calibration request: a packed row's segment cut back out."""
     tokens: np.ndarray    # (n,) int32
     patches: np.ndarray   # (p, S, S, 3) float32, in the order of the image tokens (p may be 0)
     source: str
@@ -36,6 +37,7 @@ class Sample:
 
 @dataclasses.dataclass
 class CalibrationData:
+    """The calibration samples of an export, split by the graphs they calibrate."""
     multimodal: list[Sample]  # samples with images: the vision tower and the multimodal decoder
     text: list[Sample]        # text-only samples: the base decoder
     description: str          # where they came from, for the report

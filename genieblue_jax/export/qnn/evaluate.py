@@ -61,6 +61,8 @@ def compare_features(reference: list, other: list) -> dict:
 
 
 def compare_runs(reference: dict, other: dict) -> dict:
+    """Agreement of two runs over the calibration set (e.g. ONNX vs JAX, quantized vs float):
+    vision features (`compare_features`), multimodal and text logits (`compare_logits`)."""
     return {"vision": compare_features(reference["vision"], other["vision"]),
             "multimodal": compare_logits(reference["multimodal"], other["multimodal"]),
             "text": compare_logits(reference["text"], other["text"])}

@@ -102,10 +102,13 @@ class TensorStore:
 
     @property
     def device(self) -> str:
+        """"meta" when building graphs without weights (shapes only), else "cpu"."""
         return "meta" if self.meta else "cpu"
 
     def get(self, name: str, array, *, transpose: tuple[int, ...] | None = None,
             scale: float | None = None) -> nn.Parameter:
+        """`array` (one of our parameters) as a frozen torch Parameter registered under `name`
+        (its ONNX initializer name), optionally transposed or scaled (e.g. LoRA's alpha / r)."""
         shape = tuple(np.shape(array))
         if transpose is not None:
             shape = tuple(shape[a] for a in transpose)
@@ -140,6 +143,7 @@ class TensorStore:
         return out
 
     def name_of(self, tensor) -> str | None:
+        """The registered name of a Parameter from `get`, or None."""
         return self._names.get(id(tensor))
 
     def names_in(self, module: nn.Module) -> dict[str, str]:
@@ -183,6 +187,7 @@ class Linear(nn.Module):
         self.lora_a, self.lora_b = lora_a, lora_b
 
     def forward(self, x):
+        """x (..., in) @ kernel (in, out) (+ bias): our Dense layout, no transpose in the graph."""
         y = torch.matmul(x, self.kernel)
         if self.bias is not None:
             y = y + self.bias
@@ -295,9 +300,11 @@ class DecoderGraph(nn.Module):
         self.rope_cos, self.rope_sin = rope
 
     def input_names(self) -> list[str]:
+        """ONNX input names, in `forward`'s order."""
         return [n for n, _, _ in self.input_shapes(1)]
 
     def output_names(self) -> list[str]:
+        """ONNX output names: logits, then the new key / value cache entries per layer."""
         return [n for n, _, _ in self.output_shapes(1)]
 
     def input_shapes(self, ar: int) -> list[tuple[str, tuple[int, ...], str]]:
@@ -314,6 +321,7 @@ class DecoderGraph(nn.Module):
         return shapes
 
     def output_shapes(self, ar: int) -> list[tuple[str, tuple[int, ...], str]]:
+        """(name, shape, dtype) of every output for `ar` tokens per call."""
         cfg = self.cfg
         shapes = [("logits", (1, ar, cfg.vocab_size), "float32")]
         for i in range(cfg.num_layers):
@@ -322,6 +330,9 @@ class DecoderGraph(nn.Module):
         return shapes
 
     def forward(self, input_ids, position_ids, attention_mask, *rest):
+        """One prefill chunk or decode step of `ar` tokens (`input_shapes` gives every input:
+        `rest` is image_embeds and image_mask when `with_images`, then past key / value per
+        layer); returns logits and the new cache entries (`output_shapes`)."""
         cfg = self.cfg
         ar = input_ids.shape[1]
         x = F.embedding(input_ids, self.embed)                                           # (1, AR, hidden)
@@ -380,6 +391,7 @@ class VisionGraph(nn.Module):
         return F.layer_norm(x, (x.shape[-1],), params[0], params[1], eps)
 
     def forward(self, pixels):
+        """pixel_values (n, S, S, 3) float32 normalised -> image_features (n, tokens, llm_hidden)."""
         vcfg = self.vcfg
         n = pixels.shape[0]
         x = F.conv2d(pixels.permute(0, 3, 1, 2), self.patch_kernel, self.patch_bias, stride=vcfg.patch_size)
@@ -400,17 +412,21 @@ class VisionGraph(nn.Module):
         return self.linear_2(F.gelu(self.linear_1(x)))  # exact (erf) GELU, as VILA
 
     def input_shapes(self, n: int) -> list[tuple[str, tuple[int, ...], str]]:
+        """(name, shape, dtype) of the input for `n` tiles."""
         s = self.vcfg.image_size
         return [("pixel_values", (n, s, s, self.vcfg.num_channels), "float32")]
 
     def output_shapes(self, n: int) -> list[tuple[str, tuple[int, ...], str]]:
+        """(name, shape, dtype) of the output for `n` tiles."""
         tokens = downsampled_grid(self.vcfg.num_patches) ** 2
         return [("image_features", (n, tokens, self.pcfg.llm_hidden_size), "float32")]
 
     def input_names(self) -> list[str]:
+        """["pixel_values"]."""
         return ["pixel_values"]
 
     def output_names(self) -> list[str]:
+        """["image_features"]."""
         return ["image_features"]
 
 
@@ -462,6 +478,7 @@ class ModelGraphs:
         self.vision = VisionGraph(mcfg.vision, mcfg.projector, self._vision, self._projector)
 
     def multimodal(self, with_images: bool) -> DecoderGraph:
+        """The multimodal decoder graph with (prefill of image prompts) or without image inputs."""
         return self._multimodal[with_images]
 
     def unused(self) -> dict[str, int]:

@@ -85,6 +85,8 @@ class WeightWriter:
         self._files: dict[str, object] = {}
 
     def write(self, name: str, materialize: Callable[[], np.ndarray]) -> dict:
+        """Appends tensor `name` (made by `materialize()` only on its first write) to its
+        component's file; returns its index entry (file, offset, length, shape)."""
         if name in self.index:
             return self.index[name]
         component = name.split(".", 1)[0]
@@ -106,6 +108,7 @@ class WeightWriter:
         return entry
 
     def close(self) -> dict[str, int]:
+        """Closes the files; returns {file name: size in bytes}."""
         for f in self._files.values():
             f.close()
         return {name: os.path.getsize(os.path.join(self.directory, name)) for name in sorted(self._files)}
@@ -244,6 +247,8 @@ def export_onnx(model, out_dir: str, *, context: int = 2048, prefill_len: int = 
 
 
 def read_manifest(onnx_dir: str) -> dict:
+    """An ONNX export's manifest (graphs, tensors, weight files); ValueError naming the file for
+    another format or version."""
     path = os.path.join(onnx_dir, MANIFEST)
     manifest = read_json(onnx_dir, MANIFEST, "not an export_onnx output directory")
     if manifest.get("format") != FORMAT:

@@ -49,6 +49,7 @@ _LLM_COMPONENTS = ("llm", "branch")  # canonical-name prefixes of the LLM's own 
 
 
 def aimet_available() -> bool:
+    """True when AIMET (`aimet_onnx`) can be imported."""
     try:
         import aimet_onnx  # noqa: F401
     except ImportError:
@@ -91,6 +92,7 @@ def planned_precision(name: str, role: str, embedding: str = "int4") -> str:
 
 
 def planned_bits(name: str, role: str, embedding: str = "int4") -> int:
+    """The bit width of `planned_precision` (e.g. 4 for "int4")."""
     return int(planned_precision(name, role, embedding)[3:])
 
 
@@ -150,6 +152,7 @@ class SimSession:
             self._names[original] = o.name if o.name in have else original
 
     def run(self, output_names, feeds):
+        """onnxruntime's `run`, with the graph's own output names."""
         names = None if output_names is None else [self._names.get(n, n) for n in output_names]
         return self.session.run(names, feeds)
 
@@ -236,6 +239,7 @@ def read_encodings(path: str) -> dict[str, dict[str, dict]]:
 
 
 def summarize_encodings(path: str) -> dict:
+    """Counts of an AIMET encodings file's entries per kind and bit width."""
     enc = read_encodings(path)
     counts: dict[str, int] = {}
     for kind, entries in enc.items():

@@ -123,6 +123,8 @@ def paper_scale_estimate(context: int = PAPER_CONTEXT, embedding: str = "int4") 
 def build_report(*, model_desc: dict, manifest: dict, onnx_dir: str, export_seconds: float,
                  parity: dict | None, quant: dict | None, quant_status: str, calibration: str | None,
                  embedding: str, qnn_dir: str | None = None) -> dict:
+    """The export's report.json content: model, settings, sizes per component and deployment
+    (float and planned quantized bytes, and the paper-scale figures), parity and quantization."""
     tensors = {n: {"shape": t["shape"], "role": t["role"], "component": t["component"]}
                for n, t in manifest["tensors"].items()}
     if quant is not None:
@@ -177,6 +179,7 @@ def _gb(n: int | float) -> str:
 
 
 def to_markdown(r: dict) -> str:
+    """report.md: the report's tables in Markdown."""
     m, s = r["model"], r["settings"]
     lines = [f"# QNN export report: {m.get('path') or 'model'}", "",
              f"{m.get('structure')}; LLM {m.get('llm')}, vision {m.get('vision')}. Context {s['context']} slots, "
@@ -246,6 +249,7 @@ def to_markdown(r: dict) -> str:
 
 
 def write_report(report: dict, out_dir: str) -> tuple[str, str]:
+    """Writes report.json and report.md into `out_dir`; returns their paths."""
     json_path, md_path = os.path.join(out_dir, "report.json"), os.path.join(out_dir, "report.md")
     with open(json_path, "w") as f:
         json.dump(report, f, indent=1)

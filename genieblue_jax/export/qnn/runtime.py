@@ -33,7 +33,11 @@ from genieblue_jax.export.qnn.graphs import MASK_VALUE
 
 
 class Session(Protocol):
-    def run(self, output_names, feeds: dict) -> list: ...
+    """What the runtime needs of an inference session (onnxruntime's, AIMET's sim, torch)."""
+
+    def run(self, output_names, feeds: dict) -> list:
+        """Outputs `output_names` (None: all) for the input arrays `feeds` {name: array}."""
+        ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,10 +55,12 @@ class DecoderSpec:
 
     @classmethod
     def from_config(cls, llm_cfg, *, context: int, prefill_len: int, multimodal: bool) -> "DecoderSpec":
+        """The spec of a decoder graph exported from `llm_cfg` (an LLMConfig)."""
         return cls(llm_cfg.num_layers, llm_cfg.num_kv_heads, llm_cfg.head_dim, llm_cfg.hidden_size,
                    llm_cfg.vocab_size, context, prefill_len, multimodal)
 
     def to_dict(self) -> dict:
+        """JSON-able fields (the export manifest)."""
         return dataclasses.asdict(self)
 
 
@@ -117,6 +123,7 @@ class Decoder:
         self.reset()
 
     def reset(self) -> None:
+        """Empties the KV cache (a new sequence)."""
         s = self.spec
         self.keys = np.zeros((s.num_layers, s.num_kv_heads, s.head_dim, s.context), np.float32)
         self.values = np.zeros((s.num_layers, s.num_kv_heads, s.context, s.head_dim), np.float32)
@@ -239,6 +246,7 @@ class TorchSession:
         self.module, self.input_names, self.output_names = module, list(input_names), list(output_names)
 
     def run(self, output_names, feeds: dict) -> list[Any]:
+        """`Session.run` through the torch module."""
         import torch
         with torch.no_grad():
             outs = self.module(*(torch.from_numpy(np.asarray(feeds[n])) for n in self.input_names))
