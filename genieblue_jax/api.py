@@ -28,8 +28,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genieblue_jax import checkpoint, models, paths, workdir
+from data_pipelines.tokenizer import load_tokenizer
+from genieblue_jax import checkpoint, inference, models, paths, structure, workdir
+from genieblue_jax.hf import import_hf
+from genieblue_jax.inference.requests import RequestEncoder, stack_patches
 from genieblue_jax.models.masks import positions_from_segments
+from genieblue_jax.structure import MODES
 
 
 class GenieBlue:
@@ -65,7 +69,6 @@ class GenieBlue:
         return self.configs[name], self.params[name]
 
     def _mode(self, mode: str | None, has_images: bool) -> str:
-        from genieblue_jax.structure import MODES
         mode = mode or ("multimodal" if has_images else "text")
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}; choose one of {MODES}")
@@ -81,7 +84,6 @@ class GenieBlue:
     @functools.cached_property
     def tokenizer(self):
         """The model's tokenizer (`data_pipelines.tokenizer`), or an error saying none is known."""
-        from data_pipelines.tokenizer import load_tokenizer
         if not self.tokenizer_path:
             raise ValueError(f"{self.path or 'this model'} has no tokenizer (no hf_assets/ with tokenizer.json "
                              "or tokenizer.model); pass token ids, or load a checkpoint that carries one")
@@ -90,7 +92,6 @@ class GenieBlue:
     @functools.cached_property
     def requests(self):
         """`inference.requests.RequestEncoder` with this model's tokenizer and image preprocessing."""
-        from genieblue_jax.inference.requests import RequestEncoder
         vision = self.configs.get("vision")
         tpp = self.mcfg.tokens_per_patch if self.is_mllm else 0
         return RequestEncoder(self.tokenizer, patch_size=vision.image_size if vision else 1, tokens_per_patch=tpp,
@@ -111,7 +112,6 @@ class GenieBlue:
 
     @functools.cached_property
     def _mllm_forward(self):
-        from genieblue_jax import structure
         return jax.jit(structure.forward, static_argnums=0, static_argnames="mode")
 
     def logits(self, input_ids, attention_mask=None, *, images=None, mode: str | None = None, segment_ids=None,
@@ -147,7 +147,6 @@ class GenieBlue:
             out = self._llm_forward({"params": params}, jnp.asarray(ids, jnp.int32),
                                     jnp.asarray(positions), jnp.asarray(segment_ids))
             return np.asarray(out, np.float32)
-        from genieblue_jax import structure
         if images is not None:
             images = np.asarray(images, np.float32)
             size = self.mcfg.vision.image_size
@@ -191,8 +190,6 @@ class GenieBlue:
         `<|im_end|>` / `<|endoftext|>` (or `stop_tokens`), at `max_new_tokens`, or at
         the context limit (`max_context`, checked up front).
         """
-        from genieblue_jax import inference
-        from genieblue_jax.inference.requests import stack_patches
         batch = (isinstance(prompt, (list, tuple)) and len(prompt) > 0
                  and not isinstance(prompt[0], (int, np.integer, dict)))
         prompts = list(prompt) if batch else [prompt]
@@ -287,7 +284,6 @@ def load(path: str, *, mesh=None, step: int | None = None) -> GenieBlue:
                          preprocessing=workdir.preprocessing(t.config),
                          source={"workdir": path, "step": t.step, **t.meta})
     if (paths.path(path) / "config.json").is_file():
-        from genieblue_jax.hf import import_hf
         name, cfg, params = import_hf(path, mesh=mesh)
         return GenieBlue({name: cfg}, {name: params}, path=path, mesh=mesh, tokenizer=_find_tokenizer(path),
                          source={"hf_dir": path})

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import jax
 import orbax.checkpoint as ocp
 
-from genieblue_jax import checksums, models, paths, versions
+from genieblue_jax import checksums, models, paths, structure, versions
 from genieblue_jax import sharding as sharding_lib
 from genieblue_jax.jsonfile import read_json
 
@@ -118,7 +118,6 @@ def save_mllm(path: str, mcfg, params: dict[str, Any], *, tokenizer: str | None 
         ...           preprocessing={"image_mode": "dynamic", "max_patches": 4})  # doctest: +SKIP
         >>> genieblue_jax.load("/ckpt/mllm").generate("What colour is the circle?", images=["c.png"])  # doctest: +SKIP
     """
-    from genieblue_jax import structure
     want = {"llm", "vision", "projector", "branch"}
     if set(params) != want:
         raise ValueError(f"an MLLM checkpoint holds components {sorted(want)}; got {sorted(params)}")
@@ -154,7 +153,6 @@ def read_metadata(path: str) -> dict:
     try:
         meta["components"] = {n: models.config_from_dict(d) for n, d in meta["components"].items()}
         if "mllm" in meta:
-            from genieblue_jax import structure
             c, m = meta["components"], meta["mllm"]
             meta["mllm_config"] = structure.MLLMConfig(
                 c["llm"], c["vision"], c["projector"], structure.StructureConfig.from_dict(m["structure"]),
@@ -187,7 +185,6 @@ def restore(path: str, *, mesh=None, rules=sharding_lib.DEFAULT_RULES):
     configs = meta["components"]
     abstract = {name: models.abstract_params(cfg) for name, cfg in configs.items()}
     if "mllm_config" in meta:
-        from genieblue_jax import structure
         abstract["branch"] = _abstract_branch(structure, meta["mllm_config"], meta["mllm"]["branch_dtype"])
     target = {}
     for name, tree in abstract.items():

@@ -37,6 +37,10 @@ import re
 import time
 from typing import Iterable, Sequence
 
+from data_pipelines.conversion import read_llava
+from data_pipelines.records import ArrayRecordExampleSource, CorruptRecord
+from genieblue_jax import paths
+
 MODES = ("text", "multimodal", "shared")
 _OPTION = re.compile(r"^\s*\(?([A-H])[.)]\s+(.+?)\s*$")
 
@@ -107,8 +111,6 @@ def load_examples(paths: Sequence[str], *, image_root: str | None = None, limit:
     the JSON's folder) and converted dataset directories, in order. Returns (examples,
     rejects): records a LLaVA JSON could not use ({"path", "index", "id", "reason",
     "detail"}), reported, never dropped silently. `limit` keeps the first n of each path."""
-    from data_pipelines.conversion import read_llava
-    from data_pipelines.records import ArrayRecordExampleSource, CorruptRecord
     examples, rejects = [], []
     for path in paths:
         if os.path.isdir(path):
@@ -250,7 +252,6 @@ def source_table(result: dict) -> str:
 
 def write(result: dict, path: str) -> str:
     """Writes `result` as JSON to `path` (local or gs://, genieblue_jax.paths); returns `path`."""
-    from genieblue_jax import paths
     p = paths.path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(result, indent=1))

@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from data_pipelines.tokenizer import load_tokenizer
 from genieblue_jax import checkpoint as model_checkpoint
 from genieblue_jax import checksums, models, paths, structure
 from genieblue_jax import sharding as sharding_lib
@@ -90,7 +91,6 @@ def tokenizer_path(c: ml_collections.ConfigDict, workdir: str) -> str:
 
 def tokenized_model_config(c: ml_collections.ConfigDict, tokenizer: str) -> structure.MLLMConfig:
     """`model_config` with the image token id looked up in the tokenizer (checked against the vocab)."""
-    from data_pipelines.tokenizer import load_tokenizer
     tok = load_tokenizer(tokenizer)
     try:
         image_token_id = tok.token_id(c.model.image_token)

@@ -105,6 +105,29 @@ def test_every_import_points_down_the_layers():
     assert violations() == []
 
 
+# Imports of our own modules inside a function, with the reason each one is there. A deferred
+# import that only dodges a cycle hides a layering fault, so every other one is an error.
+DEFERRED = {
+    ("data_pipelines.pipeline", "data_pipelines.tfds_source"):
+        "tensorflow_datasets takes seconds to import and only TFDS sources need it",
+}
+
+
+def deferred_imports(module: str, path: str) -> set[tuple[str, str]]:
+    """(module, our module imported) for every import of ours inside a function of the file."""
+    tree = ast.parse(open(path).read(), path)
+    inside = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+              for n in ast.walk(f) if isinstance(n, (ast.Import, ast.ImportFrom))}
+    lines = {n.lineno for n in ast.walk(tree) if id(n) in inside}
+    return {(module, ".".join(target.split(".")[:2])) for line, target in imports_of(module, path)
+            if line in lines and target.split(".")[0] in ("genieblue_jax", "data_pipelines")}
+
+
+def test_no_import_of_our_own_modules_is_deferred_without_a_reason():
+    found = set().union(*(deferred_imports(m, p) for m, p in _modules()))
+    assert found == set(DEFERRED)
+
+
 def test_the_checker_sees_an_upward_import(tmp_path, monkeypatch):
     """The rule's other side: an import up the layers (models -> train), one into the demo and
     one hidden inside a function are all reported, with the file and line."""
@@ -121,6 +144,8 @@ def test_the_checker_sees_an_upward_import(tmp_path, monkeypatch):
         "library",
         "genieblue_jax/models/upward.py:7: genieblue_jax.models.upward (models) imports data_pipelines.pipeline "
         "(data): models may use only ['base']"]
+    assert deferred_imports("genieblue_jax.models.upward", str(bad / "upward.py")) == {
+        ("genieblue_jax.models.upward", "data_pipelines.pipeline")}
 
 
 @pytest.mark.parametrize("module,layer", [("genieblue_jax.models.llm", "models"), ("genieblue_jax", "api"),

@@ -50,7 +50,9 @@ from typing import Any
 
 import numpy as np
 
-from genieblue_jax import models
+import genieblue_jax
+from genieblue_jax import models, paths, structure
+from genieblue_jax.api import GenieBlue
 from genieblue_jax.export.hf_writer import hf_names, save_llm, save_vision, write_safetensors
 from genieblue_jax.hf.tables import PROJECTOR_TABLE, resolve
 from genieblue_jax.models.configs import DTYPES
@@ -113,7 +115,6 @@ def adapter_tensor_name(path: str, llm_cfg) -> str:
 
 def _check_branch(mcfg, branch) -> dict:
     """The branch, flat, checked leaf by leaf against the structure's layout."""
-    from genieblue_jax import structure
     flat = models.flatten(dict(branch or {}))
     want = models.flatten(structure.abstract_branch(mcfg))
     problems = [f"missing branch leaf {p!r}" for p in sorted(set(want) - set(flat))]
@@ -138,7 +139,6 @@ def adapter_tensors(mcfg, branch) -> dict[str, np.ndarray]:
 def multimodal_llm_params(mcfg, base_llm, branch, *, merge_lora: bool) -> dict:
     """The dense LLM tree of the multimodal path: the base with the branch's blocks swapped
     in; LoRA folded in (`structure.fold_lora`) or left out (it goes to the adapter)."""
-    from genieblue_jax import structure
     _check_branch(mcfg, branch)
     if merge_lora:
         return structure.fold_lora(mcfg, base_llm, branch or {})[0]
@@ -174,7 +174,6 @@ class TorchExport:
 
     def sizes(self) -> dict[str, int]:
         """Bytes stored per part (and the manifest + README as "metadata"), local or gs://."""
-        from genieblue_jax import paths
         out: dict[str, int] = {}
         for f in self.files:
             rel = f[len(self.out_dir.rstrip("/")) + 1:].split("/")
@@ -185,7 +184,6 @@ class TorchExport:
 
 def check_exportable(model) -> None:
     """Raises, naming the culprit, if `model` cannot be exported (before anything is written)."""
-    from genieblue_jax.api import GenieBlue
     if not isinstance(model, GenieBlue):
         raise TypeError(f"export_torch needs a genieblue_jax.GenieBlue (genieblue_jax.load(path)), "
                         f"got {type(model).__name__}")
@@ -206,7 +204,6 @@ def check_exportable(model) -> None:
 
 
 def _prepare_out(out_dir: str, overwrite: bool) -> str:
-    from genieblue_jax import paths
     out_dir = paths.local_dir(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise FileExistsError(f"--out {out_dir} exists and is not a directory")
@@ -219,7 +216,6 @@ def _prepare_out(out_dir: str, overwrite: bool) -> str:
 def _copy_tokenizer(src: str | None, dst_dir: str) -> list[str]:
     """Copies the tokenizer file(s) of `src` (a file or a directory, local or gs://) into the
     local dst_dir; a SentencePiece model of any name becomes tokenizer.model."""
-    from genieblue_jax import paths
     if not src:
         return []
     source = paths.path(src)
@@ -250,7 +246,6 @@ def _copy_tokenizer(src: str | None, dst_dir: str) -> list[str]:
 
 
 def _absolute(p: str) -> str:
-    from genieblue_jax import paths
     return p if paths.is_remote(p) else os.path.abspath(p)  # abspath would make gs://b/x "CWD/gs:/b/x"
 
 
@@ -275,8 +270,6 @@ def export_torch(model, out_dir: str, *, merge_lora: bool = False, dtype: str = 
     as it was; with `overwrite`, only the parts an export writes are replaced in OUT. A gs://
     OUT is made in a local temporary directory first (the system's TMPDIR), then copied.
     """
-    import genieblue_jax
-    from genieblue_jax import paths
     if isinstance(model, (str, os.PathLike)):
         model = genieblue_jax.load(os.fspath(model))
     check_exportable(model)
@@ -329,7 +322,6 @@ def _export_to_remote(model, out_dir: str, *, merge_lora: bool, dtype: str, over
     parts are replaced, with `overwrite` only, once the new export exists in full."""
     import tempfile
 
-    from genieblue_jax import paths
     out = paths.path(out_dir)
     if out.is_file():
         raise FileExistsError(f"--out {out_dir} exists and is not a directory")
@@ -394,7 +386,6 @@ def _write_parts(model, stage: str, *, merge_lora: bool, dtype: str):
 
 
 def _manifest(model, parts: dict, tokenizer: list[str], *, merge_lora: bool, dtype: str) -> dict:
-    import genieblue_jax
     tok = next((f"base_llm/{os.path.basename(f)}" for f in tokenizer
                 if os.path.basename(f) in ("tokenizer.json", "tokenizer.model")), None)
     m: dict[str, Any] = {

@@ -30,6 +30,8 @@ import torch
 from torch import nn
 
 from genieblue_jax import models
+from genieblue_jax.export import to_torch
+from genieblue_jax.export.to_torch import FORMAT_VERSION, MANIFEST_FILE, projector_tensors
 from genieblue_jax.hf.tables import PROJECTOR_TABLE, resolve
 from genieblue_jax.jsonfile import read_json
 from genieblue_jax.models.configs import ProjectorConfig
@@ -89,7 +91,6 @@ def projector_state_dict(cfg: ProjectorConfig, params) -> dict[str, np.ndarray]:
     """Our projector parameters (nested or flat) -> {torch name: numpy array} (kernels
     transposed to torch's (out, in)); every parameter exactly once, shapes checked.
     (`export.to_torch.projector_tensors`, which needs no torch.)"""
-    from genieblue_jax.export.to_torch import projector_tensors
     return projector_tensors(cfg, params)
 
 
@@ -237,7 +238,6 @@ class GenieBlueTorch(nn.Module):
 
 
 def _read_manifest(out_dir: str) -> dict:
-    from genieblue_jax.export.to_torch import FORMAT_VERSION, MANIFEST_FILE
     path = os.path.join(out_dir, MANIFEST_FILE)
     manifest = read_json(out_dir, MANIFEST_FILE, "not a tools.to_torch export")
     if manifest.get("format") != "genieblue_torch" or manifest.get("format_version") != FORMAT_VERSION:
@@ -267,7 +267,6 @@ def load_torch_mllm(out_dir: str, *, merge_lora: bool = True, torch_dtype=torch.
     import safetensors.torch
     import transformers
 
-    from genieblue_jax.export import to_torch
     manifest = _read_manifest(out_dir)
     parts = manifest["parts"]
     if not manifest.get("multimodal"):

@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from data_pipelines.pipeline import PipelineConfig, SourceSpec, build_streams
 from genieblue_jax import checksums, models, paths, structure, versions
 from genieblue_jax import sharding as sharding_lib
 from genieblue_jax.train import metrics as metrics_lib
@@ -120,7 +121,6 @@ def check_ranges(c: ml_collections.ConfigDict) -> None:
 
 def resolve(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     """Validates the config (errors name the key) and builds model, data and mesh configs."""
-    from data_pipelines.pipeline import PipelineConfig, SourceSpec
     c = config
     check_ranges(c)
     if c.train.stage not in structure.STAGES:
@@ -501,7 +501,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, step_hooks=()) -> 
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, step_hooks) -> dict:
-    from data_pipelines.pipeline import build_streams
     workdir_path = paths.path(workdir)
     check_resumable(config, workdir)  # on every process, before config.json is replaced
     if jax.process_index() == 0:

@@ -31,6 +31,9 @@ import shutil
 import time
 from typing import Callable, Sequence
 
+from genieblue_jax import paths
+from genieblue_jax.export.qnn import calibration, evaluate, report
+from genieblue_jax.export.qnn import quantize as quantize_lib
 from genieblue_jax.export.qnn.graphs import MASK_VALUE, ModelGraphs, check_sizes
 from genieblue_jax.export.qnn.onnx_export import GRAPHS, export_onnx, read_manifest, runners, sessions
 from genieblue_jax.export.qnn.quantize import INSTALL, aimet_available, require_aimet
@@ -64,8 +67,6 @@ def export_qnn(model, out_dir: str, *, context: int = 2048, prefill_len: int = 1
     `quantize`: "yes" (the default: AIMET encodings; without aimet-onnx an ImportError naming
     the install command, raised before any data is read or file written) or "no" (the float
     graphs and report only, asked for explicitly). Returns the report."""
-    from genieblue_jax.export.qnn import calibration, evaluate, report
-    from genieblue_jax.export.qnn import quantize as quantize_lib
     if not getattr(model, "is_mllm", False):
         raise ValueError(f"{getattr(model, 'path', None) or 'the model'} is not a multimodal model (it holds only "
                          f"{sorted(getattr(model, 'configs', {}))}); the QNN export needs a whole GenieBlue MLLM "
@@ -87,7 +88,6 @@ def export_qnn(model, out_dir: str, *, context: int = 2048, prefill_len: int = 1
         if calib == 0:
             raise ValueError("quantize='yes' needs calibration data: calib must be >= 1 (or quantize='no' for the "
                              "float graphs only)")
-    from genieblue_jax import paths
     out_dir = paths.local_dir(out_dir)  # ONNX / AIMET write local files: a gs:// destination is an error
     if os.path.exists(out_dir) and os.listdir(out_dir):
         if not overwrite:
@@ -128,6 +128,6 @@ def export_qnn(model, out_dir: str, *, context: int = 2048, prefill_len: int = 1
     rep = report.build_report(model_desc=_describe(model), manifest=manifest, onnx_dir=onnx_dir,
                               export_seconds=export_seconds, parity=parity_result, quant=quant, quant_status=status,
                               calibration=description, embedding=embedding, qnn_dir=os.path.join(out_dir, "qnn"))
-    paths = report.write_report(rep, out_dir)
-    log(f"wrote {paths[1]} and {paths[0]}")
+    report_files = report.write_report(rep, out_dir)
+    log(f"wrote {report_files[1]} and {report_files[0]}")
     return rep

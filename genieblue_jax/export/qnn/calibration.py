@@ -25,6 +25,9 @@ from typing import Sequence
 
 import numpy as np
 
+from data_pipelines.pipeline import PipelineConfig, SourceSpec, build_pipeline
+from genieblue_jax import workdir as workdir_lib
+
 
 @dataclasses.dataclass
 class Sample:
@@ -66,7 +69,6 @@ def choose_split(n: int, last_image: int, *, context: int, prefill_len: int, dec
 def data_sources(model, data: Sequence[str] = (), tokenizer: str | None = None):
     """(sources: tuple of `SourceSpec`, tokenizer path, description) for calibrating `model`
     (module docstring for the order). Errors name the missing directory or setting."""
-    from data_pipelines.pipeline import SourceSpec
     if data:
         for d in data:
             if not os.path.isdir(d):
@@ -86,7 +88,6 @@ def data_sources(model, data: Sequence[str] = (), tokenizer: str | None = None):
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"no calibration data: the model was trained in {workdir}, which no longer exists; "
                                 "pass --data DIR (repeatable)")
-    from genieblue_jax import workdir as workdir_lib
     config = workdir_lib.read_config(workdir)
     tok = tokenizer or workdir_lib.tokenizer_path(config, workdir)
     if config.data.sources:
@@ -128,7 +129,6 @@ def load_samples(mcfg, sources, tokenizer: str, *, count: int, context: int, pre
                  decode_steps: int = 8, image_mode: str = "single", max_patches: int = 16, seed: int = 0,
                  max_rows: int | None = None) -> CalibrationData:
     """Up to `count` samples with images and `count` text-only samples (module docstring)."""
-    from data_pipelines.pipeline import PipelineConfig, build_pipeline
     if count < 1:
         raise ValueError(f"--calib={count}: need at least one calibration sample")
     cfg = PipelineConfig.for_model(

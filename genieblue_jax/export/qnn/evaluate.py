@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from genieblue_jax import structure
 from genieblue_jax.export.qnn.onnx_export import runners
 from genieblue_jax.export.qnn.runtime import place_image_features
 
@@ -86,7 +87,6 @@ def jax_reference(model, data) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from genieblue_jax import structure
     features = jax.jit(structure.image_features, static_argnums=0)
     out: dict[str, list] = {"vision": [], "multimodal": [], "text": []}
     for s in data.multimodal:

@@ -38,7 +38,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from genieblue_jax.export.qnn.graphs import MASK_VALUE, DecoderGraph, ModelGraphs, check_sizes, example_inputs
-from genieblue_jax.export.qnn.runtime import DecoderSpec
+from genieblue_jax.export.qnn.runtime import Decoder, DecoderSpec, Vision
 from genieblue_jax.jsonfile import read_json
 
 FORMAT = "genieblue_jax.qnn/1"
@@ -269,7 +269,6 @@ def sessions(onnx_dir: str, manifest: dict, *, threads: int | None = None) -> di
 
 def runners(manifest: dict, sessions_by_graph: dict):
     """(Vision, base Decoder, multimodal Decoder) over the given sessions."""
-    from genieblue_jax.export.qnn.runtime import Decoder, Vision
     specs = {k: DecoderSpec(**v) for k, v in manifest["decoders"].items()}
     s = sessions_by_graph
     return (Vision(s["vision"], manifest["vision_batch"], manifest["image_size"]),

@@ -34,6 +34,9 @@ import tempfile
 import time
 from typing import Callable
 
+from genieblue_jax.export.qnn import evaluate
+from genieblue_jax.export.qnn.onnx_export import EXPORT_LOGGERS, quiet, sessions
+
 AIMET_VERSION = "2.42.0"
 # Verified in a fresh venv (Python 3.11, torch 2.13.0+cpu, numpy 2.4.6): the first line adds no torch
 # and no CUDA, the second adds aimet-onnx alone; aimet then imports, simulates and exports on the CPU.
@@ -164,7 +167,6 @@ def quantize(onnx_dir: str, manifest: dict, data, out_dir: str, *, embedding: st
     the float one. Returns {"graphs": {NAME: files and quantizer counts}, "error": ...,
     "seconds": ...}."""
     require_aimet()
-    from genieblue_jax.export.qnn.onnx_export import EXPORT_LOGGERS, quiet
     os.makedirs(out_dir, exist_ok=True)
     timings = {}
     work = tempfile.mkdtemp(prefix="aimet_", dir=out_dir)
@@ -181,8 +183,6 @@ def aimet_loggers() -> list[str]:
 def _quantize(onnx_dir, manifest, data, out_dir, work, timings, embedding, log, float_run):
     from aimet_onnx.quantsim import compute_encodings
 
-    from genieblue_jax.export.qnn import evaluate
-    from genieblue_jax.export.qnn.onnx_export import sessions
     try:
         t0 = time.perf_counter()
         sims = make_sims(onnx_dir, manifest, work, embedding=embedding, log=log)

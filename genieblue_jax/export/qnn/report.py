@@ -26,6 +26,10 @@ import math
 import os
 
 from genieblue_jax.export.qnn import quantize
+from genieblue_jax.export.qnn.graphs import ModelGraphs
+from genieblue_jax.export.qnn.onnx_export import tensor_role
+from genieblue_jax.structure import MLLMConfig, abstract_mllm
+from genieblue_jax.structure.report import storage_summary
 
 DEPLOYMENTS = (("text only (base LLM)", ("llm",)),
                ("base MLLM (+ ViT + projector)", ("llm", "vision", "projector")),
@@ -106,10 +110,6 @@ PAPER_CONTEXT = 2048
 def paper_scale_estimate(context: int = PAPER_CONTEXT, embedding: str = "int4") -> dict:
     """The same accounting for Qwen2.5-3B + SigLIP-so400m GenieBlue-Skip, from shapes alone
     (the graphs are built on torch's meta device; nothing is allocated)."""
-    from genieblue_jax.export.qnn.graphs import ModelGraphs
-    from genieblue_jax.export.qnn.onnx_export import tensor_role
-    from genieblue_jax.structure import MLLMConfig, abstract_mllm
-    from genieblue_jax.structure.report import storage_summary
     mcfg = MLLMConfig.from_presets("qwen2.5-3b", "siglip-so400m-384")
     graphs = ModelGraphs(mcfg, abstract_mllm(mcfg), context=context, meta=True)
     tensors = {n: {"shape": list(t.shape), "role": tensor_role(n, t.shape), "component": n.split(".", 1)[0]}
