@@ -258,6 +258,9 @@ def restore_step(mngr: ocp.CheckpointManager, step: int, *, state=None, partial:
     `state` names (e.g. {"trainable": ...} without Adam's moments: nothing else is read). With
     `data`, Grain's `CheckpointRestore` args: this process's data-iterator state.
     Returns {"meta": ..., "state": ..., "data": ...} (the items asked for).
+
+    Raises ValueError naming the leaves of `state` the checkpoint does not hold (Orbax's partial
+    restore would return their ShapeDtypeStructs in place of arrays, silently).
     """
     args = {"meta": ocp.args.JsonRestore()}
     if state is not None:
@@ -265,7 +268,13 @@ def restore_step(mngr: ocp.CheckpointManager, step: int, *, state=None, partial:
             item=state, restore_args=ocp.checkpoint_utils.construct_restore_args(state), partial_restore=partial)
     if data is not None:
         args["data"] = data
-    return mngr.restore(step, args=ocp.args.Composite(**args))
+    out = mngr.restore(step, args=ocp.args.Composite(**args))
+    if state is not None:
+        missing = [n for n, x in models.flatten(out["state"]).items() if isinstance(x, jax.ShapeDtypeStruct)]
+        if missing:
+            raise ValueError(f"checkpoint step {step} holds no {', '.join(missing[:6])}"
+                             f"{f' (+{len(missing) - 6} more)' if len(missing) > 6 else ''}")
+    return out
 
 
 def restore_trained_part(workdir: str, component: str, like: dict) -> dict:
@@ -278,11 +287,11 @@ def restore_trained_part(workdir: str, component: str, like: dict) -> dict:
         if step is None:
             raise ConfigError(f"init.stage1_workdir={workdir}: no checkpoint found")
         verified_step(workdir, step)
-        meta = restore_step(mngr, step)["meta"]
         try:
             restored = restore_step(mngr, step, state={"trainable": {component: abstract_like(like)}}, partial=True)
-        except (ValueError, KeyError) as e:
-            raise ConfigError(f"init.stage1_workdir={workdir} (stage {meta.get('stage')}) has no trained {component} "
+        except (ValueError, KeyError) as e:  # the stage, for the message: read only on this path
+            stage = restore_step(mngr, step)["meta"].get("stage")
+            raise ConfigError(f"init.stage1_workdir={workdir} (stage {stage}) has no trained {component} "
                               f"of these shapes: {str(e)[:300]}") from e
         return restored["state"]["trainable"][component]
     finally:

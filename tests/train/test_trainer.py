@@ -333,6 +333,15 @@ def test_stage2_starts_from_the_stage1_projector(tmp_path):
         np.testing.assert_array_equal(np.asarray(params[name]), np.asarray(value), err_msg=name)
 
 
+def test_a_component_the_stage_did_not_train_is_refused_not_left_unread(reference):
+    """Orbax's partial restore returns a placeholder (ShapeDtypeStruct) for a leaf the checkpoint
+    lacks; reading a component the run never trained (stage 2 trains no LLM base) must be an
+    error naming it, not an array-shaped hole in the model."""
+    with pytest.raises(trainer.ConfigError, match=r"\(stage stage2\) has no trained llm of these shapes: "
+                                                  r"checkpoint step 6 holds no trainable/llm/"):
+        workdir_lib.restore_trained_part(reference["workdir"], "llm", reference["frozen"]["llm"])
+
+
 def test_a_non_finite_step_is_skipped(tmp_path):
     c = tiny_config()
     setup = trainer.resolve(c, str(tmp_path))
