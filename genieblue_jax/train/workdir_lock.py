@@ -114,7 +114,8 @@ class WorkdirLock:
         """Step 1 of acquiring: this trainer's claim object (the holder's text, renewed by the
         heartbeat). Public for tests that interleave two trainers' steps."""
         self._claim = paths.path(self.workdir) / ".lock" / f"{uuid.uuid4().hex}.json"
-        self._claim.write_text(json.dumps({"holder": _holder()}))
+        self._claim_text = json.dumps({"holder": _holder()})
+        self._claim.write_text(self._claim_text)
 
     def live_claims(self) -> list[str]:
         """Step 2: the holders of the other claims renewed within lease_s of this trainer's own
@@ -149,10 +150,9 @@ class WorkdirLock:
         self._thread.start()
 
     def _heartbeat(self):
-        text = self._claim.read_text()
         while not self._stop.wait(self.lease_s / 4):
             try:
-                self._claim.write_text(text)  # a rewrite renews the object's mtime
+                self._claim.write_text(self._claim_text)  # a rewrite renews the object's mtime
             except Exception as e:  # a storage blip: the next beat retries, the lease has 3 more
                 log.warning("%s: could not renew the workdir lease (%s); retrying in %.0f s", self._claim, e,
                             self.lease_s / 4)
