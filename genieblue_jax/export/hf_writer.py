@@ -23,9 +23,8 @@ an error naming it and its HF tensor); no two parameters may land on one HF name
 that are NaN / Inf after the cast to the file dtype (e.g. float16 overflow) are refused,
 because the importer would refuse them.
 
-Files are written one tensor at a time into a temporary name and renamed at the end, so a
-failed export never leaves a half-written `model.safetensors` behind; config.json comes
-last.
+Each file is written under a temporary name and renamed when complete, so a failed export
+never leaves a half-written `model.safetensors` behind; config.json comes last.
 """
 from __future__ import annotations
 
@@ -34,11 +33,12 @@ import json
 import math
 import os
 import re
-import struct
 from typing import Any, Mapping
 
+import huggingface_hub
 import ml_dtypes
 import numpy as np
+import safetensors.numpy
 
 from genieblue_jax import models
 from genieblue_jax.hf.configs import UnsupportedConfigError
@@ -52,13 +52,9 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 EXPORT_FILE = "genieblue_export.json"
 EXPORT_FORMAT_VERSION = 1
 
-# numpy dtype <-> safetensors dtype tag (the tags of `hf.safetensors_io`).
-_ST_DTYPE = {
-    np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
-    np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.int64): "I64", np.dtype(np.int32): "I32",
-    np.dtype(np.int16): "I16", np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8",
-    np.dtype(np.bool_): "BOOL",
-}
+# numpy dtypes safetensors stores (its tags F64 ... BOOL).
+_STORABLE = frozenset(np.dtype(d) for d in (np.float64, np.float32, np.float16, ml_dtypes.bfloat16, np.int64,
+                                            np.int32, np.int16, np.int8, np.uint8, np.bool_))
 _FLOATS = frozenset(np.dtype(d) for d in (np.float64, np.float32, np.float16, ml_dtypes.bfloat16))
 
 # Architectures we write, by our config; a family name may stand for its architecture.
@@ -298,55 +294,21 @@ def _target_dtype(name: str, t, dtype) -> np.dtype:
     if dtype is not None and str(dtype) not in _FILE_DTYPES:
         raise ValueError(f"dtype={dtype!r}: floating tensors can be written as {sorted(_FILE_DTYPES)}")
     out = _FILE_DTYPES[str(dtype)] if dtype is not None and src in _FLOATS else src
-    if out not in _ST_DTYPE:
+    if out not in _STORABLE:
         raise ValueError(f"tensor {name!r}: dtype {out} cannot be stored in safetensors "
-                         f"(supported: {sorted(str(d) for d in _ST_DTYPE)})")
+                         f"(supported: {sorted(str(d) for d in _STORABLE)})")
     return out
 
 
-def _write_file(path: str, entries: list[tuple[str, Any, np.dtype, tuple]], metadata: dict | None,
-                check_finite: bool) -> None:
-    """One safetensors file: u64 header length, JSON header (names sorted, padded with spaces
-    to a multiple of 8 bytes), then the data, largest element size first so that every
-    tensor starts aligned to its element size (as the reference writer lays it out)."""
-    order = sorted(entries, key=lambda e: (-e[2].itemsize, e[0]))
-    offsets, pos = {}, 0
-    for name, _, dt, shape in order:
-        size = math.prod(shape) * dt.itemsize
-        offsets[name] = (pos, pos + size)
-        pos += size
-    header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = metadata
-    for name, _, dt, shape in sorted(entries, key=lambda e: e[0]):
-        header[name] = {"dtype": _ST_DTYPE[dt], "shape": list(shape), "data_offsets": list(offsets[name])}
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for name, t, dt, shape in order:
-                arr = np.asarray(t)
-                if arr.dtype != dt:
-                    with np.errstate(over="ignore"):  # overflow is reported just below
-                        arr = arr.astype(dt)
-                if arr.dtype.byteorder == ">":
-                    arr = arr.astype(arr.dtype.newbyteorder("<"))
-                if tuple(arr.shape) != shape:
-                    raise ValueError(f"tensor {name!r} changed shape while writing: {arr.shape} != {shape}")
-                if check_finite and dt in _FLOATS and not np.all(np.isfinite(arr.astype(np.float32))):
-                    raise ValueError(f"tensor {name!r} contains NaN or Inf as {dt} (overflow in the "
-                                     "cast?); the importer would refuse it")
-                f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
-            if f.tell() != 8 + len(raw) + pos:
-                raise AssertionError(f"{path}: wrote {f.tell()} bytes, expected {8 + len(raw) + pos}")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def _cast(name: str, t, dt: np.dtype, check_finite: bool) -> np.ndarray:
+    """`t` as a little-endian contiguous numpy array of `dt`, refused if the cast overflowed."""
+    arr = np.asarray(t)
+    with np.errstate(over="ignore"):  # overflow is reported just below
+        arr = np.ascontiguousarray(arr.astype(dt.newbyteorder("<"), copy=False))
+    if check_finite and dt in _FLOATS and not np.all(np.isfinite(arr.astype(np.float32))):
+        raise ValueError(f"tensor {name!r} contains NaN or Inf as {dt} (overflow in the "
+                         "cast?); the importer would refuse it")
+    return arr
 
 
 def write_safetensors(path: str, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None,
@@ -354,31 +316,30 @@ def write_safetensors(path: str, tensors: Mapping[str, Any], metadata: Mapping[s
                       check_finite: bool = False) -> list[str]:
     """Writes `tensors` ({name: array}) as safetensors; returns the paths written.
 
-    Up to `max_shard_bytes` of data, a single file at `path`. Above, Hugging Face's sharded
-    layout next to it: for `dir/model.safetensors`, `dir/model-00001-of-00003.safetensors`
-    ... (tensors in natural name order, a new shard whenever the next tensor would overflow
-    the current one; a tensor larger than the limit gets a shard of its own) plus
-    `dir/model.safetensors.index.json` ({"metadata": {"total_size": bytes, ...},
-    "weight_map": {name: file}}). Files of the same family left from an earlier write (the
-    single file, old shards, the index) are removed, so readers never mix two exports.
+    Files are written by `safetensors.numpy.save_file`, one shard at a time, and split as
+    `huggingface_hub.split_state_dict_into_shards_factory` splits them (tensors in natural name
+    order, a new shard whenever the next tensor would overflow `max_shard_bytes`, a larger
+    tensor in a shard of its own): a single file at `path`, or for `dir/model.safetensors`
+    `dir/model-00001-of-00003.safetensors` ... plus `dir/model.safetensors.index.json`
+    ({"metadata": {"total_size": bytes, "total_parameters": n}, "weight_map": {name: file}}).
+    Files of the same family left from an earlier write (the single file, old shards, the
+    index) are removed, so readers never mix two exports; a file is renamed into place only
+    once complete.
 
     `metadata` goes to the header's `__metadata__` (strings only; transformers wants
-    {"format": "pt"}). `dtype` casts every floating tensor while it is written, one at a
-    time; arrays may be numpy or anything `np.asarray` reads (jax arrays).
+    {"format": "pt"}). `dtype` casts every floating tensor while its shard is written; arrays
+    may be numpy or anything `np.asarray` reads (jax arrays). ValueError for bad metadata, a
+    bad name, a dtype safetensors cannot store, or (with `check_finite`) a tensor that is not
+    finite after the cast.
 
         >>> import os, tempfile
-        >>> from genieblue_jax.hf.safetensors_io import read_header
+        >>> from safetensors import safe_open
         >>> d = tempfile.mkdtemp()
-        >>> f = write_safetensors(os.path.join(d, "model.safetensors"),
-        ...                       {"b": np.ones((2, 3), np.float32), "a": np.arange(4)})
-        >>> h = read_header(f[0])
-        >>> h["header_size"] % 8, h["tensors"]["a"], h["tensors"]["b"]["data_offsets"]
-        (0, {'dtype': 'I64', 'shape': [4], 'data_offsets': [0, 32]}, [32, 56])
         >>> f = write_safetensors(os.path.join(d, "model.safetensors"), {"b": np.ones((2, 3)),
         ...                       "a": np.arange(4)}, max_shard_bytes=40, dtype="bfloat16")
         >>> sorted(os.listdir(d))
         ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors', 'model.safetensors.index.json']
-        >>> read_header(f[1])["tensors"]["b"]["dtype"]
+        >>> safe_open(f[1], "numpy").get_slice("b").get_dtype()
         'BF16'
     """
     if metadata is not None:
@@ -388,54 +349,45 @@ def write_safetensors(path: str, tensors: Mapping[str, Any], metadata: Mapping[s
         metadata = dict(metadata)
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes={max_shard_bytes} must be positive")
-    entries = []
+    specs = {}  # name -> (array, file dtype, shape), in natural name order
     for name in sorted(tensors, key=_natural_key):
         if not isinstance(name, str) or not name or name == "__metadata__":
             raise ValueError(f"invalid tensor name {name!r}")
         t = tensors[name]
         if not hasattr(t, "dtype") or not hasattr(t, "shape"):
             t = np.asarray(t)
-        entries.append((name, t, _target_dtype(name, t, dtype), tuple(int(d) for d in np.shape(t))))
-    sizes = [math.prod(shape) * dt.itemsize for _, _, dt, shape in entries]
-    total = sum(sizes)
-    shards: list[list] = [[]]
-    used = 0
-    for entry, size in zip(entries, sizes):
-        if shards[-1] and used + size > max_shard_bytes:
-            shards.append([])
-            used = 0
-        shards[-1].append(entry)
-        used += size
-
+        specs[name] = (t, _target_dtype(name, t, dtype), tuple(int(d) for d in np.shape(t)))
     directory, base = os.path.split(os.path.abspath(path))
     if not base.endswith(".safetensors"):
         raise ValueError(f"{path}: a safetensors file name must end in .safetensors")
     stem = base[: -len(".safetensors")]
-    index_path = os.path.join(directory, base + ".index.json")
-    family = re.compile(re.escape(stem) + r"-\d{5}-of-\d{5}\.safetensors")
+    split = huggingface_hub.split_state_dict_into_shards_factory(
+        specs, get_storage_size=lambda s: math.prod(s[2]) * s[1].itemsize,
+        filename_pattern=stem + "{suffix}.safetensors", max_shard_size=max_shard_bytes)
     os.makedirs(directory, exist_ok=True)
     written = []
-    if len(shards) == 1:
-        _write_file(os.path.join(directory, base), entries, metadata, check_finite)
-        written.append(os.path.join(directory, base))
-    else:
-        weight_map = {}
-        for k, shard in enumerate(shards, 1):
-            fname = f"{stem}-{k:05d}-of-{len(shards):05d}.safetensors"
-            _write_file(os.path.join(directory, fname), shard, metadata, check_finite)
-            written.append(os.path.join(directory, fname))
-            weight_map.update({name: fname for name, *_ in shard})
-        index = {"metadata": {"total_size": total,
-                              "total_parameters": sum(math.prod(e[3]) for e in entries)},
-                 "weight_map": dict(sorted(weight_map.items()))}
+    for fname, names in split.filename_to_tensors.items():
+        full = os.path.join(directory, fname)
+        arrays = {n: _cast(n, specs[n][0], specs[n][1], check_finite) for n in names}
+        try:
+            safetensors.numpy.save_file(arrays, full + ".tmp", metadata=metadata)
+            os.replace(full + ".tmp", full)
+        finally:
+            if os.path.exists(full + ".tmp"):
+                os.remove(full + ".tmp")
+        written.append(full)
+    index_path = os.path.join(directory, base + ".index.json")
+    if split.is_sharded:
+        index = {"metadata": {**split.metadata, "total_parameters": sum(math.prod(s[2]) for s in specs.values())},
+                 "weight_map": dict(sorted(split.tensor_to_filename.items()))}
         with open(index_path + ".tmp", "w") as f:
             json.dump(index, f, indent=2)
         os.replace(index_path + ".tmp", index_path)
         written.append(index_path)
-    keep = set(written)
+    family = re.compile(re.escape(stem) + r"-\d{5}-of-\d{5}\.safetensors")
     for fname in os.listdir(directory):
         full = os.path.join(directory, fname)
-        if full not in keep and (fname == base or fname == base + ".index.json" or family.fullmatch(fname)):
+        if full not in written and (fname == base or fname == base + ".index.json" or family.fullmatch(fname)):
             os.remove(full)
     return written
 

@@ -8,7 +8,7 @@ Every parameter of our model is looked up through the family's name table
 (`genieblue_jax.hf.tables`); shapes are checked for all tensors before any data is read.
 A missing tensor, a shape mismatch, or a tensor in the files that the table does not
 consume (and that is not known to be redundant) is an error that names it. Tensors are
-memory-mapped and each device's shard is read straight into its target sharding, so no
+read lazily (`safetensors` slices) and each device's shard is read straight into its target sharding, so no
 host ever holds more than the shards it owns.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from genieblue_jax import checkpoint, models
 from genieblue_jax import sharding as sharding_lib
 from genieblue_jax.hf import configs as hf_configs
 from genieblue_jax.hf.safetensors_io import SafetensorsCheckpoint
-from genieblue_jax.hf.tables import HF_PREFIXES, TABLES, Transform, resolve
+from genieblue_jax.hf.tables import HF_PREFIXES, TABLES, resolve
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def config_from_hf_dir(hf_dir: str, *, param_dtype: str = "float32", dtype: str 
 def _stored_head_differing_from_embedding(ckpt: SafetensorsCheckpoint) -> tuple[str, str] | None:
     """(head name, embedding name) when the checkpoint stores an lm_head.weight whose values
     differ from the input embedding's; None when it stores none or an identical copy (compared
-    in row blocks of the memory-mapped files, once per version of the files: config_from_hf_dir
+    in row blocks read from the files, once per version of the files: config_from_hf_dir
     and plan_import both ask)."""
     return _head_verdict(ckpt.hf_dir, ckpt.stamp())
 
@@ -97,19 +97,14 @@ def _head_verdict(hf_dir: str, stamp: tuple) -> tuple[str, str] | None:
     embeds = [n for n in ckpt.names() if n.endswith("embed_tokens.weight")]
     if not heads or len(embeds) != 1:
         return None
-    head, embed = ckpt.get(heads[0]), ckpt.get(embeds[0])
-    if head.shape != embed.shape or head.dtype != embed.dtype:
+    head, embed = ckpt.slice(heads[0]), ckpt.slice(embeds[0])
+    if head.get_shape() != embed.get_shape() or head.get_dtype() != embed.get_dtype():
         return heads[0], embeds[0]
-    for i in range(0, head.shape[0], 4096):
-        if not np.array_equal(head[i:i + 4096], embed[i:i + 4096]):
+    rows = head.get_shape()[0]
+    for i in range(0, rows, 4096):  # safetensors slices do not clamp to the shape
+        if not np.array_equal(head[i:min(i + 4096, rows)], embed[i:min(i + 4096, rows)]):
             return heads[0], embeds[0]
     return None
-
-
-def _shape_after(transform: Transform, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Shape of transform(x) for x of `shape`, using a zero-strided view (no data)."""
-    view = np.lib.stride_tricks.as_strided(np.zeros(1, np.int8), shape, [0] * len(shape))
-    return tuple(transform.to_ours(view).shape)
 
 
 def plan_import(ckpt: SafetensorsCheckpoint, arch: str, cfg, tied_embeddings: bool = False):
@@ -128,7 +123,7 @@ def plan_import(ckpt: SafetensorsCheckpoint, arch: str, cfg, tied_embeddings: bo
         if name not in ckpt:
             problems.append(f"missing tensor {name!r} (for parameter {path})")
             continue
-        got = _shape_after(transform, ckpt.shape(name))
+        got = transform.ours_shape(ckpt.shape(name))
         want = tuple(abstract[path].shape)
         if got != want:
             problems.append(f"tensor {name!r} has shape {ckpt.shape(name)}, parameter {path} needs "
@@ -163,19 +158,18 @@ def load_hf_params(hf_dir: str, arch: str, cfg, *, mesh=None, rules=sharding_lib
     shardings = models.flatten(sharding_lib.param_shardings(abstract, mesh, rules) if mesh is not None
                                else sharding_lib.single_device_shardings(abstract))
     abstract = models.flatten(abstract)
-    def read_shard(name, view, dtype, index):
-        # `view` is a (transposed) memory-mapped view: only this shard's slice is read.
-        shard = np.asarray(view[index]).astype(dtype)
+    def read_shard(name, transform, dtype, index):
+        # Only this device shard's slice of the file is read.
+        shard = transform.to_ours(np.asarray(ckpt.slice(name)[transform.hf_index(index)])).astype(dtype)
         if not np.all(np.isfinite(shard.astype(np.float32))):
             raise ValueError(f"tensor {name!r} in {hf_dir} contains NaN or Inf")
         return shard
 
     params = {}
     for path, (name, transform) in mapping.items():
-        view = transform.to_ours(ckpt.get(name))
         params[path] = jax.make_array_from_callback(
-            view.shape, shardings[path],
-            functools.partial(read_shard, name, view, abstract[path].dtype))
+            transform.ours_shape(ckpt.shape(name)), shardings[path],
+            functools.partial(read_shard, name, transform, abstract[path].dtype))
     return models.unflatten(params)
 
 

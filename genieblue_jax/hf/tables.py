@@ -14,28 +14,49 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
 class Transform:
-    """A tensor layout change between HF and ours, both ways (e.g. TRANSPOSE for Linear)."""
+    """A tensor layout change between HF and ours: an axis permutation, ours =
+    hf.transpose(axes) (None: the same layout), e.g. TRANSPOSE for Linear."""
     name: str
-    to_ours: Callable[[np.ndarray], np.ndarray]
-    to_hf: Callable[[np.ndarray], np.ndarray]
+    axes: tuple[int, ...] | None = None
 
     def __repr__(self):
         return self.name
 
+    def to_ours(self, x: np.ndarray) -> np.ndarray:
+        """The HF tensor `x` in our layout (a view for numpy arrays)."""
+        return x if self.axes is None else x.transpose(self.axes)
 
-IDENTITY = Transform("IDENTITY", lambda x: x, lambda x: x)
+    def to_hf(self, x: np.ndarray) -> np.ndarray:
+        """Our tensor `x` in HF's layout (a view for numpy arrays)."""
+        return x if self.axes is None else x.transpose(np.argsort(self.axes))
+
+    def ours_shape(self, hf_shape) -> tuple[int, ...]:
+        """The shape in our layout of an HF tensor of `hf_shape`."""
+        return tuple(hf_shape) if self.axes is None else tuple(hf_shape[a] for a in self.axes)
+
+    def hf_index(self, index: tuple) -> tuple:
+        """The index into the HF tensor that reads `ours[index]` (before `to_ours`): a device
+        shard's slices, permuted, so only that shard's bytes are read."""
+        if self.axes is None:
+            return index
+        out = [slice(None)] * len(self.axes)
+        for k, a in enumerate(self.axes):
+            out[a] = index[k]
+        return tuple(out)
+
+
+IDENTITY = Transform("IDENTITY")
 # torch Linear stores (out, in); flax Dense kernels are (in, out).
-TRANSPOSE = Transform("TRANSPOSE", lambda x: x.T, lambda x: x.T)
+TRANSPOSE = Transform("TRANSPOSE", (1, 0))
 # torch Conv2d (out, in, kh, kw) <-> flax Conv (kh, kw, in, out).
-CONV_OIHW_TO_HWIO = Transform(
-    "CONV_OIHW_TO_HWIO", lambda x: x.transpose(2, 3, 1, 0), lambda x: x.transpose(3, 2, 0, 1))
+CONV_OIHW_TO_HWIO = Transform("CONV_OIHW_TO_HWIO", (2, 3, 1, 0))
 
 
 @dataclasses.dataclass(frozen=True)

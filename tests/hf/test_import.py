@@ -253,18 +253,16 @@ def test_a_stored_head_that_a_tied_config_contradicts_is_imported_as_transformer
     np.testing.assert_array_equal(np.asarray(params["lm_head"]["kernel"]), head.T)
 
 
-def test_truncated_and_damaged_safetensors_name_the_file_and_tensor(hf_decoder_dir, tmp_path):
-    """A safetensors file cut short names the file and the first tensor past its end; a header
-    that is not JSON names the file (they were a reshape error and a bare JSONDecodeError)."""
-    import struct
+def test_truncated_and_damaged_safetensors_name_the_file(hf_decoder_dir, tmp_path):
+    """A safetensors file cut short, or whose header is not JSON, is a ValueError naming the
+    file and saying why (they were a reshape error and a bare JSONDecodeError)."""
     cut = _copy(hf_decoder_dir("qwen2-a"), tmp_path, "cut")
     data = (cut / "model.safetensors").read_bytes()
     (cut / "model.safetensors").write_bytes(data[:len(data) - 1000])
-    with pytest.raises(ValueError, match=r"model.safetensors: tensor '[\w.]+' needs bytes \d+\.\.\d+ of the data but "
-                                         r"the file holds \d+ \(truncated or damaged file\)"):
+    with pytest.raises(ValueError, match=r"cut/model.safetensors: not a readable safetensors file, truncated or "
+                                         r"damaged \(.*not fully covered"):
         import_hf(str(cut))
     bad = _copy(hf_decoder_dir("qwen2-a"), tmp_path, "bad")
-    (n,) = struct.unpack("<Q", data[:8])
     (bad / "model.safetensors").write_bytes(data[:8] + b"{not json" + data[17:])
-    with pytest.raises(ValueError, match=r"model.safetensors: the safetensors header is not valid JSON"):
+    with pytest.raises(ValueError, match=r"bad/model.safetensors: not a readable safetensors file.*invalid JSON"):
         import_hf(str(bad))
