@@ -58,7 +58,7 @@ class ChatTemplate:
         """Tokens, loss mask and image spans of a conversation.
 
         `image_token_counts[i]` is how many LLM tokens the i-th image becomes (it depends
-        on its patch grid); their number must equal the number of `<image>` tags.
+        on its tile grid); their number must equal the number of `<image>` tags.
         """
         tokens: list[int] = []
         mask: list[bool] = []
@@ -121,7 +121,7 @@ class ChatTemplate:
 def truncate(chat: RenderedChat, max_len: int) -> tuple[RenderedChat, int]:
     """Cuts to at most `max_len` tokens without ever splitting an image's tokens: if the
     cut falls inside an image span, it moves to just before that image. Returns the
-    truncated chat and how many images it still contains (their patches are kept, the
+    truncated chat and how many images it still contains (their tiles are kept, the
     rest dropped by the caller).
 
     Example: spans [(3, 4)] (tokens 3..6 are one image), max_len 5 -> cut at 3, 0 images.

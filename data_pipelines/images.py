@@ -1,18 +1,18 @@
-"""Image decoding and dynamic-resolution patching (BlueLM-V-3B relaxed aspect-ratio matching).
+"""Image decoding and dynamic-resolution tiling (BlueLM-V-3B relaxed aspect-ratio matching).
 
 Pipeline for one encoded image (PNG / JPEG / ... bytes):
 
     pixels = decode_image(data)                               # uint8 (H, W, 3) RGB
-    patches = to_patches(pixels, patch=384, mode="dynamic")   # float32 (k, 384, 384, 3) in [-1, 1]
+    tiles = to_tiles(pixels, tile=384, mode="dynamic")   # float32 (k, 384, 384, 3) in [-1, 1]
 
-`mode="single"` squeezes the whole image into one patch. `mode="dynamic"` resizes the image
-to the m x n grid chosen by `select_grid` (m columns, n rows of `patch`-pixel tiles), cuts
+`mode="single"` squeezes the whole image into one tile. `mode="dynamic"` resizes the image
+to the m x n grid chosen by `select_grid` (m columns, n rows of `tile`-pixel tiles), cuts
 it row-major and appends one global thumbnail, so k = m * n + 1 (k = 1 when the grid is
-1 x 1: the grid patch *is* the thumbnail). `num_patches` gives k from the size alone, so
+1 x 1: the grid tile *is* the thumbnail). `num_tiles` gives k from the size alone, so
 token budgets can be planned without decoding pixels.
 
 All resizing is PIL bicubic on uint8 pixels, which is deterministic: the same bytes always
-give bitwise-identical patches for a fixed Pillow version.
+give bitwise-identical tiles for a fixed Pillow version.
 """
 from __future__ import annotations
 
@@ -117,23 +117,23 @@ def _effective_and_wasted(w0: int, h0: int, width: int, height: int) -> tuple[in
     return effective, width * height - effective
 
 
-def candidate_grids(max_patches: int) -> list[tuple[int, int]]:
-    """All grids (m columns, n rows) with m * n <= max_patches, in the order `select_grid`
+def candidate_grids(max_tiles: int) -> list[tuple[int, int]]:
+    """All grids (m columns, n rows) with m * n <= max_tiles, in the order `select_grid`
     visits them: largest first (m * n descending), equal areas by m ascending (taller first).
 
     >>> candidate_grids(3)
     [(1, 3), (3, 1), (1, 2), (2, 1), (1, 1)]
     """
-    grids = [(m, n) for m in range(1, max_patches + 1) for n in range(1, max_patches // m + 1)]
+    grids = [(m, n) for m in range(1, max_tiles + 1) for n in range(1, max_tiles // m + 1)]
     return sorted(grids, key=lambda g: (-g[0] * g[1], g[0]))
 
 
-def select_grid(width: int, height: int, *, patch: int, max_patches: int = 16,
+def select_grid(width: int, height: int, *, tile: int, max_tiles: int = 16,
                 alpha: float = 0.1) -> tuple[int, int]:
-    """The (m columns, n rows) patch grid for a width x height image, m * n <= max_patches.
+    """The (m columns, n rows) tile grid for a width x height image, m * n <= max_tiles.
 
     BlueLM-V-3B's relaxed aspect-ratio matching (arXiv 2411.10640, Alg. 1). Each candidate
-    grid is a canvas (W, H) = (patch * m, patch * n). Fitting the image into it with the
+    grid is a canvas (W, H) = (tile * m, tile * n). Fitting the image into it with the
     aspect ratio kept, s = min(W / width, H / height), gives
 
         Re = min(int(width * s) * int(height * s), width * height)   effective resolution
@@ -150,29 +150,29 @@ def select_grid(width: int, height: int, *, patch: int, max_patches: int = 16,
     padding, instead of upscaling the image to fill a bigger canvas. The order among grids
     of equal area only matters for exact ties in Re (then the first visited is kept).
 
-    Worked examples (the paper's, with 384-pixel patches):
+    Worked examples (the paper's, with 384-pixel tiles):
 
-    >>> select_grid(394, 390, patch=384)    # LLaVA-NeXT (max Re, then min Rw) picks 2:2
+    >>> select_grid(394, 390, tile=384)    # LLaVA-NeXT (max Re, then min Rw) picks 2:2
     (1, 1)
-    >>> select_grid(380, 76, patch=384)     # InternVL-1.5 (closest ratio, max 6) picks 5:1
+    >>> select_grid(380, 76, tile=384)     # InternVL-1.5 (closest ratio, max 6) picks 5:1
     (1, 1)
 
     For 394 x 390 the 2 x 2 canvas (768 x 768) holds all 153660 pixels, but 1 x 1 keeps
     384 * 380 = 145920 of them (95%, within alpha = 10%) and wastes 1536 pixels instead of
-    436164, so the image costs 1 patch instead of 4 (+1 thumbnail). For 380 x 76 every
+    436164, so the image costs 1 tile instead of 4 (+1 thumbnail). For 380 x 76 every
     canvas holds the whole image (s >= 1), so the least wasteful, 1 x 1, wins.
 
     More: squares stay square; the relaxation trades up to alpha of the detail for fewer
-    patches (800 x 800: 2 x 2 keeps 589824 of 640000 pixels, 92%, with no waste, where
+    tiles (800 x 800: 2 x 2 keeps 589824 of 640000 pixels, 92%, with no waste, where
     3 x 3 would upscale); a 4:1 panorama gets a 4:1 grid.
 
-    >>> select_grid(1000, 1000, patch=384), select_grid(800, 800, patch=384)
+    >>> select_grid(1000, 1000, tile=384), select_grid(800, 800, tile=384)
     ((3, 3), (2, 2))
-    >>> select_grid(1600, 400, patch=384), select_grid(1600, 400, patch=384, max_patches=2)
+    >>> select_grid(1600, 400, tile=384), select_grid(1600, 400, tile=384, max_tiles=2)
     ((4, 1), (2, 1))
     """
-    for name, value in (("width", width), ("height", height), ("patch", patch),
-                        ("max_patches", max_patches)):
+    for name, value in (("width", width), ("height", height), ("tile", tile),
+                        ("max_tiles", max_tiles)):
         if not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"select_grid: {name} must be a positive int, got {value!r}")
     if not alpha > 0:
@@ -181,27 +181,27 @@ def select_grid(width: int, height: int, *, patch: int, max_patches: int = 16,
         raise ValueError(f"select_grid: alpha must be > 0, got {alpha!r}")
     best = None
     re_max = rw_min = 0
-    for m, n in candidate_grids(int(max_patches)):
-        re, rw = _effective_and_wasted(int(width), int(height), patch * m, patch * n)
+    for m, n in candidate_grids(int(max_tiles)):
+        re, rw = _effective_and_wasted(int(width), int(height), tile * m, tile * n)
         if (best is None or re - re_max > alpha * re_max
                 or (re_max - re < alpha * re_max and rw < rw_min)):
             best, re_max, rw_min = (m, n), re, rw
     return best
 
 
-def num_patches(width: int, height: int, *, patch: int, mode: str, max_patches: int = 16) -> int:
-    """How many patches `to_patches` returns for a width x height image (no pixels needed).
+def num_tiles(width: int, height: int, *, tile: int, mode: str, max_tiles: int = 16) -> int:
+    """How many tiles `to_tiles` returns for a width x height image (no pixels needed).
 
-    >>> num_patches(394, 390, patch=384, mode="dynamic"), num_patches(1600, 400, patch=384, mode="dynamic")
+    >>> num_tiles(394, 390, tile=384, mode="dynamic"), num_tiles(1600, 400, tile=384, mode="dynamic")
     (1, 5)
-    >>> num_patches(1600, 400, patch=384, mode="single")
+    >>> num_tiles(1600, 400, tile=384, mode="single")
     1
     """
     if mode == "single":
         return 1
     if mode != "dynamic":
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    m, n = select_grid(width, height, patch=patch, max_patches=max_patches)
+    m, n = select_grid(width, height, tile=tile, max_tiles=max_tiles)
     return m * n + (1 if m * n > 1 else 0)
 
 
@@ -211,36 +211,36 @@ def normalize(pixels: np.ndarray) -> np.ndarray:
     return (x - np.float32(0.5)) / np.float32(0.5)
 
 
-def to_patches(image: np.ndarray, *, patch: int, mode: str, max_patches: int = 16) -> np.ndarray:
-    """Cut a uint8 (H, W, 3) image into float32 (k, patch, patch, 3) normalised patches.
+def to_tiles(image: np.ndarray, *, tile: int, mode: str, max_tiles: int = 16) -> np.ndarray:
+    """Cut a uint8 (H, W, 3) image into float32 (k, tile, tile, 3) normalised tiles.
 
-    mode "single":  k = 1, the whole image resized to patch x patch.
+    mode "single":  k = 1, the whole image resized to tile x tile.
     mode "dynamic": the m x n grid of `select_grid`: the image is resized to
-                    (m * patch, n * patch) and cut row-major (patch i is row i // m,
+                    (m * tile, n * tile) and cut row-major (tile i is row i // m,
                     column i % m), then one global thumbnail (the whole image resized to
-                    patch x patch) is appended: k = m * n + 1. For a 1 x 1 grid the single
-                    patch already is the thumbnail, so k = 1.
+                    tile x tile) is appended: k = m * n + 1. For a 1 x 1 grid the single
+                    tile already is the thumbnail, so k = 1.
 
-    E.g. a 1600 x 400 image with patch=384: grid 4 x 1, the image is resized to 1536 x 384,
-    patches 0..3 are its columns left to right, patch 4 is the thumbnail.
+    E.g. a 1600 x 400 image with tile=384: grid 4 x 1, the image is resized to 1536 x 384,
+    tiles 0..3 are its columns left to right, tile 4 is the thumbnail.
     """
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
-        raise ValueError(f"to_patches expects a uint8 (H, W, 3) image, got {image.dtype} "
+        raise ValueError(f"to_tiles expects a uint8 (H, W, 3) image, got {image.dtype} "
                          f"{image.shape}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     height, width = image.shape[:2]
     pil = Image.fromarray(image, mode="RGB")
-    thumbnail = _resize(pil, patch, patch)[None]
+    thumbnail = _resize(pil, tile, tile)[None]
     if mode == "single":
         return normalize(thumbnail)
-    m, n = select_grid(width, height, patch=patch, max_patches=max_patches)
+    m, n = select_grid(width, height, tile=tile, max_tiles=max_tiles)
     if m * n == 1:
         return normalize(thumbnail)
-    grid = _resize(pil, m * patch, n * patch)                       # (n*p, m*p, 3)
-    tiles = grid.reshape(n, patch, m, patch, 3).transpose(0, 2, 1, 3, 4)
-    tiles = tiles.reshape(n * m, patch, patch, 3)
+    grid = _resize(pil, m * tile, n * tile)                       # (n*p, m*p, 3)
+    tiles = grid.reshape(n, tile, m, tile, 3).transpose(0, 2, 1, 3, 4)
+    tiles = tiles.reshape(n * m, tile, tile, 3)
     return normalize(np.concatenate([tiles, thumbnail], axis=0))
 
 

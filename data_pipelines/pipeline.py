@@ -6,7 +6,7 @@ dict (`get_state` / `set_state`) saved with the training checkpoint.
     >>> pipe = build_pipeline(PipelineConfig(
     ...     sources=(SourceSpec("caption", "/data/caption", 0.5), SourceSpec("text", "/data/text", 0.5)),
     ...     tokenizer="/ckpt/qwen2.5-3b/hf_assets", seq_len=4096, batch_size=8,
-    ...     patch_size=384, tokens_per_patch=196, image_mode="dynamic"))
+    ...     tile_size=384, tokens_per_tile=196, image_mode="dynamic"))
     >>> it = iter(pipe)
     >>> batch = next(it)            # dict of numpy arrays, see data_pipelines.packing
     >>> state = it.get_state()      # save it; later: it = iter(pipe); it.set_state(state)
@@ -87,11 +87,11 @@ class PipelineConfig:
     tokenizer: str                     # tokenizer.json / .model, or a directory holding one
     seq_len: int
     batch_size: int                    # rows per host per step
-    patch_size: int                    # vision tower input side, pixels
-    tokens_per_patch: int              # LLM tokens per patch (196 for so400m + downsampler)
+    tile_size: int                    # vision tower input side, pixels
+    tokens_per_tile: int              # LLM tokens per tile (196 for so400m + downsampler)
     image_mode: str = "dynamic"        # "single" (stage 1) or "dynamic" (stage 2)
-    max_patches: int = 16              # per image, dynamic mode (plus the thumbnail)
-    max_patches_per_row: int = 34      # image patches a packed row can carry
+    max_tiles: int = 16              # per image, dynamic mode (plus the thumbnail)
+    max_tiles_per_row: int = 34      # image tiles a packed row can carry
     default_system: str | None = None
     image_token: str = IMAGE_PAD
     seed: int = 0
@@ -123,13 +123,13 @@ class PipelineConfig:
 
     @classmethod
     def for_model(cls, mcfg, **kwargs) -> "PipelineConfig":
-        """Patch size and tokens per patch taken from a `genieblue_jax.structure.MLLMConfig`."""
-        return cls(patch_size=mcfg.vision.image_size, tokens_per_patch=mcfg.tokens_per_patch, **kwargs)
+        """Tile size and tokens per tile taken from a `genieblue_jax.structure.MLLMConfig`."""
+        return cls(tile_size=mcfg.vision.image_size, tokens_per_tile=mcfg.tokens_per_tile, **kwargs)
 
     @property
     def packing(self) -> PackingSpec:
         """The row shape this config packs into."""
-        return PackingSpec(self.seq_len, self.max_patches_per_row, self.patch_size,
+        return PackingSpec(self.seq_len, self.max_tiles_per_row, self.tile_size,
                            tuple(s.name for s in self.sources))
 
 
@@ -157,27 +157,27 @@ class ExampleProcessor:
         if isinstance(ex, CorruptRecord):
             return Rejection(ex.id, ex.source, f"corrupt record: {ex.where}: {ex.reason}")
         try:
-            patches = [image_lib.to_patches(image_lib.decode_image(b), patch=cfg.patch_size,
-                                            mode=cfg.image_mode, max_patches=cfg.max_patches)
+            tiles = [image_lib.to_tiles(image_lib.decode_image(b), tile=cfg.tile_size,
+                                            mode=cfg.image_mode, max_tiles=cfg.max_tiles)
                        for b in ex.images]
         except image_lib.ImageDecodeError as e:
             return Rejection(ex.id, ex.source, f"undecodable image: {e}")
         try:
-            chat = self.template.render(ex.turns, [len(p) * cfg.tokens_per_patch for p in patches],
+            chat = self.template.render(ex.turns, [len(p) * cfg.tokens_per_tile for p in tiles],
                                         example_id=ex.id)
         except ValueError as e:
             return Rejection(ex.id, ex.source, f"bad conversation: {e}")
         chat, kept = truncate(chat, cfg.seq_len)
         if not chat.loss_mask.any():
             return Rejection(ex.id, ex.source, f"no trained token within seq_len={cfg.seq_len}")
-        patches = patches[:kept]
-        starts = [start + j * cfg.tokens_per_patch
-                  for (start, _), p in zip(chat.image_spans, patches) for j in range(len(p))]
-        if len(starts) > cfg.max_patches_per_row:
-            return Rejection(ex.id, ex.source, f"{len(starts)} image patches exceed "
-                             f"max_patches_per_row={cfg.max_patches_per_row}")
-        s = cfg.patch_size
-        stacked = np.concatenate(patches) if patches else np.zeros((0, s, s, 3), np.float32)
+        tiles = tiles[:kept]
+        starts = [start + j * cfg.tokens_per_tile
+                  for (start, _), p in zip(chat.image_spans, tiles) for j in range(len(p))]
+        if len(starts) > cfg.max_tiles_per_row:
+            return Rejection(ex.id, ex.source, f"{len(starts)} image tiles exceed "
+                             f"max_tiles_per_row={cfg.max_tiles_per_row}")
+        s = cfg.tile_size
+        stacked = np.concatenate(tiles) if tiles else np.zeros((0, s, s, 3), np.float32)
         return Sample(ex.id, ex.source, chat.tokens, chat.loss_mask, stacked.astype(np.float32),
                       np.asarray(starts, np.int32))
 
@@ -246,8 +246,8 @@ class PackedBatchIterator(grain.DatasetIterator):
             self.stats["samples"] += len(samples)
             for s in samples:
                 self.stats["samples_per_source"][s.source] += 1
-        bins = first_fit([len(s) for s in samples], [len(s.patches) for s in samples],
-                         self.spec.seq_len, self.spec.max_patches_per_row)
+        bins = first_fit([len(s) for s in samples], [len(s.tiles) for s in samples],
+                         self.spec.seq_len, self.spec.max_tiles_per_row)
         self._rows = [assemble_row([samples[i] for i in b], self.spec) for b in bins]
         self._next_row = 0
 

@@ -36,7 +36,7 @@ without anti-aliasing (exact palette colours).
   "grid" (default)  1-3 objects, each inside its own cell of a grid of (image_size / 2)-px
                     cells, so objects never touch; the canvas is image_size x image_size
                     (60%), 2x wide (20%) or 2x tall (20%), so dynamic resolution with
-                    patch = image_size cuts wide / tall images into 2 tiles (+ 1 thumbnail).
+                    tile = image_size cuts wide / tall images into 2 tiles (+ 1 thumbnail).
                     Every VQA task.
   "single"          one object, 55-80% of the side, on a square canvas; VQA asks its colour
                     or its shape ("What colour is the circle?" -> "red"), captions are

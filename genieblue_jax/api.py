@@ -8,7 +8,7 @@ directory (imported on the fly).
     >>> model = genieblue_jax.load("workdirs/stage2_skip")               # doctest: +SKIP
     >>> model.generate("What is 12 plus 7?")                              # text: the base LLM
     >>> model.generate("How many circles are there?", images=["scene.png"])  # the multimodal path
-    >>> model.logits(ids, images=patches, mode="multimodal")              # (b, t, vocab) float32
+    >>> model.logits(ids, images=tiles, mode="multimodal")              # (b, t, vocab) float32
 
 Routing (GenieBlue's non-shared base, paper Sec. 3.3): a request without images runs the
 untouched base LLM (`mode="text"`, bitwise the base model); a request with images runs the
@@ -31,7 +31,7 @@ import numpy as np
 from data_pipelines.tokenizer import load_tokenizer
 from genieblue_jax import checkpoint, inference, models, paths, structure, workdir
 from genieblue_jax.hf import import_hf
-from genieblue_jax.inference.requests import RequestEncoder, stack_patches
+from genieblue_jax.inference.requests import RequestEncoder, stack_tiles
 from genieblue_jax.models.masks import positions_from_segments
 from genieblue_jax.structure import MODES
 
@@ -49,7 +49,7 @@ class GenieBlue:
         self.mesh = mesh
         self.mcfg = mcfg
         self.tokenizer_path = tokenizer
-        self.preprocessing = {"image_mode": "dynamic", "max_patches": 16, **(preprocessing or {})}
+        self.preprocessing = {"image_mode": "dynamic", "max_tiles": 16, **(preprocessing or {})}
         self.source = dict(source or {})
 
     def __repr__(self):
@@ -93,10 +93,10 @@ class GenieBlue:
     def requests(self):
         """`inference.requests.RequestEncoder` with this model's tokenizer and image preprocessing."""
         vision = self.configs.get("vision")
-        tpp = self.mcfg.tokens_per_patch if self.is_mllm else 0
-        return RequestEncoder(self.tokenizer, patch_size=vision.image_size if vision else 1, tokens_per_patch=tpp,
+        tpp = self.mcfg.tokens_per_tile if self.is_mllm else 0
+        return RequestEncoder(self.tokenizer, tile_size=vision.image_size if vision else 1, tokens_per_tile=tpp,
                               image_mode=self.preprocessing["image_mode"],
-                              max_patches=int(self.preprocessing["max_patches"]))
+                              max_tiles=int(self.preprocessing["max_tiles"]))
 
     # --- forward passes -------------------------------------------------------------------------
 
@@ -122,7 +122,7 @@ class GenieBlue:
         padding 0) say which tokens belong together; positions restart in every segment
         unless given. Logits at padding positions are meaningless.
 
-        `images`: (batch, P, S, S, 3) normalised patches, each row's in the order of its
+        `images`: (batch, P, S, S, 3) normalised tiles, each row's in the order of its
         image tokens (`model.requests.encode` makes them from files). `mode` defaults to
         "multimodal" with images and "text" (the base LLM alone) without.
         """
@@ -151,10 +151,10 @@ class GenieBlue:
             images = np.asarray(images, np.float32)
             size = self.mcfg.vision.image_size
             if images.ndim != 5 or images.shape[0] != ids.shape[0] or images.shape[2:] != (size, size, 3):
-                raise ValueError(f"images must be (batch={ids.shape[0]}, P, {size}, {size}, 3) patches, "
+                raise ValueError(f"images must be (batch={ids.shape[0]}, P, {size}, {size}, 3) tiles, "
                                  f"got shape {images.shape}")
             structure.check_image_tokens(ids * (segment_ids > 0), self.mcfg.image_token_id,
-                                         np.ones(images.shape[:2], bool), self.mcfg.tokens_per_patch)
+                                         np.ones(images.shape[:2], bool), self.mcfg.tokens_per_tile)
         elif mode != "text" and (ids == self.mcfg.image_token_id).any():
             raise ValueError(f"input_ids hold image tokens (id {self.mcfg.image_token_id}) but no images were given")
         out = self._mllm_forward(self.mcfg, self.params, jnp.asarray(ids, jnp.int32), jnp.asarray(positions),
@@ -209,12 +209,12 @@ class GenieBlue:
                 requests.append((list(map(int, p)), None))
                 continue
             req = self.requests.encode(p, ims or (), chat=chat, where=where)
-            requests.append((req.tokens, req.patches if len(req.patches) else None))
+            requests.append((req.tokens, req.tiles if len(req.tiles) else None))
         for i, (tokens, _) in enumerate(requests):
             if len(tokens) + max_new_tokens > self.max_context:
                 raise ValueError(f"prompt {i}: {len(tokens)} tokens + max_new_tokens={max_new_tokens} exceed the "
                                  f"model's context of {self.max_context} tokens (max_position_embeddings)")
-        modes = [self._mode(mode, patches is not None) for _, patches in requests]
+        modes = [self._mode(mode, tiles is not None) for _, tiles in requests]
         if stop_tokens is None:
             stop_tokens = self.requests.stop_tokens if self.tokenizer_path else ()
         key = jax.random.key(seed)
@@ -222,11 +222,11 @@ class GenieBlue:
         results = []
         for group_mode in dict.fromkeys(modes):
             rows = [i for i, m in enumerate(modes) if m == group_mode]
-            patches = stack_patches([requests[i][1] if requests[i][1] is not None else
+            tiles = stack_tiles([requests[i][1] if requests[i][1] is not None else
                                      np.zeros((0, 1, 1, 3), np.float32) for i in rows])
             mcfg = self.mcfg if self.is_mllm else self.configs["llm"]
             result = inference.generate(mcfg, self.params, [requests[i][0] for i in rows], mode=group_mode,
-                                        images=patches, max_new_tokens=max_new_tokens, temperature=temperature,
+                                        images=tiles, max_new_tokens=max_new_tokens, temperature=temperature,
                                         top_p=top_p, key=key, stop_tokens=tuple(stop_tokens))
             results.append(result)
             for j, i in enumerate(rows):

@@ -14,7 +14,7 @@ GenieBlue MLLM (`save_mllm`): components "llm", "vision", "projector" plus "bran
 layout follows from the structure recorded under "mllm":
 
     "mllm": {"structure": {<StructureConfig.to_dict()>}, "image_token_id": 151655,
-             "branch_dtype": "float32", "preprocessing": {"image_mode": "dynamic", "max_patches": 16}}
+             "branch_dtype": "float32", "preprocessing": {"image_mode": "dynamic", "max_tiles": 16}}
 
 Restoring goes straight into the requested shardings (Orbax reads each shard where it
 lives), so a large model is never assembled on one host. It first checks every file against
@@ -111,11 +111,11 @@ def save_mllm(path: str, mcfg, params: dict[str, Any], *, tokenizer: str | None 
               preprocessing: dict | None = None, source: dict | None = None, overwrite: bool = False) -> str:
     """Writes a whole multimodal model: `params` = {"llm", "vision", "projector", "branch"} of
     `mcfg` (a `structure.MLLMConfig`). `tokenizer` (a tokenizer.json / .model file) is copied
-    into hf_assets/; `preprocessing` ({"image_mode", "max_patches"}) records how images were
-    cut into patches in training, so inference cuts them the same way.
+    into hf_assets/; `preprocessing` ({"image_mode", "max_tiles"}) records how images were
+    cut into tiles in training, so inference cuts them the same way.
 
         >>> save_mllm("/ckpt/mllm", mcfg, params, tokenizer="/data/demo/tokenizer.model",
-        ...           preprocessing={"image_mode": "dynamic", "max_patches": 4})  # doctest: +SKIP
+        ...           preprocessing={"image_mode": "dynamic", "max_tiles": 4})  # doctest: +SKIP
         >>> genieblue_jax.load("/ckpt/mllm").generate("What colour is the circle?", images=["c.png"])  # doctest: +SKIP
     """
     want = {"llm", "vision", "projector", "branch"}
@@ -154,6 +154,9 @@ def read_metadata(path: str) -> dict:
         meta["components"] = {n: models.config_from_dict(d) for n, d in meta["components"].items()}
         if "mllm" in meta:
             c, m = meta["components"], meta["mllm"]
+            prep = m.get("preprocessing", {})
+            if "max_patches" in prep:  # written before 2026-11-30, when a 384-px crop became a tile
+                prep["max_tiles"] = prep.pop("max_patches")
             meta["mllm_config"] = structure.MLLMConfig(
                 c["llm"], c["vision"], c["projector"], structure.StructureConfig.from_dict(m["structure"]),
                 int(m["image_token_id"]))

@@ -128,13 +128,25 @@ def model_config(c: ml_collections.ConfigDict, image_token_id: int) -> structure
 
 
 def preprocessing(c: ml_collections.ConfigDict) -> dict:
-    """How the recipe cuts images into patches (inference must do the same)."""
-    return {"image_mode": c.data.image_mode, "max_patches": int(c.data.max_patches)}
+    """How the recipe cuts images into tiles (inference must do the same)."""
+    return {"image_mode": c.data.image_mode, "max_tiles": int(c.data.max_tiles)}
+
+
+# Config keys renamed since workdirs were first written: old name -> new name. A workdir's
+# config.json is read with the new names; a command line with an old one is refused
+# (experiments.configs.expand_config_arg).
+RENAMED_KEYS = {"data.max_patches": "data.max_tiles", "data.max_patches_per_row": "data.max_tiles_per_row"}
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a workdir was trained with (its config.json)."""
-    return ml_collections.ConfigDict(read_json(workdir, "config.json", "not a training workdir"))
+    """The config a workdir was trained with (its config.json), old keys (RENAMED_KEYS) under
+    their new names."""
+    d = read_json(workdir, "config.json", "not a training workdir")
+    for old, new in RENAMED_KEYS.items():
+        (section, o), (_, n) = old.split("."), new.split(".")
+        if o in d.get(section, {}):
+            d[section][n] = d[section].pop(o)
+    return ml_collections.ConfigDict(d)
 
 
 def is_workdir(path: str) -> bool:

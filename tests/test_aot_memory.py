@@ -6,7 +6,7 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.model.llm=tiny-qwen2", "--config.model.vit=tiny-siglip", "--config.data.seq_len=96",
-        "--config.data.max_patches_per_row=4", "--config.train.global_batch_size=8", "--config.train.micro_batches=2",
+        "--config.data.max_tiles_per_row=4", "--config.train.global_batch_size=8", "--config.train.micro_batches=2",
         "--config.mesh.data=1", "--config.mesh.fsdp=-1"]
 
 

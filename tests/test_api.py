@@ -20,7 +20,7 @@ import transformers
 from PIL import Image
 
 import genieblue_jax
-from data_pipelines.images import num_patches
+from data_pipelines.images import num_tiles
 from genieblue_jax import checkpoint, inference, models, structure
 from genieblue_jax.hf import import_hf
 from genieblue_jax.train import trainer
@@ -74,9 +74,9 @@ def test_text_requests_run_the_base_model_exactly(trained):
 def test_image_requests_run_the_multimodal_path(trained):
     model = trained["model"]
     req = model.requests.encode("Describe the image.", [trained["image"]])
-    # the recipe's dynamic resolution (at most 4 patches of 56 px) + the thumbnail
-    assert len(req.patches) == num_patches(120, 70, patch=56, mode="dynamic", max_patches=4) > 1
-    ids, images = np.asarray([req.tokens]), req.patches[None]
+    # the recipe's dynamic resolution (at most 4 tiles of 56 px) + the thumbnail
+    assert len(req.tiles) == num_tiles(120, 70, tile=56, mode="dynamic", max_tiles=4) > 1
+    ids, images = np.asarray([req.tokens]), req.tiles[None]
     first_image = int(np.argmax(ids[0] == model.mcfg.image_token_id))
     multimodal = model.logits(ids, images=images)  # routed: images -> multimodal
     # The same request through the multimodal model assembled another way: LoRA folded into
@@ -119,7 +119,7 @@ def test_workdir_checkpoint_and_step_directory_load_the_same_model(trained, tmp_
     path = model.save(str(tmp_path / "mllm"))
     again = genieblue_jax.load(path)
     assert again.mcfg == model.mcfg and again.preprocessing == model.preprocessing == {"image_mode": "dynamic",
-                                                                                        "max_patches": 4}
+                                                                                        "max_tiles": 4}
     for a, b in zip(jax.tree.leaves(again.params), jax.tree.leaves(model.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert again.requests.encode("hi").tokens == model.requests.encode("hi").tokens  # tokenizer travelled
@@ -128,6 +128,20 @@ def test_workdir_checkpoint_and_step_directory_load_the_same_model(trained, tmp_
                                   np.asarray(model.params["branch"]["layers_0"]["mlp"]["up_proj"]["kernel"]))
     with pytest.raises(FileExistsError, match="already holds a checkpoint"):
         model.save(path)
+
+    # Written before a 384-px crop became a tile: genieblue.json's preprocessing and a workdir's
+    # config.json said max_patches; both load, under the new names.
+    meta_file = os.path.join(path, "genieblue.json")
+    meta = json.load(open(meta_file))
+    meta["mllm"]["preprocessing"] = {"image_mode": "dynamic", "max_patches": 4}
+    json.dump(meta, open(meta_file, "w"))
+    assert genieblue_jax.load(path).preprocessing == {"image_mode": "dynamic", "max_tiles": 4}
+    old = shutil.copytree(trained["workdir"], tmp_path / "old_workdir")
+    config = json.load(open(old / "config.json"))
+    config["data"]["max_patches"], config["data"]["max_patches_per_row"] = (config["data"].pop("max_tiles"),
+                                                                            config["data"].pop("max_tiles_per_row"))
+    json.dump(config, open(old / "config.json", "w"))
+    assert genieblue_jax.load(str(old)).preprocessing == {"image_mode": "dynamic", "max_tiles": 4}
 
 
 def test_bad_input_names_the_culprit(trained, tmp_path):

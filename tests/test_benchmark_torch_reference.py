@@ -60,7 +60,7 @@ def test_one_step_trains_exactly_the_trainable_set(variant, one_thread):
         assert not frozen
     before = {name: p.detach().clone() for name, p in {**trainable, **frozen}.items()}
 
-    tokens, images = ref_tool.make_batch(batch_size=1, seq_len=96, patches_per_row=1, seed=0)
+    tokens, images = ref_tool.make_batch(batch_size=1, seq_len=96, tiles_per_row=1, seed=0)
     loss = ref_tool.train_step(ref, ref_tool.make_optimizer(ref), tokens, images)
     assert math.isfinite(loss)
 

@@ -16,16 +16,16 @@ def test_engine_benchmark_trains_the_reference_parameter_split(variant):
 def test_engine_benchmark_step_runs_and_counts_what_it_trained():
     """One variant through the whole benchmark (compiles the demo-qwen2 step): the parameters it
     initialised and trained are the reference's split (the other variants share the code)."""
-    r = benchmark_train.benchmark_one("stage2_skip", batch_size=1, seq_len=96, patches_per_row=1, steps=1, warmup=0,
+    r = benchmark_train.benchmark_one("stage2_skip", batch_size=1, seq_len=96, tiles_per_row=1, steps=1, warmup=0,
                                       overrides=["mesh.data=1"])
     assert (r["trainable"], r["total"]) == EXPECTED["stage2_skip"]
     assert math.isfinite(r["first_loss"]) and r["step_s"] > 0
 
 
 def test_benchmark_batch_has_the_reference_layout():
-    b = benchmark_train.make_batch(2, 96, 2, image_size=56, tokens_per_patch=16)
+    b = benchmark_train.make_batch(2, 96, 2, image_size=56, tokens_per_tile=16)
     image = b["tokens"] == benchmark_train.IMAGE_TOKEN_ID
     assert image.sum(axis=1).tolist() == [32, 32] and image[:, 16:48].all()
     assert (b["loss_mask"] == ~image).all() and b["images"].shape == (2, 2, 56, 56, 3)
     with pytest.raises(ValueError, match="do not fit in seq_len=40"):
-        benchmark_train.make_batch(1, 40, 2, image_size=56, tokens_per_patch=16)
+        benchmark_train.make_batch(1, 40, 2, image_size=56, tokens_per_tile=16)

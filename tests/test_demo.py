@@ -97,7 +97,7 @@ def _greedy_by_recompute(model):
         positions, segments = np.arange(tokens.shape[1])[None], np.ones_like(tokens)
         out = []
         for i in range(max_new_tokens):  # causal: the zeros after position n + i change nothing before it
-            logits = run(mcfg, decoder, folded, model.params, tokens, positions, segments, req.patches[None])
+            logits = run(mcfg, decoder, folded, model.params, tokens, positions, segments, req.tiles[None])
             token = int(np.argmax(np.asarray(logits[0, n + i - 1])))
             if token in model.requests.stop_tokens:
                 break

@@ -8,7 +8,7 @@ Compiles exactly the step `train()` runs, built from abstract shapes (nothing is
 the same function (`trainer.make_train_step`), the recipe's mesh over the target's devices,
 parameter / optimizer / batch shardings, and the whole global batch of the step as the data
 pipeline delivers it (`trainer.batch_plan`: rows per device x batch shards x micro-steps;
-int32 tokens, float32 image patches), with the gradient accumulation inside. Prints XLA's
+int32 tokens, float32 image tiles), with the gradient accumulation inside. Prints XLA's
 memory analysis per device: arguments (parameters, optimizer state, batch), temporaries,
 outputs, total, and the chip's HBM; the last line is the verdict, `fits` or `does not fit by
 N GB` (exit status 1). Use it to size a pod before having one; the TPU compiler's plan is the
@@ -104,7 +104,7 @@ def plan(config, devices, hbm: float = 0.0) -> dict:
     scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
     state = {"trainable": trainable, "opt_state": opt_state, "step": scalar, "bad_steps": scalar}
     rows, L = batch["global_rows"], config.data.seq_len
-    P, S = config.data.max_patches_per_row, mcfg.vision.image_size
+    P, S = config.data.max_tiles_per_row, mcfg.vision.image_size
     bs = trainer.batch_sharding(mesh)
     spec = {"tokens": ((rows, L), jnp.int32), "positions": ((rows, L), jnp.int32),
             "segment_ids": ((rows, L), jnp.int32), "loss_mask": ((rows, L), jnp.bool_),

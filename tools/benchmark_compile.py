@@ -20,7 +20,7 @@ flags.DEFINE_enum("mode", "multimodal", ["text", "multimodal"], "Which path to c
 flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Compute dtype.")
 flags.DEFINE_integer("batch", 1, "Rows.")
 flags.DEFINE_integer("seq_len", 1024, "Tokens per row.")
-flags.DEFINE_integer("images", 1, "Image patches in the batch (0 for none).")
+flags.DEFINE_integer("images", 1, "Image tiles in the batch (0 for none).")
 
 
 def measure(llm, vit, variant, placement, mode, dtype, batch, seq_len, images) -> dict:

@@ -5,7 +5,7 @@
 1. Writes the demo datasets (or reuses --data_dir), then runs the stage-2 pipeline
    (decode, dynamic resolution, chat template, tokenize, pack) with 0, 1 and 2 workers
    and reports examples/s and non-padding tokens/s after a warm-up.
-2. Packing efficiency at seq_len 4096 on the demo mixture (patch slots not limiting).
+2. Packing efficiency at seq_len 4096 on the demo mixture (tile slots not limiting).
 3. Consumption: a jitted stage-2 gradient step (tiny GenieBlue-Skip MLLM, the demo
    scale) on the same batches, in tokens/s; the pipeline should deliver >= 3x that.
 """
@@ -23,15 +23,15 @@ flags.DEFINE_integer("seq_len", 1024, "Row length for the throughput runs.")
 flags.DEFINE_integer("batch_size", 8, "Rows per batch.")
 flags.DEFINE_integer("batches", 40, "Timed batches per run (after 3 warm-up batches).")
 flags.DEFINE_list("workers", ["0", "1", "2"], "Worker counts to measure.")
-flags.DEFINE_integer("max_patches_per_row", 48, "Image patch slots per row in the throughput runs.")
+flags.DEFINE_integer("max_tiles_per_row", 48, "Image tile slots per row in the throughput runs.")
 
 
-def pipeline_config(demo, seq_len, batch_size, workers, max_patches_per_row):
+def pipeline_config(demo, seq_len, batch_size, workers, max_tiles_per_row):
     from data_pipelines.pipeline import PipelineConfig, mixture
     from experiments.demo_data import MIXTURE
     return PipelineConfig(sources=mixture(demo["datasets"]["train"], MIXTURE), tokenizer=demo["tokenizer"],
-                          seq_len=seq_len, batch_size=batch_size, patch_size=56, tokens_per_patch=16,
-                          image_mode="dynamic", max_patches=4, max_patches_per_row=max_patches_per_row,
+                          seq_len=seq_len, batch_size=batch_size, tile_size=56, tokens_per_tile=16,
+                          image_mode="dynamic", max_tiles=4, max_tiles_per_row=max_tiles_per_row,
                           num_workers=workers)
 
 
@@ -98,14 +98,14 @@ def main(argv):
           f"{os.cpu_count()} CPU cores")
     results = {}
     for w in map(int, FLAGS.workers):
-        r = time_pipeline(pipeline_config(demo, FLAGS.seq_len, FLAGS.batch_size, w, FLAGS.max_patches_per_row),
+        r = time_pipeline(pipeline_config(demo, FLAGS.seq_len, FLAGS.batch_size, w, FLAGS.max_tiles_per_row),
                           FLAGS.batches)
         results[w] = r
         print(f"  workers={w}: {r['examples_s']:8.1f} examples/s  {r['tokens_s']:10.0f} tokens/s  "
               f"packing efficiency {r['efficiency']:.3f}")
-    # A patch budget that cannot bind (every token an image token), so this measures packing.
+    # A tile budget that cannot bind (every token an image token), so this measures packing.
     eff = time_pipeline(pipeline_config(demo, 4096, 2, 0, 4096 // 16), 10)["efficiency"]
-    print(f"packing efficiency at seq_len 4096 (demo mixture, patch budget not binding): {eff:.3f}")
+    print(f"packing efficiency at seq_len 4096 (demo mixture, tile budget not binding): {eff:.3f}")
     consumed = train_step_tokens_per_s(results[min(results)]["batches"][:12])
     best = max(r["tokens_s"] for r in results.values())
     print(f"demo stage-2 train step consumes {consumed:10.0f} tokens/s (tiny GenieBlue-Skip MLLM, same batches)")

@@ -75,7 +75,7 @@ def main(argv):
     rng = np.random.default_rng(0)
     vocab = mcfg.llm.vocab_size
     size = mcfg.vision.image_size
-    tpp = mcfg.tokens_per_patch
+    tpp = mcfg.tokens_per_tile
     sampling = inference.Sampling.make()
     key = jax.random.key(0)
     results = {"model": f"{mcfg.llm.num_layers}-layer {mcfg.llm.hidden_size}-hidden LLM "

@@ -31,8 +31,8 @@ Variants (`--variant`):
 The vision tower and the projector train in every variant.
 
 Batch: `batch_size` rows of `seq_len` random text ids in [0, 500); each row holds
-`patches_per_row * 16` image tokens (id 511) at a fixed offset, filled with the projected
-features of its `patches_per_row` 56 px images (random in [-1, 1]). The loss is next-token
+`tiles_per_row * 16` image tokens (id 511) at a fixed offset, filled with the projected
+features of its `tiles_per_row` 56 px images (random in [-1, 1]). The loss is next-token
 cross entropy averaged over the targets that are not image tokens. AdamW (lr 1e-4, betas
 (0.9, 0.98), eps 1e-6, weight decay 0.05) over the trainable parameters only.
 
@@ -71,7 +71,7 @@ VARIANTS = ("stage2_skip", "lora", "full_ft")
 LLM_CONFIG = dict(vocab_size=512, hidden_size=256, intermediate_size=704, num_hidden_layers=8,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=64, rope_theta=1e6,
                   rms_norm_eps=1e-6, tie_word_embeddings=True, max_position_embeddings=4096)
-# `demo-siglip`: 56 px / patch 8 -> 7 x 7 grid (odd, like so400m's 27 x 27: the downsampler pads).
+# `demo-siglip`: 56 px / tile 8 -> 7 x 7 grid (odd, like so400m's 27 x 27: the downsampler pads).
 VISION_CONFIG = dict(image_size=56, patch_size=8, hidden_size=128, num_hidden_layers=4,
                      num_attention_heads=4, intermediate_size=256, layer_norm_eps=1e-6,
                      vision_use_head=False)
@@ -83,7 +83,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 TEXT_VOCAB = 500        # random text ids are drawn from [0, TEXT_VOCAB)
 IMAGE_TOKEN_ID = 511
-TOKENS_PER_PATCH = 16   # ceil(7 / 2) ** 2
+TOKENS_PER_TILE = 16   # ceil(7 / 2) ** 2
 IMAGE_OFFSET = 16       # first image token of every row
 
 ADAMW = dict(lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.05)
@@ -96,7 +96,7 @@ def define_flags():
     flags.DEFINE_bool("all", False, "Benchmark every variant, each in a fresh subprocess, and print a table.")
     flags.DEFINE_integer("batch_size", 8, "Rows per batch.")
     flags.DEFINE_integer("seq_len", 512, "Tokens per row.")
-    flags.DEFINE_integer("patches_per_row", 8, "56 px image patches per row (16 image tokens each).")
+    flags.DEFINE_integer("tiles_per_row", 8, "56 px image tiles per row (16 image tokens each).")
     flags.DEFINE_integer("steps", 10, "Timed training steps.")
     flags.DEFINE_integer("warmup", 2, "Untimed training steps first.")
     flags.DEFINE_integer("threads", os.cpu_count(), "torch.set_num_threads.")
@@ -229,16 +229,16 @@ def make_optimizer(ref: Reference) -> torch.optim.AdamW:
     return torch.optim.AdamW(list(ref.trainable().values()), **ADAMW)
 
 
-def make_batch(batch_size: int, seq_len: int, patches_per_row: int, seed: int = 0):
-    n_image = patches_per_row * TOKENS_PER_PATCH
+def make_batch(batch_size: int, seq_len: int, tiles_per_row: int, seed: int = 0):
+    n_image = tiles_per_row * TOKENS_PER_TILE
     if IMAGE_OFFSET + n_image > seq_len:
-        raise ValueError(f"{patches_per_row} patches ({n_image} tokens at offset {IMAGE_OFFSET}) do not "
+        raise ValueError(f"{tiles_per_row} tiles ({n_image} tokens at offset {IMAGE_OFFSET}) do not "
                          f"fit in seq_len={seq_len}")
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, TEXT_VOCAB, (batch_size, seq_len), generator=gen)
     tokens[:, IMAGE_OFFSET:IMAGE_OFFSET + n_image] = IMAGE_TOKEN_ID
     size = VISION_CONFIG["image_size"]
-    images = torch.rand((batch_size * patches_per_row, 3, size, size), generator=gen) * 2 - 1
+    images = torch.rand((batch_size * tiles_per_row, 3, size, size), generator=gen) * 2 - 1
     return tokens, images
 
 
@@ -274,7 +274,7 @@ def benchmark_one() -> dict:
     torch.set_num_threads(FLAGS.threads)
     ref = build_model(FLAGS.variant, FLAGS.seed)
     optimizer = make_optimizer(ref)
-    tokens, images = make_batch(FLAGS.batch_size, FLAGS.seq_len, FLAGS.patches_per_row, FLAGS.seed)
+    tokens, images = make_batch(FLAGS.batch_size, FLAGS.seq_len, FLAGS.tiles_per_row, FLAGS.seed)
     losses, times = [], []
     for i in range(FLAGS.warmup + FLAGS.steps):
         if i == FLAGS.warmup:
@@ -298,7 +298,7 @@ def benchmark_one() -> dict:
                           vision=ref.model.vision.config._attn_implementation),
                 threads=torch.get_num_threads(), other_cores=other_cores,
                 batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len,
-                patches_per_row=FLAGS.patches_per_row, steps=FLAGS.steps, warmup=FLAGS.warmup,
+                tiles_per_row=FLAGS.tiles_per_row, steps=FLAGS.steps, warmup=FLAGS.warmup,
                 versions=dict(torch=torch.__version__, transformers=transformers.__version__,
                               peft=peft.__version__))
 
@@ -313,8 +313,8 @@ def print_header(r: dict) -> None:
     print(f"torch {r['versions']['torch']}, transformers {r['versions']['transformers']}, peft "
           f"{r['versions']['peft']}; {r['threads']} threads; float32 eager; attention: LLM "
           f"{r['attn']['llm']}, vision {r['attn']['vision']}")
-    print(f"batch {r['batch_size']} x {r['seq_len']} tokens, {r['patches_per_row']} patches/row "
-          f"({r['patches_per_row'] * TOKENS_PER_PATCH} image tokens/row); {r['steps']} timed steps "
+    print(f"batch {r['batch_size']} x {r['seq_len']} tokens, {r['tiles_per_row']} tiles/row "
+          f"({r['tiles_per_row'] * TOKENS_PER_TILE} image tokens/row); {r['steps']} timed steps "
           f"after {r['warmup']} warm-up")
 
 
@@ -323,7 +323,7 @@ RESULT_PREFIX = "RESULT_JSON "
 
 def run_all() -> None:
     forwarded = [f"--{name}={FLAGS[name].value}" for name in
-                 ("batch_size", "seq_len", "patches_per_row", "steps", "warmup", "threads", "seed")]
+                 ("batch_size", "seq_len", "tiles_per_row", "steps", "warmup", "threads", "seed")]
     results = []
     for variant in VARIANTS:
         cmd = [sys.executable, os.path.abspath(__file__), f"--variant={variant}", *forwarded]

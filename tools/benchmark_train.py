@@ -7,7 +7,7 @@
 For each variant the recipe's demo-scale model (`demo-qwen2` + `demo-siglip`, float32)
 is built and trained with `trainer.make_train_step`, the step `experiments.run` uses,
 on the batch `tools.benchmark_torch_reference` uses: `batch_size` rows of `seq_len`
-random text ids, each row with `patches_per_row` 56 px images whose 16 tokens each sit
+random text ids, each row with `tiles_per_row` 56 px images whose 16 tokens each sit
 at offset 16; loss on the non-image targets. Each variant runs in a fresh process, so
 its peak RSS (`ru_maxrss`) is its own. Reported per variant: compile time, mean /
 median step time over `--steps` after `--warmup`, tokens/s, an MFU estimate
@@ -44,7 +44,7 @@ def define_flags():
     flags.DEFINE_string("variant", "", f"One of {sorted(VARIANTS)}: benchmark it in this process only.")
     flags.DEFINE_integer("batch_size", 8, "Rows per batch.")
     flags.DEFINE_integer("seq_len", 512, "Tokens per row.")
-    flags.DEFINE_integer("patches_per_row", 8, "56 px image patches per row (16 image tokens each).")
+    flags.DEFINE_integer("tiles_per_row", 8, "56 px image tiles per row (16 image tokens each).")
     flags.DEFINE_integer("steps", 10, "Timed steps.")
     flags.DEFINE_integer("warmup", 2, "Untimed steps first (the first one compiles).")
     flags.DEFINE_float("peak_flops", 110e9, "Peak FLOP/s of one device, for the MFU estimate (this CPU: f32).")
@@ -65,13 +65,13 @@ def _apply_overrides(config, overrides):
         node[last] = (text.lower() in ("1", "true")) if isinstance(old, bool) else type(old)(text)
 
 
-def make_batch(batch_size: int, seq_len: int, patches_per_row: int, image_size: int, tokens_per_patch: int,
+def make_batch(batch_size: int, seq_len: int, tiles_per_row: int, image_size: int, tokens_per_tile: int,
                seed: int = 0) -> dict:
     """The reference benchmark's batch in our packed-batch layout (one sample per row)."""
     import numpy as np
-    n_image = patches_per_row * tokens_per_patch
+    n_image = tiles_per_row * tokens_per_tile
     if IMAGE_OFFSET + n_image > seq_len:
-        raise ValueError(f"{patches_per_row} patches ({n_image} image tokens at offset {IMAGE_OFFSET}) do not "
+        raise ValueError(f"{tiles_per_row} tiles ({n_image} image tokens at offset {IMAGE_OFFSET}) do not "
                          f"fit in seq_len={seq_len}")
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, TEXT_VOCAB, (batch_size, seq_len), dtype=np.int32)
@@ -80,17 +80,17 @@ def make_batch(batch_size: int, seq_len: int, patches_per_row: int, image_size: 
             "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), tokens.shape).copy(),
             "segment_ids": np.ones_like(tokens), "loss_mask": tokens != IMAGE_TOKEN_ID,
             "source_ids": np.zeros_like(tokens),
-            "images": rng.uniform(-1, 1, (batch_size, patches_per_row, image_size, image_size, 3)).astype(np.float32)}
+            "images": rng.uniform(-1, 1, (batch_size, tiles_per_row, image_size, image_size, 3)).astype(np.float32)}
 
 
-def _benchmarked(variant: str, seq_len: int, patches_per_row: int, overrides=()):
+def _benchmarked(variant: str, seq_len: int, tiles_per_row: int, overrides=()):
     """(config, model config) of the benchmarked `variant`: its recipe with demo-qwen2."""
     import importlib
 
     from genieblue_jax import workdir as workdir_lib
     config = importlib.import_module(f"experiments.configs.{VARIANTS[variant]}").get_config("demo")
     config.model.llm = "demo-qwen2"  # the benchmarked shape (the recipes default to the smaller demo LLM)
-    config.data.seq_len, config.data.max_patches_per_row = seq_len, patches_per_row
+    config.data.seq_len, config.data.max_tiles_per_row = seq_len, tiles_per_row
     _apply_overrides(config, overrides)
     mcfg = workdir_lib.model_config(config, image_token_id=IMAGE_TOKEN_ID)
     if mcfg.llm.vocab_size <= IMAGE_TOKEN_ID:
@@ -111,7 +111,7 @@ def parameter_split(variant: str, overrides=()) -> tuple[int, int]:
     return n, n + models.count_params(frozen)
 
 
-def benchmark_one(variant: str, *, batch_size: int = 8, seq_len: int = 512, patches_per_row: int = 8,
+def benchmark_one(variant: str, *, batch_size: int = 8, seq_len: int = 512, tiles_per_row: int = 8,
                   steps: int = 10, warmup: int = 2, peak_flops: float = 110e9, overrides=()) -> dict:
     import jax
     import jax.numpy as jnp
@@ -120,7 +120,7 @@ def benchmark_one(variant: str, *, batch_size: int = 8, seq_len: int = 512, patc
     from genieblue_jax import workdir as workdir_lib
     from genieblue_jax.train import metrics as metrics_lib
     from genieblue_jax.train import trainer
-    config, mcfg = _benchmarked(variant, seq_len, patches_per_row, overrides)
+    config, mcfg = _benchmarked(variant, seq_len, tiles_per_row, overrides)
     mesh = trainer.make_mesh(config)
     # The trainer's own initialisation (random frozen parts at demo scale), no data pipeline.
     params = workdir_lib.init_params(config, mcfg, mesh)
@@ -135,7 +135,7 @@ def benchmark_one(variant: str, *, batch_size: int = 8, seq_len: int = 512, patc
     jitted = jax.jit(step_fn, in_shardings=(shardings, jax.tree.map(lambda x: x.sharding, frozen),
                                             trainer.batch_sharding(mesh)),
                      out_shardings=(shardings, None), donate_argnums=(0,))
-    batch = make_batch(batch_size, seq_len, patches_per_row, mcfg.vision.image_size, mcfg.tokens_per_patch)
+    batch = make_batch(batch_size, seq_len, tiles_per_row, mcfg.vision.image_size, mcfg.tokens_per_tile)
     batch = trainer.to_global(batch, mesh)
     t0 = time.perf_counter()
     compiled = jitted.lower(state, frozen, batch).compile()
@@ -177,12 +177,12 @@ def main(argv):
         if FLAGS.variant not in VARIANTS:
             raise app.UsageError(f"--variant={FLAGS.variant!r}: choose one of {sorted(VARIANTS)}")
         r = benchmark_one(FLAGS.variant, batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len,
-                          patches_per_row=FLAGS.patches_per_row, steps=FLAGS.steps, warmup=FLAGS.warmup,
+                          tiles_per_row=FLAGS.tiles_per_row, steps=FLAGS.steps, warmup=FLAGS.warmup,
                           peak_flops=FLAGS.peak_flops, overrides=FLAGS.set)
         print(RESULT_PREFIX + json.dumps(r), flush=True)
         return
     shape = [f"--batch_size={FLAGS.batch_size}", f"--seq_len={FLAGS.seq_len}",
-             f"--patches_per_row={FLAGS.patches_per_row}", f"--steps={FLAGS.steps}", f"--warmup={FLAGS.warmup}"]
+             f"--tiles_per_row={FLAGS.tiles_per_row}", f"--steps={FLAGS.steps}", f"--warmup={FLAGS.warmup}"]
     ours = {}
     for variant in VARIANTS:
         (r,), _ = _subprocess_json([sys.executable, "-m", "tools.benchmark_train", f"--variant={variant}",
@@ -198,7 +198,7 @@ def main(argv):
         ref[variant] = r
         print(f"PyTorch {variant}: step {r['step_s']:.3f} s, {r['tokens_per_s']:.0f} tokens/s, peak RSS "
               f"{r['peak_rss_mb']:.0f} MB", flush=True)
-    print(f"\nbatch {FLAGS.batch_size} x {FLAGS.seq_len} tokens, {FLAGS.patches_per_row} patches/row; "
+    print(f"\nbatch {FLAGS.batch_size} x {FLAGS.seq_len} tokens, {FLAGS.tiles_per_row} tiles/row; "
           f"{FLAGS.steps} timed steps after {FLAGS.warmup}; jax {ours['stage2_skip']['jax']} on "
           f"{ours['stage2_skip']['devices']} device(s), {os.cpu_count()} CPU cores; float32")
     print("| variant | trainable | JAX step s | tokens/s | MFU | compile s | peak RSS MB | PyTorch step s "

@@ -92,7 +92,7 @@ def interactive(conv: Conversation, read=input, write=print) -> None:
         if line.startswith("/image "):
             path = line[len("/image "):].strip()
             try:
-                conv.model.requests.patches([path], where=path)  # fail now, not at the next message
+                conv.model.requests.tiles([path], where=path)  # fail now, not at the next message
             except (OSError, ValueError) as e:
                 write(f"error: {e}")
                 continue

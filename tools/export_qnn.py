@@ -30,7 +30,7 @@ flags.DEFINE_string("out", None, "Output directory (onnx/, qnn/, report.md, repo
 flags.DEFINE_integer("step", None, "Workdir checkpoint step (default: the latest).")
 flags.DEFINE_integer("context", 2048, "KV-cache context C (slots) of the decoder graphs.")
 flags.DEFINE_integer("prefill_len", 128, "Tokens per prefill-graph call (AR); decode graphs take 1.")
-flags.DEFINE_integer("vision_batch", 1, "Patches per vision-graph call.")
+flags.DEFINE_integer("vision_batch", 1, "Tiles per vision-graph call.")
 flags.DEFINE_integer("calib", 16, "Calibration requests of each kind (with images / text-only); 0: none "
                      "(no parity check, no encodings).")
 flags.DEFINE_integer("decode_steps", 8, "Tokens at the end of each calibration request run through the decode graph.")

@@ -5,6 +5,8 @@
 import os
 import sys
 
+from genieblue_jax import workdir
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -14,9 +16,13 @@ def recipes() -> list[str]:
 
 def expand_config_arg(argv: list[str]) -> list[str]:
     """`--config=stage2_skip[:paper]` -> `--config=<this folder>/stage2_skip.py[:paper]`;
-    paths to config files pass through. An unknown recipe exits naming the known ones."""
+    paths to config files pass through. An unknown recipe exits naming the known ones; a
+    renamed key (`genieblue_jax.workdir.RENAMED_KEYS`) exits naming its new name."""
     out = []
     for a in argv:
+        for old, new in workdir.RENAMED_KEYS.items():
+            if a.startswith(f"--config.{old}="):
+                sys.exit(f"--config.{old} was renamed --config.{new} (a 384-px crop of an image is a tile)")
         if a.startswith("--config=") and not a.split("=", 1)[1].split(":")[0].endswith(".py"):
             name, _, arg = a.split("=", 1)[1].partition(":")
             if name not in recipes():

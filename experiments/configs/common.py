@@ -58,8 +58,8 @@ def base_config(scale: str) -> ml_collections.ConfigDict:
     c.data.tokenizer = ml_collections.FieldReference(None, field_type=str)
     c.data.seq_len = 4096 if paper else 256
     c.data.image_mode = "dynamic"
-    c.data.max_patches = 16 if paper else 4
-    c.data.max_patches_per_row = 20 if paper else 10
+    c.data.max_tiles = 16 if paper else 4
+    c.data.max_tiles_per_row = 20 if paper else 10
     c.data.num_workers = 8 if paper else 0
     # Threads / examples of read-ahead per pipeline (data_pipelines.pipeline.PipelineConfig): a
     # small buffer, as Grain's 500 costs Python time per example; paper scale reads from remote
@@ -129,12 +129,12 @@ def base_config(scale: str) -> ml_collections.ConfigDict:
 
 
 def stage1(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Stage 1 (paper Appendix D): projector only, single 384 px patch."""
+    """Stage 1 (paper Appendix D): projector only, single 384 px tile."""
     paper = c.scale == "paper"
     c.train.stage = "stage1"
     c.data.image_mode = "single"
     c.train.steps = 3434 if paper else 60
-    c.train.rows_per_device = 4 if paper else 0   # paper: 720 samples a step, single 384-px patch each
+    c.train.rows_per_device = 4 if paper else 0   # paper: 720 samples a step, single 384-px tile each
     c.train.global_batch_size = 0 if paper else 8
     c.train.micro_batches = 1
     c.optim.lr = 1e-3 if paper else 3e-3

@@ -1,5 +1,5 @@
 """Pretraining a (small) LLM from scratch on text: the demo's base LLM. Stage "pretrain"
-trains the LLM alone (variant "full" holds no branch); rows carry no image patches.
+trains the LLM alone (variant "full" holds no branch); rows carry no image tiles.
 
 At paper scale the base LLM is a pretrained checkpoint (`tools.from_hf`), not this recipe.
 """
@@ -14,7 +14,7 @@ def get_config(arg=None):
     c.model.variant = "full"
     c.train.stage = "pretrain"
     c.data.image_mode = "single"
-    c.data.max_patches_per_row = 0   # text only: no patch slots, the vision tower never runs
+    c.data.max_tiles_per_row = 0   # text only: no tile slots, the vision tower never runs
     c.train.steps = 300
     c.train.global_batch_size = 16
     c.optim.lr = 3e-3

@@ -1,4 +1,4 @@
-"""Stage 1: train the projector only (ViT and LLM frozen), one 384 px patch per image."""
+"""Stage 1: train the projector only (ViT and LLM frozen), one 384 px tile per image."""
 from experiments.configs import common
 
 

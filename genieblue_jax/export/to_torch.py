@@ -59,7 +59,7 @@ from genieblue_jax.models.configs import DTYPES
 
 MANIFEST_FILE = "genieblue_torch.json"
 README_FILE = "README.md"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: "tokens_per_tile", preprocessing "max_tiles" (were *_patch*)
 PARTS = ("base_llm", "multimodal_llm", "lora_adapter", "vision_tower", "projector")
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -407,11 +407,11 @@ def _manifest(model, parts: dict, tokenizer: list[str], *, merge_lora: bool, dty
         "replicated_layers": list(s.selected_layers(mcfg.llm.num_layers)) if s.variant == "genieblue" else [],
         "lora_layers": list(lora_layers(mcfg)) if s.variant in ("genieblue", "lora") else [],
         "lora_scale": s.lora_alpha / s.lora_rank,
-        "image_token_id": int(mcfg.image_token_id), "tokens_per_patch": int(mcfg.tokens_per_patch),
+        "image_token_id": int(mcfg.image_token_id), "tokens_per_tile": int(mcfg.tokens_per_tile),
         "image_size": int(vision.image_size), "patch_size": int(vision.patch_size),
         "select_layer": int(vision.select_layer), "vision_use_head": bool(vision.use_head),
         "image_normalisation": {"scale": 1 / 255, "mean": IMAGE_MEAN, "std": IMAGE_STD,
-                                "formula": "(pixels / 255 - 0.5) / 0.5", "layout": "NHWC patches (b, P, S, S, 3); "
+                                "formula": "(pixels / 255 - 0.5) / 0.5", "layout": "NHWC tiles (b, P, S, S, 3); "
                                 "SiglipVisionModel takes NCHW"},
         "preprocessing": dict(model.preprocessing),
         "routing": {"text": "base_llm", "images": images_run, "shared_mode": images_run},
@@ -488,7 +488,7 @@ def readme(manifest: dict) -> str:
         f"| `vision_tower/` | SigLIP; the projector reads {sel_text} | "
         f"`transformers.SiglipVisionModel.from_pretrained(\"OUT/vision_tower\")` |",
         f"| `projector/` | VILA mlp_downsample: 2x2 token merge, LayerNorm, Linear, GELU (erf), Linear; "
-        f"{m['tokens_per_patch']} LLM tokens per patch | `genieblue_jax.export.torch_modules.VilaProjector` "
+        f"{m['tokens_per_tile']} LLM tokens per tile | `genieblue_jax.export.torch_modules.VilaProjector` "
         f"(tensors layer_norm / linear_1 / linear_2) |",
         "",
         f"Tokenizer: {tok_text}",
@@ -497,12 +497,12 @@ def readme(manifest: dict) -> str:
         "",
         "- A request **without images** runs `base_llm` alone: the untouched base weights, so text quality is "
         "the original LLM's.",
-        f"- A request **with images** runs `{m['routing']['images']}`: each image patch (SigLIP-normalised "
+        f"- A request **with images** runs `{m['routing']['images']}`: each image tile (SigLIP-normalised "
         f"`(pixels / 255 - 0.5) / 0.5`, {m['image_size']} x {m['image_size']}, cut as in training: "
-        f"{m['preprocessing']}) goes through `vision_tower` and `projector` to {m['tokens_per_patch']} "
+        f"{m['preprocessing']}) goes through `vision_tower` and `projector` to {m['tokens_per_tile']} "
         f"embeddings, which replace the input embeddings of the prompt's image tokens (id {m['image_token_id']}, "
-        f"{m['tokens_per_patch']} per patch), in reading order: the i-th image token of a row gets the i-th "
-        f"feature of that row's patches.",
+        f"{m['tokens_per_tile']} per tile), in reading order: the i-th image token of a row gets the i-th "
+        f"feature of that row's tiles.",
         "- Positions come from the attention mask (`cumsum(mask) - 1`), so left-padded batches work.",
         "",
         "## Loading",
@@ -513,8 +513,8 @@ def readme(manifest: dict) -> str:
         "from genieblue_jax.export.torch_modules import load_torch_mllm",
         "model = load_torch_mllm(\"OUT\")                 # LoRA merged into multimodal_llm (merge_and_unload)",
         "logits = model.logits(input_ids, attention_mask)                 # text: base_llm",
-        "logits = model.logits(input_ids, attention_mask, images=patches)  # (b, P, S, S, 3) normalised NHWC",
-        "tokens = model.generate(input_ids, images=patches, max_new_tokens=32)  # greedy, reference speed",
+        "logits = model.logits(input_ids, attention_mask, images=tiles)  # (b, P, S, S, 3) normalised NHWC",
+        "tokens = model.generate(input_ids, images=tiles, max_new_tokens=32)  # greedy, reference speed",
         "```",
         "",
         "By hand (transformers + PEFT):",

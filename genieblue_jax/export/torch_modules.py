@@ -16,7 +16,7 @@ writing of `genieblue_jax.GenieBlue`:
 
     >>> model = load_torch_mllm("/export/mllm")                       # doctest: +SKIP
     >>> model.logits(ids, mask)                       # text: the base LLM     # doctest: +SKIP
-    >>> model.logits(ids, mask, images=patches)       # multimodal LLM (+ LoRA) # doctest: +SKIP
+    >>> model.logits(ids, mask, images=tiles)       # multimodal LLM (+ LoRA) # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -125,8 +125,8 @@ class GenieBlueTorch(nn.Module):
 
     `logits` / `forward` / `generate` mirror `genieblue_jax.GenieBlue`: ids (b, t), an HF
     attention mask (1 = token, 0 = pad; left or right), images (b, P, S, S, 3) normalised
-    NHWC patches, each row's in the order of its image tokens, all of them used (P * 16
-    image tokens per row for a 16-token patch). Positions restart at the first token of
+    NHWC tiles, each row's in the order of its image tokens, all of them used (P * 16
+    image tokens per row for a 16-token tile). Positions restart at the first token of
     every row: mask [0, 0, 1, 1, 1] gives positions [0, 0, 0, 1, 2].
     """
 
@@ -136,17 +136,17 @@ class GenieBlueTorch(nn.Module):
         self.base_llm, self.multimodal_llm, self.vision, self.projector = base_llm, multimodal_llm, vision, projector
         self.manifest = dict(manifest)
         self.image_token_id = int(manifest["image_token_id"])
-        self.tokens_per_patch = int(manifest["tokens_per_patch"])
+        self.tokens_per_tile = int(manifest["tokens_per_tile"])
         self.select_layer = int(manifest["select_layer"])
         self.image_size = int(manifest["image_size"])
 
-    def image_features(self, patches) -> torch.Tensor:
-        """(b, P, S, S, 3) normalised NHWC patches -> (b, P * tokens_per_patch, llm_hidden):
-        SigLIP's `select_layer` hidden state -> projector, each patch's tokens in patch order."""
-        x = patches if isinstance(patches, torch.Tensor) else torch.as_tensor(np.asarray(patches, np.float32))
+    def image_features(self, tiles) -> torch.Tensor:
+        """(b, P, S, S, 3) normalised NHWC tiles -> (b, P * tokens_per_tile, llm_hidden):
+        SigLIP's `select_layer` hidden state -> projector, each tile's tokens in tile order."""
+        x = tiles if isinstance(tiles, torch.Tensor) else torch.as_tensor(np.asarray(tiles, np.float32))
         s = self.image_size
         if x.dim() != 5 or tuple(x.shape[2:]) != (s, s, 3):
-            raise ValueError(f"images must be (batch, P, {s}, {s}, 3) normalised NHWC patches, got shape "
+            raise ValueError(f"images must be (batch, P, {s}, {s}, 3) normalised NHWC tiles, got shape "
                              f"{tuple(x.shape)}")
         b, p = x.shape[:2]
         param = next(self.vision.parameters())
@@ -189,8 +189,8 @@ class GenieBlueTorch(nn.Module):
             for row in torch.nonzero(counts != feats.shape[1]).flatten().tolist():
                 raise ValueError(f"row {row}: the input has {int(counts[row])} image tokens (id {self.image_token_id}) "
                                  f"but its images give {feats.shape[1]} features "
-                                 f"({feats.shape[1] // self.tokens_per_patch} patches x "
-                                 f"{self.tokens_per_patch} tokens)")
+                                 f"({feats.shape[1] // self.tokens_per_tile} tiles x "
+                                 f"{self.tokens_per_tile} tokens)")
             embeds = place_image_features(embeds, is_image, feats)  # row r's i-th image token gets feats[r, i]
         elif mode != "text" and bool(is_image.any()):
             raise ValueError(f"input_ids hold image tokens (id {self.image_token_id}) but no images were given")

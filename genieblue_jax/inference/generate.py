@@ -280,11 +280,11 @@ def _check_inputs(mcfg, mode, prompts, images, vocab):
         return
     if images.ndim != 5 or images.shape[0] != len(prompts):
         raise ValueError(f"images must be (b={len(prompts)}, P, H, W, C) per row, got shape {images.shape}")
-    available = images.shape[1] * mcfg.tokens_per_patch
+    available = images.shape[1] * mcfg.tokens_per_tile
     for i, n in enumerate(counts):
         if n > available:
             raise ValueError(f"row {i}: {n} image tokens (id {mcfg.image_token_id}) but its images give "
-                             f"{available} features ({images.shape[1]} patches x {mcfg.tokens_per_patch} tokens)")
+                             f"{available} features ({images.shape[1]} tiles x {mcfg.tokens_per_tile} tokens)")
 
 
 def generate(mcfg, params: dict, prompts: Sequence[Sequence[int]], *, mode: str = "text", images=None,
@@ -294,7 +294,7 @@ def generate(mcfg, params: dict, prompts: Sequence[Sequence[int]], *, mode: str 
     """Generates up to `max_new_tokens` per prompt (host loop over `prefill` / `decode_step`).
 
     prompts: b token-id sequences of any lengths (left-padded to a common bucket);
-    images: (b, P, H, W, 3) normalised NHWC patches, each row's in the order of its image
+    images: (b, P, H, W, 3) normalised NHWC tiles, each row's in the order of its image
     tokens (modes "multimodal" / "shared"); key: PRNG key for sampling (temperature > 0;
     default `jax.random.key(0)`). See the module docstring for the cache layout.
     """

@@ -1,20 +1,20 @@
-"""Requests: a prompt (text or chat turns) and its images -> token ids and image patches,
+"""Requests: a prompt (text or chat turns) and its images -> token ids and image tiles,
 exactly as the data pipeline renders a training sample, so the model sees at inference
 what it saw in training.
 
     >>> from genieblue_jax.inference.requests import RequestEncoder
-    >>> enc = RequestEncoder(tokenizer, patch_size=56, tokens_per_patch=16,
-    ...                      image_mode="dynamic", max_patches=4)           # doctest: +SKIP
+    >>> enc = RequestEncoder(tokenizer, tile_size=56, tokens_per_tile=16,
+    ...                      image_mode="dynamic", max_tiles=4)           # doctest: +SKIP
     >>> req = enc.encode("What colour is the circle?", images=["circle.png"])  # doctest: +SKIP
-    >>> req.tokens[:3], req.patches.shape                                    # doctest: +SKIP
+    >>> req.tokens[:3], req.tiles.shape                                    # doctest: +SKIP
     ([3, 1076, 263], (1, 56, 56, 3))
 
 A text prompt becomes one user turn; a prompt without `<image>` tags but with images gets
 one `<image>\\n` per image in front of it (LLaVA's convention). The chat ends with the
 assistant header (`add_generation_prompt`), so the model's next token starts its answer.
 Images may be file paths, encoded bytes, PIL images or uint8 (H, W, 3) arrays; each one is
-cut into patches with the training recipe's `image_mode` / `max_patches` and takes
-`patches * tokens_per_patch` image tokens.
+cut into tiles with the training recipe's `image_mode` / `max_tiles` and takes
+`tiles * tokens_per_tile` image tokens.
 """
 from __future__ import annotations
 
@@ -32,9 +32,9 @@ from data_pipelines.tokenizer import END_OF_TEXT, IM_END
 
 @dataclasses.dataclass
 class Request:
-    """One encoded request: its prompt's token ids (image tokens in place) and its patches."""
+    """One encoded request: its prompt's token ids (image tokens in place) and its tiles."""
     tokens: list[int]
-    patches: np.ndarray  # float32 (k, S, S, 3) normalised; k = 0 without images
+    tiles: np.ndarray  # float32 (k, S, S, 3) normalised; k = 0 without images
 
 
 def read_image(image: Any, where: str = "image") -> np.ndarray:
@@ -64,15 +64,15 @@ def read_image(image: Any, where: str = "image") -> np.ndarray:
 
 
 class RequestEncoder:
-    """Prompt + images -> `Request`, with the chat template and patching of training."""
+    """Prompt + images -> `Request`, with the chat template and tiling of training."""
 
-    def __init__(self, tokenizer, *, patch_size: int, tokens_per_patch: int, image_mode: str = "dynamic",
-                 max_patches: int = 16, system: str | None = None):
+    def __init__(self, tokenizer, *, tile_size: int, tokens_per_tile: int, image_mode: str = "dynamic",
+                 max_tiles: int = 16, system: str | None = None):
         if image_mode not in image_lib.MODES:
             raise ValueError(f"image_mode={image_mode!r}; choose one of {image_lib.MODES}")
         self.tokenizer = tokenizer
-        self.patch_size, self.tokens_per_patch = patch_size, tokens_per_patch
-        self.image_mode, self.max_patches = image_mode, max_patches
+        self.tile_size, self.tokens_per_tile = tile_size, tokens_per_tile
+        self.image_mode, self.max_tiles = image_mode, max_tiles
         try:
             self.template = ChatTemplate(tokenizer, default_system=system)
         except KeyError as e:
@@ -90,10 +90,10 @@ class RequestEncoder:
                 pass
         return tuple(out)
 
-    def patches(self, images: Sequence[Any], where: str = "request") -> list[np.ndarray]:
+    def tiles(self, images: Sequence[Any], where: str = "request") -> list[np.ndarray]:
         """Each image (path, bytes, PIL or array) cut as training cut it: float32 (k, S, S, 3)."""
-        return [image_lib.to_patches(read_image(im, f"{where}, image {i}"), patch=self.patch_size,
-                                     mode=self.image_mode, max_patches=self.max_patches)
+        return [image_lib.to_tiles(read_image(im, f"{where}, image {i}"), tile=self.tile_size,
+                                     mode=self.image_mode, max_tiles=self.max_tiles)
                 for i, im in enumerate(images)]
 
     def encode(self, prompt: str | Sequence[dict], images: Sequence[Any] = (), *, chat: bool = True,
@@ -108,7 +108,7 @@ class RequestEncoder:
                 raise ValueError(f"{where}: images need the chat template (chat=True) for their <image> slots")
             if not isinstance(prompt, str):
                 raise ValueError(f"{where}: chat=False takes a text prompt, got {type(prompt).__name__}")
-            return Request(list(self.tokenizer.encode(prompt)), self._no_patches())
+            return Request(list(self.tokenizer.encode(prompt)), self._no_tiles())
         if self.template is None:
             raise ValueError(f"{where}: the tokenizer has no chat tokens ({self._no_chat}); "
                              "use chat=False for plain text completion")
@@ -124,24 +124,24 @@ class RequestEncoder:
             user["content"] = f"{IMAGE_TAG}\n" * len(images) + user["content"]
         elif tags != len(images):
             raise ValueError(f"{where}: {tags} {IMAGE_TAG} tag(s) in the prompt but {len(images)} image(s)")
-        patches = self.patches(images, where)
-        chat_out = self.template.render(turns, [len(p) * self.tokens_per_patch for p in patches],
+        tiles = self.tiles(images, where)
+        chat_out = self.template.render(turns, [len(p) * self.tokens_per_tile for p in tiles],
                                         add_generation_prompt=True, example_id=where)
-        stacked = np.concatenate(patches) if patches else self._no_patches()
+        stacked = np.concatenate(tiles) if tiles else self._no_tiles()
         return Request(chat_out.tokens.tolist(), stacked.astype(np.float32))
 
-    def _no_patches(self) -> np.ndarray:
-        return np.zeros((0, self.patch_size, self.patch_size, 3), np.float32)
+    def _no_tiles(self) -> np.ndarray:
+        return np.zeros((0, self.tile_size, self.tile_size, 3), np.float32)
 
 
-def stack_patches(patch_lists: Sequence[np.ndarray]) -> np.ndarray | None:
-    """Per-request patches (k_i, S, S, 3) -> (b, max k_i, S, S, 3), zero-padded (padding
-    patches are never referenced by an image token); None when no request has images."""
-    most = max((len(p) for p in patch_lists), default=0)
+def stack_tiles(tile_lists: Sequence[np.ndarray]) -> np.ndarray | None:
+    """Per-request tiles (k_i, S, S, 3) -> (b, max k_i, S, S, 3), zero-padded (padding
+    tiles are never referenced by an image token); None when no request has images."""
+    most = max((len(p) for p in tile_lists), default=0)
     if most == 0:
         return None
-    s = next(p.shape[1:] for p in patch_lists if len(p))
-    out = np.zeros((len(patch_lists), most, *s), np.float32)
-    for i, p in enumerate(patch_lists):
+    s = next(p.shape[1:] for p in tile_lists if len(p))
+    out = np.zeros((len(tile_lists), most, *s), np.float32)
+    for i, p in enumerate(tile_lists):
         out[i, : len(p)] = p
     return out

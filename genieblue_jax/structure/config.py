@@ -129,8 +129,8 @@ class MLLMConfig:
                              f"[0, {self.llm.vocab_size})")
 
     @property
-    def tokens_per_patch(self) -> int:
-        """LLM tokens one image patch becomes (after the 2x2 downsampler): 196 for so400m."""
+    def tokens_per_tile(self) -> int:
+        """LLM tokens one image tile becomes (after the 2x2 downsampler): 196 for so400m."""
         return downsampled_grid(self.vision.num_patches) ** 2
 
     @property

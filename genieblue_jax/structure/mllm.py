@@ -20,18 +20,18 @@ from genieblue_jax.structure.branch import abstract_branch, init_branch, multimo
 from genieblue_jax.structure.config import MODES, MLLMConfig
 
 
-def check_image_tokens(tokens, image_token_id: int, image_valid, tokens_per_patch: int) -> None:
-    """Host-side check, per row, that the image tokens and the valid patches agree.
+def check_image_tokens(tokens, image_token_id: int, image_valid, tokens_per_tile: int) -> None:
+    """Host-side check, per row, that the image tokens and the valid tiles agree.
 
-    tokens (b, t); image_valid (b, P) bool (which patch slots of each row hold a patch).
+    tokens (b, t); image_valid (b, P) bool (which tile slots of each row hold a tile).
     """
     tokens, image_valid = np.asarray(tokens), np.asarray(image_valid, bool)
     n_tokens = (tokens == image_token_id).sum(axis=1)
-    n_features = image_valid.sum(axis=1) * tokens_per_patch
+    n_features = image_valid.sum(axis=1) * tokens_per_tile
     for row in np.nonzero(n_tokens != n_features)[0]:
         raise ValueError(f"row {row}: the input has {n_tokens[row]} image tokens (id {image_token_id}) but "
-                         f"its images give {n_features[row]} features ({image_valid[row].sum()} patches x "
-                         f"{tokens_per_patch} tokens)")
+                         f"its images give {n_features[row]} features ({image_valid[row].sum()} tiles x "
+                         f"{tokens_per_tile} tokens)")
 
 
 def merge_image_features(embeds, is_image, features):
@@ -53,8 +53,8 @@ def merge_image_features(embeds, is_image, features):
 
 
 def image_features(mcfg: MLLMConfig, params: dict, images):
-    """images (b, P, H, W, C) per-row patches (normalised NHWC) -> (b, P * tokens_per_patch,
-    llm_hidden): each patch's tokens in patch order. Padding patches are computed too
+    """images (b, P, H, W, C) per-row tiles (normalised NHWC) -> (b, P * tokens_per_tile,
+    llm_hidden): each tile's tokens in tile order. Padding tiles are computed too
     (static shapes) and simply never referenced."""
     b, p = images.shape[:2]
     flat = images.reshape(b * p, *images.shape[2:])
@@ -67,7 +67,7 @@ def forward(mcfg: MLLMConfig, params: dict, tokens, positions, segment_ids, imag
             mode: str = "multimodal"):
     """Logits (b, t, vocab) float32 of the model in `mode` (jit-friendly; `mode` static).
 
-    `images` (b, P, H, W, C): each row's patches in the order of its image tokens (as the
+    `images` (b, P, H, W, C): each row's tiles in the order of its image tokens (as the
     data pipeline's packed batches carry them), or None for text-only input."""
     hidden, unembed = forward_hidden(mcfg, params, tokens, positions, segment_ids, images, mode)
     return unembed(hidden)
@@ -81,7 +81,7 @@ def forward_hidden(mcfg: MLLMConfig, params: dict, tokens, positions, segment_id
     row (4096 x 151,936 floats = 2.5 GB for Qwen2.5) never exist at once."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; choose one of {MODES}")
-    if images is not None and images.shape[1] == 0:  # rows with no patch slots (text-only batches)
+    if images is not None and images.shape[1] == 0:  # rows with no tile slots (text-only batches)
         images = None
     if mode == "text":
         if images is not None:

@@ -8,7 +8,7 @@ accounting, split by what trains:
 
 N counts the LLM weights a token passes through in the multimodal path: for GenieBlue
 the non-replaced base blocks (frozen) plus the branch (trainable); embeddings and the
-tied head count once. The vision tower is per image patch, not per token, and is left
+tied head count once. The vision tower is per image tile, not per token, and is left
 out, as is attention's own (sequence-length dependent) cost: the MFU printed is an
 estimate for comparing runs and variants, not a profile.
 """

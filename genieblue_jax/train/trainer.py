@@ -91,7 +91,7 @@ RANGES = {
     "train.steps": (1, True, None, False), "train.log_every": (1, True, None, False),
     "train.max_bad_steps": (1, True, None, False), "checkpoint.every_steps": (1, True, None, False),
     "checkpoint.keep": (1, True, None, False), "data.seq_len": (1, True, None, False),
-    "data.max_patches": (1, True, None, False), "data.max_patches_per_row": (0, True, None, False),
+    "data.max_tiles": (1, True, None, False), "data.max_tiles_per_row": (0, True, None, False),
     "data.num_workers": (0, True, None, False), "data.read_threads": (0, True, None, False),
     "data.read_buffer": (0, True, None, False), "data.max_rejects_in_a_row": (1, True, None, False),
     "train.loss_chunk": (0, True, None, False),
@@ -156,7 +156,7 @@ def resolve(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     pipe = PipelineConfig.for_model(
         mcfg, sources=tuple(SourceSpec(n, s["path"], float(s.get("weight", 1.0))) for n, s in sorted(sources.items())),
         tokenizer=tokenizer_path(c, workdir), seq_len=c.data.seq_len, batch_size=per_host, image_mode=c.data.image_mode,
-        max_patches=c.data.max_patches, max_patches_per_row=c.data.max_patches_per_row,
+        max_tiles=c.data.max_tiles, max_tiles_per_row=c.data.max_tiles_per_row,
         image_token=c.model.image_token, seed=c.train.seed, num_workers=c.data.num_workers,
         read_threads=c.data.read_threads, read_buffer=c.data.read_buffer,
         max_rejects_in_a_row=c.data.max_rejects_in_a_row)

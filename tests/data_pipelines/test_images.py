@@ -1,4 +1,4 @@
-"""Image decoding, BlueLM-V-3B grid selection and patching (data_pipelines/images.py)."""
+"""Image decoding, BlueLM-V-3B grid selection and tiling (data_pipelines/images.py)."""
 import doctest
 import io
 import random
@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from data_pipelines import images
-from data_pipelines.images import ImageDecodeError, candidate_grids, decode_image, num_patches, select_grid, to_patches
+from data_pipelines.images import ImageDecodeError, candidate_grids, decode_image, num_tiles, select_grid, to_tiles
 
 
 def _encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -24,13 +24,13 @@ def _rgb(h, w, seed=0):
 
 # ---- reference selectors (independent re-implementations) ------------------------------
 
-def _spec_reference(w0, h0, patch, max_patches, alpha=0.1):
+def _spec_reference(w0, h0, tile, max_tiles, alpha=0.1):
     """SPEC "Dynamic resolution" literally, in exact rationals (sides floored at 1 pixel)."""
     best, re_max, rw_min = None, 0, 0
-    for m, n in sorted(((m, n) for m in range(1, max_patches + 1)
-                        for n in range(1, max_patches + 1) if m * n <= max_patches),
+    for m, n in sorted(((m, n) for m in range(1, max_tiles + 1)
+                        for n in range(1, max_tiles + 1) if m * n <= max_tiles),
                        key=lambda g: (-g[0] * g[1], g[0])):
-        W, H = patch * m, patch * n
+        W, H = tile * m, tile * n
         s = min(Fraction(W, w0), Fraction(H, h0))
         re = min(max(1, int(w0 * s)) * max(1, int(h0 * s)), w0 * h0)
         rw = W * H - re
@@ -40,12 +40,12 @@ def _spec_reference(w0, h0, patch, max_patches, alpha=0.1):
     return best
 
 
-def _llava_next(w0, h0, patch, max_patches):
+def _llava_next(w0, h0, tile, max_tiles):
     """LLaVA-NeXT select_best_resolution: max effective resolution, then min waste."""
     best, best_re, best_rw = None, -1, float("inf")
-    for m in range(1, max_patches + 1):
-        for n in range(1, max_patches // m + 1):
-            W, H = patch * m, patch * n
+    for m in range(1, max_tiles + 1):
+        for n in range(1, max_tiles // m + 1):
+            W, H = tile * m, tile * n
             s = min(W / w0, H / h0)
             re = min(int(w0 * s) * int(h0 * s), w0 * h0)
             rw = W * H - re
@@ -76,11 +76,11 @@ def test_docstring_examples():
 
 
 def test_paper_examples_and_the_baselines_they_beat():
-    assert select_grid(394, 390, patch=384) == (1, 1)
-    assert select_grid(380, 76, patch=384) == (1, 1)
+    assert select_grid(394, 390, tile=384) == (1, 1)
+    assert select_grid(380, 76, tile=384) == (1, 1)
     assert _llava_next(394, 390, 384, 16) == (2, 2)
     assert _internvl_15(380, 76, 448, max_num=6) == (5, 1)
-    assert num_patches(394, 390, patch=384, mode="dynamic") == 1   # LLaVA-NeXT: 4 + 1
+    assert num_tiles(394, 390, tile=384, mode="dynamic") == 1   # LLaVA-NeXT: 4 + 1
 
 
 def test_candidate_order():
@@ -91,11 +91,11 @@ def test_candidate_order():
     assert all(m * n <= 16 for m, n in grids)
 
 
-@pytest.mark.parametrize("max_patches", [1, 2, 4, 6, 9, 16])
-def test_square_images_get_square_grids(max_patches):
+@pytest.mark.parametrize("max_tiles", [1, 2, 4, 6, 9, 16])
+def test_square_images_get_square_grids(max_tiles):
     for side in list(range(1, 400, 13)) + list(range(400, 6000, 97)):
-        m, n = select_grid(side, side, patch=384, max_patches=max_patches)
-        assert m == n and m * n <= max_patches, (side, max_patches, (m, n))
+        m, n = select_grid(side, side, tile=384, max_tiles=max_tiles)
+        assert m == n and m * n <= max_tiles, (side, max_tiles, (m, n))
         if side <= 384:
             assert (m, n) == (1, 1)
 
@@ -103,100 +103,100 @@ def test_square_images_get_square_grids(max_patches):
 def test_random_sizes_match_spec_reference_and_bounds():
     rng = random.Random(0)
     checked = 0
-    for max_patches in (1, 2, 4, 6, 9, 16):
+    for max_tiles in (1, 2, 4, 6, 9, 16):
         for _ in range(500):
             w, h = rng.randint(1, rng.choice([300, 2000, 8000])), rng.randint(1, rng.choice([300, 2000, 8000]))
-            patch = rng.choice([14, 56, 384])
-            m, n = select_grid(w, h, patch=patch, max_patches=max_patches)
-            assert 1 <= m * n <= max_patches
-            assert (m, n) == _spec_reference(w, h, patch, max_patches), (w, h, patch, max_patches)
-            assert select_grid(h, w, patch=patch, max_patches=max_patches) == (n, m)  # transpose
+            tile = rng.choice([14, 56, 384])
+            m, n = select_grid(w, h, tile=tile, max_tiles=max_tiles)
+            assert 1 <= m * n <= max_tiles
+            assert (m, n) == _spec_reference(w, h, tile, max_tiles), (w, h, tile, max_tiles)
+            assert select_grid(h, w, tile=tile, max_tiles=max_tiles) == (n, m)  # transpose
             checked += 1
     assert checked == 3000
 
 
-def test_relaxation_trades_detail_for_fewer_patches():
+def test_relaxation_trades_detail_for_fewer_tiles():
     # 800 x 800: 3 x 3 holds every pixel, 2 x 2 keeps 92% of them with no padding.
     assert _llava_next(800, 800, 384, 16) == (3, 3)
-    assert select_grid(800, 800, patch=384) == (2, 2)
+    assert select_grid(800, 800, tile=384) == (2, 2)
     # Below (1 - alpha) of the detail the bigger grid stays: for 1000 x 1000, 2 x 2 keeps 59%.
-    assert select_grid(1000, 1000, patch=384) == (3, 3)
-    assert select_grid(1000, 1000, patch=384, alpha=0.5) == (2, 2)
+    assert select_grid(1000, 1000, tile=384) == (3, 3)
+    assert select_grid(1000, 1000, tile=384, alpha=0.5) == (2, 2)
 
 
 def test_select_grid_rejects_bad_arguments():
     with pytest.raises(ValueError, match="width"):
-        select_grid(0, 10, patch=384)
-    with pytest.raises(ValueError, match="max_patches"):
-        select_grid(10, 10, patch=384, max_patches=0)
+        select_grid(0, 10, tile=384)
+    with pytest.raises(ValueError, match="max_tiles"):
+        select_grid(10, 10, tile=384, max_tiles=0)
     with pytest.raises(ValueError, match="alpha"):
-        select_grid(10, 10, patch=384, alpha=0.0)
+        select_grid(10, 10, tile=384, alpha=0.0)
 
 
-# ---- to_patches / num_patches ----------------------------------------------------------
+# ---- to_tiles / num_tiles ----------------------------------------------------------
 
-def test_dynamic_patches_are_row_major_tiles_then_thumbnail():
-    patch = 16
-    assert select_grid(48, 32, patch=patch) == (3, 2)
+def test_dynamic_tiles_are_row_major_tiles_then_thumbnail():
+    tile = 16
+    assert select_grid(48, 32, tile=tile) == (3, 2)
     image = np.zeros((32, 48, 3), np.uint8)
     colours = [(10 * i, 255 - 20 * i, 7 * i) for i in range(6)]
     for i, colour in enumerate(colours):             # tile i at row i // 3, column i % 3
         r, c = divmod(i, 3)
-        image[r * patch:(r + 1) * patch, c * patch:(c + 1) * patch] = colour
-    out = to_patches(image, patch=patch, mode="dynamic")
-    assert out.shape == (7, patch, patch, 3) and out.dtype == np.float32
+        image[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] = colour
+    out = to_tiles(image, tile=tile, mode="dynamic")
+    assert out.shape == (7, tile, tile, 3) and out.dtype == np.float32
     for i, colour in enumerate(colours):
         expected = (np.asarray(colour, np.float32) / np.float32(255) - np.float32(0.5)) / np.float32(0.5)
-        np.testing.assert_array_equal(out[i], np.broadcast_to(expected, (patch, patch, 3)))
-    thumb = np.asarray(Image.fromarray(image).resize((patch, patch), Image.Resampling.BICUBIC))
+        np.testing.assert_array_equal(out[i], np.broadcast_to(expected, (tile, tile, 3)))
+    thumb = np.asarray(Image.fromarray(image).resize((tile, tile), Image.Resampling.BICUBIC))
     want = (thumb.astype(np.float32) / np.float32(255) - np.float32(0.5)) / np.float32(0.5)
     np.testing.assert_array_equal(out[6], want)
-    np.testing.assert_array_equal(to_patches(image, patch=patch, mode="single")[0], out[6])
+    np.testing.assert_array_equal(to_tiles(image, tile=tile, mode="single")[0], out[6])
 
 
 def test_normalisation_endpoints_and_determinism():
     image = np.zeros((20, 30, 3), np.uint8)
     image[:, 15:] = 255
-    out = to_patches(image, patch=10, mode="dynamic")          # 3 x 2 grid of exact tiles
-    assert select_grid(30, 20, patch=10) == (3, 2) and out.shape == (7, 10, 10, 3)
+    out = to_tiles(image, tile=10, mode="dynamic")          # 3 x 2 grid of exact tiles
+    assert select_grid(30, 20, tile=10) == (3, 2) and out.shape == (7, 10, 10, 3)
     assert set(np.unique(out[[0, 3]])) == {-1.0} and out[2].min() == 1.0 == out[5].max()
     big = _rgb(300, 500, seed=3)
-    a = to_patches(big, patch=56, mode="dynamic")
-    assert np.array_equal(a, to_patches(big.copy(), patch=56, mode="dynamic"))
+    a = to_tiles(big, tile=56, mode="dynamic")
+    assert np.array_equal(a, to_tiles(big.copy(), tile=56, mode="dynamic"))
     assert -1.0 <= a.min() and a.max() <= 1.0
 
 
-def test_num_patches_matches_to_patches_on_random_sizes():
+def test_num_tiles_matches_to_tiles_on_random_sizes():
     rng = random.Random(1)
     for _ in range(60):
         w, h = rng.randint(1, 200), rng.randint(1, 200)
-        max_patches = rng.choice([1, 4, 6, 16])
+        max_tiles = rng.choice([1, 4, 6, 16])
         image = _rgb(h, w, seed=w * 1000 + h)
         for mode in ("single", "dynamic"):
-            out = to_patches(image, patch=14, mode=mode, max_patches=max_patches)
-            assert out.shape[0] == num_patches(w, h, patch=14, mode=mode, max_patches=max_patches)
+            out = to_tiles(image, tile=14, mode=mode, max_tiles=max_tiles)
+            assert out.shape[0] == num_tiles(w, h, tile=14, mode=mode, max_tiles=max_tiles)
             assert out.shape[1:] == (14, 14, 3)
-        m, n = select_grid(w, h, patch=14, max_patches=max_patches)
+        m, n = select_grid(w, h, tile=14, max_tiles=max_tiles)
         assert out.shape[0] == (1 if m * n == 1 else m * n + 1)
 
 
 def test_one_by_one_grid_has_no_duplicate_thumbnail():
     image = _rgb(40, 50)
-    assert select_grid(50, 40, patch=56) == (1, 1)
-    dynamic = to_patches(image, patch=56, mode="dynamic")
+    assert select_grid(50, 40, tile=56) == (1, 1)
+    dynamic = to_tiles(image, tile=56, mode="dynamic")
     assert dynamic.shape == (1, 56, 56, 3)
-    np.testing.assert_array_equal(dynamic, to_patches(image, patch=56, mode="single"))
+    np.testing.assert_array_equal(dynamic, to_tiles(image, tile=56, mode="single"))
 
 
-def test_to_patches_rejects_bad_input():
+def test_to_tiles_rejects_bad_input():
     with pytest.raises(ValueError, match="uint8"):
-        to_patches(np.zeros((8, 8, 3), np.float32), patch=4, mode="single")
+        to_tiles(np.zeros((8, 8, 3), np.float32), tile=4, mode="single")
     with pytest.raises(ValueError, match=r"\(8, 8\)"):
-        to_patches(np.zeros((8, 8), np.uint8), patch=4, mode="single")
+        to_tiles(np.zeros((8, 8), np.uint8), tile=4, mode="single")
     with pytest.raises(ValueError, match="mode"):
-        to_patches(np.zeros((8, 8, 3), np.uint8), patch=4, mode="anyres")
+        to_tiles(np.zeros((8, 8, 3), np.uint8), tile=4, mode="anyres")
     with pytest.raises(ValueError, match="mode"):
-        num_patches(8, 8, patch=4, mode="anyres")
+        num_tiles(8, 8, tile=4, mode="anyres")
 
 
 # ---- decode_image ----------------------------------------------------------------------
@@ -285,7 +285,7 @@ def test_exif_orientation_is_applied_as_transformers_load_image_does(tmp_path):
     assert pixels[:8, :, 0].mean() > 200 and pixels[-8:, :, 0].mean() < 60  # red at the top
     # The grid follows the upright image: 2 columns x 4 rows of 10-px tiles (+ thumbnail), where
     # the stored axes would give 4 x 2.
-    assert select_grid(20, 40, patch=10, max_patches=8) == (2, 4) != select_grid(40, 20, patch=10, max_patches=8)
-    tiles = to_patches(pixels, patch=10, mode="dynamic", max_patches=8)
+    assert select_grid(20, 40, tile=10, max_tiles=8) == (2, 4) != select_grid(40, 20, tile=10, max_tiles=8)
+    tiles = to_tiles(pixels, tile=10, mode="dynamic", max_tiles=8)
     assert len(tiles) == 9
-    np.testing.assert_array_equal(tiles[1:], to_patches(reference, patch=10, mode="dynamic", max_patches=8)[1:])
+    np.testing.assert_array_equal(tiles[1:], to_tiles(reference, tile=10, mode="dynamic", max_tiles=8)[1:])

@@ -16,7 +16,7 @@ def _sample(i, n, p=0, source="a"):
                   np.full((p, 4, 4, 3), i, np.float32), np.arange(p, dtype=np.int32))
 
 
-def test_first_fit_respects_tokens_and_patches():
+def test_first_fit_respects_tokens_and_tiles():
     assert first_fit([6, 5, 3, 2, 4], [0, 2, 1, 0, 0], 8, 2) == [[0, 3], [1], [2, 4]]
     assert first_fit([8, 8], [0, 0], 8, 0) == [[0], [1]]
     with pytest.raises(ValueError, match="item 1 needs 9 tokens"):
@@ -24,7 +24,7 @@ def test_first_fit_respects_tokens_and_patches():
 
 
 def test_row_layout():
-    spec = PackingSpec(seq_len=12, max_patches_per_row=4, patch_size=4, sources=("a", "b"))
+    spec = PackingSpec(seq_len=12, max_tiles_per_row=4, tile_size=4, sources=("a", "b"))
     row = assemble_row([_sample(1, 4, 1), _sample(2, 5, 2, "b")], spec)
     np.testing.assert_array_equal(row["segment_ids"], [1] * 4 + [2] * 5 + [0] * 3)
     np.testing.assert_array_equal(row["positions"], [0, 1, 2, 3, 0, 1, 2, 3, 4, 0, 0, 0])
@@ -32,7 +32,7 @@ def test_row_layout():
     np.testing.assert_array_equal(row["image_positions"], [0, 4, 5, -1])
     np.testing.assert_array_equal(row["image_valid"], [1, 1, 1, 0])
     assert (row["images"][0] == 1).all() and (row["images"][1:3] == 2).all() and not row["images"][3].any()
-    with pytest.raises(ValueError, match=r"do not fit one row \(12 tokens, 4 patches\)"):
+    with pytest.raises(ValueError, match=r"do not fit one row \(12 tokens, 4 tiles\)"):
         assemble_row([_sample(1, 8), _sample(2, 5)], spec)
     with pytest.raises(ValueError, match="source 'c' is not one of"):
         assemble_row([_sample(1, 2, source="c")], spec)
@@ -45,19 +45,19 @@ def test_packed_logits_equal_unpacked(demo):
                                 structure.StructureConfig(), image_token_id=tok.token_id(IMAGE_PAD))
     params = structure.init_mllm(mcfg, jax.random.key(0))
     cfg = PipelineConfig(sources=(SourceSpec("vqa", demo["datasets"]["train"]["vqa"]),),
-                         tokenizer=demo["tokenizer"], seq_len=256, batch_size=1, patch_size=56,
-                         tokens_per_patch=mcfg.tokens_per_patch, max_patches_per_row=8)
+                         tokenizer=demo["tokenizer"], seq_len=256, batch_size=1, tile_size=56,
+                         tokens_per_tile=mcfg.tokens_per_tile, max_tiles_per_row=8)
     process = ExampleProcessor(cfg)
     src = ArrayRecordExampleSource(demo["datasets"]["train"]["vqa"])
     processed = [process(src[i]) for i in range(40)]
-    wide = next(s for s in processed if len(s.patches) > 1)   # a dynamic-resolution image: 2 tiles + thumbnail
-    samples = [wide] + [s for s in processed if len(s.patches) == 1][:2]
+    wide = next(s for s in processed if len(s.tiles) > 1)   # a dynamic-resolution image: 2 tiles + thumbnail
+    samples = [wide] + [s for s in processed if len(s.tiles) == 1][:2]
     assert len(samples) == 3 and sum(len(s) for s in samples) <= 256
     fwd = jax.jit(structure.forward, static_argnums=0, static_argnames="mode")
 
     def logits(rows):
         b = batch_rows(rows)
-        structure.check_image_tokens(b["tokens"], mcfg.image_token_id, b["image_valid"], mcfg.tokens_per_patch)
+        structure.check_image_tokens(b["tokens"], mcfg.image_token_id, b["image_valid"], mcfg.tokens_per_tile)
         return np.asarray(fwd(mcfg, params, b["tokens"], b["positions"], b["segment_ids"], b["images"]))
 
     packed = logits([assemble_row(samples, cfg.packing)])[0]

@@ -20,8 +20,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def make_cfg(demo, **kw) -> PipelineConfig:
     base = dict(sources=mixture(demo["datasets"]["train"], {"caption": 3, "vqa": 3, "ocr": 2, "text": 2}),
-                tokenizer=demo["tokenizer"], seq_len=192, batch_size=4, patch_size=56, tokens_per_patch=16,
-                image_mode="dynamic", max_patches=4, max_patches_per_row=12, seed=3, packing_window_rows=4)
+                tokenizer=demo["tokenizer"], seq_len=192, batch_size=4, tile_size=56, tokens_per_tile=16,
+                image_mode="dynamic", max_tiles=4, max_tiles_per_row=12, seed=3, packing_window_rows=4)
     base.update(kw)
     return PipelineConfig(**base)
 
@@ -178,7 +178,7 @@ def test_config_errors_name_the_field(demo):
         mixture({"a": "x"}, {"b": 1.0})
 
 
-def test_stage1_single_patch_mode_sized_from_the_model(demo):
+def test_stage1_single_tile_mode_sized_from_the_model(demo):
     from genieblue_jax import models, structure
     llm, vit = models.get_preset("tiny-qwen2"), models.get_preset("tiny-siglip")
     tok = load_tokenizer(demo["tokenizer"])
@@ -186,11 +186,11 @@ def test_stage1_single_patch_mode_sized_from_the_model(demo):
                                 image_token_id=tok.token_id(IMAGE_PAD))
     cfg = PipelineConfig.for_model(mcfg, sources=(SourceSpec("caption", demo["datasets"]["train"]["caption"]),),
                                    tokenizer=demo["tokenizer"], seq_len=128, batch_size=2, image_mode="single",
-                                   max_patches_per_row=8)
-    assert (cfg.patch_size, cfg.tokens_per_patch) == (56, 16)
+                                   max_tiles_per_row=8)
+    assert (cfg.tile_size, cfg.tokens_per_tile) == (56, 16)
     b = next(iter(build_pipeline(cfg, process_index=0, process_count=1)))
     n_segments = int(b["segment_ids"].max(axis=1).sum())
-    assert int(b["image_valid"].sum()) == n_segments  # every caption sample: one image, one patch
+    assert int(b["image_valid"].sum()) == n_segments  # every caption sample: one image, one tile
 
 
 def test_pipeline_reads_a_tfds_source(demo, tmp_path):

@@ -2,7 +2,7 @@
 onnxruntime against our JAX model, the AIMET encodings by tensor name, the report.
 
 One tiny GenieBlue-Skip MLLM (4-layer Qwen2-style LLM: block 0 replicated, LoRA on 1-3;
-2-layer SigLIP, 16 tokens per patch) with its branch and projector perturbed (LoRA B
+2-layer SigLIP, 16 tokens per tile) with its branch and projector perturbed (LoRA B
 non-zero, the replicated block different from the base), saved as a checkpoint and
 exported once per module at context 64, prefill 16 tokens per call, on 3 + 3 calibration
 requests of the demo data. Run with -s to see the measured numbers.
@@ -56,7 +56,7 @@ def exported(tmp_path_factory, demo):
     mcfg = _mcfg(image_token_id=load_tokenizer(demo["tokenizer"]).token_id(IMAGE_PAD))
     ckpt = str(tmp_path_factory.mktemp("qnn_ckpt") / "mllm")
     checkpoint.save_mllm(ckpt, mcfg, _params(mcfg), tokenizer=demo["tokenizer"],
-                         preprocessing={"image_mode": "single", "max_patches": 1})
+                         preprocessing={"image_mode": "single", "max_tiles": 1})
     model = genieblue_jax.load(ckpt)
     out = str(tmp_path_factory.mktemp("qnn_out"))
     train = demo["datasets"]["train"]
@@ -74,20 +74,20 @@ def _request(mcfg, seed=0, n=44, image_at=5):
     rng = np.random.default_rng(seed)
     tokens = rng.integers(10, 500, size=n).astype(np.int32)
     tokens[tokens == mcfg.image_token_id] = 10
-    tokens[image_at:image_at + mcfg.tokens_per_patch] = mcfg.image_token_id
+    tokens[image_at:image_at + mcfg.tokens_per_tile] = mcfg.image_token_id
     s = mcfg.vision.image_size
     return tokens, rng.uniform(-1, 1, size=(1, s, s, 3)).astype(np.float32)
 
 
 def test_vision_graph_matches_image_features(exported):
     model = exported["model"]
-    _, patches = _request(model.mcfg)
-    patches = np.concatenate([patches, -patches])  # two vision-graph calls
-    ours = np.asarray(structure.image_features(model.mcfg, model.params, patches[None]))[0]
-    got = exported["vision"].features(patches)
+    _, tiles = _request(model.mcfg)
+    tiles = np.concatenate([tiles, -tiles])  # two vision-graph calls
+    ours = np.asarray(structure.image_features(model.mcfg, model.params, tiles[None]))[0]
+    got = exported["vision"].features(tiles)
     diff = float(np.abs(got - ours).max())
     print(f"\nvision + projector ONNX vs ours: max |diff| {diff:.2e} over {got.shape}")
-    assert got.shape == ours.shape == (2 * model.mcfg.tokens_per_patch, model.mcfg.llm.hidden_size)
+    assert got.shape == ours.shape == (2 * model.mcfg.tokens_per_tile, model.mcfg.llm.hidden_size)
     assert diff < TOL
 
 
@@ -111,10 +111,10 @@ def test_base_decoder_prefill_and_decode_match_text_mode(exported):
 
 def test_multimodal_decoder_with_image_matches_multimodal_mode(exported):
     model = exported["model"]
-    tokens, patches = _request(model.mcfg)
-    ours = model.logits(tokens[None], images=patches[None], mode="multimodal")[0]
+    tokens, tiles = _request(model.mcfg)
+    ours = model.logits(tokens[None], images=tiles[None], mode="multimodal")[0]
     text_mode = model.logits(np.where(tokens == model.mcfg.image_token_id, 7, tokens)[None], mode="text")[0]
-    feats = exported["vision"].features(patches)
+    feats = exported["vision"].features(tiles)
     embeds, mask = runtime.place_image_features(tokens, model.mcfg.image_token_id, feats)
     split = 38
     got = exported["mm"].score(tokens, split=split, image_embeds=embeds, image_mask=mask)
@@ -364,14 +364,14 @@ def test_cogvlm_routes_image_tokens_to_experts():
     mcfg = _mcfg("cogvlm", image_token_id=511)
     params = _params(mcfg)
     g = graphs.ModelGraphs(mcfg, params, context=CONTEXT, meta=False)
-    tokens, patches = _request(mcfg, seed=1, n=30)
+    tokens, tiles = _request(mcfg, seed=1, n=30)
     model = genieblue_jax.api.GenieBlue({"llm": mcfg.llm, "vision": mcfg.vision, "projector": mcfg.projector},
                                         params, mcfg=mcfg)
-    ours = model.logits(tokens[None], images=patches[None], mode="multimodal")[0]
+    ours = model.logits(tokens[None], images=tiles[None], mode="multimodal")[0]
     sess = lambda mod: runtime.TorchSession(mod, mod.input_names(), mod.output_names())  # noqa: E731
     spec = runtime.DecoderSpec.from_config(mcfg.llm, context=CONTEXT, prefill_len=PREFILL, multimodal=True)
     dec = runtime.Decoder(spec, sess(g.multimodal(True)), sess(g.multimodal(False)))
-    feats = runtime.Vision(sess(g.vision), 1, mcfg.vision.image_size).features(patches)
+    feats = runtime.Vision(sess(g.vision), 1, mcfg.vision.image_size).features(tiles)
     embeds, mask = runtime.place_image_features(tokens, mcfg.image_token_id, feats)
     got = dec.score(tokens, split=26, image_embeds=embeds, image_mask=mask)
     print(f"\ncogvlm-skip graphs vs ours: max |diff| {np.abs(got - ours).max():.2e}")

@@ -60,9 +60,9 @@ def _text_batch():
 
 
 def _image_batch(mcfg):
-    """Two rows of 48 tokens, two patches each (2 x 16 image tokens); row 1 left-padded."""
+    """Two rows of 48 tokens, two tiles each (2 x 16 image tokens); row 1 left-padded."""
     rng = np.random.default_rng(1)
-    k = 2 * mcfg.tokens_per_patch
+    k = 2 * mcfg.tokens_per_tile
     ids = rng.integers(0, 500, size=(2, 48)).astype(np.int64)
     mask = np.ones_like(ids)
     mask[1, :6] = 0
@@ -105,7 +105,7 @@ def skip(tmp_path_factory):
     tok.save(str(tmp / "tokenizer.json"))
     model = _model("genieblue")
     ckpt = checkpoint.save_mllm(str(tmp / "ckpt"), model.mcfg, model.params, tokenizer=str(tmp / "tokenizer.json"),
-                                preprocessing={"image_mode": "dynamic", "max_patches": 4})
+                                preprocessing={"image_mode": "dynamic", "max_tiles": 4})
     out = str(tmp / "out")
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "tools.to_torch", "--checkpoint", ckpt, "--out", out],
@@ -130,8 +130,8 @@ def test_cli_writes_every_part(skip):
     assert m["parts"] == {p: p for p in to_torch.PARTS} and m["multimodal"] is True
     assert (m["variant"], m["structure"]["name"], m["replicated_layers"], m["lora_layers"]) == \
         ("genieblue", "genieblue-skip", [0, 4], [1, 2, 3, 5, 6, 7])
-    assert (m["image_token_id"], m["tokens_per_patch"], m["select_layer"], m["vision_use_head"]) == (511, 16, -1, True)
-    assert m["preprocessing"] == {"image_mode": "dynamic", "max_patches": 4}
+    assert (m["image_token_id"], m["tokens_per_tile"], m["select_layer"], m["vision_use_head"]) == (511, 16, -1, True)
+    assert m["preprocessing"] == {"image_mode": "dynamic", "max_tiles": 4}
     assert (m["merge_lora"], m["dtype"], m["genieblue_jax_version"]) == (False, "float32", genieblue_jax.__version__)
     assert m["routing"]["text"] == "base_llm" and m["routing"]["images"] == "multimodal_llm + lora_adapter"
     assert m["source"]["path"] == skip["ckpt"]

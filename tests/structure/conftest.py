@@ -47,9 +47,9 @@ def text_batch(seed=0):
 
 
 def image_batch(mcfg, seed=0):
-    """Two rows, one 16-token image patch each; images are per row: (2, 1, S, S, 3)."""
+    """Two rows, one 16-token image tile each; images are per row: (2, 1, S, S, 3)."""
     rng = np.random.default_rng(seed)
-    k = mcfg.tokens_per_patch
+    k = mcfg.tokens_per_tile
     tokens = rng.integers(0, 500, size=(2, 40)).astype(np.int32)
     tokens[0, 3:3 + k] = IMAGE_TOKEN
     tokens[1, 10:10 + k] = IMAGE_TOKEN

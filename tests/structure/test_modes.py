@@ -135,12 +135,12 @@ def test_image_token_count_mismatch_says_both_counts(base_params):
     tokens, _, _ = image_batch(mcfg)
     valid = np.array([[True, False], [True, True]])
     with pytest.raises(ValueError, match=r"row 1: the input has 16 image tokens \(id 511\) but its images "
-                                         r"give 32 features \(2 patches x 16 tokens\)"):
-        structure.check_image_tokens(tokens, mcfg.image_token_id, valid, mcfg.tokens_per_patch)
-    structure.check_image_tokens(tokens, mcfg.image_token_id, valid[:, :1], mcfg.tokens_per_patch)
+                                         r"give 32 features \(2 tiles x 16 tokens\)"):
+        structure.check_image_tokens(tokens, mcfg.image_token_id, valid, mcfg.tokens_per_tile)
+    structure.check_image_tokens(tokens, mcfg.image_token_id, valid[:, :1], mcfg.tokens_per_tile)
 
 
-def test_padding_patches_are_ignored(base_params):
+def test_padding_tiles_are_ignored(base_params):
     mcfg, params = build("genieblue", "skip", base_params)
     tokens, segments, images = image_batch(mcfg)
     padded = np.concatenate([images, np.random.default_rng(9).normal(size=images.shape).astype(np.float32)], 1)

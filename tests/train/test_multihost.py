@@ -24,7 +24,7 @@ from tests.train.conftest import losses, tiny_config
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 8
 # The run as command-line overrides, and the same as a config for the one-process reference.
-OVERRIDES = {"model.llm": "tiny-qwen2", "model.vit": "tiny-siglip", "data.seq_len": 96, "data.max_patches_per_row": 4,
+OVERRIDES = {"model.llm": "tiny-qwen2", "model.vit": "tiny-siglip", "data.seq_len": 96, "data.max_tiles_per_row": 4,
              "data.demo_examples": 200, "data.streams": 2, "train.steps": STEPS, "train.global_batch_size": 8,
              "train.log_every": 1, "checkpoint.every_steps": 1000, "mesh.data": 1, "mesh.fsdp": -1,
              "mesh.tensor": 1, "demo.enabled": False}

@@ -315,6 +315,8 @@ def test_cli_rejects_unknown_keys_and_bad_types(tmp_path):
     assert bad_scale.returncode != 0 and "huge" in bad_scale.stderr
     bad_value = run("--config=stage2_skip", "--config.checkpoint.keep=0")
     assert bad_value.returncode != 0 and "checkpoint.keep=0: must be >= 1" in bad_value.stderr
+    renamed = run("--config=stage2_skip", "--config.data.max_patches=2")
+    assert renamed.returncode != 0 and "--config.data.max_patches was renamed --config.data.max_tiles" in renamed.stderr
     assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
 
 
@@ -322,7 +324,7 @@ def test_stage2_starts_from_the_stage1_projector(tmp_path):
     from experiments.configs import stage1
     c1 = stage1.get_config("demo")
     c1.model.llm, c1.model.vit, c1.train.steps, c1.data.seq_len = "tiny-qwen2", "tiny-siglip", 2, 96
-    c1.data.max_patches_per_row, c1.data.demo_examples, c1.mesh.data = 4, 200, 1
+    c1.data.max_tiles_per_row, c1.data.demo_examples, c1.mesh.data = 4, 200, 1
     first = trainer.train(with_demo_data(c1), str(tmp_path / "stage1"))
     trained = models.flatten(first["state"]["trainable"])
     assert {n.split("/")[0] for n in trained} == {"projector"}  # stage 1 trains the projector only

@@ -52,7 +52,7 @@ def _describe(model) -> dict:
     return {"path": model.path, "structure": m.structure.name,
             "llm": f"{llm.family}, {llm.num_layers} layers, hidden {llm.hidden_size}, vocab {llm.vocab_size}",
             "vision": f"SigLIP {vit.num_layers} layers, hidden {vit.hidden_size}, {vit.image_size} px, "
-                      f"{m.tokens_per_patch} tokens per patch",
+                      f"{m.tokens_per_tile} tokens per tile",
             "layer_kinds": list(m.layer_kinds)}
 
 
@@ -100,7 +100,7 @@ def export_qnn(model, out_dir: str, *, context: int = 2048, prefill_len: int = 1
         samples = calibration.load_samples(
             model.mcfg, sources, tok, count=calib, context=context, prefill_len=prefill_len,
             decode_steps=decode_steps, image_mode=model.preprocessing["image_mode"],
-            max_patches=int(model.preprocessing["max_patches"]))
+            max_tiles=int(model.preprocessing["max_tiles"]))
         description = f"from {where}: {samples.description}"
         log(f"calibration data: {description}")
     onnx_dir = os.path.join(out_dir, "onnx")

@@ -8,7 +8,7 @@ Where the data comes from (`data_sources`), first match wins:
    a checkpoint saved from a workdir): its `config.data.sources` and tokenizer;
 3. otherwise an error saying what to pass.
 
-Packed rows are cut back into their samples (one per segment, its patches with it), so
+Packed rows are cut back into their samples (one per segment, its tiles with it), so
 every calibration sample is one request as a phone would see it: the prompt and answer of
 one conversation, its images in token order. Samples with images calibrate the vision
 tower and the multimodal decoder; text-only samples the base decoder (GenieBlue runs the
@@ -33,7 +33,7 @@ from genieblue_jax import workdir as workdir_lib
 class Sample:
     """One calibration request: a packed row's segment cut back out."""
     tokens: np.ndarray    # (n,) int32
-    patches: np.ndarray   # (p, S, S, 3) float32, in the order of the image tokens (p may be 0)
+    tiles: np.ndarray   # (p, S, S, 3) float32, in the order of the image tokens (p may be 0)
     source: str
     split: int            # tokens[:split] run through prefill, the rest one decode step each
 
@@ -113,27 +113,27 @@ def _checked(sources):
 
 
 def split_row(row: dict, r: int = 0):
-    """The samples of packed row `r` of a pipeline batch: [(tokens, patches, source id)]."""
+    """The samples of packed row `r` of a pipeline batch: [(tokens, tiles, source id)]."""
     tokens, segments = row["tokens"][r], row["segment_ids"][r]
     valid, starts = row["image_valid"][r], row["image_positions"][r]
     out = []
     for seg in sorted(set(segments.tolist()) - {0}):
         idx = np.nonzero(segments == seg)[0]
-        patches = [row["images"][r, j] for j in np.nonzero(valid)[0] if segments[starts[j]] == seg]
-        patches = np.stack(patches) if patches else np.zeros((0,) + row["images"].shape[2:], np.float32)
-        out.append((tokens[idx].astype(np.int32), patches.astype(np.float32), int(row["source_ids"][r, idx[0]])))
+        tiles = [row["images"][r, j] for j in np.nonzero(valid)[0] if segments[starts[j]] == seg]
+        tiles = np.stack(tiles) if tiles else np.zeros((0,) + row["images"].shape[2:], np.float32)
+        out.append((tokens[idx].astype(np.int32), tiles.astype(np.float32), int(row["source_ids"][r, idx[0]])))
     return out
 
 
 def load_samples(mcfg, sources, tokenizer: str, *, count: int, context: int, prefill_len: int,
-                 decode_steps: int = 8, image_mode: str = "single", max_patches: int = 16, seed: int = 0,
+                 decode_steps: int = 8, image_mode: str = "single", max_tiles: int = 16, seed: int = 0,
                  max_rows: int | None = None) -> CalibrationData:
     """Up to `count` samples with images and `count` text-only samples (module docstring)."""
     if count < 1:
         raise ValueError(f"--calib={count}: need at least one calibration sample")
     cfg = PipelineConfig.for_model(
         mcfg, sources=tuple(sources), tokenizer=tokenizer, seq_len=context, batch_size=1, image_mode=image_mode,
-        max_patches=max_patches, max_patches_per_row=max(1, context // mcfg.tokens_per_patch), seed=seed,
+        max_tiles=max_tiles, max_tiles_per_row=max(1, context // mcfg.tokens_per_tile), seed=seed,
         num_epochs=1)
     names = [s.name for s in cfg.sources]
     mm: list[Sample] = []
@@ -147,20 +147,20 @@ def load_samples(mcfg, sources, tokenizer: str, *, count: int, context: int, pre
             row = next(it)
         except StopIteration:
             break
-        for tokens, patches, source in split_row(row):
+        for tokens, tiles, source in split_row(row):
             is_image = np.nonzero(tokens == mcfg.image_token_id)[0]
-            if len(is_image) != len(patches) * mcfg.tokens_per_patch:
-                raise ValueError(f"a {names[source]} sample has {len(is_image)} image tokens but {len(patches)} "
-                                 f"patches of {mcfg.tokens_per_patch} tokens (image_token_id={mcfg.image_token_id} "
+            if len(is_image) != len(tiles) * mcfg.tokens_per_tile:
+                raise ValueError(f"a {names[source]} sample has {len(is_image)} image tokens but {len(tiles)} "
+                                 f"tiles of {mcfg.tokens_per_tile} tokens (image_token_id={mcfg.image_token_id} "
                                  "does not match the data's tokenizer?)")
             split = choose_split(len(tokens), int(is_image[-1]) if len(is_image) else -1, context=context,
                                  prefill_len=prefill_len, decode_steps=decode_steps)
             if split is None:
                 skipped += 1
                 continue
-            bucket = mm if len(patches) else text
+            bucket = mm if len(tiles) else text
             if len(bucket) < count:
-                bucket.append(Sample(tokens, patches, names[source], split))
+                bucket.append(Sample(tokens, tiles, names[source], split))
     where = ", ".join(sorted({s.source for s in mm + text}))
     if not mm:
         raise ValueError(f"no calibration sample with images in {names} (read with seq_len={context}; "
@@ -173,6 +173,6 @@ def load_samples(mcfg, sources, tokenizer: str, *, count: int, context: int, pre
             kept = s.tokens[s.tokens != mcfg.image_token_id]
             split = choose_split(len(kept), -1, context=context, prefill_len=prefill_len, decode_steps=decode_steps)
             if split is not None:
-                text.append(Sample(kept, np.zeros((0,) + s.patches.shape[1:], np.float32), s.source, split))
+                text.append(Sample(kept, np.zeros((0,) + s.tiles.shape[1:], np.float32), s.source, split))
         description += "; no text-only samples: the base decoder uses the image samples' text"
     return CalibrationData(mm, text, description)

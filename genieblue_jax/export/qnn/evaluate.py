@@ -1,7 +1,7 @@
 """Running the calibration requests through a set of graph sessions, and comparing runs.
 
 `run_requests` is the one loop that calibration (AIMET observing the quantizers), the float
-run and the simulated-quantized run share: every image sample's patches through the vision
+run and the simulated-quantized run share: every image sample's tiles through the vision
 graph, its tokens teacher-forced through the multimodal decoder with those features; every
 text sample through the base decoder. `compare` turns two runs into the report's numbers.
 """
@@ -21,7 +21,7 @@ def run_requests(manifest: dict, sessions: dict, data) -> dict:
     vision, base, mm = runners(manifest, sessions)
     out: dict[str, list] = {"vision": [], "multimodal": [], "text": []}
     for s in data.multimodal:
-        feats = vision.features(s.patches)
+        feats = vision.features(s.tiles)
         embeds, mask = place_image_features(s.tokens, manifest["image_token_id"], feats)
         out["vision"].append(feats)
         out["multimodal"].append(mm.score(s.tokens, split=s.split, image_embeds=embeds, image_mask=mask))
@@ -90,9 +90,9 @@ def jax_reference(model, data) -> dict:
     features = jax.jit(structure.image_features, static_argnums=0)
     out: dict[str, list] = {"vision": [], "multimodal": [], "text": []}
     for s in data.multimodal:
-        feats = features(model.mcfg, model.params, jnp.asarray(s.patches[None]))
+        feats = features(model.mcfg, model.params, jnp.asarray(s.tiles[None]))
         out["vision"].append(np.asarray(feats[0], np.float32))
-        out["multimodal"].append(_padded_logits(model, s.tokens, images=s.patches[None], mode="multimodal"))
+        out["multimodal"].append(_padded_logits(model, s.tokens, images=s.tiles[None], mode="multimodal"))
     for s in data.text:
         out["text"].append(_padded_logits(model, s.tokens, mode="text"))
     return out

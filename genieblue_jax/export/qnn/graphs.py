@@ -360,7 +360,7 @@ class DecoderGraph(nn.Module):
 
 
 class VisionGraph(nn.Module):
-    """pixels (n, S, S, 3) NHWC, normalised -> image features (n, tokens_per_patch, llm_hidden).
+    """pixels (n, S, S, 3) NHWC, normalised -> image features (n, tokens_per_tile, llm_hidden).
 
     SigLIP up to `select_layer` (post-LayerNorm only for -1, as `models.siglip`), then the
     VILA projector with its exact token order (`torch_modules.vila_downsample`)."""

@@ -1,7 +1,7 @@
 """ONNX export of a model's graphs (torch.onnx, the torch.export-based "dynamo" exporter
 of torch >= 2.9, which needs `onnxscript`), weights written once as external data.
 
-    OUT/onnx/vision.onnx              pixel patches -> image features (n = vision_batch)
+    OUT/onnx/vision.onnx              pixel tiles -> image features (n = vision_batch)
     OUT/onnx/llm_base_prefill.onnx    the base LLM, AR = prefill_len   (text requests)
     OUT/onnx/llm_base_decode.onnx     the base LLM, AR = 1
     OUT/onnx/llm_mm_prefill.onnx      the multimodal LLM (replicated blocks + LoRA), AR = prefill_len
@@ -41,7 +41,7 @@ from genieblue_jax.export.qnn.graphs import MASK_VALUE, DecoderGraph, ModelGraph
 from genieblue_jax.export.qnn.runtime import Decoder, DecoderSpec, Vision
 from genieblue_jax.jsonfile import read_json
 
-FORMAT = "genieblue_jax.qnn/1"
+FORMAT = "genieblue_jax.qnn/2"   # 2: "tokens_per_tile" (was tokens_per_patch)
 MANIFEST = "manifest.json"
 GRAPHS = ("vision", "llm_base_prefill", "llm_base_decode", "llm_mm_prefill", "llm_mm_decode")
 WEIGHT_FILES = {"llm": "llm.weights", "branch": "branch.weights", "vision": "vision.weights",
@@ -219,7 +219,7 @@ def export_onnx(model, out_dir: str, *, context: int = 2048, prefill_len: int = 
             entry = export_graph(graphs, module, module.input_shapes(n), module.output_shapes(n),
                                  os.path.join(out_dir, f"{name}.onnx"), writer)
             entry["seconds"] = round(time.perf_counter() - t0, 2)
-            entry["tokens_per_call" if isinstance(module, DecoderGraph) else "patches_per_call"] = n
+            entry["tokens_per_call" if isinstance(module, DecoderGraph) else "tiles_per_call"] = n
             entries[name] = entry
             log(f"  {name}.onnx: {len(entry['tensors'])} weight tensors, {entry['seconds']:.1f} s")
     finally:
@@ -229,7 +229,7 @@ def export_onnx(model, out_dir: str, *, context: int = 2048, prefill_len: int = 
         "format": FORMAT,
         "context": context, "prefill_len": prefill_len, "vision_batch": vision_batch,
         "mask_value": MASK_VALUE, "image_token_id": int(mcfg.image_token_id),
-        "tokens_per_patch": int(mcfg.tokens_per_patch), "image_size": int(mcfg.vision.image_size),
+        "tokens_per_tile": int(mcfg.tokens_per_tile), "image_size": int(mcfg.vision.image_size),
         "structure": mcfg.structure.to_dict(), "layer_kinds": list(mcfg.layer_kinds),
         "tie_embeddings": bool(llm.tie_embeddings),
         "decoders": {

@@ -183,7 +183,7 @@ def to_markdown(r: dict) -> str:
     m, s = r["model"], r["settings"]
     lines = [f"# QNN export report: {m.get('path') or 'model'}", "",
              f"{m.get('structure')}; LLM {m.get('llm')}, vision {m.get('vision')}. Context {s['context']} slots, "
-             f"prefill {s['prefill_len']} tokens per call, vision {s['vision_batch']} patch(es) per call. "
+             f"prefill {s['prefill_len']} tokens per call, vision {s['vision_batch']} tile(s) per call. "
              f"Export: {r['export_seconds']:.1f} s.", "",
              "## Graphs", "", "| graph | file | graph bytes | weight tensors | export s |", "|---|---|---|---|---|"]
     for n, g in r["graphs"].items():

@@ -85,7 +85,7 @@ def attention_mask(n_past: int, ar: int, context: int) -> np.ndarray:
 def place_image_features(tokens: np.ndarray, image_token_id: int, features: np.ndarray | None):
     """Per-position image inputs of the multimodal prefill: (embeds (n, hidden), mask (n,)).
 
-    The i-th image token gets features[i] (patch order, as `structure.merge_image_features`);
+    The i-th image token gets features[i] (tile order, as `structure.merge_image_features`);
     every other position gets zeros and mask 0. The counts must agree.
 
         >>> e, m = place_image_features(np.array([5, 9, 9, 6]), 9, np.ones((2, 3), np.float32))
@@ -214,21 +214,21 @@ class Decoder:
 
 
 class Vision:
-    """The vision graph over any number of patches, `batch` at a time (the graph's fixed n;
+    """The vision graph over any number of tiles, `batch` at a time (the graph's fixed n;
     the last call is zero-padded)."""
 
     def __init__(self, session: Session, batch: int, image_size: int):
         self.session, self.batch, self.image_size = session, batch, image_size
 
-    def features(self, patches) -> np.ndarray:
-        """patches (P, S, S, 3) normalised -> (P * tokens_per_patch, llm_hidden), patch order."""
-        patches = np.asarray(patches, np.float32)
+    def features(self, tiles) -> np.ndarray:
+        """tiles (P, S, S, 3) normalised -> (P * tokens_per_tile, llm_hidden), tile order."""
+        tiles = np.asarray(tiles, np.float32)
         s = self.image_size
-        if patches.ndim != 4 or patches.shape[1:] != (s, s, 3):
-            raise ValueError(f"patches must be (P, {s}, {s}, 3), got {patches.shape}")
+        if tiles.ndim != 4 or tiles.shape[1:] != (s, s, 3):
+            raise ValueError(f"tiles must be (P, {s}, {s}, 3), got {tiles.shape}")
         out = []
-        for lo in range(0, len(patches), self.batch):
-            chunk = patches[lo:lo + self.batch]
+        for lo in range(0, len(tiles), self.batch):
+            chunk = tiles[lo:lo + self.batch]
             padded = np.zeros((self.batch, s, s, 3), np.float32)
             padded[:len(chunk)] = chunk
             feats = self.session.run(["image_features"], {"pixel_values": padded})[0]
