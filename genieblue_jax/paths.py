@@ -16,8 +16,11 @@ colon in its name (`gs:/bucket/run` with one slash, or `foo://x`, would otherwis
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import tempfile
+from typing import Iterable, Iterator
 
 from etils import epath
 
@@ -53,9 +56,10 @@ def join(p: str | os.PathLike, *parts: str) -> str:
 
 def local_dir(p: str | os.PathLike) -> str:
     """`p` as an absolute local path, for outputs that must be written on this machine's disk
-    (exports staged and renamed into place, ONNX / AIMET files). Raises ValueError naming `p`
-    for a gs:// / s3:// path (write locally, then copy: `gcloud storage cp -r DIR URL`) and,
-    through `path()`, for any other scheme.
+    (exports staged and renamed into place, ONNX / AIMET files; `written_locally` brings them to
+    a remote destination). Raises ValueError naming `p` for a gs:// / s3:// path (write
+    locally, then copy: `gcloud storage cp -r DIR URL`) and, through `path()`, for any other
+    scheme.
 
         >>> local_dir("gs://bucket/export")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
@@ -66,3 +70,36 @@ def local_dir(p: str | os.PathLike) -> str:
                          f"(gcloud storage cp -r DIR {os.fspath(p)})")
     return os.fspath(path(p))
 
+
+
+@contextlib.contextmanager
+def written_locally(url: str, *, replace: Iterable[str], overwrite: bool, prefix: str) -> Iterator[str]:
+    """For writers that need files on this machine's disk (PyTorch / ONNX / AIMET exports) and
+    a remote destination: yields a fresh local directory (under the system's TMPDIR) to write
+    into; when the block succeeds, removes the names in `replace` directly under `url` (an
+    earlier export's parts), copies every file of the local directory there (etils.epath) and
+    deletes the local copy. A failed block leaves `url` as it was.
+
+    Raises FileExistsError naming `url` when it is a file, or a non-empty directory without
+    `overwrite`, before the block runs."""
+    out = path(url)
+    if out.is_file():
+        raise FileExistsError(f"{url} exists and is not a directory")
+    existing = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if existing and not overwrite:
+        raise FileExistsError(f"{url} already exists and is not empty ({existing[:6]}); pass --overwrite "
+                              f"(overwrite=True) to replace the export in it")
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        local = os.path.join(tmp, "out")
+        yield local
+        for name in replace:
+            old = out / name
+            if old.is_dir():
+                old.rmtree()
+            elif old.exists():
+                old.unlink()
+        for root, _, names in os.walk(local):
+            for name in sorted(names):
+                dst = out.joinpath(*os.path.relpath(os.path.join(root, name), local).split(os.sep))
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                path(os.path.join(root, name)).copy(dst)

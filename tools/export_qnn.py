@@ -26,7 +26,8 @@ import tools
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Training workdir, WORKDIR/checkpoints/<step>, or an MLLM checkpoint.")
-flags.DEFINE_string("out", None, "Output directory (onnx/, qnn/, report.md, report.json).")
+flags.DEFINE_string("out", None, "Output directory (onnx/, qnn/, report.md, report.json), local or gs:// "
+                    "(made locally, then copied).")
 flags.DEFINE_integer("step", None, "Workdir checkpoint step (default: the latest).")
 flags.DEFINE_integer("context", 2048, "KV-cache context C (slots) of the decoder graphs.")
 flags.DEFINE_integer("prefill_len", 128, "Tokens per prefill-graph call (AR); decode graphs take 1.")

@@ -17,7 +17,7 @@ What OUT holds (a whole multimodal model; `OUT/README.md` says the same for the 
     genieblue_torch.json  the manifest: structure, routing, image tokens, which parts exist
     README.md             how to load each part (transformers, PEFT, `load_torch_mllm`)
 
-Nothing here imports torch: the files are written by our own safetensors writer, so a TPU
+Nothing here imports torch: the files are written by safetensors' numpy API, so a TPU
 host without torch can export. Loading them needs torch (`torch_modules.load_torch_mllm`).
 
 The adapter reproduces our LoRA exactly: ours is y = x W + b + (x A) B * alpha / r with A
@@ -317,34 +317,15 @@ def export_torch(model, out_dir: str, *, merge_lora: bool = False, dtype: str = 
 
 
 def _export_to_remote(model, out_dir: str, *, merge_lora: bool, dtype: str, overwrite: bool) -> TorchExport:
-    """export_torch to a gs:// (any remote) OUT: the whole export is made in a local temporary
-    directory, then each file is copied (etils.epath) and the local copy removed. OUT's earlier
-    parts are replaced, with `overwrite` only, once the new export exists in full."""
-    import tempfile
-
+    """export_torch to a gs:// (any remote) OUT: made in a local temporary directory, then
+    copied (`paths.written_locally`); OUT's earlier parts are replaced, with `overwrite` only,
+    once the new export exists in full."""
+    with paths.written_locally(out_dir, replace=(*PARTS, MANIFEST_FILE, README_FILE), overwrite=overwrite,
+                               prefix="genieblue_torch_") as local_dir:
+        local = export_torch(model, local_dir, merge_lora=merge_lora, dtype=dtype)
+        names = [os.path.relpath(os.path.join(root, f), local_dir) for root, _, fs in os.walk(local_dir) for f in fs]
     out = paths.path(out_dir)
-    if out.is_file():
-        raise FileExistsError(f"--out {out_dir} exists and is not a directory")
-    existing = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if existing and not overwrite:
-        raise FileExistsError(f"--out {out_dir} already exists and is not empty ({existing[:6]}); pass --overwrite "
-                              f"(overwrite=True) to replace the export in it")
-    with tempfile.TemporaryDirectory(prefix="genieblue_torch_") as tmp:
-        local = export_torch(model, os.path.join(tmp, "export"), merge_lora=merge_lora, dtype=dtype)
-        for name in (*PARTS, MANIFEST_FILE, README_FILE):  # an earlier export's parts, e.g. its adapter
-            old = out / name
-            if old.is_dir():
-                old.rmtree()
-            elif old.exists():
-                old.unlink()
-        files = []
-        for root, _, names in os.walk(local.out_dir):
-            for name in sorted(names):
-                rel = os.path.relpath(os.path.join(root, name), local.out_dir)
-                dst = out.joinpath(*rel.split(os.sep))
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                paths.path(os.path.join(root, name)).copy(dst)
-                files.append(os.fspath(dst))
+    files = [os.fspath(out.joinpath(*name.split(os.sep))) for name in names]
     return TorchExport(os.fspath(out), {p: os.fspath(out / p) for p in local.parts}, tuple(sorted(files)),
                        local.manifest)
 

@@ -3,6 +3,7 @@ GCS server (tests/gcs_server.py: gcp-storage-emulator in memory on 127.0.0.1): e
 read STORAGE_EMULATOR_HOST, Orbax's tensorstore TENSORSTORE_GCS_HTTP_URL. The data stays on
 a file system (ArrayRecord is read by path: on a pod, a gcsfuse mount).
 """
+import json
 import os
 import socket
 import subprocess
@@ -153,12 +154,27 @@ def test_a_gs_run_saves_resumes_and_loads_like_a_local_one(tmp_path, gcs, monkey
     for f in local_files:
         assert (paths.path(gcs) / "torch" / f).read_bytes() == (tmp_path / "torch" / f).read_bytes(), f
     assert remote.sizes() == local_export.sizes() and remote.out_dir == f"{gcs}/torch"
-    with pytest.raises(FileExistsError, match=f"--out {gcs}/torch already exists and is not empty"):
+    with pytest.raises(FileExistsError, match=f"{gcs}/torch already exists and is not empty"):
         to_torch_tool.run(run, f"{gcs}/torch")
-    # QNN graphs feed Qualcomm's local toolchain: a gs:// OUT is an error naming it.
+    # The QNN export (ONNX / AIMET write local files) to gs://: made locally, then copied; the
+    # graphs are the local export's, byte for byte.
     from genieblue_jax.export.qnn import export_qnn
-    with pytest.raises(ValueError, match=f"{gcs}/qnn: written on local disk only"):
-        export_qnn(remote_model, f"{gcs}/qnn", quantize="no", calib=0)
+    for out in (str(tmp_path / "qnn"), f"{gcs}/qnn"):
+        export_qnn(remote_model, out, quantize="no", calib=0, context=64, prefill_len=16, log=lambda _: None)
+    local_files = sorted(str(p.relative_to(tmp_path / "qnn")) for p in (tmp_path / "qnn").rglob("*") if p.is_file())
+    assert "onnx/manifest.json" in local_files and "report.json" in local_files
+    remote_qnn = paths.path(gcs) / "qnn"  # (no recursive glob on gs://: two levels)
+    assert sorted(str(p.relative_to(remote_qnn)) for d in (remote_qnn, remote_qnn / "onnx") for p in d.iterdir()
+                  if p.is_file()) == local_files
+    for f in local_files:
+        if f.endswith((".onnx", ".weights")):
+            assert (remote_qnn / f).read_bytes() == (tmp_path / "qnn" / f).read_bytes(), f
+    untimed = [json.loads(m) for m in ((remote_qnn / "onnx/manifest.json").read_text(),
+                                       (tmp_path / "qnn/onnx/manifest.json").read_text())]
+    for m in untimed:
+        for g in m["graphs"].values():
+            g.pop("seconds")  # the export's wall time
+    assert untimed[0] == untimed[1]
     assert _tree_has_colon_dir(tmp_path) == [] and not os.path.exists(os.path.join(tmp_path, "gs:"))
 
 

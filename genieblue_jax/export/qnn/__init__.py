@@ -88,7 +88,13 @@ def export_qnn(model, out_dir: str, *, context: int = 2048, prefill_len: int = 1
         if calib == 0:
             raise ValueError("quantize='yes' needs calibration data: calib must be >= 1 (or quantize='no' for the "
                              "float graphs only)")
-    out_dir = paths.local_dir(out_dir)  # ONNX / AIMET write local files: a gs:// destination is an error
+    if paths.is_remote(out_dir):  # ONNX / AIMET write local files: made here, then copied
+        with paths.written_locally(out_dir, replace=("onnx", "qnn", "report.json", "report.md"), overwrite=overwrite,
+                                   prefix="genieblue_qnn_") as local:
+            return export_qnn(model, local, context=context, prefill_len=prefill_len, vision_batch=vision_batch,
+                              calib=calib, decode_steps=decode_steps, data=data, tokenizer=tokenizer,
+                              quantize=quantize, embedding=embedding, parity=parity, log=log)
+    out_dir = paths.local_dir(out_dir)
     if os.path.exists(out_dir) and os.listdir(out_dir):
         if not overwrite:
             raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite / --overwrite to replace it)")
