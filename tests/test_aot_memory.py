@@ -14,7 +14,9 @@ def _plan(*args):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.run([sys.executable, "-m", "tools.aot_memory", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
-    return proc.returncode, proc.stdout.strip().splitlines()
+    lines = proc.stdout.strip().splitlines()
+    assert lines, f"tools.aot_memory printed nothing (rc {proc.returncode}):\n{proc.stderr[-3000:]}"
+    return proc.returncode, lines
 
 
 def test_a_small_stage2_step_compiles_for_a_v5e_2x2_slice():

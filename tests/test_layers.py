@@ -5,6 +5,8 @@ must go to a layer its own layer may use. Nothing in the library imports `experi
 """
 import ast
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -126,6 +128,17 @@ def deferred_imports(module: str, path: str) -> set[tuple[str, str]]:
 def test_no_import_of_our_own_modules_is_deferred_without_a_reason():
     found = set().union(*(deferred_imports(m, p) for m, p in _modules()))
     assert found == set(DEFERRED)
+
+
+def test_the_recipes_and_the_demo_import_no_jax():
+    """tests/conftest.py imports experiments.demo (the recipes with it) before it sets
+    JAX_PLATFORMS=cpu, which jax reads when imported: were jax imported first, every test
+    process would also start libtpu (the `tpu` extra), holding its lockfile against the TPU
+    compiler that tools.aot_memory runs as a subprocess."""
+    code = "import sys, experiments.demo, experiments.configs.stage2_skip; print(sorted(m for m in sys.modules " \
+           "if m.split('.')[0] in ('jax', 'jaxlib', 'genieblue_jax')))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_the_checker_sees_an_upward_import(tmp_path, monkeypatch):

@@ -5,8 +5,6 @@
 import os
 import sys
 
-from genieblue_jax import workdir
-
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -18,9 +16,13 @@ def expand_config_arg(argv: list[str]) -> list[str]:
     """`--config=stage2_skip[:paper]` -> `--config=<this folder>/stage2_skip.py[:paper]`;
     paths to config files pass through. An unknown recipe exits naming the known ones; a
     renamed key (`genieblue_jax.workdir.RENAMED_KEYS`) exits naming its new name."""
+    # Here, not at the top: importing this package must not import jax (tests/conftest.py
+    # imports experiments.demo before it sets JAX_PLATFORMS, which jax reads at import).
+    from genieblue_jax.workdir import RENAMED_KEYS
+
     out = []
     for a in argv:
-        for old, new in workdir.RENAMED_KEYS.items():
+        for old, new in RENAMED_KEYS.items():
             if a.startswith(f"--config.{old}="):
                 sys.exit(f"--config.{old} was renamed --config.{new} (a 384-px crop of an image is a tile)")
         if a.startswith("--config=") and not a.split("=", 1)[1].split(":")[0].endswith(".py"):

@@ -17,7 +17,9 @@ import dataclasses
 import json
 import logging
 import os
+import queue
 import signal
+import threading
 import time
 
 import jax
@@ -94,6 +96,7 @@ RANGES = {
     "data.max_tiles": (1, True, None, False), "data.max_tiles_per_row": (0, True, None, False),
     "data.num_workers": (0, True, None, False), "data.read_threads": (0, True, None, False),
     "data.read_buffer": (0, True, None, False), "data.max_rejects_in_a_row": (1, True, None, False),
+    "data.prefetch": (0, True, None, False),
     "train.loss_chunk": (0, True, None, False),
     "model.attention_chunk": (0, True, None, False), "model.lora_alpha": (0, False, None, False),
     "optim.lr": (0, True, None, False), "optim.warmup_steps": (0, True, None, False),
@@ -265,7 +268,7 @@ def make_train_step(mcfg, tx, num_sources: int, micro_batches: int, loss_chunk: 
         # batch is: no host-side all-gather of per-host counts.
         metrics = {"loss": loss, "grad_norm": grad_norm, "ok": ok, "trained_tokens": trained,
                    "seq_tokens": jnp.sum(batch["segment_ids"] > 0),
-                   "source_nll": src_nll, "source_tokens": src_cnt}
+                   "source_nll": src_nll, "source_tokens": src_cnt, "bad_steps": new_state["bad_steps"]}
         return new_state, metrics
 
     return step_fn
@@ -304,6 +307,54 @@ def to_global(batch: dict, mesh) -> dict:
     process i's rows are rows [i B/n, (i + 1) B/n) of the global batch."""
     s = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(s, np.asarray(batch[k])) for k in BATCH_KEYS}
+
+
+class BatchPrefetcher:
+    """The next global batch, prepared while the current step runs: host assembly (`next` of
+    the data iterator) and the host->device copy (`to_global`) in a background thread, `depth`
+    batches ahead (0: in the caller's thread, nothing ahead). Each item is (device batch, the
+    iterator's state after that batch, its statistics then), so a checkpoint records
+    the position of the last batch trained, not of the one prepared ahead. An error of the
+    iterator (e.g. `RejectionStreakError`) is raised by the `next` that would have returned
+    its batch."""
+
+    def __init__(self, data_iter, mesh, depth: int):
+        self._it, self._mesh, self._stop = data_iter, mesh, threading.Event()
+        self._queue = queue.Queue(maxsize=max(depth, 1))
+        self._thread = threading.Thread(target=self._fill, daemon=True, name="batch-prefetch") if depth else None
+        if self._thread is not None:
+            self._thread.start()
+
+    def _item(self):
+        rows = next(self._it)
+        return to_global(rows, self._mesh), self._it.get_state(), self._it.stats  # stats: a fresh dict
+
+    def _fill(self):
+        while not self._stop.is_set():
+            try:
+                item = self._item()
+            except BaseException as e:  # handed to the consumer, which raises it
+                item = e
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, BaseException):
+                return
+
+    def __next__(self):
+        item = self._queue.get() if self._thread is not None else self._item()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self):
+        """Stops the background thread (a batch it prepared is dropped)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
 
 
 def any_host_stops(requested: bool) -> bool:
@@ -422,7 +473,7 @@ def restore_checkpoint(mngr, step: int, abstract_state):
 # workdir's checkpoints were trained with is an error naming the keys (check_resumable).
 RESUMABLE = ("train.steps", "train.log_every", "train.max_bad_steps", "train.peak_flops_per_device",
              "checkpoint.every_steps", "checkpoint.keep", "data.read_threads", "data.read_buffer",
-             "data.num_workers", "data.max_rejects_in_a_row", "demo.")
+             "data.num_workers", "data.max_rejects_in_a_row", "data.prefetch", "demo.")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -490,8 +541,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, step_hooks=()) -> 
     `step_hooks`: callables, each called as `hook(step, row)` after every step on every process
     (`step` counts completed steps, from 1; `row` is that step's metrics dict, the keys of a
     metrics.jsonl row, whether or not the row is written), before the step's checkpoint is
-    considered, like CLU's periodic actions: profiling, evaluation, early stopping (raise). A
-    SIGTERM that arrives during a hook is honoured after that same step.
+    considered, like CLU's periodic actions: profiling, evaluation, early stopping (raise).
+
+    The host waits for the device only at log steps (`train.log_every`), checkpoint steps and
+    the last step; there the metrics of every step since are fetched and checked in order
+    (hooks run then), and a SIGTERM is agreed on by all hosts and honoured. Meanwhile the next
+    batch is prepared `data.prefetch` batches ahead (`BatchPrefetcher`).
 
     The workdir is held for the run (`WorkdirLock`: a flock on local disk, a renewed lease on
     gs://): a second trainer on it gets WorkdirInUseError naming the holder.
@@ -556,42 +611,54 @@ def _train(config: ml_collections.ConfigDict, workdir: str, step_hooks) -> dict:
     preemption = _Preemption()
     lr_schedule = schedule(config.optim.lr, config.optim.warmup_steps, config.train.steps)  # for logging
     total_steps = config.train.steps
-    last = {}
+    every, ckpt_every = config.train.log_every, config.checkpoint.every_steps
+    batches = BatchPrefetcher(data_iter, mesh, config.data.prefetch)
+    last, data_state = {}, None
     try:
         step = int(state["step"])
         writer.start(step, total_steps, desc=f"{config.train.stage} {mcfg.structure.name}")
+        pending, t_window = [], time.perf_counter()  # steps dispatched, their metrics still on device
         while step < total_steps:
-            t0 = time.perf_counter()
-            rows = next(data_iter)
-            state, m = jit_step(state, frozen, to_global(rows, mesh))
+            batch, data_state, data_stats = next(batches)
+            state, m = jit_step(state, frozen, batch)
             step += 1
-            m = jax.device_get(m)
-            if not m["ok"] and m["trained_tokens"] == 0:
-                writer.skipped += 1
-                log.warning("step %d: the batch has no trained token (every loss mask is zero); nothing updated", step)
-            elif not m["ok"]:
-                writer.skipped += 1
-                log.warning("step %d: non-finite loss, gradient or update; update skipped", step)
-                if int(state["bad_steps"]) >= config.train.max_bad_steps:
-                    mngr.wait_until_finished()
-                    good = mngr.latest_step()
-                    raise FloatingPointError(
-                        f"{int(state['bad_steps'])} non-finite steps in a row at step {step}; stopping. " +
-                        (f"The last good checkpoint is step {good} in {workdir}/checkpoints" if good is not None
-                         else "No checkpoint was saved (no step was finite since the start)"))
-            last = writer.row(step, m, lr=float(lr_schedule(step)), step_time=time.perf_counter() - t0,
-                              data_stats=data_iter.stats)
-            for hook in step_hooks:
-                hook(step, last)
+            pending.append((step, m, data_stats))
+            # The host waits for the device only at log, checkpoint and last steps (the same steps
+            # on every host: the preemption check there is a collective), so the next batch is
+            # assembled while this step runs. Every step's metrics are checked there, in order.
+            if step % every and step % ckpt_every and step < total_steps:
+                continue
+            fetched = jax.device_get([m for _, m, _ in pending])
+            step_time, t_window = (time.perf_counter() - t_window) / len(pending), time.perf_counter()
+            for (s, _, stats), m in zip(pending, fetched):
+                if not m["ok"] and m["trained_tokens"] == 0:
+                    writer.skipped += 1
+                    log.warning("step %d: the batch has no trained token (every loss mask is zero); nothing updated", s)
+                elif not m["ok"]:
+                    writer.skipped += 1
+                    log.warning("step %d: non-finite loss, gradient or update; update skipped", s)
+                    if int(m["bad_steps"]) >= config.train.max_bad_steps:
+                        mngr.wait_until_finished()
+                        good = mngr.latest_step()
+                        raise FloatingPointError(
+                            f"{int(m['bad_steps'])} non-finite steps in a row at step {s}; stopping. " +
+                            (f"The last good checkpoint is step {good} in {workdir}/checkpoints" if good is not None
+                             else "No checkpoint was saved (no step was finite since the start)"))
+                last = writer.row(s, m, lr=float(lr_schedule(s)), step_time=step_time, data_stats=stats)
+                for hook in step_hooks:
+                    hook(s, last)
+                if s % every == 0 or s == total_steps:
+                    writer.write(last)
+            pending = []
             stop = any_host_stops(preemption.requested)
-            if step % config.train.log_every == 0 or step == total_steps or stop:
+            if stop and step % every and step < total_steps:
                 writer.write(last)
             # Never during a run of non-finite steps: a bad step's checkpoint would rotate a good
             # one out (checkpoint.keep), and the stop message points at the last good one.
-            in_bad_streak = int(state["bad_steps"]) > 0  # an accepted step resets it to 0
-            if (step % config.checkpoint.every_steps == 0 or step == total_steps or stop) and not in_bad_streak:
-                save_checkpoint(mngr, checksummer, step, state, data_iter.get_state(), meta)
-            elif in_bad_streak and (step % config.checkpoint.every_steps == 0 or stop):
+            in_bad_streak = int(fetched[-1]["bad_steps"]) > 0  # an accepted step resets it to 0
+            if (step % ckpt_every == 0 or step == total_steps or stop) and not in_bad_streak:
+                save_checkpoint(mngr, checksummer, step, state, data_state, meta)
+            elif in_bad_streak and (step % ckpt_every == 0 or stop):
                 log.warning("step %d: no checkpoint written during non-finite steps", step)
             if stop:
                 mngr.wait_until_finished()
@@ -599,6 +666,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, step_hooks) -> dict:
                       flush=True)
                 break
     finally:
+        batches.close()
         mngr.wait_until_finished()
         mngr.close()
         writer.close()

@@ -170,10 +170,21 @@ def test_rows_of_steps_lost_with_a_killed_run_are_dropped_on_resume(tmp_path, re
     assert purges == [4]
 
 
-def test_metrics_rows_every_log_every_steps_and_the_last(tmp_path, reference):
-    seen = []
-    run = trainer.train(tiny_config(**{"train.steps": 6, "train.log_every": 4}), str(tmp_path / "run"),
-                        step_hooks=[lambda step, row: seen.append((step, row))])
+def test_metrics_rows_every_log_every_steps_and_the_last(tmp_path, reference, monkeypatch):
+    """log_every 4 over 6 steps, without prefetching: rows of steps 4 and 6; the host fetched
+    metrics from the device twice (the 4 steps so far, then 2); every step's loss is the
+    reference run's (which prefetches a batch ahead), bitwise."""
+    seen, fetches, device_get = [], [], jax.device_get
+
+    def counting_device_get(x):
+        if isinstance(x, list) and x and isinstance(x[0], dict) and "loss" in x[0]:  # the loop's metrics
+            fetches.append(len(x))
+        return device_get(x)
+
+    monkeypatch.setattr(jax, "device_get", counting_device_get)
+    run = trainer.train(tiny_config(**{"train.steps": 6, "train.log_every": 4, "data.prefetch": 0}),
+                        str(tmp_path / "run"), step_hooks=[lambda step, row: seen.append((step, row))])
+    assert fetches == [4, 2]
     assert [step for step, _ in seen] == [1, 2, 3, 4, 5, 6]           # hooks: every step, in order
     assert [row["step"] for _, row in seen] == [1, 2, 3, 4, 5, 6]
     assert [row["loss"] for _, row in seen] == losses(reference["workdir"])  # every step computed as before
