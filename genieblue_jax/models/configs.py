@@ -187,6 +187,25 @@ PRESETS: dict[str, _Config] = {
         family="qwen2", vocab_size=151936, hidden_size=2048, num_layers=36, num_heads=16,
         num_kv_heads=2, head_dim=128, intermediate_size=11008, rope_theta=1e6, rms_norm_eps=1e-6,
         qkv_bias=True, tie_embeddings=True, max_position_embeddings=32768),
+    # Real shapes for benchmarks and memory plans (numbers from each model's config.json).
+    "qwen2.5-0.5b": LLMConfig(
+        family="qwen2", vocab_size=151936, hidden_size=896, num_layers=24, num_heads=14,
+        num_kv_heads=2, head_dim=64, intermediate_size=4864, rope_theta=1e6, rms_norm_eps=1e-6,
+        qkv_bias=True, tie_embeddings=True, max_position_embeddings=32768),
+    "qwen2.5-1.5b": LLMConfig(
+        family="qwen2", vocab_size=151936, hidden_size=1536, num_layers=28, num_heads=12,
+        num_kv_heads=2, head_dim=128, intermediate_size=8960, rope_theta=1e6, rms_norm_eps=1e-6,
+        qkv_bias=True, tie_embeddings=True, max_position_embeddings=32768),
+    "qwen2.5-7b": LLMConfig(
+        family="qwen2", vocab_size=152064, hidden_size=3584, num_layers=28, num_heads=28,
+        num_kv_heads=4, head_dim=128, intermediate_size=18944, rope_theta=1e6, rms_norm_eps=1e-6,
+        qkv_bias=True, tie_embeddings=False, max_position_embeddings=32768),
+    # Llama-3.2-1B's shapes. Its config's llama3 RoPE scaling (factor 32) is not implemented:
+    # shapes, FLOPs and memory plans only (importing its checkpoint is refused: rope_scaling).
+    "llama-3.2-1b": LLMConfig(
+        family="llama", vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32,
+        num_kv_heads=8, head_dim=64, intermediate_size=8192, rope_theta=5e5, rms_norm_eps=1e-5,
+        tie_embeddings=True, max_position_embeddings=131072),
     # The Llama-family case: untied embeddings, no biases, GQA (TinyLlama-1.1B's numbers).
     "tinyllama-1.1b": LLMConfig(
         family="llama", vocab_size=32000, hidden_size=2048, num_layers=22, num_heads=32,
@@ -196,6 +215,12 @@ PRESETS: dict[str, _Config] = {
     "siglip-so400m-384": VisionConfig(
         image_size=384, patch_size=14, hidden_size=1152, num_layers=27, num_heads=16,
         intermediate_size=4304, layer_norm_eps=1e-6, use_head=True),
+    "siglip-so400m-224": VisionConfig(
+        image_size=224, patch_size=14, hidden_size=1152, num_layers=27, num_heads=16,
+        intermediate_size=4304, layer_norm_eps=1e-6, use_head=True),
+    "siglip-base-patch16-224": VisionConfig(
+        image_size=224, patch_size=16, hidden_size=768, num_layers=12, num_heads=12,
+        intermediate_size=3072, layer_norm_eps=1e-6, use_head=True),
     # Tiny presets for tests and the CPU demo.
     "tiny-qwen2": LLMConfig(
         family="qwen2", vocab_size=512, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2,

@@ -9,6 +9,13 @@ from genieblue_jax import models
     ("qwen2.5-3b", 3_085_938_688),          # SPEC
     ("siglip-so400m-384", 428_225_600),     # SPEC, with the attention-pooling head
     ("tinyllama-1.1b", 1_100_048_384),      # TinyLlama-1.1B's published size
+    # The published sizes of the HF models (transformers' num_parameters() of each release).
+    ("qwen2.5-0.5b", 494_032_768),
+    ("qwen2.5-1.5b", 1_543_714_304),
+    ("qwen2.5-7b", 7_615_616_512),
+    ("llama-3.2-1b", 1_235_814_400),
+    ("siglip-base-patch16-224", 92_884_224),  # SiglipVisionModel of google/siglip-base-patch16-224
+    ("siglip-so400m-224", 428_225_600 - (729 - 256) * 1152),  # the 384 tower with 16 x 16 positions, not 27 x 27
 ])
 def test_preset_parameter_counts(name, count):
     abstract = models.abstract_params(models.get_preset(name))
