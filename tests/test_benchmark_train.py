@@ -20,6 +20,8 @@ def test_engine_benchmark_step_runs_and_counts_what_it_trained():
                                       overrides=["mesh.data=1"])
     assert (r["trainable"], r["total"]) == EXPECTED["stage2_skip"]
     assert math.isfinite(r["first_loss"]) and r["step_s"] > 0
+    # The MFU's FLOP count (train.metrics.step_flops) against XLA's own count of the compiled step.
+    assert abs(r["xla_flops"] / r["flops"] - 1) < 0.10, (r["xla_flops"], r["flops"])
 
 
 def test_benchmark_batch_has_the_reference_layout():

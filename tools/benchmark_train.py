@@ -11,7 +11,7 @@ random text ids, each row with `tiles_per_row` 56 px images whose 16 tokens each
 at offset 16; loss on the non-image targets. Each variant runs in a fresh process, so
 its peak RSS (`ru_maxrss`) is its own. Reported per variant: compile time, mean /
 median step time over `--steps` after `--warmup`, tokens/s, an MFU estimate
-(`train.metrics.flops_per_token`, peak `--peak_flops`), peak RSS; then the PyTorch
+(`train.metrics.step_flops`, checked against XLA's cost analysis; peak `--peak_flops`), peak RSS; then the PyTorch
 reference's step time (transformers + PEFT, eager, same frozen / trainable split) and
 the ratios the training issue asks for: stage2_skip / full_ft (frozen weights need no
 weight gradient) and JAX / PyTorch.
@@ -151,10 +151,14 @@ def benchmark_one(variant: str, *, batch_size: int = 8, seq_len: int = 512, tile
         raise RuntimeError(f"{variant}: non-finite loss {losses}")
     mean = statistics.mean(times)
     tokens = batch_size * seq_len
-    flops = metrics_lib.flops_per_token(mcfg, config.train.stage) * tokens
+    flops = metrics_lib.step_flops(mcfg, config.train.stage, rows=batch_size, seq_len=seq_len,
+                                   tiles=batch_size * tiles_per_row, attention_chunk=config.model.attention_chunk)
+    cost = compiled.cost_analysis()
+    xla_flops = float((cost[0] if isinstance(cost, list) else cost)["flops"])  # XLA's count of the same step
     n_trainable = models.count_params(trainable)
     return dict(variant=variant, compile_s=compile_s, step_s=mean, median_s=statistics.median(times),
                 min_s=min(times), tokens_per_s=tokens / mean, mfu=flops / mean / (peak_flops * jax.device_count()),
+                flops=flops, xla_flops=xla_flops,
                 trainable=n_trainable, total=n_trainable + models.count_params(frozen),
                 peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 first_loss=losses[0], last_loss=losses[-1], devices=jax.device_count(),

@@ -1,16 +1,23 @@
 """Training metrics: JSONL + TensorBoard event files in the workdir, a console progress bar.
 
-FLOPs per trained-sequence token (`flops_per_token`), the usual 2N forward / 4N backward
-accounting, split by what trains:
+FLOPs of one training step (`step_flops`), counted as the step computes them, by the usual
+2 FLOPs per multiply-add and one pass each for the forward, the activation gradients and
+the weight gradients:
 
-    trainable weights      6 N   (forward 2N, activation gradient 2N, weight gradient 2N)
-    frozen weights         4 N   (forward 2N, activation gradient 2N; no weight gradient)
+    trainable weights      6 N per token (forward, activation gradient, weight gradient)
+    frozen weights         4 N per token (forward, activation gradient: a trainable part
+                           lies below every LLM layer); a frozen vision tower 2 N (forward)
+    LLM attention scores   4 H d per query-key pair per layer (QK^T and AV) over the key
+                           prefixes computed (`attention_chunk` skips the causal future),
+                           x 3, or x 4 when chunked (each block is recomputed, jax.checkpoint)
+    vision tower           per real tile: its patch embedding and the layers up to
+                           `select_layer` (N per patch) plus their attention, then the
+                           projector per LLM token of the tile
 
-N counts the LLM weights a token passes through in the multimodal path: for GenieBlue
-the non-replaced base blocks (frozen) plus the branch (trainable); embeddings and the
-tied head count once. The vision tower is per image tile, not per token, and is left
-out, as is attention's own (sequence-length dependent) cost: the MFU printed is an
-estimate for comparing runs and variants, not a profile.
+N counts weight matrices only (biases and norms are not matmuls); the embedding lookup is
+no matmul (a tied embedding counts once, as the LM head). Padding rows, padding tokens and
+padding tile slots cost compute but are not useful work, so MFU counts the step's real
+tiles (`tiles`); the test compares the count with XLA's own `cost_analysis()` of the step.
 """
 from __future__ import annotations
 
@@ -18,6 +25,7 @@ import json
 import logging
 import time
 
+import jax
 import numpy as np
 
 from genieblue_jax import models, paths, structure
@@ -61,21 +69,46 @@ def peak_flops_per_device(device_kind: str, configured: float = 0.0) -> float:
     raise ValueError(f"no peak FLOP/s known for device kind {device_kind!r}: set train.peak_flops_per_device")
 
 
-def flops_per_token(mcfg: structure.MLLMConfig, stage: str) -> float:
-    """Training FLOPs per trained-sequence token of the LLM path for `stage`, by the module
-    docstring's accounting (6 N for trainable weights, 4 N for frozen ones; no vision tower, no
-    attention scores). Used for the printed MFU."""
+def _matmul_params(tree) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree) if len(x.shape) >= 2)
+
+
+def step_flops(mcfg: structure.MLLMConfig, stage: str, *, rows: int, seq_len: int, tiles: int,
+               attention_chunk: int = 0) -> float:
+    """FLOPs of one training step of `stage` (module docstring) on `rows` packed rows of
+    `seq_len` tokens holding `tiles` real image tiles (all micro-batches together); linear in
+    `tiles`, so step_flops(tiles=k) = step_flops(tiles=0) + k * (per-tile FLOPs)."""
     abstract = structure.abstract_mllm(mcfg)
-    llm = models.flatten(abstract["llm"])
-    branch = models.flatten(abstract["branch"])
-    replaced = set(branch) & set(llm)             # replicated blocks swap these base leaves out
-    base_used = models.count_params([v for n, v in llm.items() if n not in replaced])
-    branch_n = models.count_params(list(branch.values()))
-    if stage in ("full", "pretrain"):
-        return 6.0 * base_used
-    if stage == "stage1":
-        return 4.0 * (base_used + branch_n)
-    return 4.0 * base_used + 6.0 * branch_n
+    train = structure.trainable_names(abstract, stage)
+    flat = models.flatten(abstract)
+    is_trained = {c: any(n.startswith(c + "/") for n in train) for c in abstract}
+
+    def weights(component: str, keep=lambda name: True) -> tuple[int, int]:  # (trainable, frozen) matmul params
+        names = [n for n in flat if n.startswith(component + "/") and keep(n[len(component) + 1:])]
+        return (_matmul_params([flat[n] for n in names if n in train]),
+                _matmul_params([flat[n] for n in names if n not in train]))
+
+    llm = mcfg.llm
+    replaced = set(models.flatten(abstract["branch"])) & set(models.flatten(abstract["llm"]))
+    lookup_only = set() if llm.tie_embeddings else {"embed_tokens/embedding"}
+    llm_t, llm_f = weights("llm", lambda n: n not in replaced and n not in lookup_only)
+    br_t, br_f = weights("branch")
+    tokens = rows * seq_len
+    total = tokens * (6.0 * (llm_t + br_t) + 4.0 * (llm_f + br_f))
+    chunk = attention_chunk if 0 < attention_chunk < seq_len else seq_len
+    pairs = sum((min(lo + chunk, seq_len) - lo) * min(lo + chunk, seq_len) for lo in range(0, seq_len, chunk))
+    total += (4 if chunk < seq_len else 3) * 4.0 * llm.num_heads * llm.head_dim * pairs * llm.num_layers * rows
+    if tiles and "vision" in abstract:
+        v = mcfg.vision
+        run = v.num_layers if v.select_layer == -1 else v.select_layer % (v.num_layers + 1)
+        per_patch = 3 * v.patch_size ** 2 * v.hidden_size + run * (4 * v.hidden_size ** 2
+                                                                   + 2 * v.hidden_size * v.intermediate_size)
+        vision = 2.0 * v.num_patches * per_patch + run * 4.0 * v.num_patches ** 2 * v.hidden_size
+        proj_t, proj_f = weights("projector")
+        below = is_trained["vision"]  # activation gradients through the projector
+        projector = 2.0 * mcfg.tokens_per_tile * (3 * proj_t + (2 if below else 1) * proj_f)
+        total += tiles * ((3 if is_trained["vision"] else 1) * vision + projector)
+    return total
 
 
 def _step_of(line: str) -> int | None:
@@ -94,7 +127,8 @@ class MetricsWriter:
     of seconds each) costs little. TensorBoard events go through tensorboardX, which writes
     gs:// itself (google-cloud-storage)."""
 
-    def __init__(self, workdir: str, sources, *, flops_per_token: float, peak_flops: float, start_step: int = 0):
+    def __init__(self, workdir: str, sources, *, step_flops: tuple[float, float], peak_flops: float,
+                 start_step: int = 0):
         """`start_step`: the step training (re)starts from. Rows of later steps, logged by a run
         killed before it checkpointed them, are dropped from metrics.jsonl (and a line cut by the
         kill), and TensorBoard hides their events (tensorboardX `purge_step`): the steps the
@@ -102,7 +136,7 @@ class MetricsWriter:
         import jax
         self.primary = jax.process_index() == 0
         self.sources = tuple(sources)
-        self.flops_per_token = flops_per_token
+        self.step_flops = step_flops  # (FLOPs of a step without images, FLOPs per real tile)
         self.peak_flops = peak_flops
         self.skipped = 0
         self._jsonl = self._lines = self._tb = None
@@ -136,13 +170,14 @@ class MetricsWriter:
         written: `write(row)` does, for the steps the trainer logs (`train.log_every`).
 
         `m`: the step's metrics; m["seq_tokens"] is the non-padding tokens of the whole global
-        batch (all processes' rows), for tokens/s and MFU against `peak_flops` (all devices).
+        batch (all processes' rows), for tokens/s; m["tiles"] its real image tiles, for the
+        step's FLOPs (`step_flops`) and MFU against `peak_flops` (all devices).
         `data_stats`: this host's pipeline statistics (rejections)."""
         tokens, seq_tokens = int(m["trained_tokens"]), int(m["seq_tokens"])
         row = {"step": step, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "lr": lr,
                "step_time_s": step_time, "seq_tokens": seq_tokens, "tokens_per_s": seq_tokens / step_time,
                "trained_tokens": tokens,
-               "mfu": seq_tokens * self.flops_per_token / step_time / self.peak_flops,
+               "mfu": (self.step_flops[0] + self.step_flops[1] * int(m["tiles"])) / step_time / self.peak_flops,
                "skipped_steps": self.skipped, "rejected_samples": sum(data_stats["rejected"].values())}
         nll, cnt = np.asarray(m["source_nll"]), np.asarray(m["source_tokens"])
         for i, name in enumerate(self.sources):

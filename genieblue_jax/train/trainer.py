@@ -268,7 +268,8 @@ def make_train_step(mcfg, tx, num_sources: int, micro_batches: int, loss_chunk: 
         # batch is: no host-side all-gather of per-host counts.
         metrics = {"loss": loss, "grad_norm": grad_norm, "ok": ok, "trained_tokens": trained,
                    "seq_tokens": jnp.sum(batch["segment_ids"] > 0),
-                   "source_nll": src_nll, "source_tokens": src_cnt, "bad_steps": new_state["bad_steps"]}
+                   "source_nll": src_nll, "source_tokens": src_cnt, "bad_steps": new_state["bad_steps"],
+                   "tiles": jnp.sum(batch["tokens"] == mcfg.image_token_id) // mcfg.tokens_per_tile}
         return new_state, metrics
 
     return step_fn
@@ -355,6 +356,15 @@ class BatchPrefetcher:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=60)
+
+
+def step_flops_model(config: ml_collections.ConfigDict, setup: Setup) -> tuple[float, float]:
+    """(FLOPs of one step without images, FLOPs per real tile) of the recipe's global batch
+    (`metrics.step_flops`), for the MFU of each step."""
+    kw = dict(rows=setup.batch["global_rows"], seq_len=config.data.seq_len,
+              attention_chunk=config.model.attention_chunk)
+    base = metrics_lib.step_flops(setup.mcfg, config.train.stage, tiles=0, **kw)
+    return base, metrics_lib.step_flops(setup.mcfg, config.train.stage, tiles=1, **kw) - base
 
 
 def any_host_stops(requested: bool) -> bool:
@@ -606,7 +616,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, step_hooks) -> dict:
                        out_shardings=(state_shardings, None), donate_argnums=(0,))
     peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind, config.train.peak_flops_per_device)
     writer = metrics_lib.MetricsWriter(workdir, setup.pipeline.packing.sources,
-                                       flops_per_token=metrics_lib.flops_per_token(mcfg, config.train.stage),
+                                       step_flops=step_flops_model(config, setup),
                                        peak_flops=peak * jax.device_count(), start_step=int(state["step"]))
     preemption = _Preemption()
     lr_schedule = schedule(config.optim.lr, config.optim.warmup_steps, config.train.steps)  # for logging
