@@ -71,7 +71,6 @@ def local_dir(p: str | os.PathLike) -> str:
     return os.fspath(path(p))
 
 
-
 @contextlib.contextmanager
 def written_locally(url: str, *, replace: Iterable[str], overwrite: bool, prefix: str) -> Iterator[str]:
     """For writers that need files on this machine's disk (PyTorch / ONNX / AIMET exports) and

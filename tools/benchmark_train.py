@@ -151,8 +151,9 @@ def benchmark_one(variant: str, *, batch_size: int = 8, seq_len: int = 512, tile
         raise RuntimeError(f"{variant}: non-finite loss {losses}")
     mean = statistics.mean(times)
     tokens = batch_size * seq_len
-    flops = metrics_lib.step_flops(mcfg, config.train.stage, rows=batch_size, seq_len=seq_len,
-                                   tiles=batch_size * tiles_per_row, attention_chunk=config.model.attention_chunk)
+    base, per_tile = metrics_lib.step_flops(mcfg, config.train.stage, rows=batch_size, seq_len=seq_len,
+                                            attention_chunk=config.model.attention_chunk)
+    flops = base + per_tile * batch_size * tiles_per_row
     cost = compiled.cost_analysis()
     xla_flops = float((cost[0] if isinstance(cost, list) else cost)["flops"])  # XLA's count of the same step
     n_trainable = models.count_params(trainable)

@@ -82,14 +82,18 @@ class SafetensorsCheckpoint:
     def __contains__(self, name: str) -> bool:
         return name in self._entries
 
+    def _file(self, name: str):
+        """The open file holding tensor `name`; KeyError naming the tensor if absent."""
+        try:
+            return self._files[self._entries[name]]
+        except KeyError:
+            raise KeyError(f"tensor {name!r} not found in {self.hf_dir}") from None
+
     def slice(self, name: str):
         """The tensor as a lazy `safetensors` slice: `.get_shape()`, `.get_dtype()` (the file's
         tag, e.g. "BF16") and `[index]` (basic slices) reading only those bytes. KeyError naming
         the tensor if absent."""
-        try:
-            return self._files[self._entries[name]].get_slice(name)
-        except KeyError:
-            raise KeyError(f"tensor {name!r} not found in {self.hf_dir}") from None
+        return self._file(name).get_slice(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
         """The tensor's shape, from the header (no data read); KeyError naming it if absent."""
@@ -97,5 +101,4 @@ class SafetensorsCheckpoint:
 
     def get(self, name: str) -> np.ndarray:
         """The whole tensor (bfloat16 as `ml_dtypes.bfloat16`); KeyError naming it if absent."""
-        self.slice(name)  # the KeyError
-        return self._files[self._entries[name]].get_tensor(name)
+        return self._file(name).get_tensor(name)

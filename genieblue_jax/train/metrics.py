@@ -73,15 +73,14 @@ def _matmul_params(tree) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree) if len(x.shape) >= 2)
 
 
-def step_flops(mcfg: structure.MLLMConfig, stage: str, *, rows: int, seq_len: int, tiles: int,
-               attention_chunk: int = 0) -> float:
-    """FLOPs of one training step of `stage` (module docstring) on `rows` packed rows of
-    `seq_len` tokens holding `tiles` real image tiles (all micro-batches together); linear in
-    `tiles`, so step_flops(tiles=k) = step_flops(tiles=0) + k * (per-tile FLOPs)."""
+def step_flops(mcfg: structure.MLLMConfig, stage: str, *, rows: int, seq_len: int,
+               attention_chunk: int = 0) -> tuple[float, float]:
+    """(FLOPs of one training step of `stage` on `rows` packed rows of `seq_len` tokens, all
+    micro-batches together, without its images; FLOPs per real image tile in it), by the
+    module docstring's count: a step holding k real tiles costs base + k * per_tile."""
     abstract = structure.abstract_mllm(mcfg)
     train = structure.trainable_names(abstract, stage)
     flat = models.flatten(abstract)
-    is_trained = {c: any(n.startswith(c + "/") for n in train) for c in abstract}
 
     def weights(component: str, keep=lambda name: True) -> tuple[int, int]:  # (trainable, frozen) matmul params
         names = [n for n in flat if n.startswith(component + "/") and keep(n[len(component) + 1:])]
@@ -93,22 +92,19 @@ def step_flops(mcfg: structure.MLLMConfig, stage: str, *, rows: int, seq_len: in
     lookup_only = set() if llm.tie_embeddings else {"embed_tokens/embedding"}
     llm_t, llm_f = weights("llm", lambda n: n not in replaced and n not in lookup_only)
     br_t, br_f = weights("branch")
-    tokens = rows * seq_len
-    total = tokens * (6.0 * (llm_t + br_t) + 4.0 * (llm_f + br_f))
+    base = rows * seq_len * (6.0 * (llm_t + br_t) + 4.0 * (llm_f + br_f))
     chunk = attention_chunk if 0 < attention_chunk < seq_len else seq_len
     pairs = sum((min(lo + chunk, seq_len) - lo) * min(lo + chunk, seq_len) for lo in range(0, seq_len, chunk))
-    total += (4 if chunk < seq_len else 3) * 4.0 * llm.num_heads * llm.head_dim * pairs * llm.num_layers * rows
-    if tiles and "vision" in abstract:
-        v = mcfg.vision
-        run = v.num_layers if v.select_layer == -1 else v.select_layer % (v.num_layers + 1)
-        per_patch = 3 * v.patch_size ** 2 * v.hidden_size + run * (4 * v.hidden_size ** 2
-                                                                   + 2 * v.hidden_size * v.intermediate_size)
-        vision = 2.0 * v.num_patches * per_patch + run * 4.0 * v.num_patches ** 2 * v.hidden_size
-        proj_t, proj_f = weights("projector")
-        below = is_trained["vision"]  # activation gradients through the projector
-        projector = 2.0 * mcfg.tokens_per_tile * (3 * proj_t + (2 if below else 1) * proj_f)
-        total += tiles * ((3 if is_trained["vision"] else 1) * vision + projector)
-    return total
+    base += (4 if chunk < seq_len else 3) * 4.0 * llm.num_heads * llm.head_dim * pairs * llm.num_layers * rows
+    v = mcfg.vision
+    run = v.num_layers if v.select_layer == -1 else v.select_layer % (v.num_layers + 1)
+    per_patch = 3 * v.patch_size ** 2 * v.hidden_size + run * (4 * v.hidden_size ** 2
+                                                               + 2 * v.hidden_size * v.intermediate_size)
+    vision = 2.0 * v.num_patches * per_patch + run * 4.0 * v.num_patches ** 2 * v.hidden_size
+    vision_trained = any(n.startswith("vision/") for n in train)
+    proj_t, proj_f = weights("projector")  # frozen: activation gradients only if the tower trains
+    projector = 2.0 * mcfg.tokens_per_tile * (3 * proj_t + (2 if vision_trained else 1) * proj_f)
+    return base, (3 if vision_trained else 1) * vision + projector
 
 
 def _step_of(line: str) -> int | None:

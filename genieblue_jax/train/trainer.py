@@ -358,15 +358,6 @@ class BatchPrefetcher:
             self._thread.join(timeout=60)
 
 
-def step_flops_model(config: ml_collections.ConfigDict, setup: Setup) -> tuple[float, float]:
-    """(FLOPs of one step without images, FLOPs per real tile) of the recipe's global batch
-    (`metrics.step_flops`), for the MFU of each step."""
-    kw = dict(rows=setup.batch["global_rows"], seq_len=config.data.seq_len,
-              attention_chunk=config.model.attention_chunk)
-    base = metrics_lib.step_flops(setup.mcfg, config.train.stage, tiles=0, **kw)
-    return base, metrics_lib.step_flops(setup.mcfg, config.train.stage, tiles=1, **kw) - base
-
-
 def any_host_stops(requested: bool) -> bool:
     """Whether any process was asked to stop (SIGTERM), agreed by all: every host then saves
     and stops after the same step. A SIGTERM reaches the hosts of a pod at different times;
@@ -616,7 +607,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, step_hooks) -> dict:
                        out_shardings=(state_shardings, None), donate_argnums=(0,))
     peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind, config.train.peak_flops_per_device)
     writer = metrics_lib.MetricsWriter(workdir, setup.pipeline.packing.sources,
-                                       step_flops=step_flops_model(config, setup),
+                                       step_flops=metrics_lib.step_flops(
+                                           mcfg, config.train.stage, rows=setup.batch["global_rows"],
+                                           seq_len=config.data.seq_len, attention_chunk=config.model.attention_chunk),
                                        peak_flops=peak * jax.device_count(), start_step=int(state["step"]))
     preemption = _Preemption()
     lr_schedule = schedule(config.optim.lr, config.optim.warmup_steps, config.train.steps)  # for logging
