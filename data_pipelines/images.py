@@ -3,7 +3,7 @@
 Pipeline for one encoded image (PNG / JPEG / ... bytes):
 
     pixels = decode_image(data)                               # uint8 (H, W, 3) RGB
-    tiles = to_tiles(pixels, tile=384, mode="dynamic")   # float32 (k, 384, 384, 3) in [-1, 1]
+    tiles = to_tiles(pixels, tile=384, mode="dynamic")   # uint8 (k, 384, 384, 3)
 
 `mode="single"` squeezes the whole image into one tile. `mode="dynamic"` resizes the image
 to the m x n grid chosen by `select_grid` (m columns, n rows of `tile`-pixel tiles), cuts
@@ -206,13 +206,17 @@ def num_tiles(width: int, height: int, *, tile: int, mode: str, max_tiles: int =
 
 
 def normalize(pixels: np.ndarray) -> np.ndarray:
-    """uint8 -> float32 SigLIP normalisation (x / 255 - 0.5) / 0.5: 0 -> -1.0, 255 -> 1.0."""
+    """uint8 -> float32 SigLIP normalisation (x / 255 - 0.5) / 0.5: 0 -> -1.0, 255 -> 1.0: the
+    `pixel_values` HF's `SiglipImageProcessor` gives, for the exported graphs that take them.
+    Training and inference in JAX normalise on device instead (`models.siglip.normalize_pixels`,
+    tested equal), so tiles travel as uint8, a quarter of float32's bytes."""
     x = pixels.astype(np.float32) / np.float32(255.0)
     return (x - np.float32(0.5)) / np.float32(0.5)
 
 
 def to_tiles(image: np.ndarray, *, tile: int, mode: str, max_tiles: int = 16) -> np.ndarray:
-    """Cut a uint8 (H, W, 3) image into float32 (k, tile, tile, 3) normalised tiles.
+    """Cut a uint8 (H, W, 3) image into uint8 (k, tile, tile, 3) tiles (resized, not normalised:
+    `normalize` on the host or `models.siglip.normalize_pixels` on device).
 
     mode "single":  k = 1, the whole image resized to tile x tile.
     mode "dynamic": the m x n grid of `select_grid`: the image is resized to
@@ -234,14 +238,14 @@ def to_tiles(image: np.ndarray, *, tile: int, mode: str, max_tiles: int = 16) ->
     pil = Image.fromarray(image, mode="RGB")
     thumbnail = _resize(pil, tile, tile)[None]
     if mode == "single":
-        return normalize(thumbnail)
+        return thumbnail
     m, n = select_grid(width, height, tile=tile, max_tiles=max_tiles)
     if m * n == 1:
-        return normalize(thumbnail)
+        return thumbnail
     grid = _resize(pil, m * tile, n * tile)                       # (n*p, m*p, 3)
     tiles = grid.reshape(n, tile, m, tile, 3).transpose(0, 2, 1, 3, 4)
     tiles = tiles.reshape(n * m, tile, tile, 3)
-    return normalize(np.concatenate([tiles, thumbnail], axis=0))
+    return np.concatenate([tiles, thumbnail], axis=0)
 
 
 def _resize(pil: Image.Image, width: int, height: int) -> np.ndarray:

@@ -11,7 +11,7 @@ Row arrays (one row; `batch_rows` stacks them):
     positions       int32 (L,)      restart per segment
     loss_mask       bool  (L,)      token t is a trained target (predicted from t-1)
     source_ids      int32 (L,)      index into `PackingSpec.sources`, -1 on padding
-    images          float32 (P, S, S, 3)  tiles in token order, zeros when unused
+    images          uint8 (P, S, S, 3)  tiles in token order (real ones first), zeros when unused
     image_valid     bool  (P,)
     image_positions int32 (P,)      first token of each tile's run, -1 when unused
 """
@@ -30,7 +30,7 @@ class Sample:
     source: str
     tokens: np.ndarray            # int32 (n,)
     loss_mask: np.ndarray         # bool (n,)
-    tiles: np.ndarray           # float32 (p, S, S, 3), in token order
+    tiles: np.ndarray           # uint8 (p, S, S, 3), in token order
     tile_starts: np.ndarray      # int32 (p,), first token of each tile within the sample
 
     def __len__(self) -> int:
@@ -89,14 +89,14 @@ def assemble_row(samples: Sequence[Sample], spec: PackingSpec) -> dict[str, np.n
     """One packed row of `spec.seq_len` tokens from `samples` (in order), as numpy arrays:
     tokens / segment_ids (1, 2, ... per sample, 0 = padding) / positions (restarting at 0 per
     sample) / loss_mask / source_ids (int32 or bool, (seq_len,)); images (max_tiles_per_row,
-    S, S, 3) float32 with image_valid (bool) and image_positions (int32: the first image-token
+    S, S, 3) uint8 with image_valid (bool) and image_positions (int32: the first image-token
     index of each tile, -1 when empty). ValueError naming the sample ids when they do not fit
     or a source is unknown."""
     L, P, S = spec.seq_len, spec.max_tiles_per_row, spec.tile_size
     row = {
         "tokens": np.zeros(L, np.int32), "segment_ids": np.zeros(L, np.int32),
         "positions": np.zeros(L, np.int32), "loss_mask": np.zeros(L, bool),
-        "source_ids": np.full(L, -1, np.int32), "images": np.zeros((P, S, S, 3), np.float32),
+        "source_ids": np.full(L, -1, np.int32), "images": np.zeros((P, S, S, 3), np.uint8),
         "image_valid": np.zeros(P, bool), "image_positions": np.full(P, -1, np.int32),
     }
     t = p = 0

@@ -177,8 +177,8 @@ class ExampleProcessor:
             return Rejection(ex.id, ex.source, f"{len(starts)} image tiles exceed "
                              f"max_tiles_per_row={cfg.max_tiles_per_row}")
         s = cfg.tile_size
-        stacked = np.concatenate(tiles) if tiles else np.zeros((0, s, s, 3), np.float32)
-        return Sample(ex.id, ex.source, chat.tokens, chat.loss_mask, stacked.astype(np.float32),
+        stacked = np.concatenate(tiles) if tiles else np.zeros((0, s, s, 3), np.uint8)
+        return Sample(ex.id, ex.source, chat.tokens, chat.loss_mask, stacked,
                       np.asarray(starts, np.int32))
 
 

@@ -122,9 +122,10 @@ class GenieBlue:
         padding 0) say which tokens belong together; positions restart in every segment
         unless given. Logits at padding positions are meaningless.
 
-        `images`: (batch, P, S, S, 3) normalised tiles, each row's in the order of its
-        image tokens (`model.requests.encode` makes them from files). `mode` defaults to
-        "multimodal" with images and "text" (the base LLM alone) without.
+        `images`: (batch, P, S, S, 3) tiles, uint8 (normalised on device) or normalised
+        float (HF `pixel_values`), each row's in the order of its image tokens
+        (`model.requests.encode` makes them from files). `mode` defaults to "multimodal" with
+        images and "text" (the base LLM alone) without.
         """
         mode = self._mode(mode, images is not None)
         _, params = self._component("llm")
@@ -148,7 +149,8 @@ class GenieBlue:
                                     jnp.asarray(positions), jnp.asarray(segment_ids))
             return np.asarray(out, np.float32)
         if images is not None:
-            images = np.asarray(images, np.float32)
+            images = np.asarray(images)
+            images = images if images.dtype == np.uint8 else images.astype(np.float32)
             size = self.mcfg.vision.image_size
             if images.ndim != 5 or images.shape[0] != ids.shape[0] or images.shape[2:] != (size, size, 3):
                 raise ValueError(f"images must be (batch={ids.shape[0]}, P, {size}, {size}, 3) tiles, "
@@ -163,9 +165,12 @@ class GenieBlue:
         return np.asarray(out, np.float32)
 
     def vision_features(self, pixel_values, *, with_pooled: bool = False):
-        """SigLIP features of NHWC images normalised to [-1, 1]: {"tokens", "pooled"} numpy."""
+        """SigLIP features of NHWC images, uint8 or normalised to [-1, 1] float: {"tokens",
+        "pooled"} numpy."""
         _, params = self._component("vision")
-        out = self._vision_forward({"params": params}, jnp.asarray(pixel_values, jnp.float32),
+        pixels = np.asarray(pixel_values)
+        pixels = pixels if pixels.dtype == np.uint8 else pixels.astype(np.float32)
+        out = self._vision_forward({"params": params}, jnp.asarray(pixels),
                                    with_pooled=with_pooled)
         return {k: None if v is None else np.asarray(v, np.float32) for k, v in out.items()}
 

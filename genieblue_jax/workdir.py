@@ -113,7 +113,8 @@ def model_config(c: ml_collections.ConfigDict, image_token_id: int) -> structure
     if c.init.vit_checkpoint:
         vit = model_checkpoint.read_metadata(c.init.vit_checkpoint)["components"]["vision"]
     llm = llm.replace(dtype=c.model.compute_dtype, param_dtype=c.model.base_param_dtype, remat=c.model.remat,
-                      attention_chunk=c.model.attention_chunk, scan_layers=c.model.scan_layers)
+                      attention_chunk=c.model.attention_chunk, attention_impl=c.model.attention_impl,
+                      scan_layers=c.model.scan_layers)
     if c.train.stage in LLM_STAGES:
         llm = llm.replace(param_dtype="float32")  # a trained LLM keeps float32 master weights
     vit = vit.replace(dtype=c.model.compute_dtype, param_dtype="float32", remat=c.model.remat,

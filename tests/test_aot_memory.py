@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--config.model.llm=tiny-qwen2", "--config.model.vit=tiny-siglip", "--config.data.seq_len=96",
+TINY = ["--config.model.llm=tiny-qwen2", "--config.model.vit=tiny-siglip", "--config.data.seq_len=128",
         "--config.data.max_tiles_per_row=4", "--config.train.global_batch_size=8", "--config.train.micro_batches=2",
         "--config.mesh.data=1", "--config.mesh.fsdp=-1"]
 
@@ -25,8 +25,11 @@ def test_a_small_stage2_step_compiles_for_a_v5e_2x2_slice():
     assert lines[0].startswith("stage2_skip (demo) on v5e:2x2: 4 x TPU v5 lite, mesh {'data': 1, 'fsdp': 4, "
                                "'tensor': 1}"), lines
     # 8 rows = 1 row per chip x 4 chips x 2 micro-steps; HBM from the device kind (v5e: 16 GiB).
-    assert lines[1] == "  batch       1 rows/device x 4 batch shards x 2 micro-steps = 8 rows x 96 tokens " \
+    assert lines[1] == "  batch       1 rows/device x 4 batch shards x 2 micro-steps = 8 rows x 128 tokens " \
                        "(0.00M tokens) per step", lines
+    # The LLM's attention (models.attention, "auto") lowered to the Pallas splash kernel for the
+    # TPU, per device under the 4-chip mesh; on this CPU the same step runs XLA ops.
+    assert lines[2] == "  attention   splash (Pallas TPU kernel)", lines
     total = float(lines[-2].split()[1])
     assert lines[-2].endswith("GB  of 17.18 GB") and 0 <= total < 1, lines  # a tiny model: well under 1 GB
     assert lines[-1].startswith("stage2_skip:demo on v5e:2x2: fits ("), lines

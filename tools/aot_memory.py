@@ -108,7 +108,7 @@ def plan(config, devices, hbm: float = 0.0) -> dict:
     bs = trainer.batch_sharding(mesh)
     spec = {"tokens": ((rows, L), jnp.int32), "positions": ((rows, L), jnp.int32),
             "segment_ids": ((rows, L), jnp.int32), "loss_mask": ((rows, L), jnp.bool_),
-            "source_ids": ((rows, L), jnp.int32), "images": ((rows, P, S, S, 3), jnp.float32)}
+            "source_ids": ((rows, L), jnp.int32), "images": ((rows, P, S, S, 3), jnp.uint8)}
     batch_shapes = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=bs) for k, (shape, dtype) in spec.items()}
     kind = devices[0].device_kind
     gb = 1e9
@@ -128,10 +128,20 @@ def plan(config, devices, hbm: float = 0.0) -> dict:
                      out_shardings=(state_sh, None), donate_argnums=(0,))
     compiled = jitted.lower(state, frozen, batch_shapes).compile()
     mem = compiled.memory_analysis()
+    out["attention"] = attention_kernel(compiled.as_text())
     out.update(arguments_gb=mem.argument_size_in_bytes / gb, temporaries_gb=mem.temp_size_in_bytes / gb,
                outputs_gb=mem.output_size_in_bytes / gb, aliased_gb=mem.alias_size_in_bytes / gb, compiled=compiled)
     out["total_gb"] = out["arguments_gb"] + out["temporaries_gb"] + out["outputs_gb"] - out["aliased_gb"]
     return out
+
+
+def attention_kernel(hlo: str) -> str:
+    """Which attention the compiled step runs (`models.attention`), read from its HLO."""
+    if "tpu_custom_call" in hlo and "splash" in hlo:
+        return "splash (Pallas TPU kernel)"
+    if "__cudnn$fmha" in hlo:
+        return "cuDNN fused attention"
+    return "XLA ops"
 
 
 def _bytes_per_device(tree) -> int:
@@ -173,6 +183,8 @@ def main(argv):
     print(f"  batch       {b['rows_per_device']} rows/device x {b['batch_shards']} batch shards x "
           f"{b['micro_batches']} micro-steps = {b['global_rows']} rows x {r['seq_len']} tokens "
           f"({b['tokens_per_step'] / 1e6:.2f}M tokens) per step")
+    if r["compiled"] is not None:
+        print(f"  attention   {r['attention']}")
     print("Per device:")
     print(f"  arguments   {r['arguments_gb']:8.2f} GB  (parameters, optimizer state, batch)")
     if r["compiled"] is None:

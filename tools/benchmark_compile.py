@@ -20,7 +20,7 @@ flags.DEFINE_enum("mode", "multimodal", ["text", "multimodal"], "Which path to c
 flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Compute dtype.")
 flags.DEFINE_integer("batch", 1, "Rows.")
 flags.DEFINE_integer("seq_len", 1024, "Tokens per row.")
-flags.DEFINE_integer("images", 1, "Image tiles in the batch (0 for none).")
+flags.DEFINE_integer("images", 1, "Image tile slots per row (0 for none).")
 
 
 def measure(llm, vit, variant, placement, mode, dtype, batch, seq_len, images) -> dict:
@@ -33,7 +33,8 @@ def measure(llm, vit, variant, placement, mode, dtype, batch, seq_len, images) -
                         projector=mcfg.projector.replace(dtype=dtype))
     params = structure.abstract_mllm(mcfg)
     ints = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
-    pixels = (jax.ShapeDtypeStruct((images, mcfg.vision.image_size, mcfg.vision.image_size, 3), jnp.float32)
+    size = mcfg.vision.image_size
+    pixels = (jax.ShapeDtypeStruct((batch, images, size, size, 3), jnp.uint8)  # as the pipeline delivers them
               if images and mode != "text" else None)
     fn = jax.jit(structure.forward, static_argnums=0, static_argnames="mode")
     t0 = time.perf_counter()

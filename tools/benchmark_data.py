@@ -1,6 +1,20 @@
-"""Throughput of the stage-2 input pipeline vs what a demo training step consumes.
+"""Throughput of the stage-2 input pipeline vs what a training step consumes.
 
     python -m tools.benchmark_data [--seq_len=1024 --batch_size=8 --batches=40]
+    python -m tools.benchmark_data --images=real [--tpu_topology=v5p:2x2x1]
+
+`--images=real`: photographs of ordinary sizes instead of the demo's 56 px scenes, through
+the paper's stage-2 path: `--photos` JPEGs (quality 90) of random sizes from 640 x 480 to
+2048 x 1536 with random smooth content, dynamic resolution at 384 px tiles (up to 16 + the
+thumbnail, 196 tokens each after the downsampler, as SigLIP-so400m-384), seq_len 4096.
+Reported: examples/s and rows/s per worker process. Then the CPU cores one TPU v5p host
+(4 chips, 208 vCPUs) needs to feed its chips at 50% MFU: rows/s = 4 x 0.5 x peak / FLOPs
+per 4096-token row of the paper's stage-2 step (`stage2_skip:paper`), with the FLOPs from
+the TPU compiler (`--tpu_topology`: `tools.aot_memory.plan` compiles the trainer's step for
+that topology and its `cost_analysis()` counts them; minutes) or else from
+`train.metrics.step_flops`; cores = rows/s / (rows/s of one worker).
+
+Default (`--images=demo`):
 
 1. Writes the demo datasets (or reuses --data_dir), then runs the stage-2 pipeline
    (decode, dynamic resolution, chat template, tokenize, pack) with 0, 1 and 2 workers
@@ -24,6 +38,12 @@ flags.DEFINE_integer("batch_size", 8, "Rows per batch.")
 flags.DEFINE_integer("batches", 40, "Timed batches per run (after 3 warm-up batches).")
 flags.DEFINE_list("workers", ["0", "1", "2"], "Worker counts to measure.")
 flags.DEFINE_integer("max_tiles_per_row", 48, "Image tile slots per row in the throughput runs.")
+flags.DEFINE_enum("images", "demo", ["demo", "real"], "The demo's scenes, or photographs at the paper's shapes.")
+flags.DEFINE_integer("photos", 200, "--images=real: JPEGs to make.")
+flags.DEFINE_string("tpu_topology", "", "--images=real: count a row's FLOPs with the TPU compiler for this "
+                    "topology (e.g. v5p:2x2x1; minutes) instead of the FLOP model.")
+
+V5P_HOST = {"chips": 4, "vcpus": 208, "peak_flops": 459e12}  # one v5p host: 4 chips, bf16 peak per chip
 
 
 def pipeline_config(demo, seq_len, batch_size, workers, max_tiles_per_row):
@@ -81,6 +101,90 @@ def train_step_tokens_per_s(batches):
     return sum(int(np.sum(b["segment_ids"] > 0)) for b in batches[1:]) / dt
 
 
+def write_photos(out_dir: str, n: int, seed: int = 0) -> str:
+    """`n` JPEG photographs (random sizes, 640 x 480 .. 2048 x 1536, smooth random colour
+    fields with noise) as one dataset of single-image questions; returns its directory."""
+    import io
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    from data_pipelines.records import IMAGE_TAG, Example, ShardedWriter
+    rng, nrng = random.Random(seed), np.random.default_rng(seed)
+    writer = ShardedWriter(out_dir, num_shards=2)
+    for i in range(n):
+        w, h = rng.randint(640, 2048), rng.randint(480, 1536)
+        coarse = nrng.integers(0, 256, (h // 64 + 2, w // 64 + 2, 3), dtype=np.uint8)
+        pixels = np.asarray(Image.fromarray(coarse).resize((w, h), Image.Resampling.BICUBIC), np.int16)
+        pixels = np.clip(pixels + nrng.integers(-12, 13, pixels.shape), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+        turns = [{"role": "user", "content": f"{IMAGE_TAG}\nWhat colour is the top left corner?"},
+                 {"role": "assistant", "content": "red" if pixels[0, 0, 0] > 127 else "blue"}]
+        writer.write(Example(f"photo-{i:04d}", "vqa", turns, [buf.getvalue()]))
+    writer.close()
+    return out_dir
+
+
+def row_flops(topology: str) -> tuple[float, str]:
+    """FLOPs of one 4096-token row of the paper's stage-2 step, and where they come from."""
+    from experiments.configs import stage2_skip
+    config = stage2_skip.get_config("paper")
+    if topology:
+        from tools import aot_memory
+        devices = aot_memory.target_devices(topology, 0, 0)
+        config.mesh.fsdp, config.mesh.data = len(devices), 1
+        r = aot_memory.plan(config, devices)
+        cost = r["compiled"].cost_analysis()
+        flops = float((cost[0] if isinstance(cost, list) else cost)["flops"])  # per device
+        b = r["batch"]
+        return flops / (b["rows_per_device"] * b["micro_batches"]), f"TPU compiler ({topology}, cost_analysis)"
+    from genieblue_jax import workdir as workdir_lib
+    from genieblue_jax.train import metrics as metrics_lib
+    mcfg = workdir_lib.model_config(config, image_token_id=0)
+    base, per_tile = metrics_lib.step_flops(mcfg, config.train.stage, rows=1, seq_len=config.data.seq_len,
+                                            attention_chunk=config.model.attention_chunk)
+    tiles = config.data.seq_len // mcfg.tokens_per_tile  # a row full of image tiles: the most work
+    return base + per_tile * tiles, "FLOP model (train.metrics.step_flops), a row of image tiles"
+
+
+def real_images(data_dir: str, tokenizer: str) -> None:
+    from data_pipelines.pipeline import PipelineConfig, mixture
+    photos = os.path.join(data_dir, f"photos{FLAGS.photos}")
+    if not os.path.isdir(photos):
+        t = time.perf_counter()
+        write_photos(photos, FLAGS.photos)
+        print(f"wrote {FLAGS.photos} JPEGs to {photos} in {time.perf_counter() - t:.1f} s")
+    seq_len, tokens_per_tile = 4096, 196
+    print(f"stage-2 pipeline on {FLAGS.photos} photographs: 384 px tiles (dynamic, up to 16 + thumbnail, "
+          f"{tokens_per_tile} tokens each), seq_len {seq_len}, {os.cpu_count()} CPU cores")
+    per_worker = {}
+    for w in map(int, FLAGS.workers):
+        cfg = PipelineConfig(sources=mixture({"vqa": photos}, {"vqa": 1}), tokenizer=tokenizer, seq_len=seq_len,
+                             batch_size=1, tile_size=384, tokens_per_tile=tokens_per_tile, image_mode="dynamic",
+                             max_tiles=16, max_tiles_per_row=seq_len // tokens_per_tile, num_workers=w)
+        r = time_pipeline(cfg, FLAGS.batches)
+        rows_s = r["examples_s"] / _examples_per_row(r)
+        per_worker[w] = (r["examples_s"] / max(w, 1), rows_s / max(w, 1))
+        print(f"  workers={w}: {r['examples_s']:7.2f} examples/s  {rows_s:6.2f} rows/s  "
+              f"({_examples_per_row(r):.2f} examples per row; per worker process: "
+              f"{per_worker[w][0]:.2f} examples/s, {per_worker[w][1]:.2f} rows/s)")
+    flops, source = row_flops(FLAGS.tpu_topology)
+    need = V5P_HOST["chips"] * 0.5 * V5P_HOST["peak_flops"] / flops
+    one = max(v[1] for v in per_worker.values())
+    cores = need / one
+    print(f"one 4096-token row of stage2_skip:paper: {flops / 1e12:.1f} TFLOP ({source})")
+    print(f"a v5p host (4 chips at 50% MFU, {V5P_HOST['peak_flops'] / 1e12:.0f} TFLOP/s bf16 peak each) trains "
+          f"{need:.2f} rows/s; one worker process packs {one:.2f} rows/s here, so it needs {cores:.1f} cores "
+          f"= {100 * cores / V5P_HOST['vcpus']:.1f}% of its {V5P_HOST['vcpus']} vCPUs (target < 25%)")
+
+
+def _examples_per_row(r) -> float:
+    rows = sum(len(b["tokens"]) for b in r["batches"])
+    return sum(len(set(row[row > 0].tolist())) for b in r["batches"] for row in b["segment_ids"]) / rows
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -94,6 +198,9 @@ def main(argv):
     demo = {"datasets": {"train": {s: os.path.join(FLAGS.data_dir, "train", s)
                                    for s in ("caption", "vqa", "ocr", "text")}},
             "tokenizer": os.path.join(FLAGS.data_dir, "tokenizer.model")}
+    if FLAGS.images == "real":
+        real_images(FLAGS.data_dir, demo["tokenizer"])
+        _exit()
     print(f"stage-2 pipeline, seq_len {FLAGS.seq_len}, batch {FLAGS.batch_size}, {FLAGS.batches} batches, "
           f"{os.cpu_count()} CPU cores")
     results = {}
@@ -111,6 +218,10 @@ def main(argv):
     print(f"demo stage-2 train step consumes {consumed:10.0f} tokens/s (tiny GenieBlue-Skip MLLM, same batches)")
     print(f"pipeline / consumption: {best / consumed:.1f}x (best worker count); "
           + ", ".join(f"{w} workers {r['tokens_s'] / consumed:.1f}x" for w, r in results.items()))
+    _exit()
+
+
+def _exit():
     # Grain waits up to 25 s per multiprocess iterator on close; the figures are printed.
     for child in multiprocessing.active_children():
         child.kill()

@@ -91,7 +91,7 @@ def main(argv):
     def prefill_and_decode(batch, length, with_image, steps):
         mode = "multimodal" if with_image else "text"
         toks, pos, seg = inference.pad_prompts(prompts(batch, length, with_image))
-        images = (jnp.asarray(rng.uniform(-1, 1, (batch, 1, size, size, 3)), jnp.float32) if with_image else None)
+        images = (jnp.asarray(rng.integers(0, 256, (batch, 1, size, size, 3), np.uint8)) if with_image else None)
         cache_len = toks.shape[1] + inference.bucket_length(steps)
         timings = {}
 

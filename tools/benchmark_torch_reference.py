@@ -5,10 +5,14 @@
 
 Builds the demo-scale MLLM plainly in PyTorch (eager, float32, no torch.compile) with
 `transformers` + `peft`, and times a full training step: forward, loss, backward, AdamW
-step, zero_grad. The configs are hard-coded here and mirror the `demo-qwen2` and
+step, zero_grad. The default configs are hard-coded here and mirror the `demo-qwen2` and
 `demo-siglip` presets of genieblue_jax/models/configs.py (and the VILA projector between
-them); this file deliberately imports neither jax nor genieblue_jax, so the reference
-is not influenced by them (keep the numbers in sync by hand if the presets change).
+them); this file deliberately imports no jax, so the reference is not influenced by it
+(keep the numbers in sync by hand if the presets change). Other shapes come as Hugging
+Face config dicts (`--llm_config` / `--vision_config` JSON; `tools.benchmark_train --llm=...`
+passes those of its presets, made by `export.hf_writer`): any `model_type` transformers'
+`AutoModelForCausalLM` builds (qwen2, llama), and a `SiglipVisionModel` (its pooling head
+off, as the JAX tower does not run it for the projector's features).
 
 Model (random init, seeded):
 - LLM `Qwen2ForCausalLM`: vocab 512, hidden 256, MLP 704, 8 layers, 4 heads / 2 KV heads
@@ -83,7 +87,6 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 TEXT_VOCAB = 500        # random text ids are drawn from [0, TEXT_VOCAB)
 IMAGE_TOKEN_ID = 511
-TOKENS_PER_TILE = 16   # ceil(7 / 2) ** 2
 IMAGE_OFFSET = 16       # first image token of every row
 
 ADAMW = dict(lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.05)
@@ -96,7 +99,11 @@ def define_flags():
     flags.DEFINE_bool("all", False, "Benchmark every variant, each in a fresh subprocess, and print a table.")
     flags.DEFINE_integer("batch_size", 8, "Rows per batch.")
     flags.DEFINE_integer("seq_len", 512, "Tokens per row.")
-    flags.DEFINE_integer("tiles_per_row", 8, "56 px image tiles per row (16 image tokens each).")
+    flags.DEFINE_integer("tiles_per_row", 8, "Image tiles per row (56 px, 16 image tokens each by default).")
+    flags.DEFINE_integer("real_tiles", -1, "Tiles per row the model sees (eager: no padding slots); -1: "
+                         "tiles_per_row.")
+    flags.DEFINE_string("llm_config", "", "HF config dict of the LLM as JSON (default: demo-qwen2's).")
+    flags.DEFINE_string("vision_config", "", "HF config dict of the SigLIP tower as JSON (default: demo-siglip's).")
     flags.DEFINE_integer("steps", 10, "Timed training steps.")
     flags.DEFINE_integer("warmup", 2, "Untimed training steps first.")
     flags.DEFINE_integer("threads", os.cpu_count(), "torch.set_num_threads.")
@@ -166,17 +173,32 @@ def _add_lora(llm: transformers.Qwen2ForCausalLM, layers: list[int]) -> None:
     peft.inject_adapter_in_model(config, llm)  # in place; freezes every non-LoRA parameter
 
 
-def build_model(variant: str, seed: int = 0) -> Reference:
+def tokens_per_tile(vision_config: dict) -> int:
+    """LLM tokens per tile: the patch grid after the 2 x 2 downsampler (odd grids padded)."""
+    return math.ceil(vision_config["image_size"] // vision_config["patch_size"] / 2) ** 2
+
+
+def _hf_configs(llm_config: dict, vision_config: dict):
+    llm = {k: v for k, v in llm_config.items() if k not in ("architectures", "torch_dtype", "dtype")}
+    llm_cfg = transformers.AutoConfig.for_model(llm.pop("model_type", "qwen2"), **llm)
+    vision = {k: v for k, v in vision_config.items() if k not in ("architectures", "torch_dtype", "dtype",
+                                                                    "model_type")}
+    return llm_cfg, transformers.SiglipVisionConfig(**{**vision, "vision_use_head": False},
+                                                    attn_implementation=ATTN_IMPLEMENTATION)
+
+
+def build_model(variant: str, seed: int = 0, llm_config: dict = LLM_CONFIG,
+                vision_config: dict = VISION_CONFIG) -> Reference:
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
     torch.manual_seed(seed)
-    base = transformers.Qwen2ForCausalLM(
-        transformers.Qwen2Config(**LLM_CONFIG, attn_implementation=ATTN_IMPLEMENTATION))
-    vision = transformers.SiglipVisionModel(
-        transformers.SiglipVisionConfig(**VISION_CONFIG, attn_implementation=ATTN_IMPLEMENTATION))
-    projector = VilaProjector(ProjectorConfig(vision_hidden_size=VISION_CONFIG["hidden_size"],
-                                              llm_hidden_size=LLM_CONFIG["hidden_size"]))
-    n_layers = LLM_CONFIG["num_hidden_layers"]
+    llm_cfg, vision_cfg = _hf_configs(llm_config, vision_config)
+    base = transformers.AutoModelForCausalLM.from_config(llm_cfg, attn_implementation=ATTN_IMPLEMENTATION,
+                                                         torch_dtype=torch.float32)
+    vision = transformers.SiglipVisionModel(vision_cfg)
+    projector = VilaProjector(ProjectorConfig(vision_hidden_size=vision_cfg.hidden_size,
+                                              llm_hidden_size=llm_cfg.hidden_size))
+    n_layers = llm_cfg.num_hidden_layers
     replicated: tuple[int, ...] = ()
     if variant == "stage2_skip":
         replicated = tuple(range(0, n_layers, INTERVAL))
@@ -206,7 +228,7 @@ def _check_counts(ref: Reference) -> None:
     """Trainable LLM parameters = replicated blocks + LoRA elsewhere (or all / LoRA only)."""
     llm = ref.model.llm
     block = sum(p.numel() for p in ref.base.model.layers[0].parameters())
-    lora = {i: 0 for i in range(LLM_CONFIG["num_hidden_layers"])}
+    lora = {i: 0 for i in range(len(ref.base.model.layers))}
     for n, p in llm.named_parameters():
         if "lora_" in n:
             lora[_layer_index(n)] += p.numel()
@@ -229,15 +251,16 @@ def make_optimizer(ref: Reference) -> torch.optim.AdamW:
     return torch.optim.AdamW(list(ref.trainable().values()), **ADAMW)
 
 
-def make_batch(batch_size: int, seq_len: int, tiles_per_row: int, seed: int = 0):
-    n_image = tiles_per_row * TOKENS_PER_TILE
+def make_batch(batch_size: int, seq_len: int, tiles_per_row: int, seed: int = 0,
+               vision_config: dict = VISION_CONFIG):
+    n_image = tiles_per_row * tokens_per_tile(vision_config)
     if IMAGE_OFFSET + n_image > seq_len:
         raise ValueError(f"{tiles_per_row} tiles ({n_image} tokens at offset {IMAGE_OFFSET}) do not "
                          f"fit in seq_len={seq_len}")
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, TEXT_VOCAB, (batch_size, seq_len), generator=gen)
     tokens[:, IMAGE_OFFSET:IMAGE_OFFSET + n_image] = IMAGE_TOKEN_ID
-    size = VISION_CONFIG["image_size"]
+    size = vision_config["image_size"]
     images = torch.rand((batch_size * tiles_per_row, 3, size, size), generator=gen) * 2 - 1
     return tokens, images
 
@@ -272,9 +295,12 @@ def peak_rss_mb() -> float:
 def benchmark_one() -> dict:
     import peft
     torch.set_num_threads(FLAGS.threads)
-    ref = build_model(FLAGS.variant, FLAGS.seed)
+    llm_config = json.loads(FLAGS.llm_config) if FLAGS.llm_config else LLM_CONFIG
+    vision_config = json.loads(FLAGS.vision_config) if FLAGS.vision_config else VISION_CONFIG
+    ref = build_model(FLAGS.variant, FLAGS.seed, llm_config, vision_config)
     optimizer = make_optimizer(ref)
-    tokens, images = make_batch(FLAGS.batch_size, FLAGS.seq_len, FLAGS.tiles_per_row, FLAGS.seed)
+    tiles = FLAGS.tiles_per_row if FLAGS.real_tiles < 0 else FLAGS.real_tiles
+    tokens, images = make_batch(FLAGS.batch_size, FLAGS.seq_len, tiles, FLAGS.seed, vision_config)
     losses, times = [], []
     for i in range(FLAGS.warmup + FLAGS.steps):
         if i == FLAGS.warmup:
@@ -298,7 +324,8 @@ def benchmark_one() -> dict:
                           vision=ref.model.vision.config._attn_implementation),
                 threads=torch.get_num_threads(), other_cores=other_cores,
                 batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len,
-                tiles_per_row=FLAGS.tiles_per_row, steps=FLAGS.steps, warmup=FLAGS.warmup,
+                tiles_per_row=FLAGS.tiles_per_row, tokens_per_tile=tokens_per_tile(vision_config),
+                steps=FLAGS.steps, warmup=FLAGS.warmup,
                 versions=dict(torch=torch.__version__, transformers=transformers.__version__,
                               peft=peft.__version__))
 
@@ -314,7 +341,7 @@ def print_header(r: dict) -> None:
           f"{r['versions']['peft']}; {r['threads']} threads; float32 eager; attention: LLM "
           f"{r['attn']['llm']}, vision {r['attn']['vision']}")
     print(f"batch {r['batch_size']} x {r['seq_len']} tokens, {r['tiles_per_row']} tiles/row "
-          f"({r['tiles_per_row'] * TOKENS_PER_TILE} image tokens/row); {r['steps']} timed steps "
+          f"({r['tiles_per_row'] * r['tokens_per_tile']} image tokens/row); {r['steps']} timed steps "
           f"after {r['warmup']} warm-up")
 
 
@@ -323,7 +350,8 @@ RESULT_PREFIX = "RESULT_JSON "
 
 def run_all() -> None:
     forwarded = [f"--{name}={FLAGS[name].value}" for name in
-                 ("batch_size", "seq_len", "tiles_per_row", "steps", "warmup", "threads", "seed")]
+                 ("batch_size", "seq_len", "tiles_per_row", "real_tiles", "steps", "warmup", "threads", "seed",
+                  "llm_config", "vision_config")]
     results = []
     for variant in VARIANTS:
         cmd = [sys.executable, os.path.abspath(__file__), f"--variant={variant}", *forwarded]

@@ -45,6 +45,7 @@ def base_config(scale: str) -> ml_collections.ConfigDict:
     # depth. The small demo model runs ~10% faster unrolled on CPU.
     c.model.scan_layers = paper
     c.model.attention_chunk = 512 if paper else 128  # LLM attention: queries per block (0: all at once)
+    c.model.attention_impl = "auto"  # splash on TPU, cuDNN on GPU, XLA on CPU; "xla" forces XLA ops
 
     c.init = ml_collections.ConfigDict()
     c.init.llm_checkpoint = ml_collections.FieldReference(None, field_type=str)  # tools.from_hf output

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from data_pipelines import images as image_lib
 from genieblue_jax import models
 from genieblue_jax.export import to_torch
 from genieblue_jax.export.to_torch import FORMAT_VERSION, MANIFEST_FILE, projector_tensors
@@ -124,9 +125,10 @@ class GenieBlueTorch(nn.Module):
     `vision` (SiglipVisionModel) and `projector` (VilaProjector). Made by `load_torch_mllm`.
 
     `logits` / `forward` / `generate` mirror `genieblue_jax.GenieBlue`: ids (b, t), an HF
-    attention mask (1 = token, 0 = pad; left or right), images (b, P, S, S, 3) normalised
-    NHWC tiles, each row's in the order of its image tokens, all of them used (P * 16
-    image tokens per row for a 16-token tile). Positions restart at the first token of
+    attention mask (1 = token, 0 = pad; left or right), images (b, P, S, S, 3) NHWC tiles
+    (uint8 as `data_pipelines.images.to_tiles` cuts them, or normalised float pixel values),
+    each row's in the order of its image tokens, all of them used (P * 16 image tokens per
+    row for a 16-token tile). Positions restart at the first token of
     every row: mask [0, 0, 1, 1, 1] gives positions [0, 0, 0, 1, 2].
     """
 
@@ -141,9 +143,14 @@ class GenieBlueTorch(nn.Module):
         self.image_size = int(manifest["image_size"])
 
     def image_features(self, tiles) -> torch.Tensor:
-        """(b, P, S, S, 3) normalised NHWC tiles -> (b, P * tokens_per_tile, llm_hidden):
-        SigLIP's `select_layer` hidden state -> projector, each tile's tokens in tile order."""
-        x = tiles if isinstance(tiles, torch.Tensor) else torch.as_tensor(np.asarray(tiles, np.float32))
+        """(b, P, S, S, 3) NHWC tiles -> (b, P * tokens_per_tile, llm_hidden): SigLIP's
+        `select_layer` hidden state -> projector, each tile's tokens in tile order. uint8 tiles
+        are normalised as HF's `SiglipImageProcessor` does (`images.normalize`); float tiles
+        are taken as normalised pixel values."""
+        x = tiles.cpu().numpy() if isinstance(tiles, torch.Tensor) and tiles.dtype == torch.uint8 else tiles
+        if not isinstance(x, torch.Tensor):
+            x = np.asarray(x)
+            x = torch.as_tensor(image_lib.normalize(x) if x.dtype == np.uint8 else x.astype(np.float32))
         s = self.image_size
         if x.dim() != 5 or tuple(x.shape[2:]) != (s, s, 3):
             raise ValueError(f"images must be (batch, P, {s}, {s}, 3) normalised NHWC tiles, got shape "

@@ -65,7 +65,7 @@ from genieblue_jax.models.configs import LLMConfig
 from genieblue_jax.models.llm import init_kv_cache
 from genieblue_jax.structure.branch import multimodal_decoder, multimodal_llm_params
 from genieblue_jax.structure.config import MODES, MLLMConfig
-from genieblue_jax.structure.mllm import image_features, merge_image_features
+from genieblue_jax.structure.mllm import embed_image_tokens
 
 # How often each jitted function has been traced (a Python side effect: it runs at trace
 # time only), e.g. to check that a second request of the same bucket does not recompile.
@@ -181,7 +181,7 @@ def _prefill(mcfg, params, tokens, positions, segment_ids, images, sampling, key
         embeds = decoder.apply(variables, tokens, method="embed")
         is_image = (tokens == mcfg.image_token_id) & (segment_ids > 0)
         if images is not None:
-            embeds = merge_image_features(embeds, is_image, image_features(mcfg, params, images))
+            embeds = embed_image_tokens(mcfg, params, embeds, is_image, images)
         hidden, cache = decoder.apply(variables, tokens, positions, segment_ids, inputs_embeds=embeds,
                                       token_types=is_image.astype(jnp.int32), return_hidden=True, cache=cache,
                                       fresh_cache=True)

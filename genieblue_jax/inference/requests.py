@@ -34,7 +34,7 @@ from data_pipelines.tokenizer import END_OF_TEXT, IM_END
 class Request:
     """One encoded request: its prompt's token ids (image tokens in place) and its tiles."""
     tokens: list[int]
-    tiles: np.ndarray  # float32 (k, S, S, 3) normalised; k = 0 without images
+    tiles: np.ndarray  # uint8 (k, S, S, 3) (normalised on device); k = 0 without images
 
 
 def read_image(image: Any, where: str = "image") -> np.ndarray:
@@ -91,7 +91,7 @@ class RequestEncoder:
         return tuple(out)
 
     def tiles(self, images: Sequence[Any], where: str = "request") -> list[np.ndarray]:
-        """Each image (path, bytes, PIL or array) cut as training cut it: float32 (k, S, S, 3)."""
+        """Each image (path, bytes, PIL or array) cut as training cut it: uint8 (k, S, S, 3)."""
         return [image_lib.to_tiles(read_image(im, f"{where}, image {i}"), tile=self.tile_size,
                                      mode=self.image_mode, max_tiles=self.max_tiles)
                 for i, im in enumerate(images)]
@@ -128,10 +128,10 @@ class RequestEncoder:
         chat_out = self.template.render(turns, [len(p) * self.tokens_per_tile for p in tiles],
                                         add_generation_prompt=True, example_id=where)
         stacked = np.concatenate(tiles) if tiles else self._no_tiles()
-        return Request(chat_out.tokens.tolist(), stacked.astype(np.float32))
+        return Request(chat_out.tokens.tolist(), stacked)
 
     def _no_tiles(self) -> np.ndarray:
-        return np.zeros((0, self.tile_size, self.tile_size, 3), np.float32)
+        return np.zeros((0, self.tile_size, self.tile_size, 3), np.uint8)
 
 
 def stack_tiles(tile_lists: Sequence[np.ndarray]) -> np.ndarray | None:
@@ -141,7 +141,10 @@ def stack_tiles(tile_lists: Sequence[np.ndarray]) -> np.ndarray | None:
     if most == 0:
         return None
     s = next(p.shape[1:] for p in tile_lists if len(p))
-    out = np.zeros((len(tile_lists), most, *s), np.float32)
+    dtypes = {p.dtype for p in tile_lists if len(p)}
+    if len(dtypes) > 1:  # uint8 tiles and normalised floats mean different pixels
+        raise ValueError(f"tiles of one batch must share a dtype, got {sorted(map(str, dtypes))}")
+    out = np.zeros((len(tile_lists), most, *s), dtypes.pop())
     for i, p in enumerate(tile_lists):
         out[i, : len(p)] = p
     return out

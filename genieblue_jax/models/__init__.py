@@ -17,15 +17,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from genieblue_jax.models.configs import PRESETS, LLMConfig, ProjectorConfig, VisionConfig, config_from_dict, get_preset
-from genieblue_jax.models.layers import BATCH_AXES, shard_batch
+from genieblue_jax.models.layers import BATCH_AXES, batch_shards, shard_batch
 from genieblue_jax.models.llm import DecoderLM
 from genieblue_jax.models.projector import Projector, vila_downsample
 from genieblue_jax.models.siglip import SiglipVisionTower
 
 __all__ = ["LLMConfig", "VisionConfig", "ProjectorConfig", "PRESETS", "get_preset",
-           "config_from_dict", "BATCH_AXES", "shard_batch", "DecoderLM", "SiglipVisionTower", "Projector",
-           "vila_downsample", "build", "example_inputs", "abstract_params", "init_params", "count_params", "flatten",
-           "unflatten"]
+           "config_from_dict", "BATCH_AXES", "batch_shards", "shard_batch", "DecoderLM", "SiglipVisionTower",
+           "Projector", "vila_downsample", "build", "example_inputs", "abstract_params", "init_params",
+           "count_params", "flatten", "unflatten"]
 
 
 def build(cfg):

@@ -89,6 +89,9 @@ class LLMConfig(_Config):
     initializer_range: float = 0.02
     remat: bool = False  # recompute each block's activations in the backward pass (saves memory)
     attention_chunk: int = 0  # > 0: attention runs this many queries at a time (long rows' memory)
+    # "auto": the backend's fused attention kernel (splash on TPU, cuDNN on GPU; XLA on CPU);
+    # "xla": plain XLA ops everywhere (models/attention.py)
+    attention_impl: str = "auto"
     scan_layers: bool = False  # run the blocks as lax.scan loops (models/scan.py); names unchanged
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -99,6 +102,8 @@ class LLMConfig(_Config):
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.attention_impl not in ("auto", "xla"):
+            raise ValueError(f"attention_impl={self.attention_impl!r}: choose 'auto' or 'xla'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,10 +131,16 @@ class VisionConfig(_Config):
     initializer_range: float = 0.02
     remat: bool = False  # recompute each encoder layer's activations in the backward pass
     scan_layers: bool = False  # run the encoder layers as a lax.scan loop (models/scan.py)
+    # Tile slots the tower runs per call and per batch shard: the multimodal model runs it in
+    # calls of this many real tiles and skips the calls past the last one
+    # (`structure.embed_image_tokens`); larger = fewer, fuller calls, more padding computed.
+    tiles_per_call: int = 4
     dtype: str = "float32"
     param_dtype: str = "float32"
 
     def _validate(self) -> None:
+        if self.tiles_per_call < 1:
+            raise ValueError(f"tiles_per_call={self.tiles_per_call} must be >= 1")
         # No divisibility check: the patch conv is VALID, so 384 px / 14 gives 27 x 27 patches
         # and the last 6 pixel rows/columns are ignored, exactly as in SigLIP.
         if self.hidden_size % self.num_heads:

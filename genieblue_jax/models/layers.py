@@ -36,6 +36,20 @@ def layer_norm(cfg, name: str) -> nn.LayerNorm:
                         param_dtype=cfg.params_dtype, name=name)
 
 
+def _batch_mesh_axes() -> tuple[str, ...]:
+    mesh = jax.sharding.get_abstract_mesh()
+    return tuple(a for a in BATCH_AXES if not mesh.empty and a in mesh.axis_names)
+
+
+def batch_shards(rows: int) -> int:
+    """How many devices' shares `rows` batch rows are split into under the mesh being traced
+    (the product of its batch axes); 1 without a mesh or when `rows` does not divide."""
+    axes = _batch_mesh_axes()
+    mesh = jax.sharding.get_abstract_mesh()
+    shards = math.prod(mesh.shape[a] for a in axes) if axes else 1
+    return shards if rows % shards == 0 else 1
+
+
 def shard_batch(x):
     """Pins the leading (batch) dimension of an activation to the mesh's batch axes.
 
@@ -45,8 +59,6 @@ def shard_batch(x):
     without the pin XLA may keep a weight sharded and gather the activations instead. The
     LM head did exactly that: every device computed the logits of the whole batch.
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    axes = tuple(a for a in BATCH_AXES if not mesh.empty and a in mesh.axis_names)
-    if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+    if batch_shards(x.shape[0]) == 1:
         return x
-    return jax.lax.with_sharding_constraint(x, P(axes))
+    return jax.lax.with_sharding_constraint(x, P(_batch_mesh_axes()))

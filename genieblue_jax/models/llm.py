@@ -46,6 +46,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from genieblue_jax.models.attention import attend_two_parts, causal_attention
 from genieblue_jax.models.configs import LLMConfig
 from genieblue_jax.models.layers import dense, shard_batch
 from genieblue_jax.models.lora import LoRADense, LoRASpec
@@ -83,80 +84,6 @@ def apply_rope(x, positions, theta: float):
     return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
 
 
-def _attend(q, k, v, mask, dtype):
-    """q (b, t, H, d); k, v (b, s, K, d); mask (b, t, s) -> (b, t, H * d)."""
-    return _attend_kv_major(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask, dtype)
-
-
-def _attend_kv_major(q, k, v, mask, dtype):
-    """q (b, t, H, d); k, v (b, K, s, d) (the KV cache's layout); mask (b, t, s) -> (b, t, H * d).
-
-    The G = H / K query heads sharing a KV head are folded into the query rows, so both
-    matmuls are plain batched (b, K) products with no transposes in between (XLA:CPU ran
-    the 5-d einsum 1.5x slower)."""
-    b, t, h, d = q.shape
-    kv_heads, s = k.shape[1], k.shape[2]
-    g = h // kv_heads
-    q = q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, t * g, d)
-    scores = jnp.einsum("bkrd,bksd->bkrs", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
-    scores = jnp.where(mask[:, None, :, None, :], scores.reshape(b, kv_heads, t, g, s), jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(b, kv_heads, t * g, s)
-    out = jnp.einsum("bkrs,bksd->bkrd", probs, v).reshape(b, kv_heads, t, g, d)
-    return out.transpose(0, 2, 1, 3, 4).reshape(b, t, h * d)
-
-
-def _attend_two_parts(q, cached, new, mask_cached, mask_new, dtype):
-    """Attention over the KV cache's S slots and the t new tokens, one softmax over both.
-
-    q (b, t, H, d); cached = (keys (b, K, d, S), values (b, K, S, d)) (the cache layout:
-    keys transposed so that q k^T is a plain matmul over the cache); new = (k, v) each
-    (b, K, t, d); mask_cached (b, t, S) (False for the slots the new tokens are about to
-    take), mask_new (b, t, t); `mask_cached` None means an empty cache (a first prefill):
-    only the new part."""
-    if mask_cached is None:
-        return _attend_kv_major(q, new[0], new[1], mask_new, dtype)
-    b, t, h, d = q.shape
-    kv_heads = cached[0].shape[1]
-    g = h // kv_heads
-    qf = q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, t * g, d)
-
-    def masked(scores, mask):
-        scores = scores.reshape(b, kv_heads, t, g, scores.shape[-1]) * (d ** -0.5)
-        return jnp.where(mask[:, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
-
-    s_cached = cached[0].shape[3]
-    scores = jnp.concatenate([
-        masked(jnp.einsum("bkrd,bkds->bkrs", qf, cached[0], preferred_element_type=jnp.float32), mask_cached),
-        masked(jnp.einsum("bkrd,bksd->bkrs", qf, new[0], preferred_element_type=jnp.float32), mask_new)], -1)
-    probs = jax.nn.softmax(scores, -1).astype(dtype).reshape(b, kv_heads, t * g, s_cached + t)
-    out = (jnp.einsum("bkrs,bksd->bkrd", probs[..., :s_cached], cached[1])
-           + jnp.einsum("bkrs,bksd->bkrd", probs[..., s_cached:], new[1]))
-    return out.reshape(b, kv_heads, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h * d)
-
-
-def dot_product_attention(q, k, v, mask, dtype, chunk: int = 0):
-    """Grouped-query attention. q: (b, t, H, d); k, v: (b, s, K, d) with H = K * groups;
-    mask: (b, t, s) bool. Softmax in float32.
-
-    `chunk` > 0 (causal self-attention, t == s): queries run in blocks of `chunk`, and
-    block i = queries [i*chunk, (i+1)*chunk) attends only keys [0, (i+1)*chunk): the keys
-    after a block are masked for all of its queries (causal), so they are skipped, not
-    computed. Each block is under `jax.checkpoint`, so the (t, s) scores (1 GB per
-    4096-token row in float32 for 16 heads) are never held whole, forward or backward.
-    Example, t = 6, chunk = 2: blocks see key prefixes of 2, 4 and 6, i.e. 12 of the 36
-    query-key pairs are skipped. Same result as chunk = 0 to float rounding.
-    """
-    b, t, h, d = q.shape
-    if chunk <= 0 or chunk >= t or k.shape[1] != t:
-        return _attend(q, k, v, mask, dtype)
-    block = jax.checkpoint(_attend, static_argnums=(4,))
-    outs = []
-    for lo in range(0, t, chunk):
-        hi = min(lo + chunk, t)
-        outs.append(block(q[:, lo:hi], k[:, :hi], v[:, :hi], mask[:, lo:hi, :hi], dtype))
-    return jnp.concatenate(outs, axis=1)
-
-
 LAYER_KINDS = ("base", "lora", "expert")
 
 
@@ -189,10 +116,12 @@ def init_kv_cache(cfg: LLMConfig, batch: int, length: int, dtype=None) -> dict:
 
 
 class Attention(nn.Module):
-    """GQA self-attention. With `kv_cache` = (keys (b, K, d, S), values (b, K, S, d)) of this layer, the
-    new keys / values are written at slots [cache_index, cache_index + t), the queries
-    attend over all S slots under `mask` (b, t, S), and the call returns
-    (output, (k, v) updated); otherwise it returns the output (keys = the t tokens)."""
+    """GQA self-attention. Without a cache, `mask` is the rows' segment_ids (b, t): causal
+    attention within segments (`attention.causal_attention`, the backend's fused kernel).
+    With `kv_cache` = (keys (b, K, d, S), values (b, K, S, d)) of this layer, `mask` is
+    (mask_cached (b, t, S), mask_new (b, t, t)): the new keys / values are written at slots
+    [cache_index, cache_index + t), the queries attend over all S slots, and the call
+    returns (output, (k, v) updated)."""
 
     cfg: LLMConfig
     lora: LoRASpec | None = None
@@ -217,7 +146,7 @@ class Attention(nn.Module):
             # otherwise copies each layer's whole cache to feed the update into the matmul).
             k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (b, K, t, d)
             mask_cached, mask_new = mask
-            out = _attend_two_parts(q, kv_cache, (k, v), mask_cached, mask_new, cfg.compute_dtype)
+            out = attend_two_parts(q, kv_cache, (k, v), mask_cached, mask_new, cfg.compute_dtype)
             k = k.transpose(0, 1, 3, 2)  # the cache keeps keys as (b, K, d, S)
             # ... and the write is ordered after that read by a data dependency: XLA:CPU runs
             # independent ops concurrently, so without one it copies the whole cache to protect
@@ -227,7 +156,7 @@ class Attention(nn.Module):
             kv_cache = (jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), (0, 0, 0, slot)),
                         jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), (0, 0, slot, 0)))
         else:
-            out = dot_product_attention(q, k, v, mask, cfg.compute_dtype, cfg.attention_chunk)
+            out = causal_attention(q, k, v, mask, cfg.compute_dtype, cfg.attention_chunk, cfg.attention_impl)
         text_out = _proj(cfg, cfg.hidden_size, "o_proj", cfg.out_bias, self.lora)(out)
         if self.expert:
             vision_o = dense(cfg, cfg.hidden_size, "vision_o_proj", use_bias=cfg.out_bias)
@@ -325,7 +254,7 @@ class DecoderLM(nn.Module):
         x = shard_batch(x)
         if cache is not None:
             return self._cached_hidden_states(x, positions, segment_ids, is_image, cache, fresh_cache)
-        mask = causal_segment_mask(segment_ids)
+        mask = segment_ids  # what a block's attention takes without a cache (`Attention`)
         if self.cfg.scan_layers and not self.is_initializing():
             kinds = self.layer_kinds or ("base",) * self.cfg.num_layers
             params = self.variables["params"]

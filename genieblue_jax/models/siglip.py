@@ -1,6 +1,8 @@
 """SigLIP vision tower in Flax linen (Hugging Face `SiglipVisionModel` semantics).
 
-Images are NHWC float (batch, H, W, C), already normalised ((x - 0.5) / 0.5 for SigLIP).
+Images are NHWC (batch, H, W, C) tiles: uint8 as the data pipeline delivers them, normalised
+on device by `normalize_pixels` (HF `SiglipImageProcessor`: x / 255, then (x - 0.5) / 0.5), or
+float already normalised (HF `pixel_values`).
 Parameter tree (1:1 with HF `vision_model.*`, see `genieblue_jax.hf.tables`):
 
     embeddings/patch_embedding/{kernel (p, p, C, hidden), bias}
@@ -21,6 +23,20 @@ import jax.numpy as jnp
 from genieblue_jax.models.configs import VisionConfig
 from genieblue_jax.models.layers import dense, layer_norm, shard_batch
 from genieblue_jax.models.scan import run_scanned
+
+
+def normalize_pixels(pixels):
+    """uint8 tiles (..., H, W, C) -> float32 in [-1, 1], on device: (x / 255 - 0.5) / 0.5, as
+    HF `SiglipImageProcessor` (rescale 1/255, mean 0.5, std 0.5) and, on the host,
+    `data_pipelines.images.normalize`. Float input is taken as already normalised and returned
+    as is, so the tower accepts both the pipeline's uint8 tiles and HF `pixel_values`.
+
+        >>> normalize_pixels(jnp.array([0, 255], jnp.uint8))
+        Array([-1.,  1.], dtype=float32)
+    """
+    if pixels.dtype != jnp.uint8:
+        return pixels
+    return (pixels.astype(jnp.float32) / jnp.float32(255.0) - jnp.float32(0.5)) / jnp.float32(0.5)
 
 
 def _attend(q, k, v, num_heads: int, dtype):
@@ -157,13 +173,14 @@ class SiglipVisionTower(nn.Module):
 
     @nn.compact
     def __call__(self, pixels, with_pooled: bool = False):
+        """pixels (b, H, W, C): uint8 tiles or normalised float (`normalize_pixels`)."""
         cfg = self.cfg
         if pixels.shape[1:] != (cfg.image_size, cfg.image_size, cfg.num_channels):
             raise ValueError(f"pixels have shape {pixels.shape}; this tower expects NHWC "
                              f"(batch, {cfg.image_size}, {cfg.image_size}, {cfg.num_channels})")
         if with_pooled and not cfg.use_head:
             raise ValueError("with_pooled=True but this tower has no pooling head (use_head=False)")
-        x = _Embeddings(cfg, name="embeddings")(pixels)
+        x = _Embeddings(cfg, name="embeddings")(normalize_pixels(pixels))
         select = cfg.num_layers if cfg.select_layer == -1 else cfg.select_layer % (cfg.num_layers + 1)
         run_all = with_pooled or self.is_initializing()
         selected, final = _Encoder(cfg, name="encoder")(x, cfg.num_layers if run_all else select, select)

@@ -19,6 +19,7 @@ from genieblue_jax.structure.mllm import (
                                             abstract_mllm,
                                             check_image_tokens,
                                             decode,
+                                            embed_image_tokens,
                                             forward,
                                             forward_hidden,
                                             image_features,
@@ -30,5 +31,6 @@ from genieblue_jax.structure.trainable import STAGES, combine, partition, traina
 __all__ = ["MLLMConfig", "StructureConfig", "VARIANTS", "PLACEMENTS", "MODES", "STAGES",
            "replicated_layers", "abstract_branch", "branch_sources", "init_branch", "merge_trees", "decode",
            "multimodal_decoder", "multimodal_llm_params", "fold_lora", "forward", "forward_hidden", "image_features",
+           "embed_image_tokens",
            "merge_image_features", "check_image_tokens", "abstract_mllm", "init_mllm", "partition",
            "combine", "trainable_names"]

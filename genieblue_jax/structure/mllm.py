@@ -52,23 +52,74 @@ def merge_image_features(embeds, is_image, features):
     return jnp.where(is_image[..., None], gathered, embeds)
 
 
-def image_features(mcfg: MLLMConfig, params: dict, images):
-    """images (b, P, H, W, C) per-row tiles (normalised NHWC) -> (b, P * tokens_per_tile,
-    llm_hidden): each tile's tokens in tile order. Padding tiles are computed too
-    (static shapes) and simply never referenced."""
+def image_features(mcfg: MLLMConfig, params: dict, tiles):
+    """tiles (n, S, S, C) -> (n, tokens_per_tile, llm_hidden): vision tower, then projector,
+    on every tile given. tiles: uint8 as the pipeline delivers them (normalised on device) or
+    normalised float (HF `pixel_values`); see `models.siglip.normalize_pixels`."""
+    vision = models.build(mcfg.vision).apply({"params": params["vision"]}, tiles)["tokens"]
+    return models.build(mcfg.projector).apply({"params": params["projector"]}, vision)
+
+
+def embed_image_tokens(mcfg: MLLMConfig, params: dict, embeds, is_image, images):
+    """Image features written into the image-token slots of `embeds`, computing the vision
+    tower and projector on the real tiles only.
+
+    embeds (b, t, d); is_image (b, t) bool; images (b, P, S, S, C): each row's tiles in the
+    order of its image tokens, real tiles first, then padding slots (as the pipeline's packed
+    rows and `stack_tiles` lay them out). A row's real tiles are its image tokens divided by
+    `tokens_per_tile`.
+
+    How padding is skipped with static shapes: the rows are split into one group per batch
+    shard (the rows one device holds; a single group without a mesh), each group's real
+    tiles are gathered to the front of a flat buffer of capacity rows x P (a gather within the
+    device), and the tower runs over that buffer in calls of `vision.tiles_per_call` tiles, a
+    `lax.cond` skipping every call past the fullest group's last real tile. A group's
+    features are then in the order of its image tokens (rows in order, each row's tiles in
+    order), and fill them by a running count as in `merge_image_features`. Example: 2 rows,
+    P = 4, real tiles (1, 0), tiles_per_call 1, one group: the tower runs once, on one tile.
+    """
     b, p = images.shape[:2]
-    flat = images.reshape(b * p, *images.shape[2:])
-    vision = models.build(mcfg.vision).apply({"params": params["vision"]}, flat)["tokens"]
-    feats = models.build(mcfg.projector).apply({"params": params["projector"]}, vision)
-    return feats.reshape(b, p * feats.shape[1], feats.shape[2])
+    groups = models.batch_shards(b)
+    n_real = jnp.sum(is_image, axis=1) // mcfg.tokens_per_tile                # (b,)
+    real = jnp.arange(p)[None, :] < n_real[:, None]                          # (b, P)
+    capacity = (b // groups) * p
+    # Real slots first within each group, in (row, slot) order: a stable sort on "is padding".
+    order = jnp.argsort(~real.reshape(groups, capacity), axis=1, stable=True)
+    flat = images.reshape(groups, capacity, *images.shape[2:])
+    flat = jnp.take_along_axis(flat, order.reshape(groups, capacity, *(1,) * (images.ndim - 2)), axis=1)
+    count = jnp.sum(real.reshape(groups, capacity), axis=1)                  # (groups,)
+    per_call = min(mcfg.vision.tiles_per_call, capacity)
+    calls = -(-capacity // per_call)
+    flat = jnp.pad(flat, ((0, 0), (0, calls * per_call - capacity)) + ((0, 0),) * (images.ndim - 2))
+    chunks = models.shard_batch(flat.reshape(groups, calls, per_call, *images.shape[2:]).swapaxes(0, 1))
+    tokens, d = mcfg.tokens_per_tile, mcfg.llm.hidden_size
+    dtype = embeds.dtype
+    most = jnp.max(count)
+
+    def run(chunk):  # (groups, per_call, S, S, C) -> (groups, per_call, tokens, d)
+        feats = image_features(mcfg, params, chunk.reshape(groups * per_call, *chunk.shape[2:]))
+        return feats.astype(dtype).reshape(groups, per_call, tokens, d)
+
+    def call(_, xs):
+        j, chunk = xs
+        return None, jax.lax.cond(j * per_call < most, run,
+                                  lambda c: jnp.zeros((groups, per_call, tokens, d), dtype), chunk)
+
+    _, feats = jax.lax.scan(call, None, (jnp.arange(calls), chunks))         # (calls, groups, per_call, ...)
+    feats = feats.swapaxes(0, 1).reshape(groups, calls * per_call * tokens, d)
+    grouped = merge_image_features(embeds.reshape(groups, (b // groups) * embeds.shape[1], d),
+                                   is_image.reshape(groups, -1), feats)
+    return grouped.reshape(embeds.shape)
 
 
 def forward(mcfg: MLLMConfig, params: dict, tokens, positions, segment_ids, images=None,
             mode: str = "multimodal"):
     """Logits (b, t, vocab) float32 of the model in `mode` (jit-friendly; `mode` static).
 
-    `images` (b, P, H, W, C): each row's tiles in the order of its image tokens (as the
-    data pipeline's packed batches carry them), or None for text-only input."""
+    `images` (b, P, H, W, C): each row's tiles in the order of its image tokens, real tiles
+    first (as the data pipeline's packed batches carry them; uint8 or normalised float), or
+    None for text-only input. The vision tower runs on the real tiles only
+    (`embed_image_tokens`)."""
     hidden, unembed = forward_hidden(mcfg, params, tokens, positions, segment_ids, images, mode)
     return unembed(hidden)
 
@@ -105,7 +156,7 @@ def decode(mcfg: MLLMConfig, decoder, llm_params: dict, params: dict, tokens, po
     embeds = decoder.apply({"params": llm_params}, tokens, method="embed")
     is_image = tokens == mcfg.image_token_id
     if images is not None:
-        embeds = merge_image_features(embeds, is_image, image_features(mcfg, params, images))
+        embeds = embed_image_tokens(mcfg, params, embeds, is_image, images)
     return decoder.apply({"params": llm_params}, tokens, positions, segment_ids,
                          inputs_embeds=embeds, token_types=is_image.astype(jnp.int32), return_hidden=return_hidden)
 

@@ -9,7 +9,15 @@ import pytest
 from PIL import Image
 
 from data_pipelines import images
-from data_pipelines.images import ImageDecodeError, candidate_grids, decode_image, num_tiles, select_grid, to_tiles
+from data_pipelines.images import (
+    ImageDecodeError,
+    candidate_grids,
+    decode_image,
+    normalize,
+    num_tiles,
+    select_grid,
+    to_tiles,
+)
 
 
 def _encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -144,26 +152,24 @@ def test_dynamic_tiles_are_row_major_tiles_then_thumbnail():
         r, c = divmod(i, 3)
         image[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] = colour
     out = to_tiles(image, tile=tile, mode="dynamic")
-    assert out.shape == (7, tile, tile, 3) and out.dtype == np.float32
+    assert out.shape == (7, tile, tile, 3) and out.dtype == np.uint8    # normalised on device
     for i, colour in enumerate(colours):
-        expected = (np.asarray(colour, np.float32) / np.float32(255) - np.float32(0.5)) / np.float32(0.5)
-        np.testing.assert_array_equal(out[i], np.broadcast_to(expected, (tile, tile, 3)))
+        np.testing.assert_array_equal(out[i], np.broadcast_to(np.asarray(colour, np.uint8), (tile, tile, 3)))
     thumb = np.asarray(Image.fromarray(image).resize((tile, tile), Image.Resampling.BICUBIC))
-    want = (thumb.astype(np.float32) / np.float32(255) - np.float32(0.5)) / np.float32(0.5)
-    np.testing.assert_array_equal(out[6], want)
+    np.testing.assert_array_equal(out[6], thumb)
     np.testing.assert_array_equal(to_tiles(image, tile=tile, mode="single")[0], out[6])
 
 
 def test_normalisation_endpoints_and_determinism():
     image = np.zeros((20, 30, 3), np.uint8)
     image[:, 15:] = 255
-    out = to_tiles(image, tile=10, mode="dynamic")          # 3 x 2 grid of exact tiles
+    out = normalize(to_tiles(image, tile=10, mode="dynamic"))          # 3 x 2 grid of exact tiles
     assert select_grid(30, 20, tile=10) == (3, 2) and out.shape == (7, 10, 10, 3)
     assert set(np.unique(out[[0, 3]])) == {-1.0} and out[2].min() == 1.0 == out[5].max()
     big = _rgb(300, 500, seed=3)
     a = to_tiles(big, tile=56, mode="dynamic")
     assert np.array_equal(a, to_tiles(big.copy(), tile=56, mode="dynamic"))
-    assert -1.0 <= a.min() and a.max() <= 1.0
+    assert -1.0 <= normalize(a).min() and normalize(a).max() <= 1.0
 
 
 def test_num_tiles_matches_to_tiles_on_random_sizes():

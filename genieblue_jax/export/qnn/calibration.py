@@ -33,7 +33,7 @@ from genieblue_jax import workdir as workdir_lib
 class Sample:
     """One calibration request: a packed row's segment cut back out."""
     tokens: np.ndarray    # (n,) int32
-    tiles: np.ndarray   # (p, S, S, 3) float32, in the order of the image tokens (p may be 0)
+    tiles: np.ndarray   # (p, S, S, 3) uint8, in the order of the image tokens (p may be 0)
     source: str
     split: int            # tokens[:split] run through prefill, the rest one decode step each
 
@@ -120,8 +120,8 @@ def split_row(row: dict, r: int = 0):
     for seg in sorted(set(segments.tolist()) - {0}):
         idx = np.nonzero(segments == seg)[0]
         tiles = [row["images"][r, j] for j in np.nonzero(valid)[0] if segments[starts[j]] == seg]
-        tiles = np.stack(tiles) if tiles else np.zeros((0,) + row["images"].shape[2:], np.float32)
-        out.append((tokens[idx].astype(np.int32), tiles.astype(np.float32), int(row["source_ids"][r, idx[0]])))
+        tiles = np.stack(tiles) if tiles else np.zeros((0,) + row["images"].shape[2:], row["images"].dtype)
+        out.append((tokens[idx].astype(np.int32), tiles, int(row["source_ids"][r, idx[0]])))
     return out
 
 
@@ -173,6 +173,6 @@ def load_samples(mcfg, sources, tokenizer: str, *, count: int, context: int, pre
             kept = s.tokens[s.tokens != mcfg.image_token_id]
             split = choose_split(len(kept), -1, context=context, prefill_len=prefill_len, decode_steps=decode_steps)
             if split is not None:
-                text.append(Sample(kept, np.zeros((0,) + s.tiles.shape[1:], np.float32), s.source, split))
+                text.append(Sample(kept, np.zeros((0,) + s.tiles.shape[1:], s.tiles.dtype), s.source, split))
         description += "; no text-only samples: the base decoder uses the image samples' text"
     return CalibrationData(mm, text, description)

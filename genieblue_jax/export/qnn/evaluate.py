@@ -90,8 +90,8 @@ def jax_reference(model, data) -> dict:
     features = jax.jit(structure.image_features, static_argnums=0)
     out: dict[str, list] = {"vision": [], "multimodal": [], "text": []}
     for s in data.multimodal:
-        feats = features(model.mcfg, model.params, jnp.asarray(s.tiles[None]))
-        out["vision"].append(np.asarray(feats[0], np.float32))
+        feats = np.asarray(features(model.mcfg, model.params, jnp.asarray(s.tiles)), np.float32)
+        out["vision"].append(feats.reshape(-1, feats.shape[-1]))
         out["multimodal"].append(_padded_logits(model, s.tokens, images=s.tiles[None], mode="multimodal"))
     for s in data.text:
         out["text"].append(_padded_logits(model, s.tokens, mode="text"))

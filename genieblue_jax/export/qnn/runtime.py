@@ -29,6 +29,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from data_pipelines import images as image_lib
 from genieblue_jax.export.qnn.graphs import MASK_VALUE
 
 
@@ -221,8 +222,11 @@ class Vision:
         self.session, self.batch, self.image_size = session, batch, image_size
 
     def features(self, tiles) -> np.ndarray:
-        """tiles (P, S, S, 3) normalised -> (P * tokens_per_tile, llm_hidden), tile order."""
-        tiles = np.asarray(tiles, np.float32)
+        """tiles (P, S, S, 3) -> (P * tokens_per_tile, llm_hidden), tile order. The graph takes
+        HF `pixel_values`: uint8 tiles are normalised here (`images.normalize`), float tiles
+        are taken as normalised."""
+        tiles = np.asarray(tiles)
+        tiles = image_lib.normalize(tiles) if tiles.dtype == np.uint8 else tiles.astype(np.float32)
         s = self.image_size
         if tiles.ndim != 4 or tiles.shape[1:] != (s, s, 3):
             raise ValueError(f"tiles must be (P, {s}, {s}, 3), got {tiles.shape}")
