@@ -149,8 +149,7 @@ class GenieBlue:
                                     jnp.asarray(positions), jnp.asarray(segment_ids))
             return np.asarray(out, np.float32)
         if images is not None:
-            images = np.asarray(images)
-            images = images if images.dtype == np.uint8 else images.astype(np.float32)
+            images = inference.checked_tiles(images)
             size = self.mcfg.vision.image_size
             if images.ndim != 5 or images.shape[0] != ids.shape[0] or images.shape[2:] != (size, size, 3):
                 raise ValueError(f"images must be (batch={ids.shape[0]}, P, {size}, {size}, 3) tiles, "
@@ -168,8 +167,7 @@ class GenieBlue:
         """SigLIP features of NHWC images, uint8 or normalised to [-1, 1] float: {"tokens",
         "pooled"} numpy."""
         _, params = self._component("vision")
-        pixels = np.asarray(pixel_values)
-        pixels = pixels if pixels.dtype == np.uint8 else pixels.astype(np.float32)
+        pixels = inference.checked_tiles(pixel_values, "pixel_values")
         out = self._vision_forward({"params": params}, jnp.asarray(pixels),
                                    with_pooled=with_pooled)
         return {k: None if v is None else np.asarray(v, np.float32) for k, v in out.items()}

@@ -66,6 +66,7 @@ def time_pipeline(cfg, batches):
     samples = it.stats["samples"] - s0["samples"]
     tokens = it.stats["tokens"] - s0["tokens"]
     return {"examples_s": samples / dt, "tokens_s": tokens / dt, "efficiency": packing_efficiency(it.stats),
+            "seconds": dt,
             "batches": kept, "iterator": it}
 
 
@@ -165,9 +166,11 @@ def real_images(data_dir: str, tokenizer: str) -> None:
                              batch_size=1, tile_size=384, tokens_per_tile=tokens_per_tile, image_mode="dynamic",
                              max_tiles=16, max_tiles_per_row=seq_len // tokens_per_tile, num_workers=w)
         r = time_pipeline(cfg, FLAGS.batches)
-        rows_s = r["examples_s"] / _examples_per_row(r)
-        per_worker[w] = (r["examples_s"] / max(w, 1), rows_s / max(w, 1))
-        print(f"  workers={w}: {r['examples_s']:7.2f} examples/s  {rows_s:6.2f} rows/s  "
+        # Counted from the rows delivered (the stats count samples read into the packing window).
+        rows_s = FLAGS.batches / r["seconds"]
+        examples_s = rows_s * _examples_per_row(r)
+        per_worker[w] = (examples_s / max(w, 1), rows_s / max(w, 1))
+        print(f"  workers={w}: {examples_s:7.2f} examples/s  {rows_s:6.2f} rows/s  "
               f"({_examples_per_row(r):.2f} examples per row; per worker process: "
               f"{per_worker[w][0]:.2f} examples/s, {per_worker[w][1]:.2f} rows/s)")
     flops, source = row_flops(FLAGS.tpu_topology)

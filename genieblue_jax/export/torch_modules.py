@@ -34,6 +34,7 @@ from genieblue_jax import models
 from genieblue_jax.export import to_torch
 from genieblue_jax.export.to_torch import FORMAT_VERSION, MANIFEST_FILE, projector_tensors
 from genieblue_jax.hf.tables import PROJECTOR_TABLE, resolve
+from genieblue_jax.inference.requests import checked_tiles
 from genieblue_jax.jsonfile import read_json
 from genieblue_jax.models.configs import ProjectorConfig
 
@@ -149,8 +150,8 @@ class GenieBlueTorch(nn.Module):
         are taken as normalised pixel values."""
         x = tiles.cpu().numpy() if isinstance(tiles, torch.Tensor) and tiles.dtype == torch.uint8 else tiles
         if not isinstance(x, torch.Tensor):
-            x = np.asarray(x)
-            x = torch.as_tensor(image_lib.normalize(x) if x.dtype == np.uint8 else x.astype(np.float32))
+            x = checked_tiles(x)
+            x = torch.as_tensor(image_lib.normalize(x) if x.dtype == np.uint8 else x)
         s = self.image_size
         if x.dim() != 5 or tuple(x.shape[2:]) != (s, s, 3):
             raise ValueError(f"images must be (batch, P, {s}, {s}, 3) normalised NHWC tiles, got shape "

@@ -12,6 +12,7 @@ from genieblue_jax.inference.generate import (
                                               prefill,
                                               sample,
 )
+from genieblue_jax.inference.requests import checked_tiles
 
 __all__ = ["TRACES", "DecodeState", "GenerationResult", "Sampling", "bucket_length", "decode_step", "generate",
-           "pad_prompts", "prefill", "sample"]
+           "pad_prompts", "prefill", "sample", "checked_tiles"]

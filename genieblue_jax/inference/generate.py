@@ -61,6 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from genieblue_jax import models
+from genieblue_jax.inference.requests import checked_tiles
 from genieblue_jax.models.configs import LLMConfig
 from genieblue_jax.models.llm import init_kv_cache
 from genieblue_jax.structure.branch import multimodal_decoder, multimodal_llm_params
@@ -294,19 +295,19 @@ def generate(mcfg, params: dict, prompts: Sequence[Sequence[int]], *, mode: str 
     """Generates up to `max_new_tokens` per prompt (host loop over `prefill` / `decode_step`).
 
     prompts: b token-id sequences of any lengths (left-padded to a common bucket);
-    images: (b, P, H, W, 3) normalised NHWC tiles, each row's in the order of its image
-    tokens (modes "multimodal" / "shared"); key: PRNG key for sampling (temperature > 0;
+    images: (b, P, H, W, 3) NHWC tiles (uint8, or float normalised: `checked_tiles`), each
+    row's in the order of its image tokens (modes "multimodal" / "shared"); key: PRNG key for sampling (temperature > 0;
     default `jax.random.key(0)`). See the module docstring for the cache layout.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     _decoder(mcfg, params, mode)  # validates the mode / config pairing
-    _check_inputs(mcfg, mode, prompts, None if images is None else np.asarray(images), _llm_config(mcfg).vocab_size)
+    images = None if images is None else checked_tiles(images)
+    _check_inputs(mcfg, mode, prompts, images, _llm_config(mcfg).vocab_size)
     tokens, positions, segments = pad_prompts(prompts, min_bucket, pad_id)
     cache_len = tokens.shape[1] + bucket_length(max_new_tokens, min_bucket)
     sampling = Sampling.make(temperature, top_p, stop_tokens, pad_id)
     key = jax.random.key(0) if key is None else key
-    images = None if images is None else jnp.asarray(images, jnp.float32)
     cache, state, _ = prefill(mcfg, params, tokens, positions, segments, images, sampling, key, mode=mode,
                               cache_len=cache_len)
     emitted = [state.tokens]

@@ -134,6 +134,29 @@ class RequestEncoder:
         return np.zeros((0, self.tile_size, self.tile_size, 3), np.uint8)
 
 
+def checked_tiles(images, where: str = "images") -> np.ndarray:
+    """Image tiles as the vision tower takes them (`models.siglip.normalize_pixels`): uint8
+    pixels stay uint8 (normalised on device); float tiles become float32 and must already be
+    normalised to [-1, 1] (HF `pixel_values`). ValueError naming `where` for a float array
+    outside that range: uint8 pixels cast to float (0 .. 255) would otherwise run as if they
+    were normalised values, silently wrong.
+
+        >>> checked_tiles(np.full((1, 2, 2, 3), 255, np.uint8)).dtype
+        dtype('uint8')
+        >>> checked_tiles(np.full((1, 2, 2, 3), 255.0))  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        ValueError: images: float tiles must be normalised to [-1, 1] ...
+    """
+    images = np.asarray(images)
+    if images.dtype == np.uint8:
+        return images
+    images = images.astype(np.float32)
+    if images.size and not np.abs(images).max() <= 1.0 + 1e-6:  # NaN fails too
+        raise ValueError(f"{where}: float tiles must be normalised to [-1, 1] (HF pixel_values), got values in "
+                         f"[{np.nanmin(images):.3g}, {np.nanmax(images):.3g}]; pass raw pixels as uint8")
+    return images
+
+
 def stack_tiles(tile_lists: Sequence[np.ndarray]) -> np.ndarray | None:
     """Per-request tiles (k_i, S, S, 3) -> (b, max k_i, S, S, 3), zero-padded (padding
     tiles are never referenced by an image token); None when no request has images."""

@@ -83,7 +83,8 @@ def test_vision_graph_matches_image_features(exported):
     model = exported["model"]
     _, tiles = _request(model.mcfg)
     tiles = np.concatenate([tiles, -tiles])  # two vision-graph calls
-    ours = np.asarray(structure.image_features(model.mcfg, model.params, tiles[None]))[0]
+    ours = np.asarray(structure.image_features(model.mcfg, model.params, tiles))
+    ours = ours.reshape(-1, ours.shape[-1])
     got = exported["vision"].features(tiles)
     diff = float(np.abs(got - ours).max())
     print(f"\nvision + projector ONNX vs ours: max |diff| {diff:.2e} over {got.shape}")

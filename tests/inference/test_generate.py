@@ -66,8 +66,11 @@ def _text_prompts():
 
 
 def _image_prompts(mcfg):
+    """40 and 30 tokens, one 16-token image each; the tiles uint8, as the pipeline and
+    `requests.encode` deliver them (normalised on device by every path)."""
     tokens, _, images = image_batch(mcfg)
-    return [tokens[0], tokens[1][:30]], images  # 40 and 30 tokens, one 16-token image each
+    pixels = np.round((images + 1) * 127.5).astype(np.uint8)
+    return [tokens[0], tokens[1][:30]], pixels
 
 
 def greedy_by_recompute(mcfg, params, prompts, images, mode, n=NEW):
@@ -163,6 +166,10 @@ def test_text_mode_is_exactly_the_base_model_and_shared_is_not(model, base):
         inference.generate(mcfg, params, prompts, mode="text", images=np.zeros((2, 1, 56, 56, 3), np.float32))
     with pytest.raises(ValueError, match="image tokens"):
         inference.generate(mcfg, params, _image_prompts(mcfg)[0], mode="multimodal")
+    # uint8 pixels cast to float (0 .. 255) would run as if normalised: refused, named.
+    prompts, pixels = _image_prompts(mcfg)
+    with pytest.raises(ValueError, match=r"images: float tiles must be normalised to \[-1, 1\]"):
+        inference.generate(mcfg, params, prompts, mode="multimodal", images=pixels.astype(np.float32))
 
 
 def test_stop_tokens_end_rows_early(model):

@@ -368,7 +368,8 @@ def test_a_non_finite_step_is_skipped(tmp_path):
     batch = {k: batch[k] for k in trainer.BATCH_KEYS}
     good, m = step(state, frozen, batch)
     assert bool(m["ok"]) and int(good["bad_steps"]) == 0
-    poisoned = dict(batch, images=np.full_like(batch["images"], np.nan))
+    # NaN pixels (the step also takes normalised float tiles, e.g. a user's own preprocessing).
+    poisoned = dict(batch, images=np.full(batch["images"].shape, np.nan, np.float32))
     after, m = step(good, frozen, poisoned)
     assert not bool(m["ok"]) and int(after["bad_steps"]) == 1 and int(after["step"]) == 2
     for a, b in zip(jax.tree.leaves(after["trainable"]), jax.tree.leaves(good["trainable"])):

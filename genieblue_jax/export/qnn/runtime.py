@@ -31,6 +31,7 @@ import numpy as np
 
 from data_pipelines import images as image_lib
 from genieblue_jax.export.qnn.graphs import MASK_VALUE
+from genieblue_jax.inference.requests import checked_tiles
 
 
 class Session(Protocol):
@@ -225,8 +226,8 @@ class Vision:
         """tiles (P, S, S, 3) -> (P * tokens_per_tile, llm_hidden), tile order. The graph takes
         HF `pixel_values`: uint8 tiles are normalised here (`images.normalize`), float tiles
         are taken as normalised."""
-        tiles = np.asarray(tiles)
-        tiles = image_lib.normalize(tiles) if tiles.dtype == np.uint8 else tiles.astype(np.float32)
+        tiles = checked_tiles(tiles, "tiles")
+        tiles = image_lib.normalize(tiles) if tiles.dtype == np.uint8 else tiles
         s = self.image_size
         if tiles.ndim != 4 or tiles.shape[1:] != (s, s, 3):
             raise ValueError(f"tiles must be (P, {s}, {s}, 3), got {tiles.shape}")
