@@ -19,24 +19,32 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from genieblue_jax.models.configs import VisionConfig
 from genieblue_jax.models.layers import dense, layer_norm, shard_batch
 from genieblue_jax.models.scan import run_scanned
 
 
+# SigLIP's normalisation of each uint8 value, (x / 255 - 0.5) / 0.5, computed once in numpy
+# float32: looked up on device, the result is bitwise the host's (`data_pipelines.images.normalize`,
+# HF's processor), which a traced formula is not (XLA turns x / 255 into x * (1 / 255)).
+_NORMALIZED_UINT8 = (np.arange(256, dtype=np.float32) / np.float32(255.0) - np.float32(0.5)) / np.float32(0.5)
+
+
 def normalize_pixels(pixels):
     """uint8 tiles (..., H, W, C) -> float32 in [-1, 1], on device: (x / 255 - 0.5) / 0.5, as
     HF `SiglipImageProcessor` (rescale 1/255, mean 0.5, std 0.5) and, on the host,
-    `data_pipelines.images.normalize`. Float input is taken as already normalised and returned
-    as is, so the tower accepts both the pipeline's uint8 tiles and HF `pixel_values`.
+    `data_pipelines.images.normalize`, bitwise (a 256-entry table lookup). Float input is taken
+    as already normalised and returned as is, so the tower accepts both the pipeline's uint8
+    tiles and HF `pixel_values`.
 
         >>> normalize_pixels(jnp.array([0, 255], jnp.uint8))
         Array([-1.,  1.], dtype=float32)
     """
     if pixels.dtype != jnp.uint8:
         return pixels
-    return (pixels.astype(jnp.float32) / jnp.float32(255.0) - jnp.float32(0.5)) / jnp.float32(0.5)
+    return jnp.asarray(_NORMALIZED_UINT8)[pixels.astype(jnp.int32)]
 
 
 def _attend(q, k, v, num_heads: int, dtype):
