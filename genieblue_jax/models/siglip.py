@@ -25,7 +25,6 @@ from genieblue_jax.models.configs import VisionConfig
 from genieblue_jax.models.layers import dense, layer_norm, shard_batch
 from genieblue_jax.models.scan import run_scanned
 
-
 # SigLIP's normalisation of each uint8 value, (x / 255 - 0.5) / 0.5, computed once in numpy
 # float32: looked up on device, the result is bitwise the host's (`data_pipelines.images.normalize`,
 # HF's processor), which a traced formula is not (XLA turns x / 255 into x * (1 / 255)).
