@@ -43,7 +43,7 @@ flags.DEFINE_integer("photos", 200, "--images=real: JPEGs to make.")
 flags.DEFINE_string("tpu_topology", "", "--images=real: count a row's FLOPs with the TPU compiler for this "
                     "topology (e.g. v5p:2x2x1; minutes) instead of the FLOP model.")
 
-V5P_HOST = {"chips": 4, "vcpus": 208, "peak_flops": 459e12}  # one v5p host: 4 chips, bf16 peak per chip
+V5P_HOST = {"chips": 4, "vcpus": 208}  # one v5p host (its chips' peak: train.metrics.PEAK_FLOPS_BY_DEVICE_KIND)
 
 
 def pipeline_config(demo, seq_len, batch_size, workers, max_tiles_per_row):
@@ -168,17 +168,20 @@ def real_images(data_dir: str, tokenizer: str) -> None:
         r = time_pipeline(cfg, FLAGS.batches)
         # Counted from the rows delivered (the stats count samples read into the packing window).
         rows_s = FLAGS.batches / r["seconds"]
-        examples_s = rows_s * _examples_per_row(r)
+        per_row = _examples_per_row(r)
+        examples_s = rows_s * per_row
         per_worker[w] = (examples_s / max(w, 1), rows_s / max(w, 1))
         print(f"  workers={w}: {examples_s:7.2f} examples/s  {rows_s:6.2f} rows/s  "
-              f"({_examples_per_row(r):.2f} examples per row; per worker process: "
+              f"({per_row:.2f} examples per row; per worker process: "
               f"{per_worker[w][0]:.2f} examples/s, {per_worker[w][1]:.2f} rows/s)")
+    from genieblue_jax.train.metrics import peak_flops_per_device
+    peak = peak_flops_per_device("TPU v5p")
     flops, source = row_flops(FLAGS.tpu_topology)
-    need = V5P_HOST["chips"] * 0.5 * V5P_HOST["peak_flops"] / flops
+    need = V5P_HOST["chips"] * 0.5 * peak / flops
     one = max(v[1] for v in per_worker.values())
     cores = need / one
     print(f"one 4096-token row of stage2_skip:paper: {flops / 1e12:.1f} TFLOP ({source})")
-    print(f"a v5p host (4 chips at 50% MFU, {V5P_HOST['peak_flops'] / 1e12:.0f} TFLOP/s bf16 peak each) trains "
+    print(f"a v5p host (4 chips at 50% MFU, {peak / 1e12:.0f} TFLOP/s bf16 peak each) trains "
           f"{need:.2f} rows/s; one worker process packs {one:.2f} rows/s here, so it needs {cores:.1f} cores "
           f"= {100 * cores / V5P_HOST['vcpus']:.1f}% of its {V5P_HOST['vcpus']} vCPUs (target < 25%)")
 
