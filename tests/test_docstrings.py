@@ -72,7 +72,7 @@ def test_every_public_definition_of_the_library_has_a_docstring():
                                     # the module, not the function `inference.generate` shadowing it
                                     importlib.import_module("genieblue_jax.inference.generate"),
                                     genieblue_jax.train.optimizer, genieblue_jax.structure,
-                                    genieblue_jax.structure.config, genieblue_jax.structure.branch,
+                                    genieblue_jax.structure.config, genieblue_jax.structure.mllm,
                                     data_pipelines.packing, data_pipelines.records, data_pipelines.images,
                                     experiments.demo_data, genieblue_jax.evaluate, genieblue_jax.versions,
                                     genieblue_jax.checksums, genieblue_jax.train.workdir_lock,

@@ -97,6 +97,7 @@ def plan(config, devices, hbm: float = 0.0) -> dict:
     batch = trainer.batch_plan(config, mesh)
     params = workdir_lib.abstract_params(mcfg, mesh)
     trainable, frozen = structure.partition(params, config.train.stage)
+    trainable, frozen = trainer.to_step_layout(mcfg, (trainable, frozen))  # the layout the trainer's step reads
     tx = trainer.build_optimizer(config, mcfg, trainable)
     opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                              jax.eval_shape(tx.init, trainable), trainer.opt_state_shardings(tx, trainable, mesh))

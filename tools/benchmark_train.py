@@ -7,7 +7,8 @@
         --batch_size=2 --seq_len=512 --tiles_per_row=2 --steps=3 --warmup=1   # a real shape
 
 For each variant the recipe's model at `--llm` / `--vit` (default the demo scale,
-`demo-qwen2` + `demo-siglip`; any preset, random weights; float32) is built and trained
+`demo-qwen2` + `demo-siglip`; any preset, random weights; float32; scan loops over stacked
+layers at any non-demo preset, as the paper recipes train) is built and trained
 with `trainer.make_train_step`, the step `experiments.run` uses, on the batch
 `tools.benchmark_torch_reference` uses: `batch_size` rows of `seq_len` random text ids,
 each row with `tiles_per_row` image tiles (uint8, as the pipeline delivers them) whose
@@ -15,7 +16,8 @@ tokens sit at offset 16; loss on the non-image targets. The PyTorch reference ge
 same shapes as Hugging Face configs (`export.hf_writer`). Each variant runs in a fresh
 process, so its peak RSS (`ru_maxrss`) is its own. Reported per variant: compile time, mean /
 median step time over `--steps` after `--warmup`, tokens/s, an MFU estimate
-(`train.metrics.step_flops`, checked against XLA's cost analysis; peak `--peak_flops`), peak RSS; then the PyTorch
+(`train.metrics.step_flops`, checked against XLA's cost analysis) against this machine's
+measured float32 matmul peak (`matmul_peak`, or `--peak_flops`), peak RSS; then the PyTorch
 reference's step time (transformers + PEFT, eager, same frozen / trainable split) and
 the ratios the training issue asks for: stage2_skip / full_ft (frozen weights need no
 weight gradient) and JAX / PyTorch.
@@ -57,7 +59,8 @@ def define_flags():
     flags.DEFINE_string("vit", "demo-siglip", "Vision tower preset (models.PRESETS).")
     flags.DEFINE_integer("steps", 10, "Timed steps.")
     flags.DEFINE_integer("warmup", 2, "Untimed steps first (the first one compiles).")
-    flags.DEFINE_float("peak_flops", 110e9, "Peak FLOP/s of one device, for the MFU estimate (this CPU: f32).")
+    flags.DEFINE_float("peak_flops", 0, "Peak FLOP/s of one device, for the MFU estimate; 0: measured here "
+                       "(`matmul_peak`: this machine's best float32 matmul rate).")
     flags.DEFINE_bool("torch", True, "Also run the PyTorch reference (tools.benchmark_torch_reference).")
     flags.DEFINE_string("aot_devices", "", "Comma-separated device counts for the paper-scale AOT memory plan.")
     flags.DEFINE_multi_string("set", [], "Recipe override KEY=VALUE (e.g. --set=model.scan_layers=False), "
@@ -95,6 +98,23 @@ def make_batch(batch_size: int, seq_len: int, tiles_per_row: int, image_size: in
             "images": rng.integers(0, 256, (batch_size, tiles_per_row, image_size, image_size, 3), np.uint8)}
 
 
+def matmul_peak(n: int = 4096, repeats: int = 5) -> float:
+    """FLOP/s of this machine's best float32 (n, n) @ (n, n) matmul in JAX (best of `repeats`,
+    after one compile run): the peak the MFU is a fraction of (~200 GFLOP/s on the 2-core
+    development machine of 2026-11-30, ~110 GFLOP/s on the one of the days before)."""
+    import jax
+    import jax.numpy as jnp
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, a).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        matmul(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
 def _benchmarked(variant: str, seq_len: int, tiles_per_row: int, overrides=(), llm: str = "demo-qwen2",
                  vit: str = "demo-siglip"):
     """(config, model config) of the benchmarked `variant`: its recipe with the `llm` / `vit` presets."""
@@ -103,6 +123,9 @@ def _benchmarked(variant: str, seq_len: int, tiles_per_row: int, overrides=(), l
     from genieblue_jax import workdir as workdir_lib
     config = importlib.import_module(f"experiments.configs.{VARIANTS[variant]}").get_config("demo")
     config.model.llm, config.model.vit = llm, vit  # (the demo recipes default to a smaller demo LLM)
+    # At a real shape the layers run as the paper recipes run them: scan loops over stacked
+    # weights (`model.scan_layers`); the demo scale keeps the demo recipe's unrolled blocks.
+    config.model.scan_layers = not (llm.startswith("demo-") and vit.startswith("demo-"))
     config.data.seq_len, config.data.max_tiles_per_row = seq_len, tiles_per_row
     _apply_overrides(config, overrides)
     mcfg = workdir_lib.model_config(config, image_token_id=IMAGE_TOKEN_ID)
@@ -146,7 +169,7 @@ def parameter_split(variant: str, overrides=()) -> tuple[int, int]:
 
 
 def benchmark_one(variant: str, *, batch_size: int = 8, seq_len: int = 512, tiles_per_row: int = 8,
-                  steps: int = 10, warmup: int = 2, peak_flops: float = 110e9, overrides=(),
+                  steps: int = 10, warmup: int = 2, peak_flops: float = 0, overrides=(),
                   llm: str = "demo-qwen2", vit: str = "demo-siglip", real_tiles: int = -1,
                   tiles_per_call: int = 0) -> dict:
     import jax
@@ -164,6 +187,8 @@ def benchmark_one(variant: str, *, batch_size: int = 8, seq_len: int = 512, tile
     # The trainer's own initialisation (random frozen parts at demo scale), no data pipeline.
     params = workdir_lib.init_params(config, mcfg, mesh)
     trainable, frozen = structure.partition(params, config.train.stage)
+    del params
+    trainable, frozen = trainer.to_step_layout(mcfg, (trainable, frozen))  # the layout the trainer's step reads
     tx = trainer.build_optimizer(config, mcfg, trainable)
     init_opt = jax.jit(tx.init, out_shardings=trainer.opt_state_shardings(tx, trainable, mesh))
     state = {"trainable": trainable, "opt_state": init_opt(trainable),
@@ -197,8 +222,9 @@ def benchmark_one(variant: str, *, batch_size: int = 8, seq_len: int = 512, tile
     cost = compiled.cost_analysis()
     xla_flops = float((cost[0] if isinstance(cost, list) else cost)["flops"])  # XLA's count of the same step
     n_trainable = models.count_params(trainable)
+    peak = peak_flops or matmul_peak()
     return dict(variant=variant, compile_s=compile_s, step_s=mean, median_s=statistics.median(times),
-                min_s=min(times), tokens_per_s=tokens / mean, mfu=flops / mean / (peak_flops * jax.device_count()),
+                min_s=min(times), tokens_per_s=tokens / mean, mfu=flops / mean / (peak * jax.device_count()),
                 flops=flops, xla_flops=xla_flops,
                 trainable=n_trainable, total=n_trainable + models.count_params(frozen),
                 peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -227,12 +253,15 @@ def main(argv):
                           real_tiles=FLAGS.real_tiles, tiles_per_call=FLAGS.tiles_per_call)
         print(RESULT_PREFIX + json.dumps(r), flush=True)
         return
+    peak = FLAGS.peak_flops or matmul_peak()
+    print(f"peak: {peak / 1e9:.0f} GFLOP/s per device ({'--peak_flops' if FLAGS.peak_flops else 'measured'})",
+          flush=True)
     shape = [f"--batch_size={FLAGS.batch_size}", f"--seq_len={FLAGS.seq_len}",
              f"--tiles_per_row={FLAGS.tiles_per_row}", f"--steps={FLAGS.steps}", f"--warmup={FLAGS.warmup}"]
     ours = {}
     for variant in VARIANTS:
         (r,), _ = _subprocess_json([sys.executable, "-m", "tools.benchmark_train", f"--variant={variant}",
-                                    f"--peak_flops={FLAGS.peak_flops}", *shape, f"--llm={FLAGS.llm}",
+                                    f"--peak_flops={peak}", *shape, f"--llm={FLAGS.llm}",
                                     f"--vit={FLAGS.vit}", f"--real_tiles={FLAGS.real_tiles}",
                                     f"--tiles_per_call={FLAGS.tiles_per_call}",
                                     *[f"--set={x}" for x in FLAGS.set]], f"JAX {variant}")

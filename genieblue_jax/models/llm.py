@@ -51,7 +51,7 @@ from genieblue_jax.models.configs import LLMConfig
 from genieblue_jax.models.layers import dense, shard_batch
 from genieblue_jax.models.lora import LoRADense, LoRASpec
 from genieblue_jax.models.masks import cached_causal_segment_mask, causal_segment_mask
-from genieblue_jax.models.scan import run_scanned
+from genieblue_jax.models.scan import run_scanned, stacked_names
 
 
 class RMSNorm(nn.Module):
@@ -263,14 +263,21 @@ class DecoderLM(nn.Module):
                 block = DecoderBlock(self.cfg, kinds[i], self.lora, parent=None)  # a pure function
                 return block.apply({"params": p}, h, positions, mask, is_image)
 
-            x = run_scanned(apply_layer, [params[f"layers_{i}"] for i in range(len(kinds))], kinds, x,
-                            remat=self.cfg.remat)
+            x = run_scanned(apply_layer, params, kinds, x, remat=self.cfg.remat)
         else:
+            self._check_named_layout()
             for layer in self.layers:
                 x = shard_batch(layer(x, positions, mask, is_image))
         return self.norm(x)
 
+    def _check_named_layout(self):
+        stacked = stacked_names(self.variables.get("params", {}))
+        if stacked:
+            raise ValueError(f"parameters {stacked} are in the stacked layout, which only scan loops read "
+                             "(scan_layers=True, no cache); convert with models.scan.unstack_layers")
+
     def _cached_hidden_states(self, x, positions, segment_ids, is_image, cache, fresh_cache):
+        self._check_named_layout()
         index = jnp.asarray(cache["index"], jnp.int32)
         segment_ids = segment_ids.astype(jnp.int32)
         t = segment_ids.shape[1]

@@ -149,14 +149,13 @@ class _Encoder(nn.Module):
         """Runs the first `run_layers` layers; returns (hidden_states[select], last output)."""
         x = shard_batch(x)
         if self.cfg.scan_layers and not self.is_initializing():
-            params = [self.variables["params"][f"layers_{i}"] for i in range(run_layers)]
+            params = self.variables["params"]
             apply_layer = lambda i, p, h: SiglipEncoderLayer(self.cfg, parent=None).apply({"params": p}, h)
-            kinds = ("encoder",) * run_layers
-            selected = run_scanned(apply_layer, params[:select], kinds[:select], x, remat=self.cfg.remat)
+            selected = run_scanned(apply_layer, params, ("encoder",) * select, x, remat=self.cfg.remat)
             if run_layers == select:
                 return selected, selected
-            rest = run_scanned(lambda i, p, h: apply_layer(select + i, p, h), params[select:], kinds[select:],
-                               selected, remat=self.cfg.remat)
+            rest = run_scanned(apply_layer, params, ("encoder",) * (run_layers - select), selected,
+                               remat=self.cfg.remat, offset=select)
             return selected, rest
         selected = x
         layer = nn.remat(SiglipEncoderLayer) if self.cfg.remat else SiglipEncoderLayer

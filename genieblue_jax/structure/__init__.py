@@ -5,12 +5,12 @@
     >>> mcfg.structure.name, mcfg.layer_kinds
     ('genieblue-skip', ('base', 'lora', 'lora', 'lora'))
 """
+from genieblue_jax.models.scan import merge_trees
 from genieblue_jax.structure.branch import (
                                             abstract_branch,
                                             branch_sources,
                                             fold_lora,
                                             init_branch,
-                                            merge_trees,
                                             multimodal_decoder,
                                             multimodal_llm_params,
 )
@@ -25,12 +25,13 @@ from genieblue_jax.structure.mllm import (
                                             image_features,
                                             init_mllm,
                                             merge_image_features,
+                                            stack_layers,
+                                            unstack_layers,
 )
 from genieblue_jax.structure.trainable import STAGES, combine, partition, trainable_names
 
 __all__ = ["MLLMConfig", "StructureConfig", "VARIANTS", "PLACEMENTS", "MODES", "STAGES",
            "replicated_layers", "abstract_branch", "branch_sources", "init_branch", "merge_trees", "decode",
            "multimodal_decoder", "multimodal_llm_params", "fold_lora", "forward", "forward_hidden", "image_features",
-           "embed_image_tokens",
-           "merge_image_features", "check_image_tokens", "abstract_mllm", "init_mllm", "partition",
-           "combine", "trainable_names"]
+           "embed_image_tokens", "merge_image_features", "stack_layers", "unstack_layers", "check_image_tokens",
+           "abstract_mllm", "init_mllm", "partition", "combine", "trainable_names"]

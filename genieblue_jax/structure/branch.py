@@ -23,22 +23,10 @@ import jax.numpy as jnp
 
 from genieblue_jax import models
 from genieblue_jax.models.lora import lora_a_init
+from genieblue_jax.models.scan import merge_trees
 from genieblue_jax.structure.config import MLLMConfig
 
 _LAYER = re.compile(r"^layers_(\d+)/")
-
-
-def merge_trees(base: dict, overlay: dict) -> dict:
-    """Nested-dict union; overlay leaves win. Shares (does not copy) the leaves.
-
-        >>> merge_trees({"a": {"k": 1, "b": 2}, "c": 3}, {"a": {"k": 9, "lora": 5}})
-        {'a': {'k': 9, 'b': 2, 'lora': 5}, 'c': 3}
-    """
-    out = dict(base)
-    for key, value in overlay.items():
-        out[key] = merge_trees(base[key], value) if isinstance(value, dict) and isinstance(
-            base.get(key), dict) else value
-    return out
 
 
 def multimodal_decoder(mcfg: MLLMConfig) -> models.DecoderLM:

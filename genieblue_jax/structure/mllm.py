@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from genieblue_jax import models
+from genieblue_jax.models import scan as scan_lib
 from genieblue_jax.structure.branch import abstract_branch, init_branch, multimodal_decoder, multimodal_llm_params
 from genieblue_jax.structure.config import MODES, MLLMConfig
 
@@ -159,6 +160,31 @@ def decode(mcfg: MLLMConfig, decoder, llm_params: dict, params: dict, tokens, po
         embeds = embed_image_tokens(mcfg, params, embeds, is_image, images)
     return decoder.apply({"params": llm_params}, tokens, positions, segment_ids,
                          inputs_embeds=embeds, token_types=is_image.astype(jnp.int32), return_hidden=return_hidden)
+
+
+def stack_layers(mcfg: MLLMConfig, params: dict, stack=None) -> dict:
+    """`params` (any part of the MLLM tree, e.g. the frozen one) with the LLM's and the branch's
+    layers in the stacked layout the multimodal path's scan loops read in place
+    (`models.scan.stack_layers`, slots from `mcfg.layer_kinds`); unchanged unless
+    `mcfg.llm.scan_layers`. For training only: the text mode, generation and export take the
+    named layout (`unstack_layers`).
+
+        >>> import dataclasses
+        >>> mcfg = MLLMConfig.from_presets("tiny-qwen2", "tiny-siglip")
+        >>> mcfg = dataclasses.replace(mcfg, llm=mcfg.llm.replace(num_layers=8, scan_layers=True))
+        >>> stacked = jax.eval_shape(lambda p: stack_layers(mcfg, p), abstract_mllm(mcfg))
+        >>> sorted(stacked["llm"]), stacked["llm"]["layers_1-5:4"]["mlp"]["up_proj"]["kernel"].shape
+        (['embed_tokens', 'layers_0-4:4', 'layers_1-5:4', 'layers_2-6:4', 'layers_3-7:4', 'norm'], (2, 64, 128))
+    """
+    if not mcfg.llm.scan_layers:
+        return params
+    return {c: scan_lib.stack_layers(p, mcfg.layer_kinds, stack) if c in ("llm", "branch") else p
+            for c, p in params.items()}
+
+
+def unstack_layers(params: dict, unstack=None) -> dict:
+    """Inverse of `stack_layers`: every component in the named (Hugging Face) layout."""
+    return {c: scan_lib.unstack_layers(p, unstack) if c in ("llm", "branch") else p for c, p in params.items()}
 
 
 def abstract_mllm(mcfg: MLLMConfig) -> dict:

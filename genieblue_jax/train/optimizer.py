@@ -21,6 +21,12 @@ The optimizer sees only the trainable tree, so its state exists for trainable le
     (0.1, 1.0)
     >>> no_weight_decay("llm/layers_0/input_layernorm/scale"), no_weight_decay("branch/layers_0/mlp/up_proj/kernel")
     (True, False)
+
+The rules read stacked layers (`trainer.to_step_layout`: layers 1, 5, ..., 33 as one leaf)
+the same way:
+
+    >>> no_weight_decay("branch/layers_1-33:4/input_layernorm/scale"), layer_lr_scale("branch/layers_1-33:4/x", 4, 0.5)
+    (True, 1.0)
 """
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ micro-batches equals one batch k times larger.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ import queue
 import signal
 import threading
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -273,6 +275,68 @@ def make_train_step(mcfg, tx, num_sources: int, micro_batches: int, loss_chunk: 
         return new_state, metrics
 
     return step_fn
+
+
+def _is_mllm(x) -> bool:
+    return isinstance(x, dict) and bool({"llm", "branch"} & set(x))
+
+
+def _layer_axis(sharding, add: bool):
+    """A stacked leaf's sharding from its layers' (add) or the reverse: the layer axis unsharded."""
+    if not isinstance(sharding, NamedSharding):
+        return sharding
+    spec = tuple(sharding.spec)
+    return NamedSharding(sharding.mesh, P(None, *spec) if add else P(*spec[1:]))
+
+
+@functools.lru_cache(maxsize=None)
+def _stacker(out_sharding, n: int, donate: bool):  # one jitted function per layout, compiled per shape
+    return jax.jit(lambda *xs: jnp.stack(xs), out_shardings=out_sharding,
+                   donate_argnums=tuple(range(n)) if donate else ())
+
+
+@functools.lru_cache(maxsize=None)
+def _unstacker(out_sharding):
+    return jax.jit(lambda x: tuple(x), out_shardings=out_sharding)
+
+
+def to_step_layout(mcfg, tree, *, donate: bool = True):
+    """`tree` (the frozen parameters, the train state: any pytree whose MLLM parameter dicts
+    have `llm` / `branch` components, optimizer moments included) in the layout the step
+    reads: with `model.scan_layers` the LLM's and the branch's layers stacked
+    (`structure.stack_layers`), so the step's scan loops read weights, gradients and Adam
+    moments in place instead of stacking copies every step; unchanged otherwise.
+
+    Each stacked leaf is built on its devices with its layers' sharding plus a leading
+    unsharded layer axis. `donate`: the per-layer buffers are freed leaf by leaf, so the
+    conversion holds at most one leaf twice. ShapeDtypeStructs are converted too (AOT
+    planning: `tools.aot_memory`). Inverse: `to_named_layout`."""
+
+    def stack(names, leaves):
+        first = leaves[0]
+        out = _layer_axis(getattr(first, "sharding", None), add=True)
+        if isinstance(first, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct((len(leaves), *first.shape), first.dtype, sharding=out)
+        with warnings.catch_warnings():  # a stacked leaf cannot reuse the donated buffers; they are freed
+            warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+            return _stacker(out, len(leaves), donate)(*leaves)
+
+    return jax.tree.map(lambda x: structure.stack_layers(mcfg, x, stack) if _is_mllm(x) else x, tree,
+                        is_leaf=_is_mllm)
+
+
+def to_named_layout(tree):
+    """Inverse of `to_step_layout` (the arguments are kept): the `layers_{i}` layout that
+    checkpoints, export and inference use, each layer sharded as before stacking."""
+
+    def unstack(leaf):
+        out = _layer_axis(getattr(leaf, "sharding", None), add=False)
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            return [jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype, sharding=out)] * leaf.shape[0]
+        return list(_unstacker(out)(leaf))
+
+    return jax.tree.map(lambda x: structure.unstack_layers(x, unstack) if _is_mllm(x) else x, tree,
+                        is_leaf=_is_mllm)
 
 
 def opt_state_shardings(tx, trainable, mesh):
@@ -572,13 +636,16 @@ def _train(config: ml_collections.ConfigDict, workdir: str, step_hooks) -> dict:
     params = init_params(config, setup.mcfg, setup.mesh)
     trainable, frozen = structure.partition(params, config.train.stage)
     del params
+    fingerprint = base_fingerprint(frozen)  # of the named layout, as `workdir.load_trained` computes it
+    # From here on parameters and Adam moments are in the step's layout (`to_step_layout`);
+    # checkpoints and the result are in the named one.
+    trainable, frozen = to_step_layout(mcfg, (trainable, frozen))
     tx = build_optimizer(config, mcfg, trainable)
     opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, trainable, mesh))(trainable)
     state = {"trainable": trainable, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32),
              "bad_steps": jnp.zeros((), jnp.int32)}
     # Everything on the mesh (scalars replicated), so the step's outputs match its inputs.
     state = jax.device_put(state, jax.tree.map(lambda x: on_mesh(x.sharding, mesh), state))
-    fingerprint = base_fingerprint(frozen)
     meta = {"stage": config.train.stage, "variant": mcfg.structure.name, "base_fingerprint": fingerprint,
             "base_source": {"llm": config.init.llm_checkpoint or f"random(seed={config.train.seed})",
                             "vision": config.init.vit_checkpoint or f"random(seed={config.train.seed})"},
@@ -588,7 +655,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, step_hooks) -> dict:
     mngr = checkpoint_manager(workdir, config.checkpoint.keep, checksummer=checksummer)
     start = newest_intact_step(mngr, workdir)
     if start is not None:
-        state, data_state, saved_meta = restore_checkpoint(mngr, start, abstract_like(state))
+        state, data_state, saved_meta = restore_checkpoint(mngr, start, to_named_layout(abstract_like(state)))
+        state = to_step_layout(mcfg, state)
         if saved_meta["base_fingerprint"] != fingerprint:
             raise ConfigError(f"{workdir}: checkpoint at step {start} was trained on another frozen base "
                               f"({saved_meta['base_source']}, fingerprint {saved_meta['base_fingerprint']}); this "
@@ -660,7 +728,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, step_hooks) -> dict:
             # one out (checkpoint.keep), and the stop message points at the last good one.
             in_bad_streak = int(fetched[-1]["bad_steps"]) > 0  # an accepted step resets it to 0
             if (step % ckpt_every == 0 or step == total_steps or stop) and not in_bad_streak:
-                save_checkpoint(mngr, checksummer, step, state, data_state, meta)
+                save_checkpoint(mngr, checksummer, step, to_named_layout(state), data_state, meta)
             elif in_bad_streak and (step % ckpt_every == 0 or stop):
                 log.warning("step %d: no checkpoint written during non-finite steps", step)
             if stop:
@@ -674,5 +742,5 @@ def _train(config: ml_collections.ConfigDict, workdir: str, step_hooks) -> dict:
         mngr.close()
         writer.close()
         preemption.restore()
-    return {"step": step, **last, "workdir": workdir, "base_fingerprint": fingerprint, "state": state,
-            "frozen": frozen}
+    return {"step": step, **last, "workdir": workdir, "base_fingerprint": fingerprint,
+            "state": to_named_layout(state), "frozen": to_named_layout(frozen)}

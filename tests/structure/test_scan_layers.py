@@ -1,14 +1,17 @@
 """Blocks run as scan loops (`scan_layers`) give the unrolled model's logits and gradients,
 with the same parameter tree, for every layer pattern the structures produce."""
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from genieblue_jax import models, structure
 from genieblue_jax.models.masks import positions_from_segments
+from genieblue_jax.train import trainer
 from tests.structure.conftest import build, image_batch, perturb
 
 
@@ -66,3 +69,81 @@ def test_scanned_text_mode_and_vision_select_layer(base_params):
         want = jax.jit(models.build(vit).apply)({"params": params["vision"]}, pixels)["tokens"]
         got = jax.jit(models.build(vit.replace(scan_layers=True)).apply)({"params": params["vision"]}, pixels)["tokens"]
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"select_layer={select}")
+
+
+def _train_step_inputs(mcfg, params):
+    """A stage-2 train step's inputs: state (plain SGD at lr 1, so an update is minus the
+    gradient), the frozen tree, and a two-row image batch."""
+    tokens, segments, images = image_batch(mcfg)
+    batch = {"tokens": tokens, "positions": np.asarray(positions_from_segments(segments)), "segment_ids": segments,
+             "loss_mask": np.ones_like(tokens, bool), "source_ids": np.zeros_like(tokens), "images": images}
+    trainable, frozen = structure.partition(params, "stage2")
+    tx = optax.sgd(1.0)
+    state = {"trainable": trainable, "opt_state": tx.init(trainable), "step": jnp.int32(0), "bad_steps": jnp.int32(0)}
+    return tx, state, frozen, batch
+
+
+def _shape(x) -> str:
+    return f"{x.dtype}[{','.join(map(str, x.shape))}]".replace("float32", "f32")
+
+
+@pytest.mark.parametrize("variant", ["genieblue", "lora"])
+def test_train_step_reads_stacked_weights_in_place(base_params, variant):
+    """In the step's layout (`trainer.to_step_layout`: the LLM's and the branch's layers
+    stacked once, weights and Adam moments alike) the compiled step creates no array of a
+    stacked frozen weight's shape (the named layout's step does: the per-step copy this layout
+    removes), its temporaries shrink by the stacked weights' bytes, and its loss and gradients
+    equal the unrolled, named model's, with and without remat."""
+    mcfg, params = build(variant, "skip", base_params)
+    params = {**params, "branch": perturb(params["branch"])}
+    tx, state, frozen, batch = _train_step_inputs(mcfg, params)
+    want_state, want_m = jax.jit(trainer.make_train_step(mcfg, tx, 1, 1))(state, frozen, batch)
+    want_grads = jax.tree.map(jnp.subtract, state["trainable"], want_state["trainable"])
+    for remat in (True, False):
+        smcfg = _scanned(mcfg, remat)
+        s_state, s_frozen = trainer.to_step_layout(smcfg, jax.tree.map(jnp.copy, (state, frozen)))
+        assert sorted(k for k in s_frozen["llm"] if k.startswith("layers")) == (
+            ["layers_0-4:4", "layers_1-5:4", "layers_2-6:4", "layers_3-7:4"] if variant == "genieblue"
+            else ["layers_0-7:1"])
+        assert not any(k.startswith("layers_") and "-" not in k for k in s_state["trainable"]["branch"])
+        # The round trip gives the named trees back bitwise (checkpoints and the result are named).
+        for got, want in ((s_frozen, frozen), (s_state, state)):
+            back = trainer.to_named_layout(got)
+            assert jax.tree.structure(back) == jax.tree.structure(want)
+            for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(want)):
+                np.testing.assert_array_equal(a, b)
+        step = jax.jit(trainer.make_train_step(smcfg, tx, 1, 1))
+        compiled = {"stacked": step.lower(s_state, s_frozen, batch).compile(),
+                    "named": step.lower(state, frozen, batch).compile()}
+        got_state, got_m = compiled["stacked"](s_state, s_frozen, batch)
+        np.testing.assert_allclose(got_m["loss"], want_m["loss"], rtol=1e-6)
+        got_grads = jax.tree.map(jnp.subtract, trainer.to_named_layout(s_state)["trainable"],
+                                 trainer.to_named_layout(got_state)["trainable"])
+        for name, g in models.flatten(got_grads).items():
+            np.testing.assert_allclose(g, models.flatten(want_grads)[name], rtol=1e-4, atol=1e-5,
+                                       err_msg=f"{variant} remat={remat} {name}")
+        # Frozen stacked matrices the loops read, told apart by shape from the trainable ones
+        # (whose gradients the step makes). A GenieBlue branch's replicated blocks have the
+        # base's shapes, so only the LoRA variant's are told apart; the temporaries cover both.
+        stacked_layers = lambda tree: {n: x for n, x in models.flatten(tree).items() if re.match(r"layers_\d+-", n)}
+        read = stacked_layers(s_frozen["llm"])
+        if variant == "genieblue":  # the base's layers 0 and 4 are replaced by the branch's copies
+            read = {n: x for n, x in read.items() if not n.startswith("layers_0-")}
+        trained = stacked_layers(s_state["trainable"]["branch"])
+        watched = {_shape(x) for x in read.values() if x.ndim == 3} - {_shape(x) for x in trained.values()}
+        assert bool(watched) == (variant == "lora")
+        made = {}
+        for layout, c in compiled.items():
+            made[layout] = [line.strip()[:120] for line in c.as_text().splitlines()
+                            if (m := re.match(r"\s*(?:ROOT )?%\S+ = (\w+\[[\d,]+\])\S* ([\w\-]+)\(", line))
+                            and m.group(1) in watched and m.group(2) not in ("parameter", "get-tuple-element", "tuple",
+                                                                             "bitcast")]
+        print(f"{variant} remat={remat}: {len(watched)} watched shapes; arrays of them made by the step: "
+              f"stacked layout {len(made['stacked'])}, named layout {len(made['named'])}")
+        assert made["stacked"] == [], made["stacked"][:5]
+        assert bool(made["named"]) == bool(watched), "the check must see the named layout's per-step stacking"
+        temp = {layout: c.memory_analysis().temp_size_in_bytes for layout, c in compiled.items()}
+        copied = sum(x.nbytes for x in (read | {"branch/" + n: x for n, x in trained.items()}).values())
+        print(f"  temporaries: named {temp['named']} B, stacked {temp['stacked']} B; stacked weights the "
+              f"loops read {copied} B")
+        assert temp["named"] - temp["stacked"] >= 0.9 * copied

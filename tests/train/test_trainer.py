@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from data_pipelines import images as images_lib
 from genieblue_jax import models, structure
 from genieblue_jax import workdir as workdir_lib
 from genieblue_jax.train import trainer
@@ -42,16 +43,52 @@ def test_frozen_base_bitwise_and_optimizer_state_only_for_trainable(reference):
     assert int(reference["state"]["step"]) == 6
 
 
-def test_eight_devices_give_the_losses_of_one(tmp_path, reference):
-    eight = trainer.train(tiny_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "train.steps": 6}),
-                          str(tmp_path / "eight"))
+SCANNED_EIGHT = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "train.steps": 6, "model.scan_layers": True}
+
+
+@pytest.fixture(scope="module")
+def scanned_eight(tmp_path_factory):
+    """6 steps on 8 devices (data x fsdp x tensor), the layers run as scan loops over weights and
+    Adam moments in the step's stacked layout (`trainer.to_step_layout`)."""
+    return trainer.train(tiny_config(**SCANNED_EIGHT), str(tmp_path_factory.mktemp("eight") / "run"))
+
+
+def test_eight_devices_and_scan_loops_give_the_losses_of_one(scanned_eight, reference):
+    eight = scanned_eight
     assert len(losses(reference["workdir"])) == 6
     np.testing.assert_allclose(losses(eight["workdir"]), losses(reference["workdir"]), rtol=1e-5)
+    # The base comes back in the named layout, bitwise (stacked once, unstacked at the end).
+    want = models.flatten(reference["frozen"])
+    got = models.flatten(eight["frozen"])
+    assert set(got) == set(want)
+    for name, leaf in got.items():
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(want[name]), err_msg=name)
     # Adam's moments live where their parameters live (not replicated on every device).
     params, mu = models.flatten(eight["state"]["trainable"]), models.flatten(eight["state"]["opt_state"][1].mu)
     assert any(not leaf.sharding.is_fully_replicated for leaf in params.values())
     for name, leaf in params.items():
         assert mu[name].sharding.is_equivalent_to(leaf.sharding, leaf.ndim), name
+
+
+def test_a_scanned_run_checkpoints_named_weights_and_resumes_bitwise(tmp_path, capsys, scanned_eight):
+    """Checkpoints hold the named layout (what export and `load_trained` read), and a run
+    stopped at step 3 resumes into the stacked layout with the uninterrupted run's losses."""
+    run = str(tmp_path / "interrupted")
+
+    def sigterm_after_step_3(step, row):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    assert trainer.train(tiny_config(**SCANNED_EIGHT), run, step_hooks=[sigterm_after_step_3])["step"] == 3
+    mngr = workdir_lib.checkpoint_manager(run, 2)
+    named = workdir_lib.abstract_like(scanned_eight["state"]["trainable"])  # returned in the named layout
+    saved = workdir_lib.restore_step(mngr, 3, state={"trainable": named}, partial=True)["state"]["trainable"]
+    mngr.close()
+    assert jax.tree.structure(saved) == jax.tree.structure(named)
+    assert any(n.startswith("branch/layers_1/") for n in models.flatten(saved))
+    second = trainer.train(tiny_config(**SCANNED_EIGHT), run)
+    assert second["step"] == 6 and "resuming from step 3" in capsys.readouterr().out
+    assert losses(run) == losses(scanned_eight["workdir"])  # bitwise
 
 
 def test_four_micro_batches_equal_one_big_batch(tmp_path, reference):
@@ -365,10 +402,12 @@ def test_a_non_finite_step_is_skipped(tmp_path):
     from data_pipelines.pipeline import build_pipeline
     batch = next(iter(build_pipeline(setup.pipeline, process_index=0, process_count=1)))
     step = jax.jit(trainer.make_train_step(setup.mcfg, tx, 4, 1))
+    # Normalised float tiles (the step also takes them, e.g. a user's own preprocessing) in every
+    # call, so the step compiles once; NaN pixels are then a batch of the same dtype.
     batch = {k: batch[k] for k in trainer.BATCH_KEYS}
+    batch["images"] = images_lib.normalize(batch["images"])
     good, m = step(state, frozen, batch)
     assert bool(m["ok"]) and int(good["bad_steps"]) == 0
-    # NaN pixels (the step also takes normalised float tiles, e.g. a user's own preprocessing).
     poisoned = dict(batch, images=np.full(batch["images"].shape, np.nan, np.float32))
     after, m = step(good, frozen, poisoned)
     assert not bool(m["ok"]) and int(after["bad_steps"]) == 1 and int(after["step"]) == 2
