@@ -119,9 +119,10 @@ def test_train_step_reads_stacked_weights_in_place(base_params, variant):
         np.testing.assert_allclose(got_m["loss"], want_m["loss"], rtol=1e-6)
         got_grads = jax.tree.map(jnp.subtract, trainer.to_named_layout(s_state)["trainable"],
                                  trainer.to_named_layout(got_state)["trainable"])
-        for name, g in models.flatten(got_grads).items():
-            np.testing.assert_allclose(g, models.flatten(want_grads)[name], rtol=1e-4, atol=1e-5,
-                                       err_msg=f"{variant} remat={remat} {name}")
+        diff = max(float(np.abs(np.asarray(g) - np.asarray(models.flatten(want_grads)[name])).max())
+                   for name, g in models.flatten(got_grads).items())
+        print(f"{variant} remat={remat}: gradients' largest difference from the unrolled model {diff:.1e}")
+        assert diff <= 1e-5
         # Frozen stacked matrices the loops read, told apart by shape from the trainable ones
         # (whose gradients the step makes). A GenieBlue branch's replicated blocks have the
         # base's shapes, so only the LoRA variant's are told apart; the temporaries cover both.
