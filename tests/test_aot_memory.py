@@ -12,6 +12,9 @@ TINY = ["--config.model.llm=tiny-qwen2", "--config.model.vit=tiny-siglip", "--co
 
 def _plan(*args):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    # Only the compiler is used (no chip), so libtpu's one-process lockfile must not make a
+    # concurrent libtpu user (another test worker, a developer's own aot_memory run) fail this.
+    env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
     proc = subprocess.run([sys.executable, "-m", "tools.aot_memory", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     lines = proc.stdout.strip().splitlines()
