@@ -88,15 +88,15 @@ def stack_layers(params: dict, kinds: Sequence[str], stack: Callable = None) -> 
     alone (e.g. a branch without replicated blocks); a slot with only some of its layers
     present is a ValueError naming them.
 
-    `stack(names, leaves) -> array` builds one stacked leaf (default `jnp.stack`; the trainer
-    passes a sharded, donating one). Inverse: `unstack_layers`.
+    `stack(leaves) -> array` builds one stacked leaf (default `jnp.stack`; the trainer passes
+    a sharded, donating one). Inverse: `unstack_layers`.
 
     >>> p = {f"layers_{i}": {"w": jnp.full((2,), i)} for i in range(4)} | {"norm": {"scale": 1}}
     >>> s = stack_layers(p, ("base", "lora") * 2)
     >>> sorted(s), s["layers_1-3:2"]["w"].tolist()
     (['layers_0-2:2', 'layers_1-3:2', 'norm'], [[1, 1], [3, 3]])
     """
-    stack = stack or (lambda names, leaves: jnp.stack(leaves))
+    stack = stack or jnp.stack
     out = dict(params)
     for name, layers in stacked_slots(kinds):
         present = [i for i in layers if f"layers_{i}" in params]
@@ -106,14 +106,10 @@ def stack_layers(params: dict, kinds: Sequence[str], stack: Callable = None) -> 
             raise ValueError(f"cannot stack {name}: layers {sorted(set(layers) - set(present))} are missing "
                              f"(have {present})")
         trees = [out.pop(f"layers_{i}") for i in layers]
-        paths, treedef = jax.tree_util.tree_flatten_with_path(trees[0])
         for i, t in zip(layers, trees):
-            if jax.tree.structure(t) != treedef:
+            if jax.tree.structure(t) != jax.tree.structure(trees[0]):
                 raise ValueError(f"cannot stack {name}: layers_{i} has other leaves than layers_{layers[0]}")
-        columns = zip(*[jax.tree.leaves(t) for t in trees])
-        out[name] = jax.tree.unflatten(treedef, [
-            stack([f"layers_{i}/{jax.tree_util.keystr(p, simple=True, separator='/')}" for i in layers], list(col))
-            for (p, _), col in zip(paths, columns)])
+        out[name] = jax.tree.map(lambda *leaves: stack(list(leaves)), *trees)
     return out
 
 

@@ -312,7 +312,7 @@ def to_step_layout(mcfg, tree, *, donate: bool = True):
     conversion holds at most one leaf twice. ShapeDtypeStructs are converted too (AOT
     planning: `tools.aot_memory`). Inverse: `to_named_layout`."""
 
-    def stack(names, leaves):
+    def stack(leaves):
         first = leaves[0]
         out = _layer_axis(getattr(first, "sharding", None), add=True)
         if isinstance(first, jax.ShapeDtypeStruct):
