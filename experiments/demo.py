@@ -47,20 +47,80 @@ MULTIMODAL_MIXTURE = {"caption": 2, "vqa": 5}
 STEPS = 6
 
 
-# XLA:CPU compiles for the host's instruction set, and float results follow it: the same
-# stage-2 step gives losses that differ in the 7th digit with AVX vs AVX2 code, and training
-# amplifies that into other scores. The demo's figures (README) are made on an AVX2 x86-64
-# CPU; capping XLA's code at AVX2 makes a CPU with AVX-512 compile the same code.
-DEMO_XLA_CPU_ISA = "AVX2"
+# The README's demo figures are one training run's float32 rounding: 150 steps turn a
+# last-bit difference into other scores. XLA:CPU generates code for the host CPU, and two
+# of its choices change bits (measured by tests/test_cpu_numerics.py and README, "The
+# embedded demo"): where FMA instructions exist (AVX2, AVX-512), LLVM fuses a multiply and
+# an add wherever the shape of the vectorised code allows, so the same step gives other
+# bits when only that shape changes; and the matmul library (YNNPACK) picks kernels per
+# CPU. Capped at AVX (256-bit vectors, no FMA: every multiply and add rounds on its own),
+# the same step gives the same bits whatever shape the code takes, and reductions split
+# the same way on every x86-64 CPU with AVX2 or AVX-512; platform-dependent math off asks
+# YNNPACK for arithmetic that is consistent across CPUs. It costs the demo no measurable
+# time (its matmuls run in YNNPACK, which the cap does not touch).
+DEMO_XLA_CPU_FLAGS = {"xla_cpu_max_isa": "AVX", "xla_cpu_enable_platform_dependent_math": "false"}
+# numerics_fingerprint() on the machine that made the README's demo tables (with the lock's
+# packages and the flags above). A machine printing another one rounds some float32
+# operation differently and trains to other decimals.
+README_NUMERICS_FINGERPRINT = "5a1905e4"
 
 
-def pin_xla_cpu_isa(isa: str = DEMO_XLA_CPU_ISA) -> None:
-    """Adds `--xla_cpu_max_isa=ISA` to XLA_FLAGS (x86-64 only; a cap the user already set
-    wins). Call before JAX's first computation: XLA reads its flags when the CPU backend starts."""
+def pin_cpu_numerics(flags: dict[str, str] | None = None) -> None:
+    """Adds DEMO_XLA_CPU_FLAGS (or `flags`) to XLA_FLAGS; a flag the user already set wins,
+    and the ISA cap applies to x86-64 only. Call before JAX's first computation: XLA reads
+    its flags when the CPU backend starts."""
     import platform
-    flags = os.environ.get("XLA_FLAGS", "")
-    if platform.machine() in ("x86_64", "AMD64") and "--xla_cpu_max_isa" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_max_isa={isa}".strip()
+    current = os.environ.get("XLA_FLAGS", "")
+    for name, value in (DEMO_XLA_CPU_FLAGS if flags is None else flags).items():
+        if f"--{name}=" in current or (name == "xla_cpu_max_isa" and platform.machine() not in ("x86_64", "AMD64")):
+            continue
+        current = f"{current} --{name}={value}".strip()
+    os.environ["XLA_FLAGS"] = current
+
+
+def numerics_fingerprint() -> str:
+    """8 hex digits of the bits of one demo training computation: the loss and every weight
+    gradient of the demo LLM (demo-small-qwen2: embeddings, RoPE, attention, SwiGLU, RMSNorm,
+    cross-entropy) at a fixed initialisation, on fixed tokens, compiled as the jobs compile
+    it. Equal on two machines (same packages, same XLA_FLAGS) means the demo's float32
+    arithmetic is the same there; the README's figures were made where it is
+    README_NUMERICS_FINGERPRINT.
+
+        >>> len(numerics_fingerprint())
+        8
+    """
+    import hashlib
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from genieblue_jax import models
+    cfg = models.get_preset("demo-small-qwen2")
+    module = models.build(cfg)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 128)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(128, dtype=jnp.int32), (8, 128))
+    segment_ids = jnp.ones((8, 128), jnp.int32)
+
+    def loss(params):
+        logits = module.apply({"params": params}, tokens, positions, segment_ids)
+        return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(models.init_params(cfg, jax.random.key(0)))
+    digest = hashlib.sha256(np.asarray(value).tobytes())
+    for _, leaf in sorted(models.flatten(grads).items()):
+        digest.update(np.asarray(leaf).tobytes())
+    return digest.hexdigest()[:8]
+
+
+def numerics_line() -> str:
+    """The main job's line on this machine's float32 arithmetic against the README's."""
+    mine = numerics_fingerprint()
+    if mine == README_NUMERICS_FINGERPRINT:
+        return f"numerics fingerprint {mine}: the README's machine's (its tables are what this run prints)"
+    return (f"numerics fingerprint {mine}, the README's machine's is {README_NUMERICS_FINGERPRINT}: this CPU or "
+            f"package set rounds some float32 operation differently, so expect other decimals than the README's")
 
 
 def banner(step: int, total: int, title: str, detail: str = "") -> None:
@@ -322,6 +382,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, recipe: str) -> dict:
     trainer.check_ranges(config)  # a bad value is an error now, not after the demo's pretraining
     config = with_cache_dir(config, workdir)
     t0 = time.perf_counter()
+    numerics = numerics_line()
+    print(numerics, flush=True)
     assets = prepare(config)
     c = with_assets(config, assets)
     banner(5, STEPS, f"recipe {recipe}", f"{c.model.variant} / {c.train.stage}, {c.train.steps} steps -> {workdir}")
@@ -333,7 +395,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, recipe: str) -> dict:
     if c.demo.evaluate and c.train.stage != "pretrain":
         banner(6, STEPS, "evaluation", f"{c.demo.eval_examples} held-out questions: base LLM, deployed, shared base")
         out = {**evaluate_run(c, workdir, assets), "workdir": workdir}
-        print("\n" + results_table(out))
+        print("\n" + results_table(out) + "\n" + numerics)
     minutes = (time.perf_counter() - t0) / 60
     print(f"\ndone in {minutes:.1f} min. Checkpoints: {os.path.join(workdir, 'checkpoints')}; metrics: "
           f"{os.path.join(workdir, 'metrics.jsonl')} (TensorBoard: {os.path.join(workdir, 'tensorboard')}); "
@@ -349,5 +411,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, recipe: str) -> dict:
     return out
 
 
-__all__ = ["run", "pin_xla_cpu_isa", "prepare", "with_assets", "evaluate_run", "results_table", "source_columns",
-           "column_title", "example_image", "banner", "Assets", "common"]
+__all__ = ["run", "pin_cpu_numerics", "numerics_fingerprint", "numerics_line", "prepare", "with_assets",
+           "evaluate_run", "results_table", "source_columns", "column_title", "example_image",
+           "banner", "Assets", "common"]

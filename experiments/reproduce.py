@@ -115,7 +115,7 @@ def plots(results: dict, workdirs: dict, out_dir: str) -> list[str]:
 def run(workdir: str = "workdirs/reproduce", recipes=RECIPES, steps: int | None = None) -> dict:
     """Trains and evaluates `recipes` around the shared demo assets; writes the tables and plots."""
     from experiments import demo
-    demo.pin_xla_cpu_isa()  # the same code as the main job's (experiments.run at demo scale)
+    demo.pin_cpu_numerics()  # the same code as the main job's (experiments.run at demo scale)
     t0 = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
     results, workdirs = {}, {}
@@ -137,7 +137,7 @@ def run(workdir: str = "workdirs/reproduce", recipes=RECIPES, steps: int | None 
             demo.train_to_end(c, wd)
         results[name], workdirs[name] = demo.evaluate_run(c, wd, assets), wd
         print(demo.results_table(results[name]), flush=True)
-    text = tables(results)
+    text = tables(results) + "\n\n" + demo.numerics_line()
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(f"# Miniature reproduction (demo scale, {steps or 'default'} stage-2 steps)\n\n{text}\n")
     with open(os.path.join(workdir, "results.json"), "w") as f:

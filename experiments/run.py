@@ -54,7 +54,7 @@ def main(argv):
     config = _CONFIG.value
     if config.demo.enabled:  # before JAX starts its CPU backend: the README's demo figures
         from experiments import demo
-        demo.pin_xla_cpu_isa()
+        demo.pin_cpu_numerics()
     import jax
     initialize_distributed(jax, flags.FLAGS)
     from genieblue_jax.train import trainer

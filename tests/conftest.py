@@ -20,12 +20,12 @@ def xla_flags(devices: int = 1) -> str:
 
 
 # Must be set before jax is imported anywhere: lets sharding tests build real meshes on CPU,
-# and compiles for the demo's ISA at most (experiments.demo.pin_xla_cpu_isa: the measured
-# thresholds of the reduced demo hold on AVX-512 machines too).
+# and compiles with the demo's numerics flags (experiments.demo.pin_cpu_numerics: the reduced
+# demo's measured bounds were made with them).
 os.environ.setdefault("XLA_FLAGS", xla_flags(8))
-from experiments.demo import pin_xla_cpu_isa  # noqa: E402  (imports no jax)
+from experiments.demo import pin_cpu_numerics  # noqa: E402  (imports no jax)
 
-pin_xla_cpu_isa()
+pin_cpu_numerics()
 # CPU only: parity tolerances assume exact float32 matmuls (no TF32 on a lent GPU).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
