@@ -14,7 +14,15 @@ from genieblue_jax.structure.branch import (
                                             multimodal_decoder,
                                             multimodal_llm_params,
 )
-from genieblue_jax.structure.config import MODES, PLACEMENTS, VARIANTS, MLLMConfig, StructureConfig, replicated_layers
+from genieblue_jax.structure.config import (
+                                            LLM_COMPONENTS,
+                                            MODES,
+                                            PLACEMENTS,
+                                            VARIANTS,
+                                            MLLMConfig,
+                                            StructureConfig,
+                                            replicated_layers,
+)
 from genieblue_jax.structure.mllm import (
                                             abstract_mllm,
                                             check_image_tokens,
@@ -30,7 +38,7 @@ from genieblue_jax.structure.mllm import (
 )
 from genieblue_jax.structure.trainable import STAGES, combine, partition, trainable_names
 
-__all__ = ["MLLMConfig", "StructureConfig", "VARIANTS", "PLACEMENTS", "MODES", "STAGES",
+__all__ = ["MLLMConfig", "StructureConfig", "VARIANTS", "PLACEMENTS", "MODES", "STAGES", "LLM_COMPONENTS",
            "replicated_layers", "abstract_branch", "branch_sources", "init_branch", "merge_trees", "decode",
            "multimodal_decoder", "multimodal_llm_params", "fold_lora", "forward", "forward_hidden", "image_features",
            "embed_image_tokens", "merge_image_features", "stack_layers", "unstack_layers", "check_image_tokens",

@@ -34,6 +34,9 @@ from genieblue_jax.models.projector import downsampled_grid
 VARIANTS = ("genieblue", "cogvlm", "lora", "full")
 PLACEMENTS = ("skip", "pre", "post")
 MODES = ("text", "multimodal", "shared")
+# The MLLM tree's components that hold LLM decoder layers: the frozen base and the branch
+# (replicated blocks + LoRA). Their layers can be stacked for scan loops; QNN quantises them to int4.
+LLM_COMPONENTS = ("llm", "branch")
 
 
 def replicated_layers(num_layers: int, placement: str, interval: int) -> tuple[int, ...]:

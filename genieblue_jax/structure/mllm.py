@@ -18,7 +18,7 @@ import numpy as np
 from genieblue_jax import models
 from genieblue_jax.models import scan as scan_lib
 from genieblue_jax.structure.branch import abstract_branch, init_branch, multimodal_decoder, multimodal_llm_params
-from genieblue_jax.structure.config import MODES, MLLMConfig
+from genieblue_jax.structure.config import LLM_COMPONENTS, MODES, MLLMConfig
 
 
 def check_image_tokens(tokens, image_token_id: int, image_valid, tokens_per_tile: int) -> None:
@@ -178,13 +178,13 @@ def stack_layers(mcfg: MLLMConfig, params: dict, stack=None) -> dict:
     """
     if not mcfg.llm.scan_layers:
         return params
-    return {c: scan_lib.stack_layers(p, mcfg.layer_kinds, stack) if c in ("llm", "branch") else p
+    return {c: scan_lib.stack_layers(p, mcfg.layer_kinds, stack) if c in LLM_COMPONENTS else p
             for c, p in params.items()}
 
 
 def unstack_layers(params: dict, unstack=None) -> dict:
     """Inverse of `stack_layers`: every component in the named (Hugging Face) layout."""
-    return {c: scan_lib.unstack_layers(p, unstack) if c in ("llm", "branch") else p for c, p in params.items()}
+    return {c: scan_lib.unstack_layers(p, unstack) if c in LLM_COMPONENTS else p for c, p in params.items()}
 
 
 def abstract_mllm(mcfg: MLLMConfig) -> dict:

@@ -278,7 +278,7 @@ def make_train_step(mcfg, tx, num_sources: int, micro_batches: int, loss_chunk: 
 
 
 def _is_mllm(x) -> bool:
-    return isinstance(x, dict) and bool({"llm", "branch"} & set(x))
+    return isinstance(x, dict) and bool(set(structure.LLM_COMPONENTS) & set(x))
 
 
 def _layer_axis(sharding, add: bool):

@@ -34,6 +34,7 @@ import tempfile
 import time
 from typing import Callable
 
+from genieblue_jax import structure
 from genieblue_jax.export.qnn import evaluate
 from genieblue_jax.export.qnn.onnx_export import EXPORT_LOGGERS, quiet, sessions
 
@@ -48,7 +49,6 @@ INSTALL = ("pip install onnx==1.23.2 onnxruntime==1.32.0 onnxscript==0.7.2 onnx-
            f"pip install --no-deps aimet-onnx=={AIMET_VERSION}")
 CONFIG = "htp_v79"   # Snapdragon 8 Elite (Hexagon V79), SPEC's deployment target
 
-_LLM_COMPONENTS = ("llm", "branch")  # canonical-name prefixes of the LLM's own weights (int4)
 
 
 def aimet_available() -> bool:
@@ -86,7 +86,7 @@ def planned_precision(name: str, role: str, embedding: str = "int4") -> str:
     if role == "embedding":
         return embedding
     if role == "matmul":
-        return "int4" if component in _LLM_COMPONENTS else "int8"
+        return "int4" if component in structure.LLM_COMPONENTS else "int8"
     if role in ("lora", "conv"):
         return "int8"
     if role == "bias":
