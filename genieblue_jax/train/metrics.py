@@ -1,4 +1,6 @@
-"""Training metrics: JSONL + TensorBoard event files in the workdir, a console progress bar.
+"""Training metrics: JSONL + TensorBoard event files in the workdir; on the console a progress
+bar where stderr is a terminal, else one plain line per logged step on every host (pod
+workers, CI, `nohup`: logs where a rewritten bar line would repeat at every step).
 
 FLOPs of one training step (`step_flops`), counted as the step computes them, by the usual
 2 FLOPs per multiply-add and one pass each for the forward, the activation gradients and
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 
 import jax
@@ -151,15 +154,17 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(paths.join(workdir, "tensorboard"),
                                      purge_step=start_step + 1 if start_step else None)
-        self._bar = None
+        self._bar, self._plain = None, False
 
     def start(self, step: int, total: int, desc: str = "train") -> None:
-        """Opens the progress bar at `step` of `total` (primary process only)."""
-        if not self.primary:
-            return
-        from tqdm import tqdm
-        self._bar = tqdm(total=total, initial=step, desc=desc, unit="step", dynamic_ncols=True)
+        """Opens the console progress at `step` of `total`: a tqdm bar on the primary process
+        where stderr is a terminal; otherwise `write` prints a plain line on every process."""
+        self._desc, self._total = desc, total
         self._t_start, self._step_start = time.perf_counter(), step
+        self._plain = not sys.stderr.isatty()
+        if self.primary and not self._plain:
+            from tqdm import tqdm
+            self._bar = tqdm(total=total, initial=step, desc=desc, unit="step", dynamic_ncols=True)
 
     def row(self, step: int, m: dict, *, lr: float, step_time: float, data_stats: dict) -> dict:
         """The metrics row of one step (on every process); advances the progress bar. Nothing is
@@ -185,7 +190,10 @@ class MetricsWriter:
         return row
 
     def write(self, row: dict) -> None:
-        """Appends `row` to metrics.jsonl and TensorBoard (primary process only)."""
+        """Appends `row` to metrics.jsonl and TensorBoard (primary process only); without a
+        terminal, prints `plain_line(row)` (every process)."""
+        if self._plain:
+            print(self.plain_line(row), flush=True)
         if not self.primary:
             return
         if self._lines is not None:
@@ -199,6 +207,16 @@ class MetricsWriter:
                 if k != "step":
                     self._tb.add_scalar(k, v, row["step"])
 
+    def plain_line(self, row: dict) -> str:
+        """One console line for a logged row, tagged with this host's process index, e.g.
+
+            [process 1/2] stage2 genieblue-skip step 40/150 loss 1.2346 tokens/s 2546 ETA 1m23s
+        """
+        done = row["step"] - self._step_start
+        left = (time.perf_counter() - self._t_start) / done * (self._total - row["step"]) if done > 0 else 0.0
+        return (f"[process {jax.process_index()}/{jax.process_count()}] {self._desc} step {row['step']}/{self._total}"
+                f" loss {row['loss']:.4f} tokens/s {row['tokens_per_s']:.0f} ETA {_duration(left)}")
+
     def close(self) -> None:
         """Closes the progress bar, metrics.jsonl and TensorBoard (everything written is flushed)."""
         if self._bar is not None:
@@ -207,3 +225,9 @@ class MetricsWriter:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _duration(seconds: float) -> str:
+    """1h02m / 3m05s / 42s."""
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"

@@ -600,7 +600,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, step_hooks=()) -> 
 
     Metrics: every step's row (loss, grad norm, LR, throughput, per-source losses) updates the
     progress bar; `metrics.jsonl` and TensorBoard get the row of every `train.log_every`-th step
-    and of the run's last step (the final step, or the step a SIGTERM stopped at). The
+    and of the run's last step (the final step, or the step a SIGTERM stopped at). Where stderr
+    is no terminal (pod workers, CI, `nohup`) there is no bar: every host prints one plain line
+    per such row, tagged with its process index (`MetricsWriter.plain_line`). The
     non-finite check runs on every step.
 
     `step_hooks`: callables, each called as `hook(step, row)` after every step on every process

@@ -75,6 +75,13 @@ def test_two_hosts_with_fsdp_across_them_equal_one_host_and_survive_a_sigterm_to
     # Throughput counts the tokens of the whole global batch (both hosts' rows), not one host's.
     assert [(r["seq_tokens"], r["trained_tokens"]) for r in rows] == \
         [(r["seq_tokens"], r["trained_tokens"]) for r in ref_rows]
+    # Output to a pipe (no terminal): no progress bar, one plain line per logged row on each host,
+    # tagged with its process index; its step and loss are the metrics.jsonl row's.
+    for i, out in enumerate(outs):
+        assert "\r" not in out
+        logged = re.findall(rf"^\[process {i}/2\] \S+ \S+ step (\d+)/{STEPS} loss (\S+) tokens/s \d+ ETA \S+$", out,
+                            re.MULTILINE)
+        assert logged == [(str(r["step"]), f"{r['loss']:.4f}") for r in rows], out[-3000:]
 
     # SIGTERM to process 1 only, at a random step: both save the same step and exit cleanly.
     run = str(tmp_path / "preempted")
