@@ -9,8 +9,9 @@ Each figure is the median of `--repeats` timed runs after a warm-up run (compila
 excluded). Decode latency at context C: a prompt of C tokens is prefilled, then
 `--decode_steps` single-token steps are timed; the ratio latency(1024) / latency(128)
 shows how much the per-token cost grows with the cache (the target is <= 1.5). MFU is
-reported against `--peak_flops` (FLOPs counted as 2 x the weights a token passes through,
-plus attention over the cache).
+reported against `--peak_flops`, by default this machine's measured float32 matmul peak
+(`tools.benchmark_train.matmul_peak`, as the training benchmark does); FLOPs are counted as
+2 x the weights a token passes through, plus attention over the cache.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ flags.DEFINE_list("batches", ["1", "8"], "Batch sizes for the decode throughput.
 flags.DEFINE_integer("prompt_len", 256, "Prompt tokens for the throughput runs.")
 flags.DEFINE_integer("decode_steps", 64, "Decode steps timed per run.")
 flags.DEFINE_integer("repeats", 3, "Timed runs per figure (median).")
-flags.DEFINE_float("peak_flops", 110e9, "Peak FLOP/s of the device, for MFU (default: this 2-core CPU, f32).")
+flags.DEFINE_float("peak_flops", 0, "Peak FLOP/s of the device, for MFU; 0: measured here (float32 matmul).")
 flags.DEFINE_string("json_out", None, "Also write the figures as JSON here.")
 
 
@@ -71,6 +72,9 @@ def main(argv):
     import numpy as np
 
     from genieblue_jax import inference
+    from tools.benchmark_train import matmul_peak
+    peak = FLAGS.peak_flops or matmul_peak()
+    print(f"peak: {peak / 1e9:.0f} GFLOP/s ({'--peak_flops' if FLAGS.peak_flops else 'measured'})", flush=True)
     mcfg, params = _model()
     rng = np.random.default_rng(0)
     vocab = mcfg.llm.vocab_size
@@ -128,7 +132,7 @@ def main(argv):
         t = prefill_and_decode(1, c, False, FLAGS.decode_steps)
         ms = 1000 * t["decode"] / FLAGS.decode_steps
         results[f"decode_ms_per_token_context{c}"] = ms
-        results[f"decode_mfu_context{c}"] = _decode_flops(mcfg, c) / (ms / 1000) / FLAGS.peak_flops
+        results[f"decode_mfu_context{c}"] = _decode_flops(mcfg, c) / (ms / 1000) / peak
     c0, c1 = map(int, (FLAGS.contexts[0], FLAGS.contexts[-1]))
     results[f"latency_ratio_{c1}_vs_{c0}"] = (results[f"decode_ms_per_token_context{c1}"]
                                               / results[f"decode_ms_per_token_context{c0}"])
