@@ -65,13 +65,13 @@ DEMO_XLA_CPU_FLAGS = {"xla_cpu_max_isa": "AVX", "xla_cpu_enable_platform_depende
 README_NUMERICS_FINGERPRINT = "5a1905e4"
 
 
-def pin_cpu_numerics(flags: dict[str, str] | None = None) -> None:
-    """Adds DEMO_XLA_CPU_FLAGS (or `flags`) to XLA_FLAGS; a flag the user already set wins,
+def pin_cpu_numerics() -> None:
+    """Adds DEMO_XLA_CPU_FLAGS to XLA_FLAGS; a flag the user already set wins,
     and the ISA cap applies to x86-64 only. Call before JAX's first computation: XLA reads
     its flags when the CPU backend starts."""
     import platform
     current = os.environ.get("XLA_FLAGS", "")
-    for name, value in (DEMO_XLA_CPU_FLAGS if flags is None else flags).items():
+    for name, value in DEMO_XLA_CPU_FLAGS.items():
         if f"--{name}=" in current or (name == "xla_cpu_max_isa" and platform.machine() not in ("x86_64", "AMD64")):
             continue
         current = f"{current} --{name}={value}".strip()

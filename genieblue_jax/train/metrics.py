@@ -210,12 +210,13 @@ class MetricsWriter:
     def plain_line(self, row: dict) -> str:
         """One console line for a logged row, tagged with this host's process index, e.g.
 
-            [process 1/2] stage2 genieblue-skip step 40/150 loss 1.2346 tokens/s 2546 ETA 1m23s
+            [process 1/2] stage2 genieblue-skip step 40/150 loss 1.2346 tokens/s 2546 ETA 01:23
         """
+        from tqdm import tqdm
         done = row["step"] - self._step_start
         left = (time.perf_counter() - self._t_start) / done * (self._total - row["step"]) if done > 0 else 0.0
         return (f"[process {jax.process_index()}/{jax.process_count()}] {self._desc} step {row['step']}/{self._total}"
-                f" loss {row['loss']:.4f} tokens/s {row['tokens_per_s']:.0f} ETA {_duration(left)}")
+                f" loss {row['loss']:.4f} tokens/s {row['tokens_per_s']:.0f} ETA {tqdm.format_interval(left)}")
 
     def close(self) -> None:
         """Closes the progress bar, metrics.jsonl and TensorBoard (everything written is flushed)."""
@@ -225,9 +226,3 @@ class MetricsWriter:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
-
-
-def _duration(seconds: float) -> str:
-    """1h02m / 3m05s / 42s."""
-    s = int(round(seconds))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"

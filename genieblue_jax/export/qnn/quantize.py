@@ -50,7 +50,6 @@ INSTALL = ("pip install onnx==1.23.2 onnxruntime==1.32.0 onnxscript==0.7.2 onnx-
 CONFIG = "htp_v79"   # Snapdragon 8 Elite (Hexagon V79), SPEC's deployment target
 
 
-
 def aimet_available() -> bool:
     """True when AIMET (`aimet_onnx`) can be imported."""
     try:
