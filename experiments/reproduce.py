@@ -27,7 +27,11 @@ import argparse
 import importlib
 import json
 import os
+import sys
 import time
+
+if not __package__:  # run as `python experiments/NAME.py`: the repository root, not experiments/, goes first
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 RECIPES = ("full_ft", "lora", "cogvlm_skip", "stage2_pre", "stage2_post", "stage2_skip")
 LABELS = {"full_ft": "Full fine-tune", "lora": "LoRA (all blocks)", "cogvlm_skip": "CogVLM-Skip",

@@ -18,6 +18,9 @@ same command again resumes from the latest checkpoint in the workdir.
 import os
 import sys
 
+if not __package__:  # run as `python experiments/NAME.py`: the repository root, not experiments/, goes first
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags

@@ -9,6 +9,7 @@ deployed model exactly 100%, exported files that load).
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -23,12 +24,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>"]
 
 
-def _cli(*args, timeout=600):
+def _cli(*args, timeout=600, log=None):
+    """Runs `python -m ARGS`; returns its stdout, or with `log` (a path) stdout and stderr as
+    `> log 2>&1` leaves them in that file."""
     env = {**os.environ, "XLA_FLAGS": xla_flags(), "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(args[:1])} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout
+    if log is not None:
+        with open(log, "w") as f:
+            proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, stdout=f,
+                                  stderr=subprocess.STDOUT, timeout=timeout)
+        out = err = open(log, newline="").read()  # newline="": a carriage return stays visible
+    else:
+        proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+        out, err = proc.stdout, proc.stderr
+    assert proc.returncode == 0, f"{' '.join(args[:1])} failed:\n{out[-3000:]}\n{err[-3000:]}"
+    return out
 
 
 def _hf_tokenizer(texts, path):
@@ -107,9 +117,17 @@ def test_hf_weights_to_phone(tmp_path):
               "--config.checkpoint.every_steps=3", "--config.demo.enabled=false"]
     runs = tmp_path / "runs"
     _cli("experiments.run", "--config=stage1", f"--workdir={runs / 'stage1'}", *common)
-    _cli("experiments.run", "--config=stage2_skip", f"--workdir={runs / 'stage2'}",
-         f"--config.init.stage1_workdir={runs / 'stage1'}", *common)
+    log = _cli("experiments.run", "--config=stage2_skip", f"--workdir={runs / 'stage2'}",
+               f"--config.init.stage1_workdir={runs / 'stage1'}", "--config.train.log_every=2", *common,
+               log=tmp_path / "stage2.log")
     assert sorted(os.listdir(runs / "stage2" / "checkpoints")) == ["3"]
+    # Output redirected to a file (`> log 2>&1`): no progress bar's carriage returns, one plain
+    # line per log interval (every 2 steps, and the last), with the metrics.jsonl row's step and loss.
+    assert "\r" not in log
+    rows = [json.loads(line) for line in open(runs / "stage2" / "metrics.jsonl")]
+    logged = re.findall(r"^\[process 0/1\] \S+ \S+ step (\d+)/3 loss (\S+) tokens/s \d+ ETA \S+$", log, re.MULTILINE)
+    assert [r["step"] for r in rows] == [2, 3], rows
+    assert logged == [(str(r["step"]), f"{r['loss']:.4f}") for r in rows], log[-3000:]
 
     report = tmp_path / "report_multimodal.json"
     out = _cli("tools.evaluate", f"--checkpoint={runs / 'stage2'}", f"--data={eval_json}",

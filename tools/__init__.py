@@ -1,4 +1,6 @@
-"""Command-line tools, each runnable as `python -m tools.NAME`."""
+"""Command-line tools. Each runs three ways, with the same flags and `--help`:
+`python -m tools.NAME`, `python tools/NAME.py` (from anywhere: the file puts the repository
+root first on `sys.path`) and the installed console script `genieblue-NAME` (`tools.console`)."""
 
 
 def start(argv) -> None:

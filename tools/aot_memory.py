@@ -31,6 +31,8 @@ def _set_devices_from_argv():
 
 if __name__ == "__main__":
     _set_devices_from_argv()
+if not __package__:  # run as `python tools/NAME.py`: the repository root, not tools/, goes first on sys.path
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

@@ -7,7 +7,12 @@ Nothing is allocated: parameters and inputs are ShapeDtypeStructs, the forward i
 (`jax.jit(...).lower`) and compiled (`.compile()`). Prints both times and XLA's memory
 plan for the compiled executable (arguments, outputs, temporaries).
 """
+import os
+import sys
 import time
+
+if not __package__:  # run as `python tools/NAME.py`: the repository root, not tools/, goes first on sys.path
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from absl import app, flags
 

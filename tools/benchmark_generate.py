@@ -16,8 +16,13 @@ reported against `--peak_flops`, by default this machine's measured float32 matm
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import sys
 import time
+
+if not __package__:  # run as `python tools/NAME.py`: the repository root, not tools/, goes first on sys.path
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from absl import app, flags
 

@@ -58,6 +58,9 @@ import subprocess
 import sys
 import time
 
+if not __package__:  # run as `python tools/NAME.py`: the repository root, not tools/, goes first on sys.path
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 import torch
 import torch.nn.functional as F
 import transformers

@@ -36,6 +36,9 @@ import subprocess
 import sys
 import time
 
+if not __package__:  # run as `python tools/NAME.py`: the repository root, not tools/, goes first on sys.path
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 from absl import app, flags
 
 VARIANTS = {"full_ft": "full_ft", "lora": "lora", "stage2_skip": "stage2_skip"}  # ours -> recipe

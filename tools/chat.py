@@ -15,8 +15,12 @@ auto|text|multimodal|shared`, `/reset` starts a new conversation, `/quit` (or Ct
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
+
+if not __package__:  # run as `python tools/NAME.py`: the repository root, not tools/, goes first on sys.path
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from absl import app, flags
 

@@ -18,7 +18,11 @@ genieblue_jax/export/qnn/quantize.py). Without it the tool stops at once, before
 checkpoint or writing anything, with a non-zero exit and the install command;
 --quantize=no asks explicitly for the float graphs and report only (no encodings).
 """
+import os
 import sys
+
+if not __package__:  # run as `python tools/NAME.py`: the repository root, not tools/, goes first on sys.path
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from absl import app, flags
 

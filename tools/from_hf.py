@@ -9,6 +9,12 @@ Qwen2ForCausalLM, LlamaForCausalLM, SiglipVisionModel or SiglipModel (vision tow
 Never loads pickle (*.bin) files. Errors name the missing tensor / bad shape / unsupported
 config field. With --mesh, every tensor is placed straight into its shard.
 """
+import os
+import sys
+
+if not __package__:  # run as `python tools/NAME.py`: the repository root, not tools/, goes first on sys.path
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 from absl import app, flags, logging
 
 FLAGS = flags.FLAGS

@@ -6,6 +6,12 @@ Counts come from abstract shapes (nothing is allocated). "#Param (paper)" follow
 paper's convention (stage-2 trainable parts, vision tower counted whole including its
 unused pooling head); "stage 2 (ours)" is what our trainer actually updates.
 """
+import os
+import sys
+
+if not __package__:  # run as `python tools/NAME.py`: the repository root, not tools/, goes first on sys.path
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 from absl import app, flags
 
 FLAGS = flags.FLAGS

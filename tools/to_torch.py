@@ -20,6 +20,9 @@ from __future__ import annotations
 import os
 import sys
 
+if not __package__:  # run as `python tools/NAME.py`: the repository root, not tools/, goes first on sys.path
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 from absl import app, flags
 
 import tools
