@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -181,7 +181,8 @@ class GenieBlue:
 
     def generate(self, prompt, images=None, *, mode: str | None = None, max_new_tokens: int = 64,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, stop_tokens: Sequence[int] | None = None,
-                 chat: bool = True, return_tokens: bool = False):
+                 chat: bool = True, return_tokens: bool = False,
+                 on_token: Callable[[int, int], bool | None] | None = None):
         """Generates the answer to `prompt` (a string, chat turns, or token ids); a list of
         prompts is a batch (then `images` is a list with one entry per prompt: None or a
         list of images). Returns the decoded text (a list for a batch); with
@@ -192,6 +193,11 @@ class GenieBlue:
         requests of a batch and image requests run as two sub-batches. Stops at
         `<|im_end|>` / `<|endoftext|>` (or `stop_tokens`), at `max_new_tokens`, or at
         the context limit (`max_context`, checked up front).
+
+        `on_token(i, token)` (streaming): called with each answer token of request i as it
+        is decoded (never its stop token, nothing after it). Returning True says request i
+        needs no more tokens; a sub-batch ends once each of its requests has stopped or
+        said so (the texts returned hold every token generated until then).
         """
         batch = (isinstance(prompt, (list, tuple)) and len(prompt) > 0
                  and not isinstance(prompt[0], (int, np.integer, dict)))
@@ -230,7 +236,9 @@ class GenieBlue:
             mcfg = self.mcfg if self.is_mllm else self.configs["llm"]
             result = inference.generate(mcfg, self.params, [requests[i][0] for i in rows], mode=group_mode,
                                         images=tiles, max_new_tokens=max_new_tokens, temperature=temperature,
-                                        top_p=top_p, key=key, stop_tokens=tuple(stop_tokens))
+                                        top_p=top_p, key=key, stop_tokens=tuple(stop_tokens),
+                                        on_step=None if on_token is None else
+                                        _token_callback(on_token, rows, stop_tokens))
             results.append(result)
             for j, i in enumerate(rows):
                 row = result.row(j)
@@ -254,6 +262,21 @@ class GenieBlue:
             return checkpoint.save_mllm(path, self.mcfg, self.params, tokenizer=tok,
                                         preprocessing=self.preprocessing, source=self.source, overwrite=overwrite)
         return checkpoint.save(path, self.configs, self.params, source=self.source, overwrite=overwrite)
+
+
+def _token_callback(on_token, rows: list[int], stop_tokens) -> Callable[[int, np.ndarray], bool]:
+    """`inference.generate`'s on_step over a sub-batch -> `on_token(request, token)` per
+    live row; True (end the loop) once every row has stopped or declined more tokens."""
+    stops, done = set(map(int, stop_tokens)), [False] * len(rows)
+
+    def on_step(_, tokens: np.ndarray) -> bool:
+        for j, i in enumerate(rows):
+            if not done[j]:
+                token = int(tokens[j])
+                done[j] = token in stops or bool(on_token(i, token))
+        return all(done)
+
+    return on_step
 
 
 def _find_tokenizer(directory: str | None) -> str | None:

@@ -27,6 +27,7 @@ import genieblue_jax.structure.config
 import genieblue_jax.train.optimizer
 import genieblue_jax.train.workdir_lock
 import genieblue_jax.versions
+import genieblue_jax.vlmeval
 import genieblue_jax.workdir
 
 
@@ -76,7 +77,7 @@ def test_every_public_definition_of_the_library_has_a_docstring():
                                     data_pipelines.packing, data_pipelines.records, data_pipelines.images,
                                     experiments.demo_data, genieblue_jax.evaluate, genieblue_jax.versions,
                                     genieblue_jax.checksums, genieblue_jax.train.workdir_lock,
-                                    genieblue_jax.workdir, genieblue_jax.rules])
+                                    genieblue_jax.workdir, genieblue_jax.rules, genieblue_jax.vlmeval])
 def test_docstring_examples(module):
     result = doctest.testmod(module, verbose=False)
     assert result.attempted > 0 and result.failed == 0

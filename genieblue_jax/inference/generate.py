@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -291,13 +291,19 @@ def _check_inputs(mcfg, mode, prompts, images, vocab):
 def generate(mcfg, params: dict, prompts: Sequence[Sequence[int]], *, mode: str = "text", images=None,
              max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, key=None,
              stop_tokens: Sequence[int] = (), pad_id: int = 0, min_bucket: int = 64,
-             check_every: int = 8) -> GenerationResult:
+             check_every: int = 8, on_step: Callable[[int, np.ndarray], bool | None] | None = None
+             ) -> GenerationResult:
     """Generates up to `max_new_tokens` per prompt (host loop over `prefill` / `decode_step`).
 
     prompts: b token-id sequences of any lengths (left-padded to a common bucket);
     images: (b, P, H, W, 3) NHWC tiles (uint8, or float normalised: `checked_tiles`), each
     row's in the order of its image tokens (modes "multimodal" / "shared"); key: PRNG key for sampling (temperature > 0;
     default `jax.random.key(0)`). See the module docstring for the cache layout.
+
+    on_step(s, tokens): called with every emitted token number s (0: prefill's) and the
+    (b,) int32 numpy tokens as they are decoded (for streaming; a host sync per step, so
+    only when given). Returning True ends generation there: rows without a stop token then
+    have `lengths` = the tokens emitted so far.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
@@ -311,14 +317,17 @@ def generate(mcfg, params: dict, prompts: Sequence[Sequence[int]], *, mode: str 
     cache, state, _ = prefill(mcfg, params, tokens, positions, segments, images, sampling, key, mode=mode,
                               cache_len=cache_len)
     emitted = [state.tokens]
+    stopped = on_step is not None and bool(on_step(0, np.asarray(state.tokens)))
     for step in range(1, max_new_tokens):
-        if step % check_every == 0 and bool(np.all(np.asarray(state.finished))):
+        if stopped or (step % check_every == 0 and bool(np.all(np.asarray(state.finished)))):
             break
         cache, state, _ = decode_step(mcfg, params, cache, state, sampling, mode=mode)
         emitted.append(state.tokens)
+        stopped = on_step is not None and bool(on_step(step, np.asarray(state.tokens)))
     out = np.full((tokens.shape[0], max_new_tokens), pad_id, np.int32)
     out[:, : len(emitted)] = np.stack([np.asarray(t) for t in emitted], axis=1)
     finished = np.asarray(state.finished)
     stops = np.isin(out, np.asarray(stop_tokens, np.int32))
-    lengths = np.where(stops.any(axis=1), stops.argmax(axis=1) + 1, max_new_tokens)
+    # len(emitted) is max_new_tokens unless the loop ended early (every row stopped, or on_step)
+    lengths = np.where(stops.any(axis=1), stops.argmax(axis=1) + 1, len(emitted))
     return GenerationResult(out, lengths.astype(np.int32), finished, tokens.shape[1], cache_len)

@@ -1,0 +1,682 @@
+"""An OpenAI-compatible HTTP server over a model (FastAPI + uvicorn).
+
+    python -m tools.serve --checkpoint workdirs/stage2_skip [--host 127.0.0.1 --port 8000]
+
+`--checkpoint` is anything `genieblue_jax.load` takes. Endpoints:
+
+    POST /v1/chat/completions   OpenAI chat completions (`stream: true`: server-sent events)
+    GET  /v1/models             the one model; its id is the checkpoint directory's name
+    GET  /health                {"status": "ok", ...}
+
+Routing is `GenieBlue.generate`'s (the non-shared base): a request without images runs the
+untouched base LLM, one with images the multimodal path; every response says which in
+`"route": "base" | "multimodal"` (beside OpenAI's fields).
+
+Messages take string content or typed parts: `{"type": "text", "text": ...}` and
+`{"type": "image_url", "image_url": {"url": ...}}` where the URL is a `data:image/...;base64,`
+URL, a `file:///abs/path.png` URL or a plain path on the server's disk (relative to its working
+directory). Remote http(s) URLs are refused (400): the server fetches nothing. Anyone who can
+reach the server can make it read image files it can read, hence the default --host 127.0.0.1.
+Each image part puts an `<image>` slot where it stands (parts joined by newlines: [image, text]
+is the `<image>\\n` + text that `model.generate(text, images=[...])` renders).
+
+Fields: `max_tokens` (or `max_completion_tokens`; default --max_tokens, capped by the context),
+`temperature` (default 0: greedy, as `GenieBlue.generate`; OpenAI's default is 1), `top_p`,
+`seed`, `stop` (strings cut from the decoded text, the stop string not included),
+`stream` (+ `stream_options.include_usage`). Others OpenAI defines are accepted and ignored;
+`n` must be 1; `model` is not checked (one model is served). Bad requests get a 4xx whose JSON says why, OpenAI-style
+(`{"error": {"message": ...}}`); a prompt + max_tokens beyond the model's context is one.
+
+Batching: requests arriving within --batch_wait_ms of each other run as one padded batch
+(up to --max_batch) per route and sampling settings (temperature, top_p, seed; greedy ones
+all together), on one model thread. A batch decodes max(max_tokens) tokens and each answer
+stops at its own limit (greedy answers are prefix-consistent, so a batched answer is the one
+a lone request gets); a request's answer is sent as soon as it is complete. Batch sizes are
+padded to powers of two, so few programs compile. Sampled (temperature > 0) answers depend
+on the batch they ran in; a seed reproduces them only for the same batch.
+
+    curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+        -d '{"messages": [{"role": "user", "content": "What is 12 plus 7?"}], "max_tokens": 32}'
+
+    import openai
+    client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+    reply = client.chat.completions.create(model="stage2_skip", max_tokens=32, messages=[
+        {"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "file:///data/scene.png"}},
+            {"type": "text", "text": "How many circles are there?"}]}])
+    print(reply.choices[0].message.content, reply.route)         # ... multimodal
+    for chunk in client.chat.completions.create(model="stage2_skip", stream=True,
+                                                messages=[{"role": "user", "content": "Hi"}]):
+        print(chunk.choices[0].delta.content or "", end="")
+
+In-process (tests, benchmarks): `with BackgroundServer(model) as server: server.url`.
+
+Without a checkpoint, `--random=LLM,VIT` serves a random-init MLLM of those presets
+(`tools.random_model`: a SentencePiece tokenizer, weights drawn in numpy and scaled so that greedy
+decoding gives varied tokens; what tests/test_serve.py serves). `--benchmark` measures
+instead of serving, through the official `openai` client against an in-process server:
+
+    python -m tools.serve --random=tiny-qwen2,tiny-siglip --benchmark=1,8
+    python -m tools.serve --checkpoint workdirs/stage2_skip --benchmark=1,8 --benchmark_image scene.png
+
+Each of N concurrent clients sends one streaming request (greedy, --benchmark_max_tokens).
+Per round: the median time to first token (request sent -> first content delta), the median
+per-client decode rate (tokens after the first / time after the first), the aggregate
+tokens/s (all clients' tokens / wall time), the wall time, how the requests were batched and
+how many programs compiled while measuring (0 expected: every padded batch size is compiled,
+and each concurrency run once, before measuring).
+"""
+# No `from __future__ import annotations`: FastAPI reads the handlers' annotations (`Request`,
+# imported in make_app) as objects.
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import os
+import queue
+import socket
+import statistics
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from typing import Any
+
+if not __package__:  # run as `python tools/NAME.py`: the repository root, not tools/, goes first on sys.path
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+class BadRequest(ValueError):
+    """A request the server refuses: HTTP `status` with a message naming the culprit."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.param, self.status = param, status
+
+
+def _error(status: int, message: str, param: str | None = None):
+    from fastapi.responses import JSONResponse
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
+                        status_code=status)
+
+
+# --- requests ---------------------------------------------------------------------------------
+
+def load_image(url: Any, where: str):
+    """An image part's URL -> uint8 (H, W, 3): data: URLs, file:// URLs and plain paths."""
+    from genieblue_jax.inference.requests import read_image
+    if not isinstance(url, str) or not url:
+        raise BadRequest(f"{where}: the image URL must be a non-empty string", where)
+    if url.startswith("data:"):
+        header, comma, data = url.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise BadRequest(f"{where}: a data URL must be base64 (data:image/png;base64,...)", where)
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except binascii.Error as e:
+            raise BadRequest(f"{where}: the data URL is not valid base64: {e}", where) from None
+        source: Any = raw
+    else:
+        parts = urllib.parse.urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme in ("http", "https"):
+            raise BadRequest(f"{where}: remote image URLs are not fetched ({url[:80]}): this server makes no network "
+                             "requests; send the image as a data: URL (data:image/png;base64,...) or a path on the "
+                             "server (file:///path or /path)", where)
+        if scheme == "file":
+            source = urllib.request.url2pathname(parts.path)
+        elif len(scheme) > 1:  # one letter: a Windows drive, a plain path
+            raise BadRequest(f"{where}: unsupported image URL scheme {scheme!r}; use data:, file:// or a path", where)
+        else:
+            source = url
+    try:
+        return read_image(source, where)
+    except (OSError, ValueError) as e:
+        raise BadRequest(str(e), where) from None
+
+
+def parse_messages(messages: Any) -> tuple[list[dict], list]:
+    """OpenAI messages -> (chat turns with `<image>` slots, images in slot order)."""
+    from data_pipelines.records import IMAGE_TAG
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty list of {role, content} objects", "messages")
+    turns, images = [], []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise BadRequest(f"{where} must be an object with 'role' and 'content'", where)
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise BadRequest(f"{where}: unknown role {role!r}; this model takes {sorted(ROLES)}", f"{where}.role")
+        if isinstance(content, list):
+            pieces = []
+            for k, part in enumerate(content):
+                at = f"{where}.content[{k}]"
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text" and isinstance(part.get("text"), str):
+                    pieces.append(part["text"])
+                elif kind == "image_url":
+                    spec = part.get("image_url")
+                    images.append(load_image(spec.get("url") if isinstance(spec, dict) else spec, at))
+                    pieces.append(IMAGE_TAG)
+                else:
+                    raise BadRequest(f"{at}: parts are {{'type': 'text', 'text': ...}} or "
+                                     f"{{'type': 'image_url', 'image_url': {{'url': ...}}}}; got {str(part)[:80]}", at)
+            content = "\n".join(pieces)
+        elif not isinstance(content, str):
+            raise BadRequest(f"{where}: content must be a string or a list of parts", f"{where}.content")
+        turns.append({"role": ROLES[role], "content": content})
+    return turns, images
+
+
+def _number(body: dict, name: str, default, kind=float, low=None, high=None):
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        raise BadRequest(f"'{name}' must be {'a number' if kind is float else 'an integer'}, got {value!r}", name)
+    if low is not None and value < low:
+        raise BadRequest(f"'{name}'={value} must be >= {low}", name)
+    if high is not None and value > high:
+        raise BadRequest(f"'{name}'={value} must be <= {high}", name)
+    return kind(value)
+
+
+# --- the model thread -------------------------------------------------------------------------
+
+class Job:
+    """One request on its way through the model thread. The model thread feeds it tokens
+    (`add`); the request's handler reads `events` (deltas, then "done" or "error") on its loop."""
+
+    def __init__(self, model, *, turns, images, prompt_tokens: int, max_tokens: int, stops: list[str],
+                 sampling: tuple, loop):
+        self.model, self.turns, self.images = model, turns, images
+        self.prompt_tokens, self.max_tokens, self.stops = prompt_tokens, max_tokens, stops
+        self.sampling, self.loop = sampling, loop  # sampling: (temperature, top_p, seed)
+        self.route = "multimodal" if images else "base"
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.tokens: list[int] = []
+        self.sent = ""  # the text streamed so far, always a prefix of the final text
+        self.text, self.finish_reason, self.completion_tokens = "", None, 0
+        self.cancelled = False  # the client went away
+
+    def _put(self, kind: str, value=None):
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+
+    def _stop_at(self, text: str) -> int:
+        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        return min(found) if found else -1
+
+    def add(self, token: int) -> bool:
+        """A new answer token (model thread); True once this request wants no more."""
+        if self.finish_reason or self.cancelled:
+            return True
+        self.tokens.append(token)
+        # the whole answer decoded again: merged tokens and multi-byte characters come out as
+        # the non-streamed text has them (token-by-token decoding would split them)
+        text = self.model.tokenizer.decode(self.tokens)
+        cut = self._stop_at(text)
+        if cut >= 0:
+            return self.finish(text[:cut], "stop")
+        if len(self.tokens) >= self.max_tokens:
+            return self.finish(text, "length")
+        # stream what cannot change: not a trailing partial character (U+FFFD until its last
+        # byte comes), not a tail that may be the start of a stop string
+        safe = text.rstrip("\ufffd")
+        held = max((k for s in self.stops for k in range(1, min(len(s), len(safe) + 1)) if safe.endswith(s[:k])),
+                   default=0)
+        safe = safe[: len(safe) - held]
+        if len(safe) > len(self.sent) and safe.startswith(self.sent):
+            self._put("delta", safe[len(self.sent):])
+            self.sent = safe
+        return False
+
+    def finish(self, text: str, reason: str, stop_token: bool = False) -> bool:
+        """The answer is complete (model thread): the rest of its text, then "done"."""
+        self.text, self.finish_reason = text, reason
+        self.completion_tokens = len(self.tokens) + int(stop_token)  # as OpenAI: the stop token counts
+        if len(text) > len(self.sent) and text.startswith(self.sent):
+            self._put("delta", text[len(self.sent):])
+        self._put("done")
+        return True
+
+    def fail(self, status: int, message: str):
+        """The batch failed (model thread): the handler answers `status` with `message`."""
+        self.finish_reason = "error"
+        self._put("error", (status, message))
+
+
+class Batcher:
+    """The model thread: collects jobs for `wait_s`, runs them as padded batches (one
+    `model.generate` call per route and sampling settings), feeds each job its tokens."""
+
+    def __init__(self, model, *, wait_s: float = 0.01, max_batch: int = 8):
+        if max_batch < 1:
+            raise ValueError(f"max_batch={max_batch} must be >= 1")
+        self.model, self.wait_s, self.max_batch = model, wait_s, max_batch
+        self.queue: queue.Queue = queue.Queue()
+        self.batches: list[int] = []  # sizes of the batches run (real requests), for tests / logs
+        self.thread = threading.Thread(target=self._loop, name="genieblue-serve-model", daemon=True)
+
+    def start(self):
+        """Starts the model thread."""
+        self.thread.start()
+
+    def close(self):
+        """Ends the model thread after the jobs queued before this."""
+        self.queue.put(None)
+        self.thread.join(timeout=60)
+
+    def submit(self, job: Job):
+        """Queues a job for the next batch."""
+        self.queue.put(job)
+
+    def _collect(self) -> list[Job] | None:
+        first = self.queue.get()
+        if first is None:
+            return None
+        jobs, deadline = [first], time.monotonic() + self.wait_s
+        while len(jobs) < self.max_batch and (left := deadline - time.monotonic()) > 0:
+            try:
+                job = self.queue.get(timeout=left)
+            except queue.Empty:
+                break
+            if job is None:
+                self.queue.put(None)  # close after this round
+                break
+            jobs.append(job)
+        return jobs
+
+    def _groups(self, jobs: list[Job]) -> list[list[Job]]:
+        """Jobs that can share a generate call: same route and sampling, at most max_batch,
+        and every prompt + the batch's max_tokens within the context."""
+        groups: list[list[Job]] = []
+        context = self.model.max_context
+        for job in jobs:
+            for g in groups:
+                if (len(g) < self.max_batch and g[0].route == job.route and g[0].sampling == job.sampling
+                        and max(j.prompt_tokens for j in g + [job]) + max(j.max_tokens for j in g + [job])
+                        <= context):
+                    g.append(job)
+                    break
+            else:
+                groups.append([job])
+        return groups
+
+    def _loop(self):
+        while (jobs := self._collect()) is not None:
+            for group in self._groups([j for j in jobs if not j.cancelled]):
+                try:
+                    self._run(group)
+                except Exception as e:  # noqa: BLE001  (a bug must not stop the model thread)
+                    self._fail(group, 500, f"{type(e).__name__}: {e}")
+
+    @staticmethod
+    def _fail(group: list[Job], status: int, message: str):
+        for job in group:
+            if not job.finish_reason:  # a job already answered keeps its answer
+                job.fail(status, message)
+
+    def _run(self, group: list[Job]):
+        n = len(group)
+        size = min(max(1 << (n - 1).bit_length(), n), max(self.max_batch, n))
+        padded = group + [group[-1]] * (size - n)  # copies of the last request; their tokens are dropped
+        temperature, top_p, seed = group[0].sampling
+        self.batches.append(n)
+
+        def on_token(i: int, token: int) -> bool:
+            return True if i >= n else group[i].add(token)
+
+        try:
+            self.model.generate([j.turns for j in padded], images=[j.images or None for j in padded],
+                                max_new_tokens=max(j.max_tokens for j in group), temperature=temperature,
+                                top_p=top_p, seed=seed, on_token=on_token)
+        except ValueError as e:  # checked up front; a request that still fails says why
+            return self._fail(group, 400, str(e))
+        for job in group:
+            if not job.finish_reason:  # ended by a stop token: add() never saw it
+                job.finish(self.model.tokenizer.decode(job.tokens), "stop", stop_token=True)
+
+
+# --- the app ----------------------------------------------------------------------------------
+
+def make_app(model, *, model_id: str | None = None, batch_wait_ms: float = 10.0, max_batch: int = 8,
+             max_tokens: int = 256):
+    """The FastAPI app serving `model` (a `GenieBlue` with a tokenizer); its model thread
+    runs while the app does (lifespan). `max_tokens`: a request's default."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import StreamingResponse
+
+    model.requests  # noqa: B018  (fails now if the model has no tokenizer; built once, not per thread)
+    model_id = model_id or os.path.basename(os.path.normpath(model.path or "genieblue"))
+    created = int(time.time())
+    batcher = Batcher(model, wait_s=batch_wait_ms / 1000, max_batch=max_batch)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        batcher.start()
+        yield
+        await asyncio.to_thread(batcher.close)
+
+    app = FastAPI(title="genieblue_jax", lifespan=lifespan)
+    app.state.batcher, app.state.model_id = batcher, model_id
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_id, "queued": batcher.queue.qsize()}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
+                                            "owned_by": "genieblue_jax"}]}
+
+    def prepare(body: Any, loop) -> Job:
+        """Validates and encodes a request (a worker thread: image decoding, tokenising)."""
+        if not isinstance(body, dict):
+            raise BadRequest("the body must be a JSON object")
+        if body.get("n") not in (None, 1):
+            raise BadRequest("only n=1 is supported", "n")
+        turns, images = parse_messages(body.get("messages"))
+        if images and not model.is_mllm:
+            raise BadRequest(f"this model ({model_id}) is a text-only LLM and takes no images", "messages")
+        try:
+            prompt = len(model.requests.encode(turns, images).tokens)
+        except (OSError, ValueError) as e:
+            raise BadRequest(str(e), "messages") from None
+        context = model.max_context
+        name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        limit = _number(body, name, None, int, low=1)
+        if limit is None:
+            limit = min(max_tokens, context - prompt)
+        if limit < 1 or prompt + limit > context:  # as GenieBlue.generate's check, before any work
+            raise BadRequest(f"{prompt} prompt tokens + {name}={limit} exceed the model's context of {context} "
+                             "tokens (max_position_embeddings); shorten the messages or lower max_tokens",
+                             "messages", status=400)
+        stop = body.get("stop")
+        stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
+        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+            raise BadRequest("'stop' must be a non-empty string or a list of them", "stop")
+        temperature = _number(body, "temperature", 0.0, low=0, high=2)
+        top_p = _number(body, "top_p", 1.0, low=0, high=1)
+        seed = _number(body, "seed", 0, int)
+        if top_p <= 0:
+            raise BadRequest("'top_p' must be > 0", "top_p")
+        # greedy decoding ignores top_p and the seed: every greedy request can share a batch
+        sampling = (temperature, top_p, seed) if temperature > 0 else (0.0, 1.0, 0)
+        return Job(model, turns=turns, images=images, prompt_tokens=prompt, max_tokens=limit, stops=stops,
+                   sampling=sampling, loop=loop)
+
+    def chunk(job: Job, cid: str, delta: dict, finish_reason=None, **extra) -> str:
+        out = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_id,
+               "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+               "route": job.route, **extra}
+        return f"data: {json.dumps(out)}\n\n"
+
+    def usage(job: Job) -> dict:
+        return {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.completion_tokens,
+                "total_tokens": job.prompt_tokens + job.completion_tokens}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        try:
+            body = json.loads(await request.body())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            return _error(400, f"the request body is not valid JSON: {e}")
+        loop = asyncio.get_running_loop()
+        try:
+            job = await asyncio.to_thread(prepare, body, loop)
+        except BadRequest as e:
+            return _error(e.status, str(e), e.param)
+        batcher.submit(job)
+        cid = f"chatcmpl-{uuid.uuid4().hex}"
+        first = await job.events.get()  # errors before the first token still get their status code
+        if first[0] == "error":
+            return _error(*first[1])
+        if not body.get("stream"):
+            event = first
+            while event[0] == "delta":
+                event = await job.events.get()
+            if event[0] == "error":
+                return _error(*event[1])
+            return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model_id,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": job.text},
+                                 "logprobs": None, "finish_reason": job.finish_reason}],
+                    "usage": usage(job), "route": job.route}
+        options = body.get("stream_options")
+        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+
+        async def events():
+            event = first
+            try:
+                yield chunk(job, cid, {"role": "assistant", "content": ""})
+                while True:
+                    kind, value = event
+                    if kind == "delta":
+                        yield chunk(job, cid, {"content": value})
+                    elif kind == "done":
+                        yield chunk(job, cid, {}, job.finish_reason)
+                        if include_usage:
+                            out = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()),
+                                   "model": model_id, "choices": [], "usage": usage(job), "route": job.route}
+                            yield f"data: {json.dumps(out)}\n\n"
+                        break
+                    else:  # an error after the stream began: OpenAI's in-stream error object
+                        yield f"data: {json.dumps({'error': {'message': value[1], 'type': 'server_error'}})}\n\n"
+                        break
+                    event = await job.events.get()
+                yield "data: [DONE]\n\n"
+            finally:
+                job.cancelled = not job.finish_reason  # the client left: stop decoding for it
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+# --- running it -------------------------------------------------------------------------------
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
+
+
+class BackgroundServer:
+    """The server on a thread of this process, e.g. for tests (port 0: a free one).
+
+        with BackgroundServer(model, port=0) as server:
+            openai.OpenAI(base_url=f"{server.url}/v1", api_key="x")
+    """
+
+    def __init__(self, model, *, host: str = "127.0.0.1", port: int = 0, **app_kwargs):
+        import uvicorn
+        self.app = make_app(model, **app_kwargs)
+        self.sock = _bind(host, port)
+        self.url = f"http://{host}:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
+                                       name="genieblue-serve-http")
+
+    def __enter__(self) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server on {self.url} did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+        self.sock.close()
+
+
+def run(model, *, host: str = "127.0.0.1", port: int = 8000, **app_kwargs) -> None:
+    """Serves `model` (a `GenieBlue`, or a path `genieblue_jax.load` takes) until interrupted."""
+    import uvicorn
+    if isinstance(model, (str, os.PathLike)):
+        import genieblue_jax
+        model = genieblue_jax.load(os.fspath(model))
+    app = make_app(model, **app_kwargs)
+    print(f"serving {app.state.model_id} ({model}) on http://{host}:{port}/v1", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+# --- a model without training, and the benchmark --------------------------------------------
+
+def stream_once(client, model_id: str, messages, max_tokens: int) -> dict:
+    """One streaming request: {"ttft", "seconds", "tokens", "text"}."""
+    t0 = time.perf_counter()
+    first, pieces, tokens = None, [], 0
+    for chunk in client.chat.completions.create(model=model_id, messages=messages, max_tokens=max_tokens,
+                                                stream=True, stream_options={"include_usage": True}):
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+        if chunk.choices and chunk.choices[0].delta.content:
+            first = first or time.perf_counter()
+            pieces.append(chunk.choices[0].delta.content)
+    end = time.perf_counter()
+    return {"ttft": (first or end) - t0, "seconds": end - t0, "tokens": tokens, "text": "".join(pieces)}
+
+
+def concurrent(client, model_id: str, messages_list, max_tokens: int) -> tuple[list[dict], float]:
+    """Every messages of the list at once, one thread each: (results, wall seconds)."""
+    results: list = [None] * len(messages_list)
+
+    def one(i):
+        results[i] = stream_once(client, model_id, messages_list[i], max_tokens)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(messages_list))]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, time.perf_counter() - t0
+
+
+def benchmark(model, clients=(1, 8), *, max_tokens: int = 64, image: str | None = None, rounds: int = 2,
+              **app_kwargs) -> list[dict]:
+    """--benchmark's figures (module docstring), one dict per measured round; `app_kwargs`
+    as `make_app`'s."""
+    import openai
+
+    from genieblue_jax import inference
+    questions = ["What is 3 plus 4?", "Describe the picture.", "How many circles are there?",
+                 "What colour is the square?", "Is there a triangle left of the circle?", "What is 9 plus 1?",
+                 "Name a shape.", "Answer yes or no."]
+
+    def messages(i):
+        text = questions[i % len(questions)]
+        if image:
+            url = image if "://" in image or image.startswith("data:") else f"file://{os.path.abspath(image)}"
+            return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                  {"type": "text", "text": text}]}]
+        return [{"role": "user", "content": text}]
+
+    # compiles every padded batch size first (1, 2, 4, ...): clients started together may still
+    # arrive as two batches, and a compile inside a measured round would be all it measures
+    size = 1
+    while size <= max(clients):
+        model.generate([messages(i)[0]["content"] if not image else questions[i % len(questions)]
+                        for i in range(size)], images=[[image] if image else None] * size, max_new_tokens=max_tokens)
+        size *= 2
+    rows = []
+    with BackgroundServer(model, **app_kwargs) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=600)
+        model_id = server.app.state.model_id
+        for n in clients:
+            concurrent(client, model_id, [messages(i) for i in range(n)], max_tokens)  # warm-up: compiles
+            for _ in range(rounds):
+                batches, traces = len(server.app.state.batcher.batches), sum(inference.TRACES.values())
+                results, wall = concurrent(client, model_id, [messages(i) for i in range(n)], max_tokens)
+                rates = [(r["tokens"] - 1) / max(r["seconds"] - r["ttft"], 1e-9) for r in results if r["tokens"] > 1]
+                rows.append({"clients": n, "ttft_s": statistics.median(r["ttft"] for r in results),
+                             "client_tok_s": statistics.median(rates) if rates else 0.0,
+                             "aggregate_tok_s": sum(r["tokens"] for r in results) / wall, "wall_s": wall,
+                             "tokens": sum(r["tokens"] for r in results),
+                             "batches": server.app.state.batcher.batches[batches:],
+                             "compiles": sum(inference.TRACES.values()) - traces})
+    return rows
+
+
+def print_benchmark(rows: list[dict]) -> None:
+    """`benchmark`'s rows as a table."""
+    print(f"{'clients':>7} {'TTFT s':>8} {'tok/s per client':>17} {'tok/s total':>12} {'wall s':>7} {'tokens':>7}  "
+          "batches (compiles)")
+    for r in rows:
+        print(f"{r['clients']:>7} {r['ttft_s']:>8.3f} {r['client_tok_s']:>17.1f} {r['aggregate_tok_s']:>12.1f} "
+              f"{r['wall_s']:>7.2f} {r['tokens']:>7}  {r['batches']} ({r['compiles']})")
+
+
+# --- command line -----------------------------------------------------------------------------
+
+def define_flags():
+    """This tool's absl flags (defined only when it runs as a command, not on import)."""
+    from absl import flags
+    flags.DEFINE_string("checkpoint", None, "Training workdir, genieblue_jax checkpoint or HF model directory.")
+    flags.DEFINE_list("random", None, "Instead of --checkpoint: LLM,ViT presets of a random model "
+                      "(e.g. tiny-qwen2,tiny-siglip; tools.random_model()), for trying the server and benchmarks.")
+    flags.DEFINE_integer("step", None, "For a workdir: the checkpoint step (default: the latest).")
+    flags.DEFINE_string("host", "127.0.0.1", "Interface to listen on (0.0.0.0: every one; see the docstring).")
+    flags.DEFINE_integer("port", 8000, "TCP port.")
+    flags.DEFINE_float("batch_wait_ms", 10.0, "How long the first request of a batch waits for others.")
+    flags.DEFINE_integer("max_batch", 8, "Most requests per generate call.")
+    flags.DEFINE_integer("max_tokens", 256, "max_tokens of a request that gives none (capped by the context).")
+    flags.DEFINE_list("benchmark", None, "Instead of serving: measure TTFT and tokens/s for these numbers of "
+                      "concurrent streaming clients (e.g. 1,8) against an in-process server, print, exit.")
+    flags.DEFINE_integer("benchmark_max_tokens", 64, "--benchmark: tokens per answer.")
+    flags.DEFINE_string("benchmark_image", None, "--benchmark: an image file for every request (the multimodal "
+                        "route).")
+    flags.DEFINE_integer("benchmark_rounds", 2, "--benchmark: measured rounds per concurrency.")
+
+
+def main(argv):
+    """Loads --checkpoint (or builds --random) and serves it until interrupted, or --benchmark."""
+    import tempfile
+
+    import tools
+    tools.start(argv)
+    from absl import flags
+
+    import genieblue_jax
+    f = flags.FLAGS
+    if bool(f.checkpoint) == bool(f.random):
+        sys.exit("error: give --checkpoint=DIR or --random=LLM,VIT")
+    with tempfile.TemporaryDirectory(prefix="genieblue_serve_") as tmp:
+        path = f.checkpoint
+        if f.random:
+            if len(f.random) != 2:
+                sys.exit(f"error: --random takes two presets, LLM,VIT; got {f.random}")
+            path = tools.random_model(tmp, llm=f.random[0], vit=f.random[1])
+        try:
+            model = genieblue_jax.load(path, step=f.step)
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"error: cannot load --checkpoint={f.checkpoint}: {e}")
+        options = dict(model_id=os.path.basename(os.path.normpath(f.checkpoint or "random")),
+                       batch_wait_ms=f.batch_wait_ms, max_batch=f.max_batch)
+        try:
+            if f.benchmark:
+                print(model, flush=True)
+                rows = benchmark(model, [int(c) for c in f.benchmark], max_tokens=f.benchmark_max_tokens,
+                                 image=f.benchmark_image, rounds=f.benchmark_rounds, **options)
+                print_benchmark(rows)
+                return
+            run(model, host=f.host, port=f.port, max_tokens=f.max_tokens, **options)
+        except ValueError as e:  # e.g. a model without a tokenizer
+            sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    from absl import app
+    define_flags()
+    app.run(main)
