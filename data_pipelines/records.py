@@ -3,7 +3,10 @@
 A dataset directory holds `{name}-{i:05d}-of-{n:05d}.array_record` shards and a
 `manifest.json`. `ShardedWriter` deals records round-robin over the shards (record k goes
 to shard k % n) and `ArrayRecordExampleSource` undoes that, so index k reads the k-th
-record written whatever the number of shards:
+record written whatever the number of shards. A manifest may also list several such
+round-robin groups one after the other ("groups": shards per group; what the chunked,
+multi-process converter writes, one group per committed chunk): index k then reads the
+k-th record of the groups' concatenation.
 
     with ShardedWriter("/data/vqa", num_shards=4) as writer:
         for ex in examples:
@@ -22,6 +25,7 @@ True
 Traceback (most recent call last):
 ValueError: not a valid encoded Example (msgpack: ...)
 """
+import bisect
 import dataclasses
 import glob
 import hashlib
@@ -123,39 +127,56 @@ class ShardedWriter:
     before ArrayRecord's compression), "shards": [{"file", "num_records", "num_bytes"}],
     "sources": {source: count}, "content_hash"}. content_hash is the sha256 of the encoded
     records concatenated in write order (msgpack records delimit themselves), so it does
-    not depend on the number of shards.
+    not depend on the number of shards. A manifest of several groups (written by
+    `data_pipelines.conversion`) adds "groups": [shards in group 0, ...] and its
+    content_hash is the sha256 of the groups' content hashes (32 bytes each) in order.
+
+    `write_manifest=False` (one group of a larger dataset): `close()` returns the manifest
+    dict without writing manifest.json, and opening leaves an existing manifest alone.
+    `check_ids=False`: the caller guarantees unique ids (the converter's identity check), so
+    the writer holds no per-record state (memory independent of the number of records).
+    `max_parallelism`: ArrayRecord's compression threads per shard (None: its default, auto,
+    which keeps chunks in flight: ~0.4 KB per record written until close); 1 for callers that
+    are parallel themselves (the converter's worker processes). The bytes written are the same.
     """
 
-    def __init__(self, out_dir: str, *, num_shards: int = 1, name: str = "data"):
+    def __init__(self, out_dir: str, *, num_shards: int = 1, name: str = "data", write_manifest: bool = True,
+                 check_ids: bool = True, max_parallelism: int | None = None):
         if num_shards < 1:
             raise ValueError(f"num_shards must be >= 1, got {num_shards}")
         self.out_dir, self.num_shards, self.name = out_dir, num_shards, name
+        self.write_manifest = write_manifest
         os.makedirs(out_dir, exist_ok=True)
-        for stale in [os.path.join(out_dir, MANIFEST)] + glob.glob(
+        for stale in ([os.path.join(out_dir, MANIFEST)] if write_manifest else []) + glob.glob(
                 os.path.join(glob.escape(out_dir), f"{glob.escape(name)}-?????-of-?????.array_record")):
             if os.path.exists(stale):
                 os.remove(stale)
         self._files = [_shard_file(name, i, num_shards) for i in range(num_shards)]
-        self._writers = [array_record_module.ArrayRecordWriter(os.path.join(out_dir, f), _WRITER_OPTIONS)
+        options = _WRITER_OPTIONS + ("" if max_parallelism is None else f",max_parallelism:{max_parallelism}")
+        self._writers = [array_record_module.ArrayRecordWriter(os.path.join(out_dir, f), options)
                          for f in self._files]
         self._counts, self._bytes = [0] * num_shards, [0] * num_shards
-        self._ids: dict[str, int] = {}
+        self._ids: dict[str, int] | None = {} if check_ids else None
+        self._count = 0
         self._sources: dict[str, int] = {}
         self._hash = hashlib.sha256()
         self._manifest = None
 
-    def write(self, ex: Example) -> None:
-        """Appends `ex`; raises ValueError on a duplicate id (naming it) or an invalid Example."""
+    def write(self, ex: Example, encoded: bytes | None = None) -> None:
+        """Appends `ex`; raises ValueError on a duplicate id (naming it) or an invalid Example.
+        `encoded`: `encode_example(ex)` when the caller has it already (written as given)."""
         if self._writers is None:
             raise ValueError(f"ShardedWriter({self.out_dir!r}) is closed")
-        if ex.id in self._ids:
+        if self._ids is not None and ex.id in self._ids:
             raise ValueError(f"duplicate example id {ex.id!r} in {self.out_dir} "
                              f"(record {self._ids[ex.id]} already has it)")
-        data = encode_example(ex)
-        k = len(self._ids)
+        data = encode_example(ex) if encoded is None else encoded
+        k = self._count
         shard = k % self.num_shards
         self._writers[shard].write(data)
-        self._ids[ex.id] = k
+        if self._ids is not None:
+            self._ids[ex.id] = k
+        self._count += 1
         self._counts[shard] += 1
         self._bytes[shard] += len(data)
         self._sources[ex.source] = self._sources.get(ex.source, 0) + 1
@@ -179,6 +200,8 @@ class ShardedWriter:
             "sources": dict(sorted(self._sources.items())),
             "content_hash": self._hash.hexdigest(),
         }
+        if not self.write_manifest:
+            return self._manifest
         tmp = os.path.join(self.out_dir, MANIFEST + ".tmp")
         with open(tmp, "w") as f:
             json.dump(self._manifest, f, indent=2)
@@ -231,15 +254,25 @@ def read_manifest(dataset_dir: str) -> dict:
         if not os.path.isfile(os.path.join(dataset_dir, shard["file"])):
             raise FileNotFoundError(f"{path} lists shard {shard['file']!r}, which is missing "
                                     f"from {dataset_dir}")
-    n, total = len(shards), manifest["num_records"]
+    total = manifest["num_records"]
     if sum(s["num_records"] for s in shards) != total:
         raise ValueError(f"{path}: shard record counts add up to "
                          f"{sum(s['num_records'] for s in shards)}, not num_records={total}")
-    for i, shard in enumerate(shards):  # round-robin layout: shard i holds records i, i+n, ...
-        if shard["num_records"] != (total - i + n - 1) // n:
-            raise ValueError(f"{path}: shard {shard['file']!r} has {shard['num_records']} records; "
-                             f"a round-robin split of {total} over {n} shards gives it "
-                             f"{(total - i + n - 1) // n}")
+    groups = manifest.get("groups", [len(shards)])
+    if (not isinstance(groups, list) or not all(isinstance(g, int) and g >= 1 for g in groups)
+            or sum(groups) != len(shards)):
+        raise ValueError(f"{path}: groups {groups!r:.80} must be positive shard counts adding up to "
+                         f"the {len(shards)} shards")
+    first = 0
+    for n in groups:  # round-robin layout within a group: its shard i holds its records i, i+n, ...
+        group = shards[first:first + n]
+        count = sum(s["num_records"] for s in group)
+        for i, shard in enumerate(group):
+            if shard["num_records"] != (count - i + n - 1) // n:
+                raise ValueError(f"{path}: shard {shard['file']!r} has {shard['num_records']} records; "
+                                 f"a round-robin split of {count} over {n} shards gives it "
+                                 f"{(count - i + n - 1) // n}")
+        first += n
     return manifest
 
 
@@ -285,6 +318,19 @@ class ArrayRecordExampleSource:
             self._offsets.append(offset)
             offset += s["num_records"]
         self._len = offset
+        # Round-robin groups: (first index, first shard, shards) each; one group unless "groups".
+        self._groups, first_index, first_shard = [], 0, 0
+        for n in self.manifest.get("groups", [len(shards)]):
+            self._groups.append((first_index, first_shard, n))
+            first_index += sum(s["num_records"] for s in shards[first_shard:first_shard + n])
+            first_shard += n
+        self._group_starts = [g[0] for g in self._groups]
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        """(shard, record within that shard) of the index-th record (0 <= index < len)."""
+        first_index, first_shard, n = self._groups[bisect.bisect_right(self._group_starts, index) - 1]
+        local = index - first_index
+        return first_shard + local % n, local // n
 
     def __len__(self) -> int:
         return self._len
@@ -293,15 +339,15 @@ class ArrayRecordExampleSource:
         if not -self._len <= index < self._len:
             raise IndexError(f"index {index} out of range for {self.dataset_dir} "
                              f"({self._len} records)")
-        index %= self._len
-        return self._offsets[index % len(self._offsets)] + index // len(self._offsets)
+        shard, k = self._locate(index % self._len)
+        return self._offsets[shard] + k
 
     def _corrupt(self, index: int, error: Exception) -> CorruptRecord:
         index %= self._len
-        shard = self.manifest["shards"][index % len(self._offsets)]["file"]
+        shard, k = self._locate(index)
         sources = list(self.manifest.get("sources") or {})
         return CorruptRecord(f"{self.dataset_dir}[{index}]", sources[0] if len(sources) == 1 else "?",
-                             f"{os.path.join(self.dataset_dir, shard)} record {index // len(self._offsets)}",
+                             f"{os.path.join(self.dataset_dir, self.manifest['shards'][shard]['file'])} record {k}",
                              f"{type(error).__name__}: {str(error)[:300]}")
 
     def _decode(self, index: int, data: bytes) -> Example | CorruptRecord:
