@@ -27,14 +27,19 @@ from ml_collections import config_flags
 
 from experiments.configs import expand_config_arg
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe (name[:scale] or path).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Output directory (checkpoints, metrics, config). Default: workdirs/<recipe>.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with what JAX detects (Cloud TPU pods, "
-                  "SLURM, Open MPI); implied by --coordinator_address.")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for clusters JAX does not detect "
-                    "(GPU clusters without SLURM, localhost runs); with --num_processes and --process_id.")
-flags.DEFINE_integer("num_processes", None, "Processes in the run (with --coordinator_address).")
-flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes - 1 (with --coordinator_address).")
+
+def define_flags():
+    """The flags, defined only when run as a program: importing this module (tests, other
+    tools) defines none, so tools never collide over a flag name in one process."""
+    config_flags.DEFINE_config_file("config", None, "Recipe (name[:scale] or path).", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Output directory (checkpoints, metrics, config). Default: workdirs/<recipe>.")
+    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with what JAX detects (Cloud TPU pods, "
+                      "SLURM, Open MPI); implied by --coordinator_address.")
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for clusters JAX does not detect "
+                        "(GPU clusters without SLURM, localhost runs); with --num_processes and --process_id.")
+    flags.DEFINE_integer("num_processes", None, "Processes in the run (with --coordinator_address).")
+    flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes - 1 (with "
+                         "--coordinator_address).")
 
 
 def initialize_distributed(jax, f) -> None:
@@ -54,7 +59,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:  # Orbax logs every checkpoint step at INFO
         absl_logging.set_verbosity(absl_logging.WARNING)
-    config = _CONFIG.value
+    config = flags.FLAGS.config
     if config.demo.enabled:  # before JAX starts its CPU backend: the README's demo figures
         from experiments import demo
         demo.pin_cpu_numerics()
@@ -86,5 +91,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     sys.argv = expand_config_arg(sys.argv)
     app.run(main)

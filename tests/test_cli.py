@@ -46,6 +46,18 @@ def test_every_command_has_a_console_script_in_setup_cfg():
         assert os.path.exists(_file(module)), module
 
 
+def test_every_command_module_imports_beside_the_others():
+    """Importing a command defines no flags (each defines them under `__main__`), so tests and
+    tools can import several in one process without absl's DuplicateFlagError."""
+    modules = sorted(console.COMMANDS.values())
+    code = ("import importlib, sys\nfrom absl import flags\n"
+            "for m in sys.argv[1:]:\n    importlib.import_module(m)\n"
+            "print([m for m in sys.argv[1:] if flags.FLAGS.flags_by_module_dict().get(m)])")
+    rc, out, err = _run([sys.executable, "-c", code, *modules], REPO)
+    assert rc == 0, err
+    assert out.strip() == "[]", f"modules that define flags when imported: {out}"
+
+
 def _run(argv, cwd):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     p = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)

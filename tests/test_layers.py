@@ -38,7 +38,7 @@ LAYER_OF = {
     "genieblue_jax.hf": "hf",
     "genieblue_jax.inference": "inference",
     "genieblue_jax.train": "train",
-    "genieblue_jax.api": "api", "genieblue_jax.evaluate": "api",
+    "genieblue_jax.api": "api", "genieblue_jax.evaluate": "api", "genieblue_jax.vlmeval": "api",
     "genieblue_jax": "api",             # the package itself: `genieblue_jax.load` is the public API
     "genieblue_jax.export": "export",
 }

@@ -37,12 +37,16 @@ if not __package__:  # run as `python tools/NAME.py`: the repository root, not t
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe (name[:scale] or path).", lock_config=True)
-flags.DEFINE_string("topology", None, "TPU topology to compile for, e.g. v5p:4x4x8 (needs libtpu: pip install "
-                    "-e .[tpu]); default: fake CPU devices.")
-flags.DEFINE_integer("num_devices", 8, "Fake CPU devices to plan for; with --topology, plan for the first "
-                     "N chips of the topology (e.g. 1 chip of v5e:2x2).")
-flags.DEFINE_float("hbm_gb", 0.0, "Memory per device for the verdict on fake CPU devices (GB).")
+
+def define_flags():
+    """The flags, defined only when run as a program: importing this module (tests, other
+    tools) defines none, so tools never collide over a flag name in one process."""
+    config_flags.DEFINE_config_file("config", None, "Recipe (name[:scale] or path).", lock_config=True)
+    flags.DEFINE_string("topology", None, "TPU topology to compile for, e.g. v5p:4x4x8 (needs libtpu: pip install "
+                        "-e .[tpu]); default: fake CPU devices.")
+    flags.DEFINE_integer("num_devices", 8, "Fake CPU devices to plan for; with --topology, plan for the first "
+                         "N chips of the topology (e.g. 1 chip of v5e:2x2).")
+    flags.DEFINE_float("hbm_gb", 0.0, "Memory per device for the verdict on fake CPU devices (GB).")
 
 # HBM per chip (GB, 1e9 bytes; Cloud TPU data sheets), by the start of `device_kind`
 # ("TPU v5 lite" is v5e, "TPU v5" v5p, "TPU v6 lite" v6e). Longest prefix first.
@@ -174,14 +178,14 @@ def main(argv):
     t = time.perf_counter()
     try:
         devices = target_devices(f.topology, f.num_devices, f.num_devices if f["num_devices"].present else 0)
-        r = plan(_CONFIG.value, devices, f.hbm_gb)
+        r = plan(f.config, devices, f.hbm_gb)
     except (ValueError, trainer.ConfigError) as e:
         sys.exit(f"error: {e}")
     name = os.path.basename(f["config"].config_filename).split(":")[0].removesuffix(".py")
     b = r["batch"]
     target = (f"{r['devices']} chip(s) of {f.topology}" if f.topology and f["num_devices"].present
               else f.topology or f"{r['devices']} fake CPU devices")
-    print(f"{name} ({_CONFIG.value.scale}) on {target}: {r['devices']} x {r['device_kind']}, mesh {r['mesh']} "
+    print(f"{name} ({f.config.scale}) on {target}: {r['devices']} x {r['device_kind']}, mesh {r['mesh']} "
           f"(compiled in {time.perf_counter() - t:.0f} s)")
     print(f"  batch       {b['rows_per_device']} rows/device x {b['batch_shards']} batch shards x "
           f"{b['micro_batches']} micro-steps = {b['global_rows']} rows x {r['seq_len']} tokens "
@@ -196,12 +200,13 @@ def main(argv):
     print(f"  outputs     {r['outputs_gb']:8.2f} GB  (aliased with donated arguments: {r['aliased_gb']:.2f} GB)")
     print(f"  total       {r['total_gb']:8.2f} GB" + (f"  of {r['hbm_gb']:.2f} GB" if r["hbm_gb"] else ""))
     ok, text = verdict(r)
-    print(f"{name}:{_CONFIG.value.scale} on {target}: {text}")
+    print(f"{name}:{f.config.scale} on {target}: {text}")
     if ok is False:
         sys.exit(1)
 
 
 if __name__ == "__main__":
+    define_flags()
     from experiments.configs import expand_config_arg
     sys.argv = expand_config_arg(sys.argv)
     app.run(main)

@@ -17,15 +17,18 @@ if not __package__:  # run as `python tools/NAME.py`: the repository root, not t
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("llm", "qwen2.5-3b", "LLM preset.")
-flags.DEFINE_string("vit", "siglip-so400m-384", "Vision tower preset.")
-flags.DEFINE_enum("variant", "genieblue", ["genieblue", "cogvlm", "lora", "full"], "Structure variant.")
-flags.DEFINE_enum("placement", "skip", ["skip", "pre", "post"], "Placement of replicated blocks / experts.")
-flags.DEFINE_enum("mode", "multimodal", ["text", "multimodal"], "Which path to compile.")
-flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Compute dtype.")
-flags.DEFINE_integer("batch", 1, "Rows.")
-flags.DEFINE_integer("seq_len", 1024, "Tokens per row.")
-flags.DEFINE_integer("images", 1, "Image tile slots per row (0 for none).")
+def define_flags():
+    """The flags, defined only when run as a program: importing this module (tests, other
+    tools) defines none, so tools never collide over a flag name in one process."""
+    flags.DEFINE_string("llm", "qwen2.5-3b", "LLM preset.")
+    flags.DEFINE_string("vit", "siglip-so400m-384", "Vision tower preset.")
+    flags.DEFINE_enum("variant", "genieblue", ["genieblue", "cogvlm", "lora", "full"], "Structure variant.")
+    flags.DEFINE_enum("placement", "skip", ["skip", "pre", "post"], "Placement of replicated blocks / experts.")
+    flags.DEFINE_enum("mode", "multimodal", ["text", "multimodal"], "Which path to compile.")
+    flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Compute dtype.")
+    flags.DEFINE_integer("batch", 1, "Rows.")
+    flags.DEFINE_integer("seq_len", 1024, "Tokens per row.")
+    flags.DEFINE_integer("images", 1, "Image tile slots per row (0 for none).")
 
 
 def measure(llm, vit, variant, placement, mode, dtype, batch, seq_len, images) -> dict:
@@ -70,4 +73,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

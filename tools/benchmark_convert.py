@@ -35,16 +35,19 @@ if not __package__:  # run as `python tools/NAME.py`: the repository root, not t
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("records", ["5000", "50000"], "Record counts of the generated LLaVA JSONs.")
-flags.DEFINE_list("processes", ["1", "2"], "Worker process counts to convert with.")
-flags.DEFINE_integer("images", 300, "Distinct image files the records name.")
-flags.DEFINE_integer("image_size", 32, "Side of the square PNGs, in pixels.")
-flags.DEFINE_float("text_only", 0.3, "Fraction of records without an image.")
-flags.DEFINE_integer("chunk_size", 10_000, "Records per committed chunk (convert_llava's chunk_size).")
-flags.DEFINE_integer("num_workers", 8, "Image-checking threads per process (convert_llava's num_workers).")
-flags.DEFINE_string("work_dir", None, "Where to write inputs and outputs (default: a temporary directory).")
-flags.DEFINE_integer("host_cores", 64, "Cores of the host the projection is for.")
-flags.DEFINE_float("samples", 645e6, "Samples of the projection (the paper's training data).")
+def define_flags():
+    """The flags, defined only when run as a program: importing this module (tests, other
+    tools) defines none, so tools never collide over a flag name in one process."""
+    flags.DEFINE_list("records", ["5000", "50000"], "Record counts of the generated LLaVA JSONs.")
+    flags.DEFINE_list("processes", ["1", "2"], "Worker process counts to convert with.")
+    flags.DEFINE_integer("images", 300, "Distinct image files the records name.")
+    flags.DEFINE_integer("image_size", 32, "Side of the square PNGs, in pixels.")
+    flags.DEFINE_float("text_only", 0.3, "Fraction of records without an image.")
+    flags.DEFINE_integer("chunk_size", 10_000, "Records per committed chunk (convert_llava's chunk_size).")
+    flags.DEFINE_integer("num_workers", 8, "Image-checking threads per process (convert_llava's num_workers).")
+    flags.DEFINE_string("work_dir", None, "Where to write inputs and outputs (default: a temporary directory).")
+    flags.DEFINE_integer("host_cores", 64, "Cores of the host the projection is for.")
+    flags.DEFINE_float("samples", 645e6, "Samples of the projection (the paper's training data).")
 
 # Runs in a fresh interpreter: a conversion's own numbers, not this process's imports.
 _CHILD = """
@@ -195,4 +198,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

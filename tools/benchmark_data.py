@@ -37,14 +37,17 @@ if not __package__:  # run as `python tools/NAME.py`: the repository root, not t
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("data_dir", None, "Demo data directory (written if missing).")
-flags.DEFINE_integer("seq_len", 1024, "Row length for the throughput runs.")
-flags.DEFINE_integer("batch_size", 8, "Rows per batch.")
-flags.DEFINE_integer("batches", 40, "Timed batches per run (after 3 warm-up batches).")
-flags.DEFINE_list("workers", ["0", "1", "2"], "Worker counts to measure.")
-flags.DEFINE_integer("max_tiles_per_row", 48, "Image tile slots per row in the throughput runs.")
-flags.DEFINE_enum("images", "demo", ["demo", "real"], "The demo's scenes, or photographs at the paper's shapes.")
-flags.DEFINE_integer("photos", 200, "--images=real: JPEGs to make.")
+def define_flags():
+    """The flags, defined only when run as a program: importing this module (tests, other
+    tools) defines none, so tools never collide over a flag name in one process."""
+    flags.DEFINE_string("data_dir", None, "Demo data directory (written if missing).")
+    flags.DEFINE_integer("seq_len", 1024, "Row length for the throughput runs.")
+    flags.DEFINE_integer("batch_size", 8, "Rows per batch.")
+    flags.DEFINE_integer("batches", 40, "Timed batches per run (after 3 warm-up batches).")
+    flags.DEFINE_list("workers", ["0", "1", "2"], "Worker counts to measure.")
+    flags.DEFINE_integer("max_tiles_per_row", 48, "Image tile slots per row in the throughput runs.")
+    flags.DEFINE_enum("images", "demo", ["demo", "real"], "The demo's scenes, or photographs at the paper's shapes.")
+    flags.DEFINE_integer("photos", 200, "--images=real: JPEGs to make.")
 
 V5P_HOST = {"chips": 4, "vcpus": 208}  # one v5p host (its chips' peak: train.metrics.PEAK_FLOPS_BY_DEVICE_KIND)
 
@@ -230,4 +233,5 @@ def _exit():
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

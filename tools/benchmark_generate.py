@@ -27,17 +27,20 @@ if not __package__:  # run as `python tools/NAME.py`: the repository root, not t
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "A workdir / checkpoint (default: random demo-scale weights).")
-flags.DEFINE_string("llm", "demo-qwen2", "LLM preset (without --checkpoint).")
-flags.DEFINE_string("vit", "demo-siglip", "Vision tower preset (without --checkpoint).")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute / parameter dtype (random weights).")
-flags.DEFINE_list("contexts", ["128", "1024"], "Prompt lengths for the decode-latency comparison.")
-flags.DEFINE_list("batches", ["1", "8"], "Batch sizes for the decode throughput.")
-flags.DEFINE_integer("prompt_len", 256, "Prompt tokens for the throughput runs.")
-flags.DEFINE_integer("decode_steps", 64, "Decode steps timed per run.")
-flags.DEFINE_integer("repeats", 3, "Timed runs per figure (median).")
-flags.DEFINE_float("peak_flops", 0, "Peak FLOP/s of the device, for MFU; 0: measured here (float32 matmul).")
-flags.DEFINE_string("json_out", None, "Also write the figures as JSON here.")
+def define_flags():
+    """The flags, defined only when run as a program: importing this module (tests, other
+    tools) defines none, so tools never collide over a flag name in one process."""
+    flags.DEFINE_string("checkpoint", None, "A workdir / checkpoint (default: random demo-scale weights).")
+    flags.DEFINE_string("llm", "demo-qwen2", "LLM preset (without --checkpoint).")
+    flags.DEFINE_string("vit", "demo-siglip", "Vision tower preset (without --checkpoint).")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute / parameter dtype (random weights).")
+    flags.DEFINE_list("contexts", ["128", "1024"], "Prompt lengths for the decode-latency comparison.")
+    flags.DEFINE_list("batches", ["1", "8"], "Batch sizes for the decode throughput.")
+    flags.DEFINE_integer("prompt_len", 256, "Prompt tokens for the throughput runs.")
+    flags.DEFINE_integer("decode_steps", 64, "Decode steps timed per run.")
+    flags.DEFINE_integer("repeats", 3, "Timed runs per figure (median).")
+    flags.DEFINE_float("peak_flops", 0, "Peak FLOP/s of the device, for MFU; 0: measured here (float32 matmul).")
+    flags.DEFINE_string("json_out", None, "Also write the figures as JSON here.")
 
 
 def _model():
@@ -150,4 +153,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

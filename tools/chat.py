@@ -27,18 +27,21 @@ from absl import app, flags
 import tools
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "Training workdir, genieblue_jax checkpoint or HF model directory.")
-flags.DEFINE_multi_string("image", [], "Image file(s) for the prompt (repeat the flag for several).")
-flags.DEFINE_string("prompt", None, "The question; without it, an interactive conversation starts.")
-flags.DEFINE_enum("mode", "auto", ["auto", "text", "multimodal", "shared"],
-                  "auto: the base LLM for text, the multimodal path with images (non-shared base).")
-flags.DEFINE_integer("max_new_tokens", 128, "Most tokens per answer.")
-flags.DEFINE_float("temperature", 0.0, "0: greedy; > 0: sampling.")
-flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (with temperature > 0).")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_string("system", None, "Optional system message.")
-flags.DEFINE_integer("step", None, "For a workdir: the checkpoint step (default: the latest).")
-flags.mark_flags_as_required(["checkpoint"])
+def define_flags():
+    """The flags, defined only when run as a program: importing this module (tests, other
+    tools) defines none, so tools never collide over a flag name in one process."""
+    flags.DEFINE_string("checkpoint", None, "Training workdir, genieblue_jax checkpoint or HF model directory.")
+    flags.DEFINE_multi_string("image", [], "Image file(s) for the prompt (repeat the flag for several).")
+    flags.DEFINE_string("prompt", None, "The question; without it, an interactive conversation starts.")
+    flags.DEFINE_enum("mode", "auto", ["auto", "text", "multimodal", "shared"],
+                      "auto: the base LLM for text, the multimodal path with images (non-shared base).")
+    flags.DEFINE_integer("max_new_tokens", 128, "Most tokens per answer.")
+    flags.DEFINE_float("temperature", 0.0, "0: greedy; > 0: sampling.")
+    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (with temperature > 0).")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    flags.DEFINE_string("system", None, "Optional system message.")
+    flags.DEFINE_integer("step", None, "For a workdir: the checkpoint step (default: the latest).")
+    flags.mark_flags_as_required(["checkpoint"])
 
 
 class Conversation:
@@ -144,4 +147,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

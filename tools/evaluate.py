@@ -40,21 +40,24 @@ from absl import app, flags
 import tools
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "Training workdir, genieblue_jax checkpoint or HF model directory.")
-flags.DEFINE_multi_string("data", None, "LLaVA-format .json or converted dataset directory; with --format=vlmeval a "
-                          "VLMEvalKit MCQ .tsv (repeatable).")
-flags.DEFINE_string("image_root", None, "Directory the LLaVA JSON's image paths (or a TSV's image_path "
-                                        "column) are relative to.")
-flags.DEFINE_enum("mode", "multimodal", ["text", "multimodal", "shared"], "Which weights answer (see above).")
-flags.DEFINE_string("reference", None, "Another evaluation's JSON to compute retention against.")
-flags.DEFINE_string("out", None, "Where to write the JSON (default: CHECKPOINT/eval/<mode>.json).")
-flags.DEFINE_integer("limit", None, "Evaluate only the first N examples of each --data.")
-flags.DEFINE_integer("batch_size", 32, "Requests generated together.")
-flags.DEFINE_integer("max_new_tokens", 32, "Longest answer.")
-flags.DEFINE_enum("format", "llava", ["llava", "vlmeval"],
-                  "--data format: LLaVA JSON / converted datasets, or VLMEvalKit MCQ TSVs (see above).")
-flags.DEFINE_integer("step", None, "For a workdir: the checkpoint step (default: the latest).")
-flags.mark_flags_as_required(["checkpoint", "data"])
+def define_flags():
+    """The flags, defined only when run as a program: importing this module (tests, other
+    tools) defines none, so tools never collide over a flag name in one process."""
+    flags.DEFINE_string("checkpoint", None, "Training workdir, genieblue_jax checkpoint or HF model directory.")
+    flags.DEFINE_multi_string("data", None, "LLaVA-format .json or converted dataset directory; with "
+                              "--format=vlmeval a VLMEvalKit MCQ .tsv (repeatable).")
+    flags.DEFINE_string("image_root", None, "Directory the LLaVA JSON's image paths (or a TSV's image_path "
+                                            "column) are relative to.")
+    flags.DEFINE_enum("mode", "multimodal", ["text", "multimodal", "shared"], "Which weights answer (see above).")
+    flags.DEFINE_string("reference", None, "Another evaluation's JSON to compute retention against.")
+    flags.DEFINE_string("out", None, "Where to write the JSON (default: CHECKPOINT/eval/<mode>.json).")
+    flags.DEFINE_integer("limit", None, "Evaluate only the first N examples of each --data.")
+    flags.DEFINE_integer("batch_size", 32, "Requests generated together.")
+    flags.DEFINE_integer("max_new_tokens", 32, "Longest answer.")
+    flags.DEFINE_enum("format", "llava", ["llava", "vlmeval"],
+                      "--data format: LLaVA JSON / converted datasets, or VLMEvalKit MCQ TSVs (see above).")
+    flags.DEFINE_integer("step", None, "For a workdir: the checkpoint step (default: the latest).")
+    flags.mark_flags_as_required(["checkpoint", "data"])
 
 
 def run(checkpoint: str, data: list[str], *, mode: str, image_root: str | None = None, reference: str | None = None,
@@ -144,4 +147,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

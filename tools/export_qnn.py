@@ -29,26 +29,30 @@ from absl import app, flags
 import tools
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "Training workdir, WORKDIR/checkpoints/<step>, or an MLLM checkpoint.")
-flags.DEFINE_string("out", None, "Output directory (onnx/, qnn/, report.md, report.json), local or gs:// "
-                    "(made locally, then copied).")
-flags.DEFINE_integer("step", None, "Workdir checkpoint step (default: the latest).")
-flags.DEFINE_integer("context", 2048, "KV-cache context C (slots) of the decoder graphs.")
-flags.DEFINE_integer("prefill_len", 128, "Tokens per prefill-graph call (AR); decode graphs take 1.")
-flags.DEFINE_integer("vision_batch", 1, "Tiles per vision-graph call.")
-flags.DEFINE_integer("calib", 16, "Calibration requests of each kind (with images / text-only); 0: none "
-                     "(no parity check, no encodings).")
-flags.DEFINE_integer("decode_steps", 8, "Tokens at the end of each calibration request run through the decode graph.")
-flags.DEFINE_multi_string("data", [], "Dataset directory for calibration (repeat for several); default: the "
-                          "workdir's training data.")
-flags.DEFINE_string("tokenizer", None, "Tokenizer for --data (default: the checkpoint's own).")
-flags.DEFINE_enum("quantize", "yes", ["yes", "no"], "AIMET encodings: yes (needs aimet-onnx; without it the "
-                  "tool exits with an error before any work), or no (float ONNX graphs and report only).")
-flags.DEFINE_enum("embedding_bits", "4", ["4", "8", "16"], "Bits of the token-embedding table (one scale for "
-                  "the table: QNN reads it through a Gather).")
-flags.DEFINE_bool("parity", True, "Compare the float ONNX graphs with the JAX model on the calibration requests.")
-flags.DEFINE_bool("overwrite", False, "Replace the contents of an existing --out.")
-flags.mark_flags_as_required(["checkpoint", "out"])
+def define_flags():
+    """The flags, defined only when run as a program: importing this module (tests, other
+    tools) defines none, so tools never collide over a flag name in one process."""
+    flags.DEFINE_string("checkpoint", None, "Training workdir, WORKDIR/checkpoints/<step>, or an MLLM checkpoint.")
+    flags.DEFINE_string("out", None, "Output directory (onnx/, qnn/, report.md, report.json), local or gs:// "
+                        "(made locally, then copied).")
+    flags.DEFINE_integer("step", None, "Workdir checkpoint step (default: the latest).")
+    flags.DEFINE_integer("context", 2048, "KV-cache context C (slots) of the decoder graphs.")
+    flags.DEFINE_integer("prefill_len", 128, "Tokens per prefill-graph call (AR); decode graphs take 1.")
+    flags.DEFINE_integer("vision_batch", 1, "Tiles per vision-graph call.")
+    flags.DEFINE_integer("calib", 16, "Calibration requests of each kind (with images / text-only); 0: none "
+                         "(no parity check, no encodings).")
+    flags.DEFINE_integer("decode_steps", 8, "Tokens at the end of each calibration request run through the decode "
+                         "graph.")
+    flags.DEFINE_multi_string("data", [], "Dataset directory for calibration (repeat for several); default: the "
+                              "workdir's training data.")
+    flags.DEFINE_string("tokenizer", None, "Tokenizer for --data (default: the checkpoint's own).")
+    flags.DEFINE_enum("quantize", "yes", ["yes", "no"], "AIMET encodings: yes (needs aimet-onnx; without it the "
+                      "tool exits with an error before any work), or no (float ONNX graphs and report only).")
+    flags.DEFINE_enum("embedding_bits", "4", ["4", "8", "16"], "Bits of the token-embedding table (one scale for "
+                      "the table: QNN reads it through a Gather).")
+    flags.DEFINE_bool("parity", True, "Compare the float ONNX graphs with the JAX model on the calibration requests.")
+    flags.DEFINE_bool("overwrite", False, "Replace the contents of an existing --out.")
+    flags.mark_flags_as_required(["checkpoint", "out"])
 
 
 def main(argv):
@@ -80,4 +84,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

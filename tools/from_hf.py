@@ -18,16 +18,19 @@ if not __package__:  # run as `python tools/NAME.py`: the repository root, not t
 from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("hf_dir", None, "Hugging Face model directory (config.json + *.safetensors).")
-flags.DEFINE_string("out", None, "Checkpoint directory to write.")
-flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"], "Dtype the parameters are stored in.")
-flags.DEFINE_integer("select_layer", -1, "SigLIP only: which hidden state feeds the projector "
-                     "(HF hidden_states indexing; -1 = last_hidden_state).")
-flags.DEFINE_multi_string("ignore_config_field", [], "Waive an HF config field we do not know "
-                          "(only if it does not change the computation).")
-flags.DEFINE_string("mesh", None, "Optional mesh, e.g. 'fsdp=-1' or 'data=1,fsdp=4,tensor=2'.")
-flags.DEFINE_bool("overwrite", False, "Replace an existing checkpoint at --out.")
-flags.mark_flags_as_required(["hf_dir", "out"])
+def define_flags():
+    """The flags, defined only when run as a program: importing this module (tests, other
+    tools) defines none, so tools never collide over a flag name in one process."""
+    flags.DEFINE_string("hf_dir", None, "Hugging Face model directory (config.json + *.safetensors).")
+    flags.DEFINE_string("out", None, "Checkpoint directory to write.")
+    flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"], "Dtype the parameters are stored in.")
+    flags.DEFINE_integer("select_layer", -1, "SigLIP only: which hidden state feeds the projector "
+                         "(HF hidden_states indexing; -1 = last_hidden_state).")
+    flags.DEFINE_multi_string("ignore_config_field", [], "Waive an HF config field we do not know "
+                              "(only if it does not change the computation).")
+    flags.DEFINE_string("mesh", None, "Optional mesh, e.g. 'fsdp=-1' or 'data=1,fsdp=4,tensor=2'.")
+    flags.DEFINE_bool("overwrite", False, "Replace an existing checkpoint at --out.")
+    flags.mark_flags_as_required(["hf_dir", "out"])
 
 
 def parse_mesh(spec: str | None):
@@ -56,4 +59,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

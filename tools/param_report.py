@@ -15,8 +15,11 @@ if not __package__:  # run as `python tools/NAME.py`: the repository root, not t
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("llm", "qwen2.5-3b", "LLM preset.")
-flags.DEFINE_string("vit", "siglip-so400m-384", "Vision tower preset.")
+def define_flags():
+    """The flags, defined only when run as a program: importing this module (tests, other
+    tools) defines none, so tools never collide over a flag name in one process."""
+    flags.DEFINE_string("llm", "qwen2.5-3b", "LLM preset.")
+    flags.DEFINE_string("vit", "siglip-so400m-384", "Vision tower preset.")
 
 
 def _m(n: int) -> str:
@@ -56,4 +59,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
