@@ -106,6 +106,9 @@ def main(argv):
         sys.exit(f"error: {e}")
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # committed chunks stay: the same command picks up from them
+        print("\ninterrupted: rerun the same command to resume from the committed chunks", file=sys.stderr)
+        sys.exit(130)
     print(report.summary())
 
 

@@ -9,6 +9,7 @@ the server runs on a thread of the test process, so it shares the compiled progr
 the reference `model.generate` calls.
 """
 import base64
+import os
 import threading
 import time
 
@@ -152,8 +153,14 @@ def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(served):
         _ask(served, "hi", max_tokens=CONTEXT)
     with pytest.raises(openai.BadRequestError, match="remote image URLs are not fetched"):
         _ask(served, _image_parts("https://example.com/cat.png"))
-    with pytest.raises(openai.BadRequestError, match=r"scene.png.missing not found"):
+    with pytest.raises(openai.BadRequestError, match=r"scene.png.missing is not a readable image file"):
         _ask(served, _image_parts(served["image"] + ".missing"))
+    secret = os.path.join(os.path.dirname(served["image"]), "secret.txt")  # a server file that is not an image:
+    with open(secret, "w") as f:                                           # named, its content never echoed
+        f.write("hunter2")
+    with pytest.raises(openai.BadRequestError) as refused:
+        _ask(served, _image_parts(secret))
+    assert "secret.txt is not a readable image file" in str(refused.value) and "hunter2" not in str(refused.value)
     with pytest.raises(openai.BadRequestError, match=r"messages\[0\].content\[0\]"):
         _ask(served, _image_parts("data:image/png;base64," + base64.b64encode(b"not a png").decode()))
     stream = httpx2.post(url, json={"messages": [{"role": "user", "content": [{"type": "video"}]}], "stream": True})

@@ -138,6 +138,8 @@ def load_image(url: Any, where: str):
     try:
         return read_image(source, where)
     except (OSError, ValueError) as e:
+        if isinstance(source, str):  # a file on the server: say which, never what it holds (size, first bytes)
+            raise BadRequest(f"{where}: {source} is not a readable image file", where) from None
         raise BadRequest(str(e), where) from None
 
 
