@@ -324,14 +324,8 @@ def _check_schema(ex: Example) -> None:
         raise _Reject("malformed_record", str(e)) from None
 
 
-def _llava_example(rec, index: int, images: ImagePolicy, source: str) -> tuple[Example, list[str]]:
-    """One LLaVA record -> (Example, adjustments); raises _Reject(reason, detail)."""
-    if not isinstance(rec, dict):
-        raise _Reject("malformed_record", f"record is a {type(rec).__name__}, not an object")
-    rid = _record_id(rec, f"{source}-{index}")
-    convs = rec.get("conversations")
-    if not isinstance(convs, list) or not convs:
-        raise _Reject("malformed_record", f"'conversations' must be a non-empty list, got {convs!r:.60}")
+def _llava_turns(convs: list) -> list[dict]:
+    """LLaVA `conversations` ([{"from", "value"}, ...]) -> [{"role", "content"}]; raises _Reject."""
     turns = []
     for i, turn in enumerate(convs):
         if not isinstance(turn, dict):
@@ -341,7 +335,18 @@ def _llava_example(rec, index: int, images: ImagePolicy, source: str) -> tuple[E
             raise _Reject("malformed_record", f"conversations[{i}] has unknown role 'from'={role!r:.40}")
         turns.append({"role": _LLAVA_ROLES[role],
                       "content": _check_text(turn.get("value"), f"conversations[{i}].value")})
-    turns, adjusted = _answers_need_questions(turns)
+    return turns
+
+
+def _llava_example(rec, index: int, images: ImagePolicy, source: str) -> tuple[Example, list[str]]:
+    """One LLaVA record -> (Example, adjustments); raises _Reject(reason, detail)."""
+    if not isinstance(rec, dict):
+        raise _Reject("malformed_record", f"record is a {type(rec).__name__}, not an object")
+    rid = _record_id(rec, f"{source}-{index}")
+    convs = rec.get("conversations")
+    if not isinstance(convs, list) or not convs:
+        raise _Reject("malformed_record", f"'conversations' must be a non-empty list, got {convs!r:.60}")
+    turns, adjusted = _answers_need_questions(_llava_turns(convs))
     paths = rec.get("image")
     paths = [] if paths is None else [paths] if isinstance(paths, str) else paths
     if not isinstance(paths, list):

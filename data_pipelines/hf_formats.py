@@ -82,7 +82,6 @@ import tarfile
 from typing import Sequence
 
 from data_pipelines.conversion import (
-    _LLAVA_ROLES,
     CHUNK_SIZE,
     ConversionError,
     ConversionReport,
@@ -92,6 +91,7 @@ from data_pipelines.conversion import (
     _check_tags,
     _check_text,
     _convert,
+    _llava_turns,
     _read_image,
     _record_id,
     _Reject,
@@ -148,17 +148,8 @@ def _rows(value, where: str):
     return value
 
 
-def _llava_turns(convs) -> list[dict]:
-    turns = []
-    for i, turn in enumerate(_rows(convs, "'conversations'")):
-        if not isinstance(turn, dict):
-            raise _Reject("malformed_record", f"conversations[{i}] is not an object")
-        role = turn.get("from")
-        if not isinstance(role, str) or role not in _LLAVA_ROLES:
-            raise _Reject("malformed_record", f"conversations[{i}] has unknown role 'from'={role!r:.40}")
-        turns.append({"role": _LLAVA_ROLES[role],
-                      "content": _check_text(turn.get("value"), f"conversations[{i}].value")})
-    return turns
+def _conversations_turns(convs) -> list[dict]:
+    return _llava_turns(_rows(convs, "'conversations'"))  # the LLaVA converter's own turn checks
 
 
 def _join_parts(parts, where: str, counter: list[int]) -> str:
@@ -247,7 +238,7 @@ def _turns(obj: dict, where: str) -> list[dict]:
     styles = [s for s in _STYLES if s in obj]
     if len(styles) != 1:
         raise _Reject("malformed_record", f"{where} needs exactly one of {list(_STYLES)}, has keys {sorted(obj)[:12]}")
-    parse = {"conversations": _llava_turns, "messages": _message_turns, "texts": _texts_turns}[styles[0]]
+    parse = {"conversations": _conversations_turns, "messages": _message_turns, "texts": _texts_turns}[styles[0]]
     return parse(obj[styles[0]])
 
 

@@ -142,6 +142,15 @@ def load_examples(paths: Sequence[str], *, image_root: str | None = None, limit:
     return examples, rejects
 
 
+def check_mode(model, mode: str) -> None:
+    """Raises ValueError for a mode not in MODES, or an image mode on a model without images."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}; choose one of {MODES}")
+    if mode != "text" and not model.is_mllm:
+        raise ValueError(f"mode={mode!r} needs a multimodal model; {model.path or 'this model'} is an LLM only "
+                         "(use mode='text')")
+
+
 def _question_and_reference(ex):
     for i in range(len(ex.turns) - 1, -1, -1):
         if ex.turns[i]["role"] == "assistant":
@@ -160,11 +169,7 @@ def evaluate(model, examples: Iterable, *, mode: str = "multimodal", batch_size:
     {"n", "accuracy"}}, "predictions": [{"id", "source", "question", "reference",
     "prediction", "correct", "metric", "images"}], "seconds"}. Scores are percentages
     (None where no example counts)."""
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r}; choose one of {MODES}")
-    if mode != "text" and not model.is_mllm:
-        raise ValueError(f"mode={mode!r} needs a multimodal model; {model.path or 'this model'} is an LLM only "
-                         "(use mode='text')")
+    check_mode(model, mode)
     t0 = time.perf_counter()
     todo, skipped = [], []
     for ex in examples:

@@ -123,7 +123,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from data_pipelines import images as image_lib
 from genieblue_jax import paths
-from genieblue_jax.evaluate import MODES
+from genieblue_jax.evaluate import check_mode
 
 log = logging.getLogger(__name__)
 
@@ -518,11 +518,7 @@ def evaluate(model, bench: Benchmark, *, mode: str = "multimodal", batch_size: i
     Returns `score`'s dict plus {"format": "vlmeval", "dataset", "data", "mode", "counts":
     {"rows", "questions", "answered", "skipped", "rejected", + score's}, "skipped_ids",
     "rejected", "seconds"}. Raises ValueError for an unknown mode, or an image mode on an LLM."""
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r}; choose one of {MODES}")
-    if mode != "text" and not model.is_mllm:
-        raise ValueError(f"mode={mode!r} needs a multimodal model; {model.path or 'this model'} is an LLM only "
-                         "(use mode='text')")
+    check_mode(model, mode)
     t0 = time.perf_counter()
     todo = [q for q in bench.questions if not (q.images and mode == "text")]
     skipped = [q.index for q in bench.questions if q.images and mode == "text"]
