@@ -43,7 +43,7 @@ import safetensors.numpy
 from genieblue_jax import models
 from genieblue_jax.hf.configs import UnsupportedConfigError
 from genieblue_jax.hf.safetensors_io import INDEX_FILE, SINGLE_FILE
-from genieblue_jax.hf.tables import HF_PREFIXES, TABLES, resolve
+from genieblue_jax.hf.tables import HF_SPELLINGS, TABLES, resolve, spell
 from genieblue_jax.models.configs import DTYPES, LLMConfig, VisionConfig
 
 # transformers' own `save_pretrained` default is "50GB" in 5.x ("5GB" in 4.x); 5 GB files
@@ -58,8 +58,10 @@ _STORABLE = frozenset(np.dtype(d) for d in (np.float64, np.float32, np.float16, 
 _FLOATS = frozenset(np.dtype(d) for d in (np.float64, np.float32, np.float16, ml_dtypes.bfloat16))
 
 # Architectures we write, by our config; a family name may stand for its architecture.
-EXPORT_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama",
+EXPORT_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3",
+                        "Gemma3ForCausalLM": "gemma3", "SmolLM3ForCausalLM": "smollm3",
                         "SiglipVisionModel": "siglip"}
+_MODEL_TYPES = {"qwen2": "qwen2", "llama": "llama", "qwen3": "qwen3", "gemma3": "gemma3_text", "smollm3": "smollm3"}
 _ARCH_ALIASES = {family: arch for arch, family in EXPORT_ARCHITECTURES.items()}
 
 
@@ -72,14 +74,28 @@ def _file_dtype(dtype: str | None, cfg) -> str:
     return dtype
 
 
+def _rope_parameters(cfg: LLMConfig) -> dict[str, Any]:
+    """transformers 5's `rope_parameters` of the full-attention layers' RoPE."""
+    out: dict[str, Any] = {"rope_type": cfg.rope_type, "rope_theta": float(cfg.rope_theta)}
+    if cfg.rope_type != "default":
+        out["factor"] = float(cfg.rope_factor)
+    if cfg.rope_type == "llama3":
+        out.update(low_freq_factor=float(cfg.rope_low_freq_factor), high_freq_factor=float(cfg.rope_high_freq_factor),
+                   original_max_position_embeddings=int(cfg.rope_original_max_position))
+    return out
+
+
 def llm_config_to_hf(cfg: LLMConfig, *, dtype: str | None = None) -> dict[str, Any]:
-    """`config.json` of the Qwen2ForCausalLM / LlamaForCausalLM that computes exactly `cfg`.
+    """`config.json` of the transformers model that computes exactly `cfg`:
+    Qwen2ForCausalLM, LlamaForCausalLM, Qwen3ForCausalLM, Gemma3ForCausalLM (a Gemma 3 VLM's
+    language model becomes this text-only class) or SmolLM3ForCausalLM.
 
     The inverse of `hf.configs.llm_config_from_hf` on every architecture field (runtime
     fields such as `remat`, `attention_chunk`, `scan_layers`, `dtype` are ours alone).
-    `dtype` (default `cfg.param_dtype`) is the dtype the tensors are stored in. RoPE theta
-    is written both as transformers 5's `rope_parameters` and as the classic top-level
-    `rope_theta` (transformers 4 reads only that one; 5 lets `rope_parameters` win).
+    `dtype` (default `cfg.param_dtype`) is the dtype the tensors are stored in. RoPE is
+    written both as transformers 5's `rope_parameters` and as the classic top-level
+    `rope_theta` (+ `rope_scaling`, Gemma 3's `rope_local_base_freq`), which transformers 4
+    reads; 5 lets `rope_parameters` win.
 
         >>> from genieblue_jax.models import get_preset
         >>> hf = llm_config_to_hf(get_preset("qwen2.5-3b"), dtype="bfloat16")
@@ -87,42 +103,83 @@ def llm_config_to_hf(cfg: LLMConfig, *, dtype: str | None = None) -> dict[str, A
         (['Qwen2ForCausalLM'], 2, 128, 'bfloat16')
         >>> hf["rope_parameters"], hf["tie_word_embeddings"]
         ({'rope_type': 'default', 'rope_theta': 1000000.0}, True)
+        >>> hf = llm_config_to_hf(get_preset("gemma-3-4b"))
+        >>> hf["model_type"], hf["rope_parameters"]["full_attention"]
+        ('gemma3_text', {'rope_type': 'linear', 'rope_theta': 1000000.0, 'factor': 8.0})
+        >>> hf["rope_parameters"]["sliding_attention"]
+        {'rope_type': 'default', 'rope_theta': 10000.0}
 
     Raises UnsupportedConfigError when the family cannot express the config (Qwen2 has
-    q/k/v biases and nothing else; Llama's `attention_bias` covers q/k/v and o together).
+    q/k/v biases and nothing else; the others' `attention_bias` covers q/k/v and o together;
+    only Llama and SmolLM3 have `mlp_bias`; per-layer RoPE differences other than the
+    family's own).
     """
     if not isinstance(cfg, LLMConfig):
         raise TypeError(f"llm_config_to_hf needs an LLMConfig, got {type(cfg).__name__}")
     dtype = _file_dtype(dtype, cfg)
-    theta = float(cfg.rope_theta)
+    family = cfg.family
+    rope = _rope_parameters(cfg)
     hf: dict[str, Any] = {
-        "architectures": [_ARCH_ALIASES[cfg.family]], "model_type": cfg.family,
+        "architectures": [_ARCH_ALIASES[family]], "model_type": _MODEL_TYPES[family],
         "vocab_size": int(cfg.vocab_size), "hidden_size": int(cfg.hidden_size),
         "intermediate_size": int(cfg.intermediate_size), "num_hidden_layers": int(cfg.num_layers),
         "num_attention_heads": int(cfg.num_heads), "num_key_value_heads": int(cfg.num_kv_heads),
-        "head_dim": int(cfg.head_dim), "hidden_act": "silu",
-        "max_position_embeddings": int(cfg.max_position_embeddings),
+        "head_dim": int(cfg.head_dim), "max_position_embeddings": int(cfg.max_position_embeddings),
         "initializer_range": float(cfg.initializer_range), "rms_norm_eps": float(cfg.rms_norm_eps),
-        "tie_word_embeddings": bool(cfg.tie_embeddings),
-        "rope_parameters": {"rope_type": "default", "rope_theta": theta}, "rope_theta": theta,
+        "tie_word_embeddings": bool(cfg.tie_embeddings), "rope_theta": float(cfg.rope_theta),
         "attention_dropout": 0.0, "use_cache": True, "dtype": dtype,
     }
-    if cfg.family == "qwen2":
+    if cfg.rope_type != "default":
+        hf["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    sliding = "sliding_attention" in cfg.layer_types
+    layer_types = list(cfg.layer_types) or ["full_attention"] * int(cfg.num_layers)
+    if family == "qwen2":
         biases = (cfg.qkv_bias, cfg.out_bias, cfg.mlp_bias)
         if biases != (True, False, False):
             raise UnsupportedConfigError(
                 f"Qwen2ForCausalLM always has q/k/v biases and no o_proj / MLP biases; the config has "
                 f"qkv_bias={cfg.qkv_bias}, out_bias={cfg.out_bias}, mlp_bias={cfg.mlp_bias}")
-        # Sliding windows off and every layer full attention; `max_window_layers` is then inert
-        # and left at its class default, as transformers writes it.
-        hf.update(use_sliding_window=False, sliding_window=None,
-                  layer_types=["full_attention"] * int(cfg.num_layers))
     else:
         if cfg.qkv_bias != cfg.out_bias:
             raise UnsupportedConfigError(
-                f"LlamaForCausalLM's attention_bias applies to q/k/v and o_proj together; the config "
+                f"{_ARCH_ALIASES[family]}'s attention_bias applies to q/k/v and o_proj together; the config "
                 f"has qkv_bias={cfg.qkv_bias}, out_bias={cfg.out_bias}")
-        hf.update(attention_bias=bool(cfg.qkv_bias), mlp_bias=bool(cfg.mlp_bias), pretraining_tp=1)
+        if cfg.mlp_bias and family not in ("llama", "smollm3"):
+            raise UnsupportedConfigError(f"{_ARCH_ALIASES[family]} has no MLP biases; the config has mlp_bias=True")
+        hf["attention_bias"] = bool(cfg.qkv_bias)
+    if family in ("qwen2", "qwen3"):
+        # Sliding layers are the last num_layers - max_window_layers (Qwen2Config's rule); layer_types
+        # is written as well, and transformers reads it first.
+        hf.update(use_sliding_window=sliding, sliding_window=int(cfg.sliding_window) if sliding else None,
+                  layer_types=layer_types, hidden_act="silu")
+        if sliding:  # inert otherwise, and left at its class default as transformers writes it
+            hf["max_window_layers"] = layer_types.index("sliding_attention")
+    elif family == "llama":
+        hf.update(mlp_bias=bool(cfg.mlp_bias), pretraining_tp=1, hidden_act="silu")
+    elif family == "smollm3":
+        hf.update(mlp_bias=bool(cfg.mlp_bias), hidden_act="silu", use_sliding_window=sliding,
+                  sliding_window=int(cfg.sliding_window) if sliding else None, layer_types=layer_types,
+                  no_rope_layers=[int(i not in cfg.nope_layers) for i in range(cfg.num_layers)])
+    elif family == "gemma3":
+        local = {"rope_type": "default", "rope_theta": float(cfg.local_rope_theta or cfg.rope_theta)}
+        hf.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=float(cfg.query_pre_attn_scalar),
+                  sliding_window=int(cfg.sliding_window or 4096), layer_types=layer_types,
+                  rope_local_base_freq=local["rope_theta"], final_logit_softcapping=None,
+                  attn_logit_softcapping=None, use_bidirectional_attention=False)
+        rope = {"full_attention": rope, "sliding_attention": local}
+    if family != "smollm3" and cfg.nope_layers:
+        raise UnsupportedConfigError(f"{_ARCH_ALIASES[family]} applies RoPE on every layer; the config has "
+                                     f"nope_layers={cfg.nope_layers}")
+    if family != "gemma3" and cfg.local_rope_theta and sliding:
+        raise UnsupportedConfigError(f"{_ARCH_ALIASES[family]} has one RoPE for every layer; the config has "
+                                     f"local_rope_theta={cfg.local_rope_theta}")
+    if family == "llama" and sliding:
+        raise UnsupportedConfigError("LlamaForCausalLM has no sliding-window layers; the config has layer_types="
+                                     f"{cfg.layer_types}")
+    if family != "gemma3" and cfg.query_pre_attn_scalar:
+        raise UnsupportedConfigError(f"{_ARCH_ALIASES[family]} scales attention scores by head_dim ** -0.5; the "
+                                     f"config has query_pre_attn_scalar={cfg.query_pre_attn_scalar}")
+    hf["rope_parameters"] = rope
     return hf
 
 
@@ -186,13 +243,14 @@ def _check_arch(arch: str, cfg) -> str:
 def _plan(arch: str, cfg, prefix: str | None):
     """(architecture, prefix, abstract params by path, {path: (hf_name, transform)})."""
     arch = _check_arch(arch, cfg)
-    allowed = HF_PREFIXES[arch]
+    # The spellings of a writable architecture are plain prefixes (HF_SPELLINGS: "" -> prefix, or none).
+    allowed = tuple(sp[0][1] if sp else "" for sp in HF_SPELLINGS[arch])
     prefix = allowed[0] if prefix is None else prefix
     if prefix not in allowed:
         raise ValueError(f"prefix {prefix!r} is not one {arch} files use; choose one of {allowed}")
     abstract = models.flatten(models.abstract_params(cfg))
     table = TABLES[EXPORT_ARCHITECTURES[arch]]
-    mapping = {path: (prefix + name, t) for path, (name, t) in resolve(table, abstract).items()}
+    mapping = {path: (spell(name, (("", prefix),)), t) for path, (name, t) in resolve(table, abstract).items()}
     by_name: dict[str, list[str]] = {}
     for path, (name, _) in mapping.items():
         by_name.setdefault(name, []).append(path)
@@ -435,7 +493,7 @@ def _save(out_dir: str, cfg, params, hf_config: dict, dtype: str, extras: dict, 
 
 def save_llm(out_dir: str, cfg: LLMConfig, params, dtype: str = "float32", *,
              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False) -> Exported:
-    """Writes a decoder LLM as a transformers Qwen2ForCausalLM / LlamaForCausalLM directory.
+    """Writes a decoder LLM as a transformers directory of its family's class (`llm_config_to_hf`).
 
     `params` is the model's tree (jax or numpy leaves, nested or flat), stored as `dtype`
     ("float32", "bfloat16" or "float16"). Load it with

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable
 
-from genieblue_jax.models.configs import LLMConfig, VisionConfig
+from genieblue_jax.models.configs import LAYER_TYPES, LLMConfig, VisionConfig
 
 
 class UnsupportedConfigError(ValueError):
@@ -34,18 +34,36 @@ METADATA_FIELDS = frozenset({
     "num_labels",
 })
 
-# Hugging Face class defaults (transformers' Qwen2Config / LlamaConfig / SiglipVisionConfig).
+# Hugging Face class defaults (transformers' config classes, 5.x; the fields a config.json
+# written by an older version leaves out take these values).
+_DECODER_COMMON = dict(hidden_act="silu", initializer_range=0.02, rms_norm_eps=1e-6, attention_dropout=0.0,
+                       rope_theta=10000.0)
 HF_DEFAULTS: dict[str, dict[str, Any]] = {
-    "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
-                  num_attention_heads=32, num_key_value_heads=32, hidden_act="silu",
-                  max_position_embeddings=32768, initializer_range=0.02, rms_norm_eps=1e-6,
-                  tie_word_embeddings=False, rope_theta=10000.0, use_sliding_window=False,
-                  attention_dropout=0.0),
-    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                  num_attention_heads=32, num_key_value_heads=None, hidden_act="silu",
-                  max_position_embeddings=2048, initializer_range=0.02, rms_norm_eps=1e-6,
-                  tie_word_embeddings=False, rope_theta=10000.0, attention_bias=False,
-                  attention_dropout=0.0, mlp_bias=False, head_dim=None, pretraining_tp=1),
+    "qwen2": dict(_DECODER_COMMON, vocab_size=151936, hidden_size=4096, intermediate_size=22016,
+                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                  max_position_embeddings=32768, tie_word_embeddings=False, use_sliding_window=False,
+                  sliding_window=4096, max_window_layers=28),
+    "llama": dict(_DECODER_COMMON, vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=None,
+                  max_position_embeddings=2048, tie_word_embeddings=False, attention_bias=False,
+                  mlp_bias=False, head_dim=None, pretraining_tp=1),
+    "qwen3": dict(_DECODER_COMMON, vocab_size=151936, hidden_size=4096, intermediate_size=22016,
+                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, head_dim=128,
+                  max_position_embeddings=32768, tie_word_embeddings=False, attention_bias=False,
+                  use_sliding_window=False, sliding_window=4096, max_window_layers=28),
+    # Gemma3TextConfig; rope_theta / rope_local_base_freq are its default_theta["global" / "local"].
+    "gemma3": dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                   num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                   hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131072,
+                   initializer_range=0.02, rms_norm_eps=1e-6, tie_word_embeddings=True, attention_bias=False,
+                   attention_dropout=0.0, query_pre_attn_scalar=256, sliding_window=4096,
+                   sliding_window_pattern=6, final_logit_softcapping=None, attn_logit_softcapping=None,
+                   use_bidirectional_attention=False, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0),
+    "smollm3": dict(_DECODER_COMMON, vocab_size=128256, hidden_size=2048, intermediate_size=11008,
+                    num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=4,
+                    max_position_embeddings=32768, tie_word_embeddings=True, attention_bias=False,
+                    mlp_bias=False, use_sliding_window=False, sliding_window=None, no_rope_layers=None,
+                    no_rope_layer_interval=4, rope_theta=2_000_000.0),
     "siglip": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                    num_attention_heads=12, num_channels=3, image_size=224, patch_size=16,
                    hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, attention_dropout=0.0,
@@ -53,11 +71,25 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 ARCHITECTURES = {
-    "Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3",
+    "Gemma3ForCausalLM": "gemma3", "Gemma3ForConditionalGeneration": "gemma3", "SmolLM3ForCausalLM": "smollm3",
     "SiglipVisionModel": "siglip", "SiglipModel": "siglip",
 }
-_MODEL_TYPES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
-                "siglip_vision_model": "SiglipVisionModel", "siglip": "SiglipModel"}
+_MODEL_TYPES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                "gemma3_text": "Gemma3ForCausalLM", "gemma3": "Gemma3ForConditionalGeneration",
+                "smollm3": "SmolLM3ForCausalLM", "siglip_vision_model": "SiglipVisionModel", "siglip": "SiglipModel"}
+# Architectures people ask for that we refuse, with why (the message names it).
+REFUSED = {
+    "Qwen3MoeForCausalLM": "mixture-of-experts blocks (no MoE routing: GenieBlue's point is an NPU-friendly "
+                           "dense model)",
+    "Gemma3nForCausalLM": "Gemma 3n's per-layer embeddings and AltUp blocks",
+    "Gemma3nForConditionalGeneration": "Gemma 3n's per-layer embeddings and AltUp blocks",
+    "Gemma2ForCausalLM": "Gemma 2 (logit soft-capping; use Gemma 3)",
+    "Siglip2VisionModel": "SigLIP 2 NaFlex (variable resolution); the fixed-resolution SigLIP 2 checkpoints "
+                          "(siglip2-so400m-patch14-384, ...) use the SiglipModel layout, which imports",
+    "Siglip2Model": "SigLIP 2 NaFlex (variable resolution); the fixed-resolution SigLIP 2 checkpoints "
+                    "(siglip2-so400m-patch14-384, ...) use the SiglipModel layout, which imports",
+}
 
 
 def architecture_of(hf: dict, source: str) -> str:
@@ -65,6 +97,8 @@ def architecture_of(hf: dict, source: str) -> str:
     archs = hf.get("architectures") or []
     if not archs and hf.get("model_type") in _MODEL_TYPES:
         archs = [_MODEL_TYPES[hf["model_type"]]]
+    if len(archs) == 1 and archs[0] in REFUSED:
+        raise UnsupportedConfigError(f"{source}: architecture {archs[0]} is not supported: {REFUSED[archs[0]]}")
     if len(archs) != 1 or archs[0] not in ARCHITECTURES:
         raise UnsupportedConfigError(
             f"{source}: architecture {archs or hf.get('model_type')!r} is not supported; "
@@ -91,6 +125,10 @@ class _Fields:
                 f"{self.source}: config field {key}={value!r} is not supported (supported: {supported})")
         return value
 
+    def refuse(self, key: str, value, supported: str):
+        raise UnsupportedConfigError(
+            f"{self.source}: config field {key}={value!r} is not supported (supported: {supported})")
+
     def finish(self, ignore_fields: Iterable[str], also_known: Iterable[str] = ()):
         leftover = sorted(set(self.values) - self.used - METADATA_FIELDS - set(also_known)
                           - set(ignore_fields))
@@ -100,63 +138,182 @@ class _Fields:
                 "they are harmless for this model, waive them with ignore_fields / --ignore_config_field")
 
 
-def _rope_theta(f: _Fields) -> float:
-    """rope_theta from either the classic top-level field or transformers>=5 `rope_parameters`."""
-    f.require("rope_scaling", lambda v: v is None or v.get("rope_type", v.get("type")) == "default",
-              "null (no RoPE scaling)")
-    params = f.get("rope_parameters")
-    if params is not None:
-        f.require("rope_parameters", lambda v: v.get("rope_type", "default") == "default"
-                  and set(v) <= {"rope_type", "rope_theta"}, "{'rope_type': 'default', 'rope_theta': ...}")
-        if "rope_theta" in params:
-            f.get("rope_theta")
-            return float(params["rope_theta"])
-    return float(f.get("rope_theta"))
+# RoPE parameters each rope_type may carry (transformers' `rope_parameters` / `rope_scaling`).
+_ROPE_KEYS = {"default": {"rope_type", "type", "rope_theta"},
+              "linear": {"rope_type", "type", "rope_theta", "factor"},
+              "llama3": {"rope_type", "type", "rope_theta", "factor", "low_freq_factor", "high_freq_factor",
+                         "original_max_position_embeddings"}}
+
+
+def _rope_entry(f: _Fields, key: str, params: dict, theta: float, max_position: int) -> dict:
+    """One RoPE dict (`rope_parameters` or `rope_scaling`, or a layer type's entry of them)
+    -> our LLMConfig fields; refuses an unknown rope_type or parameter by name."""
+    if not isinstance(params, dict):
+        f.refuse(key, params, "a dict of RoPE parameters")
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in _ROPE_KEYS:
+        f.refuse(f"{key}.rope_type", kind, f"{sorted(_ROPE_KEYS)} (YaRN, dynamic NTK, LongRoPE are not implemented)")
+    unknown = sorted(set(params) - _ROPE_KEYS[kind])
+    if params.get("partial_rotary_factor", 1.0) == 1.0 and "partial_rotary_factor" in unknown:
+        unknown.remove("partial_rotary_factor")  # 1.0: the whole head rotates, as ours does
+    if unknown:
+        f.refuse(f"{key}.{unknown[0]}", params[unknown[0]], f"for rope_type {kind!r}: {sorted(_ROPE_KEYS[kind])}")
+    out = {"rope_theta": float(params.get("rope_theta", theta)), "rope_type": kind}
+    if kind != "default":
+        out["rope_factor"] = float(params["factor"])
+    if kind == "llama3":
+        out.update(rope_low_freq_factor=float(params["low_freq_factor"]),
+                   rope_high_freq_factor=float(params["high_freq_factor"]),
+                   rope_original_max_position=int(params.get("original_max_position_embeddings", max_position)))
+    return out
+
+
+def _rope(f: _Fields, family: str, max_position: int, layer_types: tuple[str, ...] = ()) -> dict:
+    """RoPE fields from either spelling: the hub's `rope_theta` + `rope_scaling` (+ Gemma 3's
+    `rope_local_base_freq`), or transformers 5's `rope_parameters`, flat or keyed by layer
+    type (Gemma 3: "full_attention" / "sliding_attention")."""
+    theta, scaling, params = f.get("rope_theta"), f.get("rope_scaling"), f.get("rope_parameters")
+    local = f.get("rope_local_base_freq") if family == "gemma3" else None  # Gemma 3's hub spelling
+    nested = isinstance(params, dict) and set(params) & {"full_attention", "sliding_attention"}
+    if nested:
+        unknown = sorted(set(params) - {"full_attention", "sliding_attention"})
+        if unknown:
+            f.refuse(f"rope_parameters.{unknown[0]}", params[unknown[0]], "entries per layer type")
+        full = params.get("full_attention") or {}
+        out = _rope_entry(f, "rope_parameters.full_attention", {**full, **(scaling or {})}, theta, max_position)
+        sliding = params.get("sliding_attention")
+        if sliding is not None:
+            entry = _rope_entry(f, "rope_parameters.sliding_attention", sliding, local or theta, max_position)
+            if entry["rope_type"] != "default":
+                f.refuse("rope_parameters.sliding_attention.rope_type", entry["rope_type"],
+                         "'default' on sliding-window layers")
+            out["local_rope_theta"] = entry["rope_theta"]
+        return out
+    # transformers: `rope_scaling` wins over `rope_parameters` when both are there
+    out = _rope_entry(f, "rope_scaling" if scaling else "rope_parameters", scaling or params or {}, theta,
+                      max_position)
+    if local is not None and "sliding_attention" in layer_types:
+        out["local_rope_theta"] = float(local)
+    return out
+
+
+def _check_layer_types(f: _Fields, layer_types, n: int) -> tuple[str, ...]:
+    if layer_types is None:
+        return ()
+    if not isinstance(layer_types, list) or len(layer_types) != n or set(layer_types) - set(LAYER_TYPES):
+        f.refuse("layer_types", layer_types, f"one of {LAYER_TYPES} for each of the {n} layers")
+    return tuple(layer_types)
+
+
+def _attention_pattern(f: _Fields, family: str, n: int) -> dict:
+    """layer_types / sliding_window / nope_layers as each family's config class derives them."""
+    if family == "gemma3":
+        pattern = f.get("sliding_window_pattern")
+        f.get("_sliding_window_pattern")  # transformers 5 also writes its private copy
+        types = _check_layer_types(f, f.get("layer_types"), n) or tuple(
+            "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n))
+        return {"layer_types": types, "sliding_window": int(f.get("sliding_window"))}
+    if family in ("qwen2", "qwen3"):  # Qwen2Config / Qwen3Config.__post_init__
+        window = f.get("sliding_window") if f.get("use_sliding_window") else None
+        first_sliding = f.get("max_window_layers")
+        types = _check_layer_types(f, f.get("layer_types"), n) or tuple(
+            "sliding_attention" if window is not None and i >= first_sliding else "full_attention" for i in range(n))
+    elif family == "smollm3":  # SmolLM3Config.__post_init__: sliding only on NoPE layers, if asked
+        interval = f.get("no_rope_layer_interval")
+        rope = f.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(n)]
+        if not isinstance(rope, list) or len(rope) < n or set(rope[:n]) - {0, 1}:
+            f.refuse("no_rope_layers", rope, f"0 (NoPE) or 1 (RoPE) for each of the {n} layers")
+        use = f.get("use_sliding_window")
+        window = f.get("sliding_window") if use else None
+        types = _check_layer_types(f, f.get("layer_types"), n) or tuple(
+            "sliding_attention" if use and window is not None and not rope[i] else "full_attention" for i in range(n))
+        nope = tuple(i for i in range(n) if not rope[i])
+        if window is None:
+            types = ()  # SmolLM3Attention ignores layer_types without use_sliding_window
+        return {"layer_types": types if "sliding_attention" in types else (), "sliding_window": int(window or 0),
+                "nope_layers": nope}
+    else:
+        return {}
+    if "sliding_attention" in types and window is None:
+        f.refuse("layer_types", list(types), "sliding_attention layers only with use_sliding_window=true")
+    return {"layer_types": types if "sliding_attention" in types else (), "sliding_window": int(window or 0)}
 
 
 def llm_config_from_hf(hf: dict, *, source: str = "config.json", ignore_fields: Iterable[str] = (),
                        param_dtype: str = "float32", dtype: str = "float32") -> LLMConfig:
-    """Our `LLMConfig` for a transformers decoder config (`Qwen2ForCausalLM` /
-    `LlamaForCausalLM` config.json as a dict; `source` names it in errors).
+    """Our `LLMConfig` for a transformers decoder config.json (as a dict; `source` names it in
+    errors): `Qwen2ForCausalLM`, `LlamaForCausalLM` (Llama 3.x's llama3 RoPE scaling),
+    `Qwen3ForCausalLM`, `Gemma3ForCausalLM` (and the `text_config` of a
+    `Gemma3ForConditionalGeneration`), `SmolLM3ForCausalLM`.
 
     Strict: every field is read or known to be inert (metadata, `ignore_fields`); a field
-    that changes the computation in a way we do not implement (sliding windows, RoPE scaling,
-    dropout, a non-SiLU activation, Llama's `pretraining_tp` != 1) or that we do not know
-    raises `UnsupportedConfigError` naming the field and the file, instead of importing a
-    model that computes something else. Qwen2 always has q/k/v biases; Llama has
-    `attention_bias` / `mlp_bias`. `rope_theta` may come from transformers 5's
-    `rope_parameters`. `param_dtype` / `dtype`: storage / compute dtype names ("float32",
-    "bfloat16")."""
+    that changes the computation in a way we do not implement (YaRN / dynamic RoPE, logit
+    soft-capping, bidirectional attention, dropout, an unexpected activation, Llama's
+    `pretraining_tp` != 1) or that we do not know raises `UnsupportedConfigError` naming the
+    field and the file, instead of importing a model that computes something else. Missing
+    fields take the transformers class defaults. Both spellings of RoPE are read: the hub's
+    `rope_theta` + `rope_scaling` (+ Gemma 3's `rope_local_base_freq`) and transformers 5's
+    `rope_parameters` (flat, or per layer type). `param_dtype` / `dtype`: storage / compute
+    dtype names ("float32", "bfloat16").
+
+        >>> cfg = llm_config_from_hf({"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+        ...     "num_attention_heads": 4, "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 100,
+        ...     "rope_theta": 5e5, "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+        ...     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}})
+        >>> cfg.family, cfg.rope_type, cfg.rope_factor, cfg.head_dim
+        ('llama', 'llama3', 32.0, 16)
+        >>> llm_config_from_hf({"architectures": ["LlamaForCausalLM"], "rope_scaling": {"rope_type": "yarn",
+        ...     "factor": 4.0}})  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        UnsupportedConfigError: config.json: config field rope_scaling.rope_type='yarn' is not supported ...
+    """
     arch = architecture_of(hf, source)
     family = ARCHITECTURES[arch]
-    if family not in ("qwen2", "llama"):
+    if family == "siglip":
         raise UnsupportedConfigError(f"{source}: {arch} is not a decoder LLM")
+    if arch == "Gemma3ForConditionalGeneration":
+        # Only the language model is imported; the vision tower and projector are Gemma's own.
+        top = _Fields(hf, {}, source)
+        text = top.get("text_config") or {}
+        top.finish(ignore_fields, also_known=("vision_config", "mm_tokens_per_image", "boi_token_index",
+                                              "eoi_token_index", "image_token_index", "initializer_range",
+                                              "tie_word_embeddings"))
+        hf = {"tie_word_embeddings": top.values.get("tie_word_embeddings", True), **text}
+        source = f"{source}[text_config]"
     f = _Fields(hf, HF_DEFAULTS[family], source)
-    hidden, heads = f.get("hidden_size"), f.get("num_attention_heads")
+    hidden, heads, n = f.get("hidden_size"), f.get("num_attention_heads"), f.get("num_hidden_layers")
     kv_heads = f.get("num_key_value_heads") or heads
     head_dim = f.get("head_dim") or hidden // heads
-    f.require("hidden_act", lambda v: v == "silu", "'silu'")
     f.require("attention_dropout", lambda v: not v, "0.0 (no dropout)")
-    theta = _rope_theta(f)
+    extra: dict[str, Any] = {}
+    if family == "gemma3":
+        f.require("hidden_activation", lambda v: v == "gelu_pytorch_tanh", "'gelu_pytorch_tanh'")
+        if "hidden_act" in f.values:  # Gemma 1's name of the field; Gemma 3 reads hidden_activation
+            f.require("hidden_act", lambda v: v in (None, "gelu_pytorch_tanh"), "'gelu_pytorch_tanh'")
+        for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+            f.require(key, lambda v: v is None, "null (no soft-capping)")
+        f.require("use_bidirectional_attention", lambda v: not v, "false (causal attention)")
+        extra["query_pre_attn_scalar"] = float(f.get("query_pre_attn_scalar"))
+    else:
+        f.require("hidden_act", lambda v: v == "silu", "'silu'")
+    pattern = _attention_pattern(f, family, n)
+    max_position = f.get("max_position_embeddings")
+    rope = _rope(f, family, max_position, pattern.get("layer_types", ()))
     if family == "qwen2":
-        f.require("use_sliding_window", lambda v: not v, "false")
-        f.require("layer_types", lambda v: v is None or set(v) == {"full_attention"},
-                  "all 'full_attention'")
-        f.get("sliding_window"), f.get("max_window_layers")  # inert without use_sliding_window
         qkv_bias, out_bias, mlp_bias = True, False, False
     else:
-        f.require("pretraining_tp", lambda v: v == 1, "1")
+        if family == "llama":
+            f.require("pretraining_tp", lambda v: v == 1, "1")
         qkv_bias = out_bias = bool(f.get("attention_bias"))
-        mlp_bias = bool(f.get("mlp_bias"))
+        mlp_bias = bool(f.get("mlp_bias")) if family in ("llama", "smollm3") else False
     cfg = LLMConfig(
-        family=family, vocab_size=f.get("vocab_size"), hidden_size=hidden,
-        num_layers=f.get("num_hidden_layers"), num_heads=heads, num_kv_heads=kv_heads,
-        head_dim=head_dim, intermediate_size=f.get("intermediate_size"), rope_theta=theta,
+        family=family, vocab_size=f.get("vocab_size"), hidden_size=hidden, num_layers=n, num_heads=heads,
+        num_kv_heads=kv_heads, head_dim=head_dim, intermediate_size=f.get("intermediate_size"),
         rms_norm_eps=float(f.get("rms_norm_eps")), qkv_bias=qkv_bias, out_bias=out_bias,
         mlp_bias=mlp_bias, tie_embeddings=bool(f.get("tie_word_embeddings")),
-        max_position_embeddings=f.get("max_position_embeddings"),
-        initializer_range=f.get("initializer_range"), dtype=dtype, param_dtype=param_dtype)
-    f.finish(ignore_fields)
+        max_position_embeddings=max_position, initializer_range=f.get("initializer_range"), dtype=dtype,
+        param_dtype=param_dtype, **rope, **pattern, **extra)
+    f.finish(ignore_fields, also_known=("sliding_window", "max_window_layers", "use_sliding_window"))
     return cfg
 
 

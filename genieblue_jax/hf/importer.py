@@ -27,20 +27,24 @@ from genieblue_jax import checkpoint, models
 from genieblue_jax import sharding as sharding_lib
 from genieblue_jax.hf import configs as hf_configs
 from genieblue_jax.hf.safetensors_io import SafetensorsCheckpoint
-from genieblue_jax.hf.tables import HF_PREFIXES, TABLES, resolve
+from genieblue_jax.hf.tables import DECODER_FAMILIES, HF_SPELLINGS, TABLES, resolve, spell
 
 log = logging.getLogger(__name__)
 
 # HF tensors that carry nothing our model needs, per architecture.
+_ROTARY = (r"model\.rotary_emb\..*", r"model\.layers\.\d+\.self_attn\.rotary_emb\..*")
 REDUNDANT_TENSORS = {
-    "Qwen2ForCausalLM": (r"model\.rotary_emb\.inv_freq", r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"),
-    "LlamaForCausalLM": (r"model\.rotary_emb\.inv_freq", r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"),
+    **{arch: _ROTARY for arch in ("Qwen2ForCausalLM", "LlamaForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM",
+                                  "SmolLM3ForCausalLM")},
+    # Only the language model of a Gemma 3 VLM is imported (either spelling of its names).
+    "Gemma3ForConditionalGeneration": (r"(model\.)?vision_tower\..*", r"(model\.)?multi_modal_projector\..*",
+                                       r"(language_model\.)?model\.(language_model\.)?rotary_emb\..*"),
     "SiglipVisionModel": (),
     # Only the vision tower of a SiglipModel is imported.
     "SiglipModel": (r"text_model\..*", r"logit_scale", r"logit_bias"),
 }
 # Component name each architecture becomes in a checkpoint.
-COMPONENT = {"qwen2": "llm", "llama": "llm", "siglip": "vision"}
+COMPONENT = {**dict.fromkeys(DECODER_FAMILIES, "llm"), "siglip": "vision"}
 # Files worth keeping next to the weights (tokenizer, chat template, image processor).
 ASSET_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
                "merges.txt", "special_tokens_map.json", "added_tokens.json", "generation_config.json",
@@ -115,9 +119,9 @@ def plan_import(ckpt: SafetensorsCheckpoint, arch: str, cfg, tied_embeddings: bo
     abstract = models.flatten(models.abstract_params(cfg))
     family = hf_configs.ARCHITECTURES[arch]
     mapping = resolve(TABLES[family], abstract)
-    # Pick the name prefix the files actually use (the one that finds the most tensors).
-    prefix = max(HF_PREFIXES[arch], key=lambda p: sum(p + n in ckpt for n, _ in mapping.values()))
-    mapping = {path: (prefix + name, t) for path, (name, t) in mapping.items()}
+    # Pick the spelling the files actually use (the one that finds the most tensors).
+    spelling = max(HF_SPELLINGS[arch], key=lambda sp: sum(spell(n, sp) in ckpt for n, _ in mapping.values()))
+    mapping = {path: (spell(name, spelling), t) for path, (name, t) in mapping.items()}
     problems = []
     for path, (name, transform) in mapping.items():
         if name not in ckpt:
@@ -135,7 +139,7 @@ def plan_import(ckpt: SafetensorsCheckpoint, arch: str, cfg, tied_embeddings: bo
         if differing:
             problems.append(f"tensor {differing[0]!r} differs from {differing[1]!r} but the config ties them "
                             f"(config_from_hf_dir imports such a checkpoint untied, as transformers does)")
-        redundant.append(re.compile(r"lm_head\.weight"))
+        redundant.append(re.compile(r"(.*\.)?lm_head\.weight"))
     leftover = [n for n in ckpt.names() if n not in used and not any(r.fullmatch(n) for r in redundant)]
     if leftover:
         problems.append(f"tensors in the checkpoint that the {arch} table does not use: {leftover[:20]}"

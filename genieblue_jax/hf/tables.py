@@ -81,13 +81,18 @@ def _layer_norm(ours: str, hf: str) -> tuple[Rule, Rule]:
     return Rule(f"{ours}/scale", f"{hf}.weight"), Rule(f"{ours}/bias", f"{hf}.bias")
 
 
-# Qwen2ForCausalLM and LlamaForCausalLM share their tensor names; biases only exist when the
-# config asks for them (Qwen2: q/k/v; Llama: attention_bias, mlp_bias), and lm_head only when
-# embeddings are untied. Rules for absent parameters are simply unused.
+# Every decoder family shares the tensor names of Qwen2ForCausalLM / LlamaForCausalLM; the
+# rules of tensors a family lacks are simply unused: biases only exist when the config asks
+# for them (Qwen2: q/k/v; the others: attention_bias, mlp_bias), lm_head only when embeddings
+# are untied, q_norm / k_norm in Qwen3 and Gemma 3, the pre / post feed-forward norms in
+# Gemma 3 only.
 DECODER_TABLE: tuple[Rule, ...] = (
     Rule("embed_tokens/embedding", "model.embed_tokens.weight"),
-    Rule("layers_{i}/input_layernorm/scale", "model.layers.{i}.input_layernorm.weight"),
-    Rule("layers_{i}/post_attention_layernorm/scale", "model.layers.{i}.post_attention_layernorm.weight"),
+    *(Rule(f"layers_{{i}}/{n}/scale", f"model.layers.{{i}}.{n}.weight")
+      for n in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                "post_feedforward_layernorm")),
+    *(Rule(f"layers_{{i}}/self_attn/{n}/scale", f"model.layers.{{i}}.self_attn.{n}.weight")
+      for n in ("q_norm", "k_norm")),
     *(r for p in ("q", "k", "v", "o")
       for r in _linear(f"layers_{{i}}/self_attn/{p}_proj", f"model.layers.{{i}}.self_attn.{p}_proj")),
     *(r for p in ("gate", "up", "down")
@@ -96,7 +101,7 @@ DECODER_TABLE: tuple[Rule, ...] = (
     Rule("lm_head/kernel", "lm_head.weight", TRANSPOSE),
 )
 
-# SigLIP names are given without their prefix: see HF_PREFIXES.
+# SigLIP names are given without their prefix: see HF_SPELLINGS.
 SIGLIP_TABLE: tuple[Rule, ...] = (
     Rule("embeddings/patch_embedding/kernel", "embeddings.patch_embedding.weight",
          CONV_OIHW_TO_HWIO),
@@ -128,15 +133,39 @@ PROJECTOR_TABLE: tuple[Rule, ...] = (
     *_linear("linear_2", "linear_2"),
 )
 
-TABLES = {"qwen2": DECODER_TABLE, "llama": DECODER_TABLE, "siglip": SIGLIP_TABLE, "projector": PROJECTOR_TABLE}
+DECODER_FAMILIES = ("qwen2", "llama", "qwen3", "gemma3", "smollm3")
+TABLES = {**dict.fromkeys(DECODER_FAMILIES, DECODER_TABLE), "siglip": SIGLIP_TABLE, "projector": PROJECTOR_TABLE}
 
-# Prefixes an architecture's tensor names may carry in safetensors files, most common first.
-# SiglipModel and SiglipVisionModel files written by transformers 4.x (and the hub's) use
-# `vision_model.`; transformers 5.x writes SiglipVisionModel's names bare.
-HF_PREFIXES = {
-    "Qwen2ForCausalLM": ("",), "LlamaForCausalLM": ("",),
-    "SiglipVisionModel": ("vision_model.", ""), "SiglipModel": ("vision_model.",),
+# How an architecture's files spell the table's names: each spelling is a tuple of
+# (table prefix, file prefix) rewrites, the first whose table prefix a name starts with
+# applies ("" matches every name; () leaves names as they are). Most common first.
+#   SigLIP: SiglipModel and SiglipVisionModel files written by transformers 4.x (and the hub's)
+#   use `vision_model.`; transformers 5.x writes SiglipVisionModel's names bare.
+#   Gemma3ForConditionalGeneration (its language model): the hub's files say
+#   `language_model.model.layers...` / `language_model.lm_head`, transformers 5 writes
+#   `model.language_model.layers...` / `lm_head`.
+HF_SPELLINGS: dict[str, tuple[tuple[tuple[str, str], ...], ...]] = {
+    **{arch: ((),) for arch in ("Qwen2ForCausalLM", "LlamaForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM",
+                                "SmolLM3ForCausalLM")},
+    "Gemma3ForConditionalGeneration": ((("", "language_model."),), (("model.", "model.language_model."),)),
+    "SiglipVisionModel": ((("", "vision_model."),), ()), "SiglipModel": ((("", "vision_model."),),),
 }
+
+
+def spell(name: str, spelling: tuple[tuple[str, str], ...]) -> str:
+    """`name` (a table's HF name) as a file of that spelling writes it (see HF_SPELLINGS).
+
+        >>> spell("model.norm.weight", (("model.", "model.language_model."),))
+        'model.language_model.norm.weight'
+        >>> spell("lm_head.weight", (("model.", "model.language_model."),))
+        'lm_head.weight'
+        >>> spell("head.probe", (("", "vision_model."),))
+        'vision_model.head.probe'
+    """
+    for table_prefix, file_prefix in spelling:
+        if name.startswith(table_prefix):
+            return file_prefix + name[len(table_prefix):]
+    return name
 
 
 def resolve(table: Iterable[Rule], our_paths: Iterable[str]) -> dict[str, tuple[str, Transform]]:

@@ -1,7 +1,7 @@
 """LLM attention: one entry point for causal self-attention over packed rows, dispatching on
 the backend, and the XLA kernels it (and the KV-cache path) uses.
 
-    causal_attention(q, k, v, segment_ids, dtype, chunk=0, impl="auto")
+    causal_attention(q, k, v, segment_ids, dtype, chunk=0, impl="auto", scale=None, window=None)
 
 `impl` ("auto" by default; `LLMConfig.attention_impl`):
 
@@ -21,7 +21,11 @@ splash kernel. "xla" forces the XLA path everywhere.
 
 Shapes: q (b, t, H, d); k, v (b, t, K, d) with H = K * groups; segment_ids (b, t) int
 (tokens of one packed sample share an id >= 1, padding 0); output (b, t, H * d) in `dtype`.
-Softmax in float32 on every path.
+Softmax in float32 on every path. `scale` multiplies the scores (None: d ** -0.5; Gemma 3's
+`query_pre_attn_scalar ** -0.5`); `window` makes it a sliding-window layer (query i sees keys
+j with i - window < j <= i, `masks.sliding_window_mask`), on every path: splash's
+`LocalMask`, the mask given to cuDNN, and key blocks before the window skipped on XLA. A
+window never crosses a segment boundary: the segment mask still applies.
 """
 from __future__ import annotations
 
@@ -32,25 +36,27 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from genieblue_jax.models.layers import BATCH_AXES, batch_shards
-from genieblue_jax.models.masks import causal_segment_mask
+from genieblue_jax.models.masks import causal_segment_mask, sliding_window_mask
 
 IMPLEMENTATIONS = ("auto", "xla")
 SPLASH_BLOCK = 128  # the splash kernel's smallest block: rows must be a multiple of it
 
 
-def causal_attention(q, k, v, segment_ids, dtype, chunk: int = 0, impl: str = "auto"):
+def causal_attention(q, k, v, segment_ids, dtype, chunk: int = 0, impl: str = "auto", *,
+                     scale: float | None = None, window: int | None = None):
     """Causal attention within segments (module docstring): the backend's fused kernel under
     "auto", the XLA path under "xla" or where the kernel does not apply."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention impl={impl!r}; choose one of {IMPLEMENTATIONS}")
-    xla = lambda q, k, v, s: xla_attention(q, k, v, s, dtype, chunk)
+    xla = lambda q, k, v, s: xla_attention(q, k, v, s, dtype, chunk, scale=scale, window=window)
     if impl == "xla":
         return xla(q, k, v, segment_ids)
     branches = {"default": xla}
     if splash_applies(q, k):
-        branches["tpu"] = lambda q, k, v, s: splash_attention(q, k, v, s).astype(dtype).reshape(*q.shape[:2], -1)
+        branches["tpu"] = lambda q, k, v, s: splash_attention(q, k, v, s, scale=scale, window=window).astype(
+            dtype).reshape(*q.shape[:2], -1)
     if jax.default_backend() == "gpu":  # cuDNN's wrapper checks the CUDA install when traced
-        branches["cuda"] = lambda q, k, v, s: cudnn_attention(q, k, v, s, dtype)
+        branches["cuda"] = lambda q, k, v, s: cudnn_attention(q, k, v, s, dtype, scale=scale, window=window)
     if len(branches) == 1:
         return xla(q, k, v, segment_ids)
     return jax.lax.platform_dependent(q, k, v, segment_ids, **branches)
@@ -60,12 +66,17 @@ def causal_attention(q, k, v, segment_ids, dtype, chunk: int = 0, impl: str = "a
 # XLA
 # ---------------------------------------------------------------------------------------------
 
-def attend(q, k, v, mask, dtype):
-    """q (b, t, H, d); k, v (b, s, K, d); mask (b, t, s) -> (b, t, H * d)."""
-    return attend_kv_major(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask, dtype)
+def _scale(d: int, scale: float | None) -> float:
+    return d ** -0.5 if scale is None else scale
 
 
-def attend_kv_major(q, k, v, mask, dtype):
+def attend(q, k, v, mask, dtype, scale: float | None = None):
+    """q (b, t, H, d); k, v (b, s, K, d); mask (b, t, s) -> (b, t, H * d); scores times
+    `scale` (None: d ** -0.5)."""
+    return attend_kv_major(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask, dtype, scale)
+
+
+def attend_kv_major(q, k, v, mask, dtype, scale: float | None = None):
     """q (b, t, H, d); k, v (b, K, s, d) (the KV cache's layout); mask (b, t, s) -> (b, t, H * d).
 
     The G = H / K query heads sharing a KV head are folded into the query rows, so both
@@ -75,30 +86,30 @@ def attend_kv_major(q, k, v, mask, dtype):
     kv_heads, s = k.shape[1], k.shape[2]
     g = h // kv_heads
     q = q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, t * g, d)
-    scores = jnp.einsum("bkrd,bksd->bkrs", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    scores = jnp.einsum("bkrd,bksd->bkrs", q, k, preferred_element_type=jnp.float32) * _scale(d, scale)
     scores = jnp.where(mask[:, None, :, None, :], scores.reshape(b, kv_heads, t, g, s), jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(b, kv_heads, t * g, s)
     out = jnp.einsum("bkrs,bksd->bkrd", probs, v).reshape(b, kv_heads, t, g, d)
     return out.transpose(0, 2, 1, 3, 4).reshape(b, t, h * d)
 
 
-def attend_two_parts(q, cached, new, mask_cached, mask_new, dtype):
+def attend_two_parts(q, cached, new, mask_cached, mask_new, dtype, scale: float | None = None):
     """Attention over the KV cache's S slots and the t new tokens, one softmax over both.
 
     q (b, t, H, d); cached = (keys (b, K, d, S), values (b, K, S, d)) (the cache layout:
     keys transposed so that q k^T is a plain matmul over the cache); new = (k, v) each
     (b, K, t, d); mask_cached (b, t, S) (False for the slots the new tokens are about to
     take), mask_new (b, t, t); `mask_cached` None means an empty cache (a first prefill):
-    only the new part."""
+    only the new part. Scores times `scale` (None: d ** -0.5)."""
     if mask_cached is None:
-        return attend_kv_major(q, new[0], new[1], mask_new, dtype)
+        return attend_kv_major(q, new[0], new[1], mask_new, dtype, scale)
     b, t, h, d = q.shape
     kv_heads = cached[0].shape[1]
     g = h // kv_heads
     qf = q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, t * g, d)
 
     def masked(scores, mask):
-        scores = scores.reshape(b, kv_heads, t, g, scores.shape[-1]) * (d ** -0.5)
+        scores = scores.reshape(b, kv_heads, t, g, scores.shape[-1]) * _scale(d, scale)
         return jnp.where(mask[:, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
 
     s_cached = cached[0].shape[3]
@@ -111,15 +122,19 @@ def attend_two_parts(q, cached, new, mask_cached, mask_new, dtype):
     return out.reshape(b, kv_heads, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h * d)
 
 
-def _attend_block(q, k, v, segment_ids, lo: int, dtype):
-    """Queries lo .. lo + q.shape[1] - 1 over keys 0 .. k.shape[1] - 1, mask built here."""
+def _attend_block(q, k, v, segment_ids, lo: int, k_lo: int, dtype, scale, window):
+    """Queries lo .. lo + q.shape[1] - 1 over keys k_lo .. k_lo + k.shape[1] - 1, mask built here."""
     t, s = q.shape[1], k.shape[1]
-    same = segment_ids[:, lo:lo + t, None] == segment_ids[:, None, :s]
-    causal = (jnp.arange(t)[:, None] + lo) >= jnp.arange(s)[None, :]
-    return attend(q, k, v, same & causal[None], dtype)
+    queries, keys = jnp.arange(t) + lo, jnp.arange(s) + k_lo
+    same = segment_ids[:, lo:lo + t, None] == segment_ids[:, None, k_lo:k_lo + s]
+    causal = queries[:, None] >= keys[None, :]
+    if window is not None:
+        causal &= sliding_window_mask(queries, keys, window)
+    return attend(q, k, v, same & causal[None], dtype, scale)
 
 
-def xla_attention(q, k, v, segment_ids, dtype, chunk: int = 0):
+def xla_attention(q, k, v, segment_ids, dtype, chunk: int = 0, *, scale: float | None = None,
+                  window: int | None = None):
     """Causal attention within segments in plain XLA ops.
 
     `chunk` > 0: queries run in blocks of `chunk`, and block i = queries [i*chunk,
@@ -128,16 +143,19 @@ def xla_attention(q, k, v, segment_ids, dtype, chunk: int = 0):
     mask) is under `jax.checkpoint`, so the (t, s) scores (1 GB per 4096-token row in
     float32 for 16 heads) are never held whole, forward or backward. Example, t = 6,
     chunk = 2: blocks see key prefixes of 2, 4 and 6, i.e. 12 of the 36 query-key pairs are
-    skipped. Same result as chunk = 0 to float rounding.
+    skipped. Same result as chunk = 0 to float rounding. With a sliding `window`, the keys
+    before block i's window ([0, i*chunk - window + 1)) are skipped too: a long row's cost
+    then grows linearly.
     """
     t = q.shape[1]
     if chunk <= 0 or chunk >= t:
-        return attend(q, k, v, causal_segment_mask(segment_ids), dtype)
-    block = jax.checkpoint(_attend_block, static_argnums=(4, 5))
+        return attend(q, k, v, causal_segment_mask(segment_ids, window), dtype, scale)
+    block = jax.checkpoint(_attend_block, static_argnums=(4, 5, 6, 7, 8))
     outs = []
     for lo in range(0, t, chunk):
         hi = min(lo + chunk, t)
-        outs.append(block(q[:, lo:hi], k[:, :hi], v[:, :hi], segment_ids, lo, dtype))
+        k_lo = 0 if window is None else max(0, lo - window + 1)
+        outs.append(block(q[:, lo:hi], k[:, k_lo:hi], v[:, k_lo:hi], segment_ids, lo, k_lo, dtype, scale, window))
     return jnp.concatenate(outs, axis=1)
 
 
@@ -151,25 +169,27 @@ def splash_applies(q, k) -> bool:
     return q.shape[1] == k.shape[1] and q.shape[1] % SPLASH_BLOCK == 0
 
 
-def _splash_kernel(t: int, groups: int, interpret: bool):
+def _splash_kernel(t: int, groups: int, interpret: bool, window: int | None):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
     block = math.gcd(t, 512)  # the largest of 128, 256, 512 that divides the row
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                               block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-    mask = masks.MultiHeadMask([masks.CausalMask((t, t))] * groups)
+    # A sliding window: keys [q - window + 1, q], the causal part included (LocalMask's (left, right)).
+    head_mask = masks.CausalMask((t, t)) if window is None else masks.LocalMask((t, t), (window - 1, 0), 0)
+    mask = masks.MultiHeadMask([head_mask] * groups)
     return splash.make_splash_mqa(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
-def _splash_local(q, k, v, segment_ids, interpret: bool):
+def _splash_local(q, k, v, segment_ids, interpret: bool, scale: float | None, window: int | None):
     """The kernel on one device's rows: q (b, t, H, d) -> (b, t, H, d)."""
     from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
     b, t, h, d = q.shape
     kv_heads = k.shape[2]
     g = h // kv_heads
-    kernel = _splash_kernel(t, g, interpret)
+    kernel = _splash_kernel(t, g, interpret, window)
     # The kernel does not scale the scores: the queries are scaled first (float32 product).
-    q = (q.astype(jnp.float32) * (d ** -0.5)).astype(q.dtype)
+    q = (q.astype(jnp.float32) * _scale(d, scale)).astype(q.dtype)
     q = q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 3, 1, 4)        # (b, K, G, t, d)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)              # (b, K, t, d)
     segment_ids = segment_ids.astype(jnp.int32)
@@ -182,7 +202,8 @@ def _splash_local(q, k, v, segment_ids, interpret: bool):
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
-def splash_attention(q, k, v, segment_ids, *, interpret: bool = False):
+def splash_attention(q, k, v, segment_ids, *, interpret: bool = False, scale: float | None = None,
+                     window: int | None = None):
     """Causal attention within segments by the splash kernel: (b, t, H, d) -> (b, t, H, d),
     in q's dtype. `interpret=True` runs the kernel in the Pallas interpreter (any backend:
     how the CPU tests check it against `xla_attention`). Under a mesh (traced with
@@ -193,10 +214,10 @@ def splash_attention(q, k, v, segment_ids, *, interpret: bool = False):
     tensor = mesh.shape.get("tensor", 1) if not mesh.empty else 1
     heads = "tensor" if tensor > 1 and h % tensor == 0 and k.shape[2] % tensor == 0 else None
     if shards == 1 and heads is None:
-        return _splash_local(q, k, v, segment_ids, interpret)
+        return _splash_local(q, k, v, segment_ids, interpret, scale, window)
     rows = tuple(a for a in BATCH_AXES if a in mesh.axis_names) if shards > 1 else None
     spec = P(rows, None, heads, None)
-    return jax.shard_map(lambda q, k, v, s: _splash_local(q, k, v, s, interpret), mesh=mesh,
+    return jax.shard_map(lambda q, k, v, s: _splash_local(q, k, v, s, interpret, scale, window), mesh=mesh,
                          in_specs=(spec, spec, spec, P(rows, None)), out_specs=spec, check_vma=False)(
         q, k, v, segment_ids)
 
@@ -205,10 +226,10 @@ def splash_attention(q, k, v, segment_ids, *, interpret: bool = False):
 # GPU: cuDNN
 # ---------------------------------------------------------------------------------------------
 
-def cudnn_attention(q, k, v, segment_ids, dtype):
+def cudnn_attention(q, k, v, segment_ids, dtype, *, scale: float | None = None, window: int | None = None):
     """Causal attention within segments by cuDNN's fused kernel (`jax.nn.dot_product_attention`,
-    BTNH layout, GQA native); the segment structure goes in as its boolean mask."""
-    mask = causal_segment_mask(segment_ids)[:, None]                     # (b, 1, t, t)
+    BTNH layout, GQA native); the segment structure (and a sliding window) goes in as its boolean mask."""
+    mask = causal_segment_mask(segment_ids, window)[:, None]             # (b, 1, t, t)
     out = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), mask=mask,
-                                       implementation="cudnn")
+                                       scale=scale, implementation="cudnn")
     return out.reshape(*q.shape[:2], -1)

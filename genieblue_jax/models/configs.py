@@ -66,12 +66,44 @@ class _Config:
         return cls(**d)
 
 
+FAMILIES = ("qwen2", "llama", "qwen3", "gemma3", "smollm3")
+LAYER_TYPES = ("full_attention", "sliding_attention")  # transformers' `layer_types` values
+ROPE_TYPES = ("default", "linear", "llama3")            # transformers' `rope_type` values we implement
+
+
 @dataclasses.dataclass(frozen=True)
 class LLMConfig(_Config):
-    """Decoder-only LLM of the Qwen2 / Llama families."""
+    """Decoder-only LLM of the Qwen2 / Llama 3 / Qwen3 / Gemma 3 / SmolLM3 families.
+
+    `family` names the Hugging Face architecture (`Qwen2ForCausalLM`, `LlamaForCausalLM`,
+    `Qwen3ForCausalLM`, `Gemma3ForCausalLM`, `SmolLM3ForCausalLM`) and fixes what the
+    architecture hard-codes (the properties below): per-head q/k RMSNorm (Qwen3, Gemma 3),
+    and Gemma 3's block (RMSNorm scaled by `1 + weight`, a norm after attention and after
+    the MLP as well as before each, GeGLU with tanh-GELU, embeddings scaled by
+    sqrt(hidden_size)). The fields are what `config.json` sets per model:
+
+    - RoPE: `rope_theta` with transformers' `rope_type` ("default", "linear": positions
+      divided by `rope_factor`; "llama3": Llama 3.1's frequency-dependent scaling with
+      `rope_factor`, `rope_low_freq_factor`, `rope_high_freq_factor`,
+      `rope_original_max_position`) on the full-attention layers. Sliding-window layers
+      use `local_rope_theta` without scaling when it is set (Gemma 3's
+      `rope_local_base_freq`), else the same RoPE. `nope_layers`: layers without RoPE
+      (SmolLM3's `no_rope_layers` zeros).
+    - Attention pattern: `layer_types` gives each layer "full_attention" or
+      "sliding_attention" (empty: all full); a sliding layer's query at index q sees keys
+      k with q - sliding_window < k <= q (transformers' `sliding_window_overlay`).
+      `query_pre_attn_scalar` > 0 scales scores by its inverse square root (Gemma 3),
+      else by head_dim ** -0.5.
+
+        >>> cfg = get_preset("gemma-3-1b")
+        >>> cfg.layer_types[4:6], cfg.sliding_window, cfg.window(0), cfg.window(5)
+        (('sliding_attention', 'full_attention'), 512, 512, None)
+        >>> cfg.rope_for(0), cfg.rope_for(5)
+        ((10000.0, 'default', 1.0), (1000000.0, 'default', 1.0))
+    """
 
     kind: ClassVar[str] = "llm"
-    family: str  # "qwen2" | "llama": which Hugging Face architecture it maps to
+    family: str  # one of FAMILIES: which Hugging Face architecture it maps to
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -87,6 +119,16 @@ class LLMConfig(_Config):
     tie_embeddings: bool = False
     max_position_embeddings: int = 32768
     initializer_range: float = 0.02
+    rope_type: str = "default"             # ROPE_TYPES, on full-attention layers
+    rope_factor: float = 1.0               # "linear" / "llama3"
+    rope_low_freq_factor: float = 1.0      # "llama3"
+    rope_high_freq_factor: float = 4.0     # "llama3"
+    rope_original_max_position: int = 8192  # "llama3": the pre-training context
+    local_rope_theta: float = 0.0          # > 0: sliding layers' RoPE base, unscaled (Gemma 3)
+    nope_layers: tuple[int, ...] = ()      # layers that apply no RoPE (SmolLM3)
+    layer_types: tuple[str, ...] = ()      # per layer, LAYER_TYPES; () = all "full_attention"
+    sliding_window: int = 0                # keys a sliding layer's query sees, itself included
+    query_pre_attn_scalar: float = 0.0     # > 0: scores scaled by its ** -0.5 (Gemma 3)
     remat: bool = False  # recompute each block's activations in the backward pass (saves memory)
     attention_chunk: int = 0  # > 0: attention runs this many queries at a time (long rows' memory)
     # "auto": the backend's fused attention kernel (splash on TPU, cuDNN on GPU; XLA on CPU);
@@ -96,14 +138,69 @@ class LLMConfig(_Config):
     dtype: str = "float32"
     param_dtype: str = "float32"
 
+    def __post_init__(self):
+        # JSON gives lists; tuples keep the config hashable (a jit static argument)
+        object.__setattr__(self, "nope_layers", tuple(int(i) for i in self.nope_layers))
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        super().__post_init__()
+
     def _validate(self) -> None:
-        if self.family not in ("qwen2", "llama"):
-            raise ValueError(f"family={self.family!r}: supported families are 'qwen2', 'llama'")
+        if self.family not in FAMILIES:
+            raise ValueError(f"family={self.family!r}: supported families are {FAMILIES}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.attention_impl not in ("auto", "xla"):
             raise ValueError(f"attention_impl={self.attention_impl!r}: choose 'auto' or 'xla'")
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_type={self.rope_type!r}: choose one of {ROPE_TYPES}")
+        if self.rope_type != "default" and not self.rope_factor > 0:
+            raise ValueError(f"rope_factor={self.rope_factor} must be > 0 for rope_type={self.rope_type!r}")
+        if self.rope_type == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor:
+            raise ValueError(f"llama3 RoPE needs rope_high_freq_factor ({self.rope_high_freq_factor}) > "
+                             f"rope_low_freq_factor ({self.rope_low_freq_factor})")
+        if self.layer_types:
+            if len(self.layer_types) != self.num_layers or set(self.layer_types) - set(LAYER_TYPES):
+                raise ValueError(f"layer_types must give one of {LAYER_TYPES} for each of the {self.num_layers} "
+                                 f"layers, got {self.layer_types}")
+            if "sliding_attention" in self.layer_types and self.sliding_window < 1:
+                raise ValueError(f"sliding_window={self.sliding_window}: sliding_attention layers need a window >= 1")
+        bad = [i for i in self.nope_layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"nope_layers {bad} outside [0, {self.num_layers})")
+
+    # What the family's architecture hard-codes.
+    @property
+    def qk_norm(self) -> bool:
+        """Per-head RMSNorm of queries and keys before RoPE (Qwen3, Gemma 3)."""
+        return self.family in ("qwen3", "gemma3")
+
+    @property
+    def gemma_block(self) -> bool:
+        """Gemma 3's block: `(1 + weight)` RMSNorms, four per block, GeGLU (tanh GELU), scaled embeddings."""
+        return self.family == "gemma3"
+
+    @property
+    def attention_scale(self) -> float:
+        """The factor the attention scores are multiplied by."""
+        return (self.query_pre_attn_scalar if self.query_pre_attn_scalar > 0 else self.head_dim) ** -0.5
+
+    def layer_type(self, i: int) -> str:
+        """"full_attention" or "sliding_attention" for layer i."""
+        return self.layer_types[i] if self.layer_types else "full_attention"
+
+    def window(self, i: int) -> int | None:
+        """The sliding window of layer i (keys per query, itself included), None for full attention."""
+        return self.sliding_window if self.layer_type(i) == "sliding_attention" else None
+
+    def rope_for(self, i: int) -> tuple[float, str, float] | None:
+        """(theta, rope_type, factor) of layer i's RoPE, None for a NoPE layer (llama3's other
+        parameters are the config's)."""
+        if i in self.nope_layers:
+            return None
+        if self.local_rope_theta > 0 and self.layer_type(i) == "sliding_attention":
+            return (float(self.local_rope_theta), "default", 1.0)
+        return (float(self.rope_theta), self.rope_type, float(self.rope_factor))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +289,16 @@ def config_from_dict(d: dict[str, Any]):
     return CONFIG_CLASSES[d["kind"]].from_dict(d)
 
 
+# Llama 3.1 / 3.2's RoPE scaling (config.json's rope_scaling).
+_LLAMA3_ROPE = dict(rope_type="llama3", rope_factor=32.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                    rope_original_max_position=8192)
+
+
+def _gemma3_layer_types(n: int) -> tuple[str, ...]:
+    """Gemma3TextConfig's default pattern: every 6th layer global, the others sliding."""
+    return tuple("sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n))
+
+
 PRESETS: dict[str, _Config] = {
     # SPEC: Qwen2.5-3B (hidden 2048, 36 layers, 16 q heads, 2 KV heads, head_dim 128, ...).
     "qwen2.5-3b": LLMConfig(
@@ -211,12 +318,47 @@ PRESETS: dict[str, _Config] = {
         family="qwen2", vocab_size=152064, hidden_size=3584, num_layers=28, num_heads=28,
         num_kv_heads=4, head_dim=128, intermediate_size=18944, rope_theta=1e6, rms_norm_eps=1e-6,
         qkv_bias=True, tie_embeddings=False, max_position_embeddings=32768),
-    # Llama-3.2-1B's shapes. Its config's llama3 RoPE scaling (factor 32) is not implemented:
-    # shapes, FLOPs and memory plans only (importing its checkpoint is refused: rope_scaling).
+    # The small LLMs people deploy on phones, at their published shapes (config.json of each hub
+    # model; README "Model families" cites where each was read). Llama 3.2: llama3 RoPE scaling.
     "llama-3.2-1b": LLMConfig(
         family="llama", vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32,
         num_kv_heads=8, head_dim=64, intermediate_size=8192, rope_theta=5e5, rms_norm_eps=1e-5,
-        tie_embeddings=True, max_position_embeddings=131072),
+        tie_embeddings=True, max_position_embeddings=131072, **_LLAMA3_ROPE),
+    "llama-3.2-3b": LLMConfig(
+        family="llama", vocab_size=128256, hidden_size=3072, num_layers=28, num_heads=24,
+        num_kv_heads=8, head_dim=128, intermediate_size=8192, rope_theta=5e5, rms_norm_eps=1e-5,
+        tie_embeddings=True, max_position_embeddings=131072, **_LLAMA3_ROPE),
+    # Qwen3 dense: per-head q/k RMSNorm, explicit head_dim, no biases.
+    "qwen3-0.6b": LLMConfig(
+        family="qwen3", vocab_size=151936, hidden_size=1024, num_layers=28, num_heads=16,
+        num_kv_heads=8, head_dim=128, intermediate_size=3072, rope_theta=1e6, rms_norm_eps=1e-6,
+        tie_embeddings=True, max_position_embeddings=40960),
+    "qwen3-1.7b": LLMConfig(
+        family="qwen3", vocab_size=151936, hidden_size=2048, num_layers=28, num_heads=16,
+        num_kv_heads=8, head_dim=128, intermediate_size=6144, rope_theta=1e6, rms_norm_eps=1e-6,
+        tie_embeddings=True, max_position_embeddings=40960),
+    "qwen3-4b": LLMConfig(
+        family="qwen3", vocab_size=151936, hidden_size=2560, num_layers=36, num_heads=32,
+        num_kv_heads=8, head_dim=128, intermediate_size=9728, rope_theta=1e6, rms_norm_eps=1e-6,
+        tie_embeddings=True, max_position_embeddings=40960),
+    # Gemma 3 text: 5 sliding-window layers (local RoPE base 1e4) to 1 global layer (base 1e6; linear
+    # scaling x8 on 4B), (1 + w) RMSNorms, GeGLU, scaled embeddings, a 262k vocabulary.
+    "gemma-3-1b": LLMConfig(
+        family="gemma3", vocab_size=262144, hidden_size=1152, num_layers=26, num_heads=4,
+        num_kv_heads=1, head_dim=256, intermediate_size=6912, rope_theta=1e6, rms_norm_eps=1e-6,
+        tie_embeddings=True, max_position_embeddings=32768, local_rope_theta=1e4,
+        layer_types=_gemma3_layer_types(26), sliding_window=512, query_pre_attn_scalar=256),
+    "gemma-3-4b": LLMConfig(
+        family="gemma3", vocab_size=262208, hidden_size=2560, num_layers=34, num_heads=8,
+        num_kv_heads=4, head_dim=256, intermediate_size=10240, rope_theta=1e6, rms_norm_eps=1e-6,
+        tie_embeddings=True, max_position_embeddings=131072, rope_type="linear", rope_factor=8.0,
+        local_rope_theta=1e4, layer_types=_gemma3_layer_types(34), sliding_window=1024,
+        query_pre_attn_scalar=256),
+    # SmolLM3: Llama-style blocks, no RoPE on every 4th layer (NoPE).
+    "smollm3-3b": LLMConfig(
+        family="smollm3", vocab_size=128256, hidden_size=2048, num_layers=36, num_heads=16,
+        num_kv_heads=4, head_dim=128, intermediate_size=11008, rope_theta=5e6, rms_norm_eps=1e-6,
+        tie_embeddings=True, max_position_embeddings=65536, nope_layers=tuple(range(3, 36, 4))),
     # The Llama-family case: untied embeddings, no biases, GQA (TinyLlama-1.1B's numbers).
     "tinyllama-1.1b": LLMConfig(
         family="llama", vocab_size=32000, hidden_size=2048, num_layers=22, num_heads=32,
@@ -228,6 +370,13 @@ PRESETS: dict[str, _Config] = {
         intermediate_size=4304, layer_norm_eps=1e-6, use_head=True),
     "siglip-so400m-224": VisionConfig(
         image_size=224, patch_size=14, hidden_size=1152, num_layers=27, num_heads=16,
+        intermediate_size=4304, layer_norm_eps=1e-6, use_head=True),
+    # SigLIP 2 at fixed resolution: SiglipModel-layout checkpoints, so400m shapes.
+    "siglip2-so400m-patch14-384": VisionConfig(
+        image_size=384, patch_size=14, hidden_size=1152, num_layers=27, num_heads=16,
+        intermediate_size=4304, layer_norm_eps=1e-6, use_head=True),
+    "siglip2-so400m-patch16-512": VisionConfig(
+        image_size=512, patch_size=16, hidden_size=1152, num_layers=27, num_heads=16,
         intermediate_size=4304, layer_norm_eps=1e-6, use_head=True),
     "siglip-base-patch16-224": VisionConfig(
         image_size=224, patch_size=16, hidden_size=768, num_layers=12, num_heads=12,

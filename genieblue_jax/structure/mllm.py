@@ -17,6 +17,7 @@ import numpy as np
 
 from genieblue_jax import models
 from genieblue_jax.models import scan as scan_lib
+from genieblue_jax.models.llm import scan_signatures
 from genieblue_jax.structure.branch import abstract_branch, init_branch, multimodal_decoder, multimodal_llm_params
 from genieblue_jax.structure.config import LLM_COMPONENTS, MODES, MLLMConfig
 
@@ -165,7 +166,8 @@ def decode(mcfg: MLLMConfig, decoder, llm_params: dict, params: dict, tokens, po
 def stack_layers(mcfg: MLLMConfig, params: dict, stack=None) -> dict:
     """`params` (any part of the MLLM tree, e.g. the frozen one) with the LLM's and the branch's
     layers in the stacked layout the multimodal path's scan loops read in place
-    (`models.scan.stack_layers`, slots from `mcfg.layer_kinds`); unchanged unless
+    (`models.scan.stack_layers`, slots from `models.llm.scan_signatures`: the layer kinds, and
+    the attention types and RoPE of models that mix them); unchanged unless
     `mcfg.llm.scan_layers`. For training only: the text mode, generation and export take the
     named layout (`unstack_layers`).
 
@@ -178,7 +180,8 @@ def stack_layers(mcfg: MLLMConfig, params: dict, stack=None) -> dict:
     """
     if not mcfg.llm.scan_layers:
         return params
-    return {c: scan_lib.stack_layers(p, mcfg.layer_kinds, stack) if c in LLM_COMPONENTS else p
+    signatures = scan_signatures(mcfg.llm, mcfg.layer_kinds)  # the slots the decoder's loops read
+    return {c: scan_lib.stack_layers(p, signatures, stack) if c in LLM_COMPONENTS else p
             for c, p in params.items()}
 
 

@@ -157,10 +157,10 @@ def test_unknown_architecture(hf_decoder_dir, tmp_path):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("rope_scaling", {"rope_type": "linear", "factor": 2.0}),
+    ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}),
     ("hidden_act", "gelu"),
-    ("use_sliding_window", True),
-    ("layer_types", ["full_attention", "sliding_attention"]),
+    ("partial_rotary_factor", 0.5),
+    ("layer_types", ["full_attention", "sliding_attention"]),  # sliding layers without use_sliding_window
     ("quantization_config", {"quant_method": "gptq"}),
 ])
 def test_unsupported_config_field_is_named(field, value, hf_decoder_dir, tmp_path):
