@@ -72,34 +72,36 @@ GEMMA3_VLM_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers
 NAMES = (*FAMILY_CONFIGS, "gemma3-vlm")
 
 
-def _perturbed(model):
+def _perturbed(model, scale: float):
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
+            p.add_(torch.randn_like(p) * scale)
     return model.eval()
 
 
-def build(name: str, seed: int = 0):
-    """The random transformers model `name` (a causal LM; for gemma3-vlm the whole VLM)."""
+def build(name: str, seed: int = 0, scale: float = 0.02):
+    """The random transformers model `name` (a causal LM; for gemma3-vlm the whole VLM), every
+    tensor perturbed by N(0, scale) noise (0.2: weights of a pretrained scale, whose greedy
+    continuations do not repeat one token)."""
     torch.manual_seed(seed)
     if name == "gemma3-vlm":
         cfg = transformers.Gemma3Config(
             text_config=transformers.Gemma3TextConfig(**GEMMA3_VLM_TEXT).to_dict(),
             vision_config=transformers.SiglipVisionConfig(**GEMMA3_VLM_VISION).to_dict(), mm_tokens_per_image=4,
             image_token_index=GEMMA3_VLM_TEXT["vocab_size"] - 1)
-        return _perturbed(transformers.Gemma3ForConditionalGeneration(cfg))
+        return _perturbed(transformers.Gemma3ForConditionalGeneration(cfg), scale)
     config_cls, fields = FAMILY_CONFIGS[name]
     model_cls = {transformers.LlamaConfig: transformers.LlamaForCausalLM,
                  transformers.Qwen3Config: transformers.Qwen3ForCausalLM,
                  transformers.Gemma3TextConfig: transformers.Gemma3ForCausalLM,
                  transformers.SmolLM3Config: transformers.SmolLM3ForCausalLM}[config_cls]
-    return _perturbed(model_cls(config_cls(**fields)))
+    return _perturbed(model_cls(config_cls(**fields)), scale)
 
 
-def save(name: str, path: str) -> str:
-    """Saves model `name` to `path` as transformers writes it, or in the hub's spelling for
-    llama3-hub and gemma3-vlm (module docstring). Returns `path`."""
-    model = build(name)
+def save(name: str, path: str, scale: float = 0.02) -> str:
+    """Saves model `build(name, scale=scale)` to `path` as transformers writes it, or in the
+    hub's spelling for llama3-hub and gemma3-vlm (module docstring). Returns `path`."""
+    model = build(name, scale=scale)
     model.save_pretrained(path, safe_serialization=True)
     if name == "llama3-hub":
         _rewrite_config(path, _hub_rope)

@@ -85,6 +85,16 @@ def _rope_parameters(cfg: LLMConfig) -> dict[str, Any]:
     return out
 
 
+def _nope_interval(cfg: LLMConfig) -> int:
+    """SmolLM3's `no_rope_layer_interval` that gives `cfg.nope_layers` (inert beside the
+    explicit `no_rope_layers`, written so that the config reads as transformers writes it;
+    its class default 4 when no interval does)."""
+    for k in range(1, cfg.num_layers + 1):
+        if tuple(i for i in range(cfg.num_layers) if (i + 1) % k == 0) == cfg.nope_layers:
+            return k
+    return 4
+
+
 def llm_config_to_hf(cfg: LLMConfig, *, dtype: str | None = None) -> dict[str, Any]:
     """`config.json` of the transformers model that computes exactly `cfg`:
     Qwen2ForCausalLM, LlamaForCausalLM, Qwen3ForCausalLM, Gemma3ForCausalLM (a Gemma 3 VLM's
@@ -128,6 +138,9 @@ def llm_config_to_hf(cfg: LLMConfig, *, dtype: str | None = None) -> dict[str, A
         "initializer_range": float(cfg.initializer_range), "rms_norm_eps": float(cfg.rms_norm_eps),
         "tie_word_embeddings": bool(cfg.tie_embeddings), "rope_theta": float(cfg.rope_theta),
         "attention_dropout": 0.0, "use_cache": True, "dtype": dtype,
+        # The tokenizer's ids are not the model's: null here, not the class defaults (SmolLM3Config's
+        # pad id 128004 is outside a smaller vocabulary); an export that knows the tokenizer sets them.
+        "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
     }
     if cfg.rope_type != "default":
         hf["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
@@ -159,10 +172,13 @@ def llm_config_to_hf(cfg: LLMConfig, *, dtype: str | None = None) -> dict[str, A
     elif family == "smollm3":
         hf.update(mlp_bias=bool(cfg.mlp_bias), hidden_act="silu", use_sliding_window=sliding,
                   sliding_window=int(cfg.sliding_window) if sliding else None, layer_types=layer_types,
-                  no_rope_layers=[int(i not in cfg.nope_layers) for i in range(cfg.num_layers)])
+                  no_rope_layers=[int(i not in cfg.nope_layers) for i in range(cfg.num_layers)],
+                  no_rope_layer_interval=_nope_interval(cfg))
     elif family == "gemma3":
         local = {"rope_type": "default", "rope_theta": float(cfg.local_rope_theta or cfg.rope_theta)}
-        hf.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=float(cfg.query_pre_attn_scalar),
+        scalar = float(cfg.query_pre_attn_scalar)  # Gemma3TextConfig types it int (strict dataclass)
+        hf.update(hidden_activation="gelu_pytorch_tanh",
+                  query_pre_attn_scalar=int(scalar) if scalar.is_integer() else scalar,
                   sliding_window=int(cfg.sliding_window or 4096), layer_types=layer_types,
                   rope_local_base_freq=local["rope_theta"], final_logit_softcapping=None,
                   attn_logit_softcapping=None, use_bidirectional_attention=False)

@@ -30,6 +30,7 @@ from genieblue_jax.hf import UnsupportedConfigError, import_hf
 from genieblue_jax.hf.configs import llm_config_from_hf, vision_config_from_hf
 from genieblue_jax.hf.safetensors_io import SafetensorsCheckpoint
 from genieblue_jax.models import get_preset
+from tests import families
 from tests.conftest import LLAMA_CONFIGS, QWEN2_CONFIGS, SIGLIP_CONFIG, build_hf_decoder, build_hf_siglip
 
 RUNTIME_FIELDS = {"dtype", "param_dtype", "remat", "attention_chunk", "scan_layers"}
@@ -276,6 +277,24 @@ def test_existing_export_is_not_overwritten_silently(tmp_path):
 
 # --- round trips through transformers ------------------------------------------------------
 
+# What may differ between transformers' own config.json and ours: paths; Qwen2's head_dim (transformers
+# 5 leaves it implicit, we write it); the token ids, which are the tokenizer's, not the model's: save_llm
+# writes null and tools.to_torch the tokenizer's ids (tests/export/test_to_torch.py).
+CONFIG_MAY_DIFFER = {"_name_or_path", "head_dim", "bos_token_id", "eos_token_id", "pad_token_id"}
+
+
+def _assert_same_config(theirs_dir, ours_dir) -> dict:
+    """config.json as transformers reads it equals the one it wrote itself (CONFIG_MAY_DIFFER
+    aside; our token ids null); returns ours as transformers reads it."""
+    theirs = transformers.AutoConfig.from_pretrained(theirs_dir).to_dict()
+    ours = transformers.AutoConfig.from_pretrained(ours_dir).to_dict()
+    diff = {k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k)}
+    assert diff <= CONFIG_MAY_DIFFER, {k: (theirs.get(k), ours.get(k)) for k in diff - CONFIG_MAY_DIFFER}
+    for k in diff & {"bos_token_id", "eos_token_id", "pad_token_id"}:
+        assert ours.get(k) is None, (k, ours.get(k))
+    return ours
+
+
 @pytest.mark.parametrize("name", sorted(QWEN2_CONFIGS) + sorted(LLAMA_CONFIGS))
 def test_llm_round_trip_through_transformers(name, hf_decoder_dir, tmp_path):
     src = hf_decoder_dir(name)
@@ -288,12 +307,7 @@ def test_llm_round_trip_through_transformers(name, hf_decoder_dir, tmp_path):
     assert type(reloaded) is type(original)
     _assert_state_dicts_equal(original.state_dict(), reloaded.state_dict())
     assert ("lm_head.weight" in SafetensorsCheckpoint(out.out_dir)) == (not cfg.tie_embeddings)
-    # config.json as transformers reads it equals the one it wrote itself (paths aside;
-    # transformers 5 leaves Qwen2's head_dim implicit, we write it)
-    theirs = transformers.AutoConfig.from_pretrained(src).to_dict()
-    ours = transformers.AutoConfig.from_pretrained(out.out_dir).to_dict()
-    diff = {k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k)}
-    assert diff <= {"_name_or_path", "head_dim"}, diff
+    ours = _assert_same_config(src, out.out_dir)
     assert ours["head_dim"] == cfg.head_dim
 
     ids, mask = _padded_batch(cfg.vocab_size)
@@ -305,6 +319,24 @@ def test_llm_round_trip_through_transformers(name, hf_decoder_dir, tmp_path):
     d_jax = np.abs(ours_jax - got)[valid].max()
     print(f"{name}: reloaded vs original {d_torch:.1e}, ours (JAX) vs reloaded {d_jax:.1e}")
     assert d_torch <= 1e-5 and d_jax <= 1e-4
+
+
+@pytest.mark.parametrize("name", [n for n in families.NAMES if n != "gemma3-vlm"])
+def test_family_round_trip_through_transformers(name, tmp_path):
+    """Llama 3 (llama3 RoPE, both spellings in), Qwen3, Gemma 3, SmolLM3: the same tensors, and
+    the config transformers reads back is the one it wrote (RoPE, layer types, NoPE layers)."""
+    src = families.save(name, str(tmp_path / "src"))
+    _, cfg, params = import_hf(src)
+    out = save_llm(str(tmp_path / "out"), cfg, params)
+    original = families.build(name)
+    reloaded = _load_clean(transformers.AutoModelForCausalLM, out.out_dir)
+    assert type(reloaded) is type(original)
+    _assert_state_dicts_equal(original.state_dict(), reloaded.state_dict())
+    if name == "llama3-hub":  # written in transformers 5's spelling: compare with the model's own config
+        original.save_pretrained(str(tmp_path / "t5"))
+        src = str(tmp_path / "t5")
+    _assert_same_config(src, out.out_dir)
+    assert import_hf(out.out_dir)[1] == cfg
 
 
 @pytest.mark.parametrize("use_head,prefix", [(True, None), (False, None), (True, "")])
