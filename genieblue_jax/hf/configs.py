@@ -31,7 +31,7 @@ METADATA_FIELDS = frozenset({
     "tie_encoder_decoder", "add_cross_attention", "cross_attention_hidden_size",
     "is_decoder", "max_length", "min_length", "do_sample", "num_beams", "temperature", "top_k",
     "top_p", "repetition_penalty", "num_return_sequences", "early_stopping", "bad_words_ids",
-    "num_labels",
+    "num_labels", "cache_implementation",
 })
 
 # Hugging Face class defaults (transformers' config classes, 5.x; the fields a config.json
@@ -313,7 +313,10 @@ def llm_config_from_hf(hf: dict, *, source: str = "config.json", ignore_fields: 
         mlp_bias=mlp_bias, tie_embeddings=bool(f.get("tie_word_embeddings")),
         max_position_embeddings=max_position, initializer_range=f.get("initializer_range"), dtype=dtype,
         param_dtype=param_dtype, **rope, **pattern, **extra)
-    f.finish(ignore_fields, also_known=("sliding_window", "max_window_layers", "use_sliding_window"))
+    # Inert: the sliding fields without use_sliding_window; SmolLM3's pretraining_tp (its config
+    # carries 2; SmolLM3ForCausalLM never reads it).
+    f.finish(ignore_fields, also_known=("sliding_window", "max_window_layers", "use_sliding_window",
+                                        *(("pretraining_tp",) if family == "smollm3" else ())))
     return cfg
 
 

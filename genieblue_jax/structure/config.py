@@ -20,6 +20,16 @@ Why `skip` starts at block 0: the first block to see the projected image tokens 
 fully trained copy (the part of the network the paper's *Pre* placement shows matters most
 for alignment), and every group of n blocks has the same shape (one replicated block, then
 n - 1 LoRA blocks), which keeps the layout uniform for a scan over groups of n.
+
+Interleaved layer types (Gemma 3's five sliding-window layers to one global layer, SmolLM3's
+NoPE layers): the placements pick blocks by index alone, whatever their type, and a copy
+keeps its block's attention type, window and RoPE (it is the same block with trained
+weights). Gemma-3-1B (26 layers, global layers 5, 11, 17, 23) with Skip, n = 4, copies
+0, 4, 8, 12, 16, 20, 24: all sliding-window blocks; Post copies 19-25 (global layer 23
+among them); Pre copies 0-6 (global layer 5 among them):
+
+    >>> replicated_layers(26, "skip", 4), replicated_layers(26, "post", 4)
+    ((0, 4, 8, 12, 16, 20, 24), (19, 20, 21, 22, 23, 24, 25))
 """
 from __future__ import annotations
 

@@ -10,7 +10,8 @@ the weight gradients:
     frozen weights         4 N per token (forward, activation gradient: a trainable part
                            lies below every LLM layer); a frozen vision tower 2 N (forward)
     LLM attention scores   4 H d per query-key pair per layer (QK^T and AV) over the key
-                           prefixes computed (`attention_chunk` skips the causal future),
+                           prefixes computed (`attention_chunk` skips the causal future and,
+                           on sliding-window layers, the keys before each block's window),
                            x 3, or x 4 when chunked (each block is recomputed, jax.checkpoint)
     vision tower           per real tile: its patch embedding and the layers up to
                            `select_layer` (N per patch) plus their attention, then the
@@ -97,8 +98,14 @@ def step_flops(mcfg: structure.MLLMConfig, stage: str, *, rows: int, seq_len: in
     br_t, br_f = weights("branch")
     base = rows * seq_len * (6.0 * (llm_t + br_t) + 4.0 * (llm_f + br_f))
     chunk = attention_chunk if 0 < attention_chunk < seq_len else seq_len
-    pairs = sum((min(lo + chunk, seq_len) - lo) * min(lo + chunk, seq_len) for lo in range(0, seq_len, chunk))
-    base += (4 if chunk < seq_len else 3) * 4.0 * llm.num_heads * llm.head_dim * pairs * llm.num_layers * rows
+
+    def pairs(window):  # query-key pairs computed: chunked blocks skip the future and keys before the window
+        starts = range(0, seq_len, chunk)
+        first_key = (lambda lo: 0) if window is None or chunk == seq_len else (lambda lo: max(0, lo - window + 1))
+        return sum((min(lo + chunk, seq_len) - lo) * (min(lo + chunk, seq_len) - first_key(lo)) for lo in starts)
+
+    layer_pairs = sum(pairs(llm.window(i)) for i in range(llm.num_layers))
+    base += (4 if chunk < seq_len else 3) * 4.0 * llm.num_heads * llm.head_dim * layer_pairs * rows
     v = mcfg.vision
     run = v.num_layers if v.select_layer == -1 else v.select_layer % (v.num_layers + 1)
     per_patch = 3 * v.patch_size ** 2 * v.hidden_size + run * (4 * v.hidden_size ** 2

@@ -3,6 +3,7 @@ import jax
 import pytest
 
 from genieblue_jax import models
+from tests.published_configs import PUBLISHED
 
 
 @pytest.mark.parametrize("name,count", [
@@ -45,3 +46,49 @@ def test_siglip_without_head_drops_exactly_the_head():
 def test_unknown_preset_lists_the_known_ones():
     with pytest.raises(KeyError, match="qwen2.5-3b"):
         models.get_preset("qwen3")
+
+
+# --- the families' presets: what the importer reads from each published config.json ---------
+
+def _meta_count(model_cls, config) -> int:
+    """transformers' own parameter count of `config`, built on the meta device (nothing
+    allocated; tied weights counted once)."""
+    import torch
+    with torch.device("meta"):
+        model = model_cls(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("preset", [n for n in PUBLISHED if not n.startswith("siglip")])
+def test_llm_presets_are_their_published_configs(preset):
+    """The preset equals what `hf.configs.llm_config_from_hf` reads from the published config.json
+    (so the import of the real checkpoint takes every field), and its parameter count from
+    abstract shapes equals transformers' count of the same config."""
+    import transformers
+
+    from genieblue_jax.hf.configs import llm_config_from_hf
+    hub_id, published = PUBLISHED[preset]
+    ours = models.get_preset(preset)
+    assert llm_config_from_hf(published, source=f"{hub_id}/config.json") == ours
+    text = published.get("text_config", published)  # gemma-3-4b: the VLM's language model
+    cls = {"LlamaForCausalLM": transformers.LlamaForCausalLM, "Qwen3ForCausalLM": transformers.Qwen3ForCausalLM,
+           "Gemma3ForCausalLM": transformers.Gemma3ForCausalLM, "SmolLM3ForCausalLM": transformers.SmolLM3ForCausalLM,
+           "Gemma3ForConditionalGeneration": transformers.Gemma3ForCausalLM}[published["architectures"][0]]
+    config = transformers.AutoConfig.for_model(**{k: v for k, v in text.items() if k != "architectures"})
+    assert models.count_params(models.abstract_params(ours)) == _meta_count(cls, config)
+
+
+@pytest.mark.parametrize("preset", [n for n in PUBLISHED if n.startswith("siglip")])
+def test_siglip2_presets_are_their_published_configs(preset):
+    """SigLIP 2's fixed-resolution checkpoints are SiglipModel configs without `architectures`:
+    the vision tower we import from them is the preset, with transformers' parameter count."""
+    import transformers
+
+    from genieblue_jax.hf.configs import vision_config_from_hf
+    hub_id, published = PUBLISHED[preset]
+    assert "architectures" not in published and published["model_type"] == "siglip"
+    ours = models.get_preset(preset)
+    assert vision_config_from_hf(published, source=f"{hub_id}/config.json") == ours
+    config = transformers.SiglipVisionConfig(**{k: v for k, v in published["vision_config"].items()
+                                               if k != "model_type"})
+    assert models.count_params(models.abstract_params(ours)) == _meta_count(transformers.SiglipVisionModel, config)

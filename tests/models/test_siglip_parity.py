@@ -64,3 +64,38 @@ def test_wrong_image_size_names_the_expected_shape(hf_siglip_dir):
     model = genieblue_jax.load(hf_siglip_dir())
     with pytest.raises(ValueError, match=r"expects NHWC \(batch, 30, 30, 3\)"):
         model.vision_features(np.zeros((1, 32, 32, 3), np.float32))
+
+
+def test_siglip2_fixed_resolution_checkpoint(tmp_path):
+    """A SigLIP 2 fixed-resolution checkpoint as Google publishes them: a SiglipModel config
+    without `architectures` (model_type "siglip" only) and the patch-16 layout of
+    siglip2-so400m-patch16-512 at a tiny size (4 x 4 patches: an even grid, which the 2x2
+    downsampler does not pad, unlike so400m-384's 27 x 27). The vision tower imports and
+    gives transformers' features and pooled output."""
+    import json
+
+    import transformers
+    torch.manual_seed(1)
+    vision = transformers.SiglipVisionConfig(hidden_size=40, intermediate_size=88, num_hidden_layers=2,
+                                             num_attention_heads=4, image_size=64, patch_size=16)
+    text = transformers.SiglipTextConfig(vocab_size=64, hidden_size=40, intermediate_size=88, num_hidden_layers=1,
+                                         num_attention_heads=4, max_position_embeddings=16)
+    hf = transformers.SiglipModel(transformers.SiglipConfig(text_config=text.to_dict(), vision_config=vision.to_dict()))
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    hf.eval().save_pretrained(tmp_path, safe_serialization=True)
+    with open(tmp_path / "config.json") as f:
+        cfg = json.load(f)
+    cfg.pop("architectures")
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(cfg, f)
+    model = genieblue_jax.load(str(tmp_path))
+    assert model.configs["vision"].grid_size == 4
+    pixels = np.random.default_rng(2).uniform(-1, 1, size=(2, 64, 64, 3)).astype(np.float32)
+    ref = _hf_outputs(hf.vision_model, pixels)
+    ours = model.vision_features(pixels, with_pooled=True)
+    diff = max(np.abs(ours["tokens"] - ref.last_hidden_state.numpy()).max(),
+               np.abs(ours["pooled"] - ref.pooler_output.numpy()).max())
+    print(f"siglip2-shaped: max diff {diff:.2e}")
+    assert diff <= 1e-4

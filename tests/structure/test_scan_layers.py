@@ -11,6 +11,7 @@ import pytest
 
 from genieblue_jax import models, structure
 from genieblue_jax.models.masks import positions_from_segments
+from genieblue_jax.models.scan import scan_groups
 from genieblue_jax.train import trainer
 from tests.structure.conftest import build, image_batch, perturb
 
@@ -148,3 +149,32 @@ def test_train_step_reads_stacked_weights_in_place(base_params, variant):
         print(f"  temporaries: named {temp['named']} B, stacked {temp['stacked']} B; stacked weights the "
               f"loops read {copied} B")
         assert temp["named"] - temp["stacked"] >= 0.9 * copied
+
+
+@pytest.mark.parametrize("types,nope,groups", [
+    (("sliding_attention", "full_attention") * 2, (), [(0, 2, 2)]),  # periodic with the kinds: one loop
+    (("sliding_attention",) * 3 + ("full_attention",), (2,), [(0, 1, 1), (1, 1, 1), (2, 1, 1), (3, 1, 1)]),
+])
+def test_interleaved_layer_types_scan_as_the_unrolled_model(types, nope, groups):
+    """Gemma 3's sliding / global layers (two RoPE bases), and a NoPE layer, under GenieBlue-Skip
+    (interval 2): a loop body runs only layers of one signature (`models.llm.scan_signatures`:
+    kind, attention type, RoPE), so the scanned model in the trainer's stacked step layout
+    gives the unrolled model's loss and gradients."""
+    llm = dataclasses.replace(models.get_preset("tiny-qwen2"), family="gemma3", qkv_bias=False, num_layers=4,
+                              layer_types=types, sliding_window=5, local_rope_theta=1e4, nope_layers=nope,
+                              query_pre_attn_scalar=12.0)
+    vit = models.get_preset("tiny-siglip")
+    mcfg = structure.MLLMConfig(llm, vit, models.ProjectorConfig.between(vit, llm),
+                                structure.StructureConfig(interval=2), image_token_id=3)
+    assert scan_groups(models.llm.scan_signatures(llm, mcfg.layer_kinds)) == groups
+    params = structure.init_mllm(mcfg, jax.random.key(0))
+    params = {**params, "llm": perturb(params["llm"], seed=3), "branch": perturb(params["branch"])}
+    tx, state, frozen, batch = _train_step_inputs(mcfg, params)
+    want_state, want_m = jax.jit(trainer.make_train_step(mcfg, tx, 1, 1))(state, frozen, batch)
+    smcfg = _scanned(mcfg, remat=False)
+    s_state, s_frozen = trainer.to_step_layout(smcfg, jax.tree.map(jnp.copy, (state, frozen)))
+    got_state, got_m = jax.jit(trainer.make_train_step(smcfg, tx, 1, 1))(s_state, s_frozen, batch)
+    np.testing.assert_allclose(got_m["loss"], want_m["loss"], rtol=1e-6)
+    got, want = trainer.to_named_layout(got_state)["trainable"], want_state["trainable"]
+    for name, g in models.flatten(got).items():
+        np.testing.assert_allclose(g, models.flatten(want)[name], rtol=1e-4, atol=1e-6, err_msg=name)

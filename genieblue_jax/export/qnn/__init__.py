@@ -20,6 +20,11 @@ Pieces: `graphs` (the PyTorch graphs: KV-cache layout, names), `runtime` (the ho
 prefill + decode over onnxruntime), `calibration` (requests from the data pipeline),
 `evaluate`, `quantize`, `report`.
 
+Families: every one of `models.configs.FAMILIES` (Qwen2, Llama 3 with llama3 RoPE, Qwen3,
+Gemma 3, SmolLM3); the decoder graphs compute the family's block as `models.llm` does, with
+a second mask input for sliding-window layers and a second RoPE table for Gemma 3's local
+layers (`graphs`). Every layer keeps a full-context KV cache, sliding ones included.
+
 Variants: genieblue (replicated blocks swapped in, LoRA as its own int8 MatMuls), lora,
 full, and cogvlm (visual experts routed per token by the image mask in the prefill graph;
 decode runs text weights only, as generated tokens are text).

@@ -20,9 +20,19 @@ graph); exceptions, each a transformed copy under its own name:
     branch.*.lora_b             B * alpha / r: the LoRA scale folded into B, so the adapter is
                                 two plain MatMuls (y = x W + (x A) B')
     vision.embeddings.patch_embedding.kernel   torch's Conv layout (out, in, kh, kw)
+    *.{input,post_attention,pre_feedforward,post_feedforward}_layernorm.scale,
+    *.self_attn.{q,k}_norm.scale  Gemma 3 only: 1 + weight (Gemma3RMSNorm's unit offset
+                                folded in, so every RMSNorm of every family is x_normed * scale)
+
+Tensors that are not parameters:
+
     llm.rope.cos / llm.rope.sin (context, head_dim) tables, looked up by position_ids (no
                                 Sin/Cos on the NPU: a 16-bit angle would lose the high
-                                frequencies)
+                                frequencies); the RoPE of the full-attention layers
+                                (`models.llm.rope_inv_freq`: llama3 / linear scaling included)
+    llm.rope_local.cos / .sin   a second pair where sliding-window layers rotate with their own
+                                base (Gemma 3's rope_local_base_freq); NoPE layers (SmolLM3)
+                                read no table (`rope_table_keys`)
 
 Decoder graph (`DecoderGraph`), AR = tokens per call (prefill_len, or 1 for decode),
 C = context, L layers, K KV heads, d head_dim:
@@ -30,6 +40,8 @@ C = context, L layers, K KV heads, d head_dim:
     inputs   input_ids       int32   (1, AR)
              position_ids    int32   (1, AR)        RoPE position of each token (< C)
              attention_mask  float32 (1, 1, AR, C)  additive: 0 = visible, MASK_VALUE = hidden
+             sliding_attention_mask   (1, 1, AR, C)  models with sliding-window layers only: the
+                                                    mask of those layers (older slots hidden too)
              image_embeds    float32 (1, AR, hidden) multimodal prefill only: the projected image
              image_mask      float32 (1, AR)         features at image-token positions, 1.0 there
              past_key_i      float32 (1, K, d, C - AR)   keys after RoPE, transposed (K^T layout,
@@ -41,6 +53,19 @@ C = context, L layers, K KV heads, d head_dim:
 Attention runs over the C slots [past (C - AR) | new (AR)]; which slots a query sees is the
 host's mask alone (`runtime.attention_mask`). The G = H / K query heads sharing a KV head
 are folded into the rows of one (1, K, G * AR, C) product (all tensors 4-d, no KV repeat).
+
+The block is the family's, as `models.llm.DecoderBlock` computes it (`LLMConfig` says
+which): q / k RMSNorm per head before RoPE (Qwen3, Gemma 3); per layer its RoPE table or
+none (NoPE) and its mask (full or sliding window); scores times `attention_scale` (Gemma 3:
+query_pre_attn_scalar ** -0.5); Gemma 3's norms after attention and around the MLP, GeGLU
+with tanh GELU, and embeddings times sqrt(hidden) (rounded to float32; image features
+replace the scaled embeddings, as in `structure`).
+
+Sliding-window layers keep a full C-slot cache like every other layer (the JAX generator
+keeps a ring of `sliding_window` slots for them): one static cache layout for all layers,
+and the window is the host's `sliding_attention_mask`, which also hides slots older than
+the window. The price is cache memory: Gemma 3 1B at C = 2048 holds 26 full caches instead
+of 4 full ones and 22 of 512 slots (float32: 109 MB instead of 40 MB).
 
 The multimodal decode graph takes no image inputs (generated tokens are never image
 tokens). CogVLM expert layers route each token by `image_mask` in prefill (vision_* weights
@@ -60,12 +85,14 @@ from torch.nn import functional as F
 from genieblue_jax import models
 from genieblue_jax.export.torch_modules import vila_downsample
 from genieblue_jax.models.configs import LLMConfig, ProjectorConfig, VisionConfig
+from genieblue_jax.models.llm import rope_inv_freq
 from genieblue_jax.models.projector import downsampled_grid
 
 # Additive mask value for hidden slots. Not -inf / finfo.min: the mask and the masked scores
 # are 16-bit quantized activations on the NPU, and a range of [-1e38, 30] would leave no
 # resolution for the real scores. exp(-100) is 4e-44, far below float32 epsilon.
 MASK_VALUE = -100.0
+_FINITE_CHUNK = 1 << 24  # elements per finiteness check (Gemma 3's 262k x 1152 table: 18 chunks)
 
 
 def canonical(component: str, path: str) -> str:
@@ -106,9 +133,11 @@ class TensorStore:
         return "meta" if self.meta else "cpu"
 
     def get(self, name: str, array, *, transpose: tuple[int, ...] | None = None,
-            scale: float | None = None) -> nn.Parameter:
+            scale: float | None = None, offset: float | None = None) -> nn.Parameter:
         """`array` (one of our parameters) as a frozen torch Parameter registered under `name`
-        (its ONNX initializer name), optionally transposed or scaled (e.g. LoRA's alpha / r)."""
+        (its ONNX initializer name), optionally transposed, scaled (e.g. LoRA's alpha / r) and
+        offset (Gemma 3's `1 + weight` norms), in that order, in float32. ValueError when
+        `name` is registered with another shape."""
         shape = tuple(np.shape(array))
         if transpose is not None:
             shape = tuple(shape[a] for a in transpose)
@@ -117,7 +146,7 @@ class TensorStore:
             if tuple(t.shape) != shape:
                 raise ValueError(f"tensor {name!r} registered with shape {tuple(t.shape)}, now {shape}")
             return t
-        self._sources[name] = (array, transpose, scale)
+        self._sources[name] = (array, transpose, scale, offset)
         if self.meta:
             data = torch.empty(shape, dtype=torch.float32, device="meta")
         else:
@@ -131,15 +160,19 @@ class TensorStore:
 
     def materialize(self, name: str) -> np.ndarray:
         """The float32 (C-contiguous) array of tensor `name`; NaN / Inf are refused."""
-        array, transpose, scale = self._sources[name]
+        array, transpose, scale, offset = self._sources[name]
         out = np.asarray(array, np.float32)
         if transpose is not None:
             out = out.transpose(transpose)
         if scale is not None:
             out = out * np.float32(scale)
+        if offset is not None:
+            out = out + np.float32(offset)
         out = np.ascontiguousarray(out)
-        if not np.isfinite(out).all():
-            raise ValueError(f"tensor {name!r} holds NaN or Inf")
+        flat = out.reshape(-1)
+        for lo in range(0, flat.size, _FINITE_CHUNK):  # a chunk at a time: no table-sized bool array
+            if not np.isfinite(flat[lo:lo + _FINITE_CHUNK]).all():
+                raise ValueError(f"tensor {name!r} holds NaN or Inf")
         return out
 
     def name_of(self, tensor) -> str | None:
@@ -157,14 +190,52 @@ class TensorStore:
         return out
 
 
-def rope_tables(head_dim: int, theta: float, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos / sin tables (length, head_dim) in the "rotate half" layout, computed in float32
-    exactly as `models.llm.apply_rope` does (angles = position * inv_freq in float32)."""
-    exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
-    inv_freq = (np.float32(1.0) / np.power(np.float32(theta), exponent)).astype(np.float32)
-    angles = np.arange(length, dtype=np.float32)[:, None] * inv_freq[None, :]
+ROPE_TABLES = ("rope", "rope_local")  # canonical names llm.{key}.cos / llm.{key}.sin
+
+
+def rope_table_keys(cfg: LLMConfig) -> tuple[str | None, ...]:
+    """Per layer, the RoPE table it reads: "rope" (canonical `llm.rope.cos` / `.sin`),
+    "rope_local" (`llm.rope_local.*`) or None (a NoPE layer). Layers with equal
+    `LLMConfig.rope_for` share a table; the full-attention layers' RoPE is "rope", a second
+    one (Gemma 3's sliding layers) "rope_local". ValueError for a third.
+
+        >>> from genieblue_jax.models import get_preset
+        >>> rope_table_keys(get_preset("gemma-3-1b"))[4:7], rope_table_keys(get_preset("smollm3-3b"))[2:4]
+        (('rope_local', 'rope', 'rope_local'), ('rope', None))
+    """
+    keys: dict = {}
+    full_first = sorted(range(cfg.num_layers), key=lambda i: cfg.layer_type(i) != "full_attention")
+    for i in full_first:
+        rope = cfg.rope_for(i)
+        if rope is not None and rope not in keys:
+            if len(keys) == len(ROPE_TABLES):
+                raise ValueError(f"more than {len(ROPE_TABLES)} distinct RoPEs: {list(keys)} and {rope}")
+            keys[rope] = ROPE_TABLES[len(keys)]
+    return tuple(None if cfg.rope_for(i) is None else keys[cfg.rope_for(i)] for i in range(cfg.num_layers))
+
+
+def rope_tables(cfg: LLMConfig, layer: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos / sin tables (length, head_dim) float32 of layer `layer`'s RoPE for positions
+    0 .. length - 1, in the "rotate half" layout, computed as `models.llm.apply_rope` does:
+    angles = position * `rope_inv_freq(cfg, layer)` in float32. ValueError for a NoPE layer.
+
+        >>> from genieblue_jax.models import get_preset
+        >>> cos, sin = rope_tables(get_preset("tiny-qwen2"), 0, 8)
+        >>> cos.shape, cos.dtype, float(cos[0, 0]), float(sin[1, 0]) == float(np.sin(np.float32(1)))
+        ((8, 16), dtype('float32'), 1.0, True)
+    """
+    inv_freq = rope_inv_freq(cfg, layer, np)
+    if inv_freq is None:
+        raise ValueError(f"layer {layer} applies no RoPE (nope_layers={cfg.nope_layers})")
+    angles = np.arange(length, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None, :]
     angles = np.concatenate([angles, angles], axis=-1)
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def sliding_window(cfg: LLMConfig) -> int:
+    """The window of the model's sliding-window layers, 0 when it has none (then its decoder
+    graphs take no `sliding_attention_mask`)."""
+    return cfg.sliding_window if any(cfg.window(i) is not None for i in range(cfg.num_layers)) else 0
 
 
 def _rms_norm(x, scale, eps: float):
@@ -209,13 +280,14 @@ class _Leaves:
         return path in self.flat
 
     def get(self, path: str, *, transpose: tuple[int, ...] | None = None, scale: float | None = None,
-            name: str | None = None):
+            offset: float | None = None, name: str | None = None):
         """The tensor of leaf `path` (registered under its canonical name, or `name` for a
-        transformed copy)."""
+        transformed copy); KeyError naming a missing leaf."""
         if path not in self.flat:
             raise KeyError(f"parameter {path!r} is missing (have e.g. {sorted(self.flat)[:5]})")
         self.used.add(path)
-        return self.store.get(name or self.names[path], self.flat[path], transpose=transpose, scale=scale)
+        return self.store.get(name or self.names[path], self.flat[path], transpose=transpose, scale=scale,
+                              offset=offset)
 
     def linear(self, prefix: str, lora_scale: float | None = None) -> Linear:
         bias = self.get(f"{prefix}/bias") if self.has(f"{prefix}/bias") else None
@@ -232,12 +304,24 @@ class _Leaves:
 
 
 class _DecoderBlock(nn.Module):
+    """Block `i` of the family (`models.llm.DecoderBlock`), on the graph's cache layout."""
+
     def __init__(self, cfg: LLMConfig, leaves: _Leaves, i: int, kind: str, lora_scale: float, routed: bool):
         super().__init__()
         p = f"layers_{i}"
         self.cfg = cfg
-        self.input_layernorm = leaves.get(f"{p}/input_layernorm/scale")
-        self.post_attention_layernorm = leaves.get(f"{p}/post_attention_layernorm/scale")
+        self.sliding = cfg.window(i) is not None   # which of the two masks this layer reads
+        self.rope = rope_table_keys(cfg)[i]        # which RoPE table, None: no rotation
+        # Gemma3RMSNorm scales by 1 + weight: folded into the stored tensor (module docstring).
+        offset = 1.0 if cfg.gemma_block else None
+        norms = ("input_layernorm", "post_attention_layernorm")
+        if cfg.gemma_block:
+            norms += ("pre_feedforward_layernorm", "post_feedforward_layernorm")
+        self.norms = nn.ParameterDict({n: leaves.get(f"{p}/{n}/scale", offset=offset) for n in norms})
+        self.qk_norms = None
+        if cfg.qk_norm:
+            self.qk_norms = nn.ParameterDict({n: leaves.get(f"{p}/self_attn/{n}_norm/scale", offset=offset)
+                                              for n in "qk"})
         scale = lora_scale if kind == "lora" else None
         names = {"q": "self_attn/q_proj", "k": "self_attn/k_proj", "v": "self_attn/v_proj", "o": "self_attn/o_proj",
                  "gate": "mlp/gate_proj", "up": "mlp/up_proj", "down": "mlp/down_proj"}
@@ -254,50 +338,81 @@ class _DecoderBlock(nn.Module):
             out = torch.where(is_image, self.expert[name](x), out)
         return out
 
-    def forward(self, x, cos, sin, mask, past_k, past_v, is_image):
+    def _norm(self, x, name):
+        return _rms_norm(x, self.norms[name], self.cfg.rms_norm_eps)
+
+    def forward(self, x, ropes, masks, past_k, past_v, is_image):
+        """x (1, AR, hidden); ropes {table key: (cos, sin) (1, 1, AR, d)}; masks (full, sliding)
+        additive (1, 1, G * AR, C) (sliding None without sliding layers); past_k (1, K, d, C - AR),
+        past_v (1, K, C - AR, d) -> (x, new keys (1, K, d, AR), new values (1, K, AR, d))."""
         cfg = self.cfg
         ar = x.shape[1]
         kv, d = cfg.num_kv_heads, cfg.head_dim
         groups = cfg.num_heads // kv
-        h = _rms_norm(x, self.input_layernorm, cfg.rms_norm_eps)
-        q = self._p("q", h, is_image).reshape(1, ar, cfg.num_heads, d).transpose(1, 2)   # (1, H, AR, d)
-        k = self._p("k", h, is_image).reshape(1, ar, kv, d).transpose(1, 2)              # (1, K, AR, d)
-        v = self._p("v", h, is_image).reshape(1, ar, kv, d).transpose(1, 2)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        h = self._norm(x, "input_layernorm")
+        q = self._p("q", h, is_image).reshape(1, ar, cfg.num_heads, d)
+        k = self._p("k", h, is_image).reshape(1, ar, kv, d)
+        v = self._p("v", h, is_image).reshape(1, ar, kv, d).transpose(1, 2)              # (1, K, AR, d)
+        if self.qk_norms is not None:  # per head, before RoPE
+            q = _rms_norm(q, self.qk_norms["q"], cfg.rms_norm_eps)
+            k = _rms_norm(k, self.qk_norms["k"], cfg.rms_norm_eps)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)                                      # (1, H | K, AR, d)
+        if self.rope is not None:
+            cos, sin = ropes[self.rope]
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         k_t = k.transpose(2, 3)                                                          # (1, K, d, AR)
         keys = torch.cat([past_k, k_t], dim=3)                                           # (1, K, d, C)
         values = torch.cat([past_v, v], dim=2)                                           # (1, K, C, d)
         # Heads h = kv * G + g share KV head kv: rows (g, t) of one (1, K, G * AR, C) product.
-        scores = torch.matmul(q.reshape(1, kv, groups * ar, d) * (d ** -0.5), keys) + mask
+        scores = torch.matmul(q.reshape(1, kv, groups * ar, d) * cfg.attention_scale, keys)
+        scores = scores + masks[1 if self.sliding else 0]
         out = torch.matmul(torch.softmax(scores, dim=-1), values)                        # (1, K, G * AR, d)
         out = out.reshape(1, cfg.num_heads, ar, d).transpose(1, 2).reshape(1, ar, cfg.num_heads * d)
-        x = x + self._p("o", out, is_image)
-        h = _rms_norm(x, self.post_attention_layernorm, cfg.rms_norm_eps)
-        x = x + self._p("down", F.silu(self._p("gate", h, is_image)) * self._p("up", h, is_image), is_image)
+        attn = self._p("o", out, is_image)
+        if cfg.gemma_block:
+            x = x + self._norm(attn, "post_attention_layernorm")
+            x = x + self._norm(self._mlp(self._norm(x, "pre_feedforward_layernorm"), is_image),
+                               "post_feedforward_layernorm")
+        else:
+            x = x + attn
+            x = x + self._mlp(self._norm(x, "post_attention_layernorm"), is_image)
         return x, k_t, v
+
+    def _mlp(self, h, is_image):
+        """SwiGLU, or GeGLU with tanh GELU (Gemma 3)."""
+        gate = self._p("gate", h, is_image)
+        act = F.gelu(gate, approximate="tanh") if self.cfg.gemma_block else F.silu(gate)
+        return self._p("down", act * self._p("up", h, is_image), is_image)
 
 
 class DecoderGraph(nn.Module):
     """The decoder as one static-shape graph (module docstring for inputs / outputs).
 
-    `forward(input_ids, position_ids, attention_mask, [image_embeds, image_mask],
-    past_key_0, past_value_0, ...)` -> (logits, present_key_0, present_value_0, ...)."""
+    `forward(input_ids, position_ids, attention_mask, [sliding_attention_mask],
+    [image_embeds, image_mask], past_key_0, past_value_0, ...)` -> (logits, present_key_0,
+    present_value_0, ...). `ropes`: {table key: (cos, sin) Parameters} of
+    `rope_table_keys(cfg)` (built once by `ModelGraphs`, shared by every decoder)."""
 
     def __init__(self, cfg: LLMConfig, leaves: _Leaves, kinds: tuple[str, ...], lora_scale: float, *,
-                 context: int, with_images: bool, rope: tuple[nn.Parameter, nn.Parameter]):
+                 context: int, with_images: bool, ropes: Mapping[str, tuple[nn.Parameter, nn.Parameter]]):
         super().__init__()
         self.cfg, self.context, self.with_images = cfg, context, with_images
+        self.sliding = sliding_window(cfg) > 0
         self.embed = leaves.get("embed_tokens/embedding")
+        # Gemma3TextScaledWordEmbedding: times sqrt(hidden) rounded to the compute dtype (float32).
+        self.embed_scale = float(np.float32(cfg.hidden_size ** 0.5)) if cfg.gemma_block else None
         self.layers = nn.ModuleList([_DecoderBlock(cfg, leaves, i, kind, lora_scale, with_images)
                                      for i, kind in enumerate(kinds)])
-        self.norm = leaves.get("norm/scale")
+        self.norm = leaves.get("norm/scale", offset=1.0 if cfg.gemma_block else None)
         if cfg.tie_embeddings:
             component = leaves.names["embed_tokens/embedding"].split(".", 1)[0]
             self.lm_head = leaves.get("embed_tokens/embedding", transpose=(1, 0),
                                       name=canonical(component, "lm_head/kernel"))
         else:
             self.lm_head = leaves.get("lm_head/kernel")
-        self.rope_cos, self.rope_sin = rope
+        used = {key for key in rope_table_keys(cfg) if key is not None}
+        self.ropes = nn.ParameterDict({f"{key}_{part}": table for key in sorted(used)
+                                       for part, table in zip(("cos", "sin"), ropes[key])})
 
     def input_names(self) -> list[str]:
         """ONNX input names, in `forward`'s order."""
@@ -313,6 +428,8 @@ class DecoderGraph(nn.Module):
         past = c - ar
         shapes = [("input_ids", (1, ar), "int32"), ("position_ids", (1, ar), "int32"),
                   ("attention_mask", (1, 1, ar, c), "float32")]
+        if self.sliding:
+            shapes += [("sliding_attention_mask", (1, 1, ar, c), "float32")]
         if self.with_images:
             shapes += [("image_embeds", (1, ar, cfg.hidden_size), "float32"), ("image_mask", (1, ar), "float32")]
         for i in range(cfg.num_layers):
@@ -331,11 +448,19 @@ class DecoderGraph(nn.Module):
 
     def forward(self, input_ids, position_ids, attention_mask, *rest):
         """One prefill chunk or decode step of `ar` tokens (`input_shapes` gives every input:
-        `rest` is image_embeds and image_mask when `with_images`, then past key / value per
-        layer); returns logits and the new cache entries (`output_shapes`)."""
+        `rest` is sliding_attention_mask for models with sliding layers, image_embeds and
+        image_mask when `with_images`, then past key / value per layer); returns logits and the
+        new cache entries (`output_shapes`). ValueError for a wrong number of cache tensors."""
         cfg = self.cfg
         ar = input_ids.shape[1]
+        groups = cfg.num_heads // cfg.num_kv_heads
         x = F.embedding(input_ids, self.embed)                                           # (1, AR, hidden)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
+        masks = [attention_mask.repeat(1, 1, groups, 1), None]                           # (1, 1, G * AR, C)
+        if self.sliding:
+            sliding_mask, *rest = rest
+            masks[1] = sliding_mask.repeat(1, 1, groups, 1)
         is_image = None
         if self.with_images:
             image_embeds, image_mask, *rest = rest
@@ -343,12 +468,12 @@ class DecoderGraph(nn.Module):
             x = torch.where(is_image, image_embeds, x)
         if len(rest) != 2 * cfg.num_layers:
             raise ValueError(f"expected {2 * cfg.num_layers} past key / value tensors, got {len(rest)}")
-        cos = F.embedding(position_ids, self.rope_cos)[:, None]                          # (1, 1, AR, d)
-        sin = F.embedding(position_ids, self.rope_sin)[:, None]
-        mask = attention_mask.repeat(1, 1, cfg.num_heads // cfg.num_kv_heads, 1)         # (1, 1, G * AR, C)
+        ropes = {key: (F.embedding(position_ids, self.ropes[f"{key}_cos"])[:, None],     # (1, 1, AR, d)
+                       F.embedding(position_ids, self.ropes[f"{key}_sin"])[:, None])
+                 for key in ROPE_TABLES if f"{key}_cos" in self.ropes}
         presents = []
         for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, cos, sin, mask, rest[2 * i], rest[2 * i + 1], is_image)
+            x, k, v = layer(x, ropes, masks, rest[2 * i], rest[2 * i + 1], is_image)
             presents += [k, v]
         logits = torch.matmul(_rms_norm(x, self.norm, cfg.rms_norm_eps), self.lm_head)
         return (logits.reshape(1, ar, cfg.vocab_size), *presents)
@@ -468,13 +593,18 @@ class ModelGraphs:
         vision_flat, projector_flat = models.flatten(params["vision"]), models.flatten(params["projector"])
         self._vision = _Leaves(self.store, vision_flat, {p: canonical("vision", p) for p in vision_flat})
         self._projector = _Leaves(self.store, projector_flat, {p: canonical("projector", p) for p in projector_flat})
-        cos, sin = rope_tables(mcfg.llm.head_dim, mcfg.llm.rope_theta, context)
-        self.rope = (self.store.get("llm.rope.cos", cos), self.store.get("llm.rope.sin", sin))
+        # One pair of cos / sin tables per distinct RoPE (`rope_table_keys`), from its first layer.
+        keys = rope_table_keys(mcfg.llm)
+        self.ropes = {}
+        for key in ROPE_TABLES:
+            if key in keys:
+                cos, sin = rope_tables(mcfg.llm, keys.index(key), context)
+                self.ropes[key] = (self.store.get(f"llm.{key}.cos", cos), self.store.get(f"llm.{key}.sin", sin))
         self.lora_scale = mcfg.structure.lora_spec.scale
         self.base = DecoderGraph(mcfg.llm, self._llm, ("base",) * mcfg.llm.num_layers, self.lora_scale,
-                                 context=context, with_images=False, rope=self.rope)
+                                 context=context, with_images=False, ropes=self.ropes)
         self._multimodal = {w: DecoderGraph(mcfg.llm, self._mm, mcfg.layer_kinds, self.lora_scale,
-                                            context=context, with_images=w, rope=self.rope) for w in (True, False)}
+                                            context=context, with_images=w, ropes=self.ropes) for w in (True, False)}
         self.vision = VisionGraph(mcfg.vision, mcfg.projector, self._vision, self._projector)
 
     def multimodal(self, with_images: bool) -> DecoderGraph:

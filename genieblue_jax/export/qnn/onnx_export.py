@@ -9,7 +9,8 @@ of torch >= 2.9, which needs `onnxscript`), weights written once as external dat
     OUT/onnx/llm.weights              base LLM tensors (+ RoPE tables, the tied head's copy)
     OUT/onnx/branch.weights           replicated blocks / visual experts, LoRA
     OUT/onnx/vision.weights           vision tower + projector
-    OUT/onnx/manifest.json            shapes, names, tensor index, settings (`read_manifest`)
+    OUT/onnx/manifest.json            shapes, names, tensor index, settings, each LLM layer's
+                                      attention (full / sliding window) and RoPE table (`read_manifest`)
 
 Every graph stores its weights as ONNX external data pointing into the three `.weights`
 files, and a tensor used by several graphs (a base block in all four decoder graphs) is
@@ -37,11 +38,23 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from genieblue_jax.export.qnn.graphs import MASK_VALUE, DecoderGraph, ModelGraphs, check_sizes, example_inputs
+from genieblue_jax.export.qnn.graphs import (
+    MASK_VALUE,
+    ROPE_TABLES,
+    DecoderGraph,
+    ModelGraphs,
+    check_sizes,
+    example_inputs,
+    rope_table_keys,
+)
 from genieblue_jax.export.qnn.runtime import Decoder, DecoderSpec, Vision
 from genieblue_jax.jsonfile import read_json
 
-FORMAT = "genieblue_jax.qnn/2"   # 2: "tokens_per_tile" (was tokens_per_patch)
+# 2: "tokens_per_tile" (was tokens_per_patch); 3: the decoders' "sliding_window" (their graphs'
+# sliding_attention_mask input) and "layers" (each layer's attention and RoPE table). A /2 export
+# reads as one without sliding layers.
+FORMAT = "genieblue_jax.qnn/3"
+READABLE = ("genieblue_jax.qnn/2", FORMAT)
 MANIFEST = "manifest.json"
 GRAPHS = ("vision", "llm_base_prefill", "llm_base_decode", "llm_mm_prefill", "llm_mm_decode")
 WEIGHT_FILES = {"llm": "llm.weights", "branch": "branch.weights", "vision": "vision.weights",
@@ -57,11 +70,13 @@ def tensor_role(name: str, shape) -> str:
         >>> (tensor_role("llm.lm_head.kernel", (64, 512)),
         ...  tensor_role("vision.embeddings.patch_embedding.kernel", (48, 3, 8, 8)))
         ('matmul', 'conv')
-        >>> tensor_role("llm.layers_0.input_layernorm.scale", (64,)), tensor_role("llm.rope.cos", (64, 16))
+        >>> tensor_role("llm.layers_0.input_layernorm.scale", (64,)), tensor_role("llm.rope_local.cos", (64, 16))
         ('norm', 'rope_table')
+        >>> tensor_role("branch.layers_2.self_attn.q_norm.scale", (16,))   # Qwen3 / Gemma 3: not a MatMul weight
+        'norm'
     """
     leaf = name.rsplit(".", 1)[-1]
-    if name.startswith("llm.rope."):
+    if name.rsplit(".", 1)[0] in {f"llm.{key}" for key in ROPE_TABLES}:
         return "rope_table"
     if leaf in ("lora_a", "lora_b"):
         return "lora"
@@ -231,7 +246,10 @@ def export_onnx(model, out_dir: str, *, context: int = 2048, prefill_len: int = 
         "mask_value": MASK_VALUE, "image_token_id": int(mcfg.image_token_id),
         "tokens_per_tile": int(mcfg.tokens_per_tile), "image_size": int(mcfg.vision.image_size),
         "structure": mcfg.structure.to_dict(), "layer_kinds": list(mcfg.layer_kinds),
-        "tie_embeddings": bool(llm.tie_embeddings),
+        "tie_embeddings": bool(llm.tie_embeddings), "family": llm.family,
+        # what the host and a reader of the graphs need per layer: which mask, which RoPE table
+        "layers": [{"attention": llm.layer_type(i), "window": llm.window(i),
+                    "rope": None if key is None else f"llm.{key}"} for i, key in enumerate(rope_table_keys(llm))],
         "decoders": {
             "base": DecoderSpec.from_config(llm, context=context, prefill_len=prefill_len, multimodal=False).to_dict(),
             "multimodal": DecoderSpec.from_config(llm, context=context, prefill_len=prefill_len,
@@ -251,8 +269,8 @@ def read_manifest(onnx_dir: str) -> dict:
     another format or version."""
     path = os.path.join(onnx_dir, MANIFEST)
     manifest = read_json(onnx_dir, MANIFEST, "not an export_onnx output directory")
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {manifest.get('format')!r}, this code reads {FORMAT!r}")
+    if manifest.get("format") not in READABLE:
+        raise ValueError(f"{path}: format {manifest.get('format')!r}, this code reads {' or '.join(READABLE)}")
     return manifest
 
 

@@ -9,8 +9,10 @@ Precisions (paper Sec. 4.2 on Qualcomm QNN; `planned_precision`):
                                                                         activation to AIMET / QNN:
                                                                         no per-channel scales)
     LoRA A / B, vision tower and projector weights (MatMul, Conv)       int8, per output channel
-    activations, graph inputs / outputs (KV cache, mask, image
-      features), norm scales, position embeddings, RoPE tables          int16
+    activations, graph inputs / outputs (KV cache, both masks, image
+      features), norm scales (every RMSNorm: Qwen3 / Gemma 3 q / k
+      norms, Gemma 3's four per block), position embeddings, RoPE
+      tables (both of Gemma 3)                                          int16
     biases                                                              not simulated; QNN
                                                                         quantizes them to int32
 
@@ -80,6 +82,8 @@ def planned_precision(name: str, role: str, embedding: str = "int4") -> str:
         'int8'
         >>> planned_precision("projector.linear_1.kernel", "matmul"), planned_precision("llm.norm.scale", "norm")
         ('int8', 'int16')
+        >>> planned_precision("branch.layers_3.self_attn.k_norm.scale", "norm")   # by role, never by name
+        'int16'
     """
     component = name.split(".", 1)[0]
     if role == "embedding":

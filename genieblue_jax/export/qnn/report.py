@@ -104,17 +104,44 @@ def summarize_sizes(sizes: dict[str, dict]) -> dict:
             "unquantized": sorted(n for n, s in sizes.items() if s["bits"] == 32 and s["role"] != "bias")}
 
 
+def io_bytes(entry: dict) -> dict[str, int]:
+    """Bytes one call of a graph reads and writes (its manifest `entry`'s inputs / outputs at
+    4 bytes per element: float32 and int32), e.g. a prefill call's logits, AR x vocab x 4.
+
+        >>> io_bytes({"inputs": [{"shape": [1, 16], "dtype": "int32"}],
+        ...           "outputs": [{"shape": [1, 16, 262144], "dtype": "float32"}]})
+        {'inputs': 64, 'outputs': 16777216}
+    """
+    return {side: sum(4 * math.prod(v["shape"]) for v in entry[side]) for side in ("inputs", "outputs")}
+
+
+def kv_cache_bytes(spec: dict) -> int:
+    """Bytes of the host's float32 KV cache of one decoder (`runtime.Decoder`: keys and values
+    of every layer, all `context` slots, sliding-window layers included)."""
+    return 2 * 4 * spec["num_layers"] * spec["num_kv_heads"] * spec["head_dim"] * spec["context"]
+
+
 PAPER_CONTEXT = 2048
 
 
-def paper_scale_estimate(context: int = PAPER_CONTEXT, embedding: str = "int4") -> dict:
-    """The same accounting for Qwen2.5-3B + SigLIP-so400m GenieBlue-Skip, from shapes alone
-    (the graphs are built on torch's meta device; nothing is allocated)."""
-    mcfg = MLLMConfig.from_presets("qwen2.5-3b", "siglip-so400m-384")
+def planned_sizes(mcfg: MLLMConfig, context: int, embedding: str = "int4") -> dict:
+    """`summarize_sizes` of any MLLM config's exported tensors at the planned precisions, from
+    shapes alone (the graphs are built on torch's meta device over `abstract_mllm`; nothing is
+    allocated), e.g. a Gemma 3 1B deployment's 262k-row embedding and head copy.
+
+        >>> mcfg = MLLMConfig.from_presets("gemma-3-1b", "siglip-so400m-384")
+        >>> planned_sizes(mcfg, 2048)["lm_head_bytes"]   # int4, one float32 scale per vocabulary row
+        {'float': 1207959552, 'quantized': 152043520}
+    """
     graphs = ModelGraphs(mcfg, abstract_mllm(mcfg), context=context, meta=True)
     tensors = {n: {"shape": list(t.shape), "role": tensor_role(n, t.shape), "component": n.split(".", 1)[0]}
                for n, t in graphs.store.tensors.items()}
-    summary = summarize_sizes(tensor_sizes(tensors, _planned(tensors, embedding)))
+    return summarize_sizes(tensor_sizes(tensors, _planned(tensors, embedding)))
+
+
+def paper_scale_estimate(context: int = PAPER_CONTEXT, embedding: str = "int4") -> dict:
+    """The same accounting for Qwen2.5-3B + SigLIP-so400m GenieBlue-Skip (`planned_sizes`)."""
+    summary = planned_sizes(MLLMConfig.from_presets("qwen2.5-3b", "siglip-so400m-384"), context, embedding)
     return {"model": "qwen2.5-3b + siglip-so400m-384, genieblue-skip (interval 4, LoRA rank 8)",
             "context": context, "deployments": summary["deployments"], "lm_head_bytes": summary["lm_head_bytes"],
             "structure_report_storage_bytes": storage_summary()}
@@ -141,7 +168,9 @@ def build_report(*, model_desc: dict, manifest: dict, onnx_dir: str, export_seco
                      "vision_batch": manifest["vision_batch"], "embedding_precision": embedding},
         "export_seconds": round(export_seconds, 2),
         "graphs": {n: {"file": g["file"], "graph_bytes": g["bytes"], "weight_tensors": len(g["tensors"]),
-                       "seconds": g["seconds"]} for n, g in manifest["graphs"].items()},
+                       "seconds": g["seconds"], "io_bytes_per_call": io_bytes(g)}
+                   for n, g in manifest["graphs"].items()},
+        "host_kv_cache_bytes": {n: kv_cache_bytes(spec) for n, spec in manifest["decoders"].items()},
         "files": files,
         "sizes": {"quantized_bits_from": source, **sizes},
         "unused_parameters": manifest["unused"],
@@ -185,9 +214,15 @@ def to_markdown(r: dict) -> str:
              f"{m.get('structure')}; LLM {m.get('llm')}, vision {m.get('vision')}. Context {s['context']} slots, "
              f"prefill {s['prefill_len']} tokens per call, vision {s['vision_batch']} tile(s) per call. "
              f"Export: {r['export_seconds']:.1f} s.", "",
-             "## Graphs", "", "| graph | file | graph bytes | weight tensors | export s |", "|---|---|---|---|---|"]
+             "## Graphs", "", "| graph | file | graph bytes | weight tensors | export s | inputs / outputs per call "
+             "(float32) |", "|---|---|---|---|---|---|"]
     for n, g in r["graphs"].items():
-        lines.append(f"| {n} | {g['file']} | {g['graph_bytes']:,} | {g['weight_tensors']} | {g['seconds']:.1f} |")
+        io = g.get("io_bytes_per_call") or {"inputs": 0, "outputs": 0}
+        lines.append(f"| {n} | {g['file']} | {g['graph_bytes']:,} | {g['weight_tensors']} | {g['seconds']:.1f} | "
+                     f"{_mb(io['inputs'])} / {_mb(io['outputs'])} |")
+    if r.get("host_kv_cache_bytes"):
+        lines += ["", "Host KV cache per decoder (float32, every layer all context slots, sliding-window layers "
+                      "too): " + ", ".join(f"{n} {_mb(b)}" for n, b in r["host_kv_cache_bytes"].items()) + "."]
     sz = r["sizes"]
     lines += ["", f"## Sizes (quantized bits from {sz['quantized_bits_from']})", "",
               "| component | parameters | float32 (ONNX weights) | quantized | elements by precision |",

@@ -17,6 +17,11 @@ n_past + j. Query j sees every written past slot and the new slots up to itself:
     query 1     0  0  M  M  M | 0  0  M
     query 2     0  0  M  M  M | 0  0  0
 
+Sliding-window layers (Gemma 3, SmolLM3) read a second mask, `sliding_attention_mask`:
+the same slots, less those a query's window no longer reaches (token q sees token k iff
+q - window < k, `models.masks.sliding_window_mask`). Their caches keep every slot like the
+others' (static shapes; the JAX generator keeps a ring of the window instead).
+
 A prompt longer than AR runs in chunks of AR (the last one right-padded with token 0; the
 padding's keys are never copied to the cache, its logits never read); generation then
 runs the decode graph (AR = 1) a token at a time. `n_past + AR <= C` always: a prompt plus
@@ -30,8 +35,9 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from data_pipelines import images as image_lib
-from genieblue_jax.export.qnn.graphs import MASK_VALUE
+from genieblue_jax.export.qnn.graphs import MASK_VALUE, sliding_window
 from genieblue_jax.inference.requests import checked_tiles
+from genieblue_jax.models.masks import sliding_window_mask
 
 
 class Session(Protocol):
@@ -54,34 +60,44 @@ class DecoderSpec:
     context: int
     prefill_len: int
     multimodal: bool
+    sliding_window: int = 0  # > 0: the graphs take `sliding_attention_mask` for that window
 
     @classmethod
     def from_config(cls, llm_cfg, *, context: int, prefill_len: int, multimodal: bool) -> "DecoderSpec":
         """The spec of a decoder graph exported from `llm_cfg` (an LLMConfig)."""
         return cls(llm_cfg.num_layers, llm_cfg.num_kv_heads, llm_cfg.head_dim, llm_cfg.hidden_size,
-                   llm_cfg.vocab_size, context, prefill_len, multimodal)
+                   llm_cfg.vocab_size, context, prefill_len, multimodal, sliding_window(llm_cfg))
 
     def to_dict(self) -> dict:
         """JSON-able fields (the export manifest)."""
         return dataclasses.asdict(self)
 
 
-def attention_mask(n_past: int, ar: int, context: int) -> np.ndarray:
+def attention_mask(n_past: int, ar: int, context: int, window: int | None = None) -> np.ndarray:
     """Additive mask (1, 1, AR, C) for AR new tokens after `n_past` cached ones (module
-    docstring): past slots [0, n_past) and the causal part of the new slots are visible.
+    docstring): past slots [0, n_past) and the causal part of the new slots are visible; with
+    a `window` (a sliding layer's), only the keys within it (`masks.sliding_window_mask` over
+    the token each slot holds). ValueError when the tokens do not fit the context.
 
         >>> (attention_mask(2, 3, 8)[0, 0] == 0).astype(int)
         array([[1, 1, 0, 0, 0, 1, 0, 0],
                [1, 1, 0, 0, 0, 1, 1, 0],
                [1, 1, 0, 0, 0, 1, 1, 1]])
+        >>> (attention_mask(2, 3, 8, window=2)[0, 0] == 0).astype(int)   # tokens 2, 3, 4: 2 keys each
+        array([[0, 1, 0, 0, 0, 1, 0, 0],
+               [0, 0, 0, 0, 0, 1, 1, 0],
+               [0, 0, 0, 0, 0, 0, 1, 1]])
     """
     if n_past + ar > context:
         raise ValueError(f"{n_past} cached + {ar} new tokens exceed the context of {context} slots")
-    mask = np.full((ar, context), MASK_VALUE, np.float32)
-    mask[:, :n_past] = 0.0
-    new = np.tril(np.ones((ar, ar), bool))
-    mask[:, context - ar:][new] = 0.0
-    return mask[None, None]
+    visible = np.zeros((ar, context), bool)
+    visible[:, :n_past] = True
+    visible[:, context - ar:] = np.tril(np.ones((ar, ar), bool))
+    if window is not None:
+        held = np.arange(context)                       # the token each slot holds: past slots their own,
+        held[context - ar:] = n_past + np.arange(ar)    # the new slots the AR new tokens
+        visible &= np.asarray(sliding_window_mask(n_past + np.arange(ar), held, window))
+    return np.where(visible, np.float32(0), np.float32(MASK_VALUE))[None, None]
 
 
 def place_image_features(tokens: np.ndarray, image_token_id: int, features: np.ndarray | None):
@@ -137,6 +153,8 @@ class Decoder:
         feeds = {"input_ids": np.zeros((1, ar), np.int32),
                  "position_ids": (self.n_past + np.arange(ar, dtype=np.int32))[None],
                  "attention_mask": attention_mask(self.n_past, ar, s.context)}
+        if s.sliding_window:
+            feeds["sliding_attention_mask"] = attention_mask(self.n_past, ar, s.context, s.sliding_window)
         feeds["input_ids"][0, :valid] = ids
         if image_embeds is not None:
             embeds = np.zeros((1, ar, s.hidden_size), np.float32)
