@@ -35,7 +35,7 @@ import grain
 import numpy as np
 
 from data_pipelines import images as image_lib
-from data_pipelines.chat import ChatTemplate, truncate
+from data_pipelines.chat import chat_renderer, truncate
 from data_pipelines.packing import PackingSpec, Rejection, Sample, assemble_row, batch_rows, empty_row, first_fit
 from data_pipelines.records import ArrayRecordExampleSource, CorruptRecord, Example
 from data_pipelines.tokenizer import IMAGE_PAD, load_tokenizer
@@ -93,7 +93,13 @@ class PipelineConfig:
     max_tiles: int = 16              # per image, dynamic mode (plus the thumbnail)
     max_tiles_per_row: int = 34      # image tiles a packed row can carry
     default_system: str | None = None
-    image_token: str = IMAGE_PAD
+    image_token: str = IMAGE_PAD       # the placeholder's text (a recipe's "auto" is resolved before)
+    # How conversations are rendered (data_pipelines.chat): "auto" (the tokenizer directory's chat
+    # template, ChatML without one), "tokenizer" or "chatml"; the template's options (e.g.
+    # {"enable_thinking": False}); the date a template that reads one renders ("YYYY-MM-DD"; None: today).
+    chat_template: str = "auto"
+    chat_template_kwargs: dict = dataclasses.field(default_factory=dict)
+    chat_date: str | None = None
     seed: int = 0
     num_epochs: int | None = None      # None: repeat forever
     num_workers: int = 0
@@ -144,12 +150,14 @@ class ExampleProcessor:
         return {"cfg": self.cfg, "_template": None}
 
     @property
-    def template(self) -> ChatTemplate:
-        """The chat template (the tokenizer loaded once per worker process)."""
+    def template(self):
+        """The chat renderer (`data_pipelines.chat.chat_renderer`; the tokenizer loaded once per
+        worker process)."""
         if self._template is None:
-            self._template = ChatTemplate(load_tokenizer(self.cfg.tokenizer),
-                                          default_system=self.cfg.default_system,
-                                          image_token=self.cfg.image_token)
+            cfg = self.cfg
+            self._template = chat_renderer(load_tokenizer(cfg.tokenizer), chat_template=cfg.chat_template,
+                                           image_token=cfg.image_token, template_kwargs=cfg.chat_template_kwargs,
+                                           date=cfg.chat_date, default_system=cfg.default_system)
         return self._template
 
     def __call__(self, ex: Example | CorruptRecord) -> Sample | Rejection:

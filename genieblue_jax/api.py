@@ -39,10 +39,16 @@ from genieblue_jax.structure import MODES
 class GenieBlue:
     """A loaded model: configs and parameters of its components ("llm", "vision", ...);
     for a whole multimodal model also `mcfg` (its `structure.MLLMConfig`), the tokenizer and
-    the image preprocessing it was trained with."""
+    the image preprocessing it was trained with.
+
+    `chat`: how conversations are rendered, as the model was trained ({"template": "auto" |
+    "tokenizer" | "chatml", "template_kwargs": {...}, "date": the training's pinned date or
+    None}; `data_pipelines.chat`). Default "auto": the tokenizer directory's own chat template,
+    ChatML for a tokenizer without one. Prompts render today's date (as transformers does)."""
 
     def __init__(self, configs: dict, params: dict, *, path: str | None = None, mesh=None, mcfg=None,
-                 tokenizer: str | None = None, preprocessing: dict | None = None, source: dict | None = None):
+                 tokenizer: str | None = None, preprocessing: dict | None = None, source: dict | None = None,
+                 chat: dict | None = None):
         self.configs = dict(configs)
         self.params = dict(params)
         self.path = path
@@ -51,6 +57,7 @@ class GenieBlue:
         self.tokenizer_path = tokenizer
         self.preprocessing = {"image_mode": "dynamic", "max_tiles": 16, **(preprocessing or {})}
         self.source = dict(source or {})
+        self.chat = {"template": "auto", "template_kwargs": {}, "date": None, **(chat or {})}
 
     def __repr__(self):
         parts = ", ".join(f"{n}: {models.count_params(p) / 1e6:.2f}M params" for n, p in self.params.items())
@@ -91,12 +98,15 @@ class GenieBlue:
 
     @functools.cached_property
     def requests(self):
-        """`inference.requests.RequestEncoder` with this model's tokenizer and image preprocessing."""
+        """`inference.requests.RequestEncoder` with this model's tokenizer, chat rendering (`chat`),
+        image token and image preprocessing."""
         vision = self.configs.get("vision")
         tpp = self.mcfg.tokens_per_tile if self.is_mllm else 0
         return RequestEncoder(self.tokenizer, tile_size=vision.image_size if vision else 1, tokens_per_tile=tpp,
                               image_mode=self.preprocessing["image_mode"],
-                              max_tiles=int(self.preprocessing["max_tiles"]))
+                              max_tiles=int(self.preprocessing["max_tiles"]),
+                              image_token_id=self.mcfg.image_token_id if self.is_mllm else None,
+                              chat_template=self.chat["template"], template_kwargs=self.chat["template_kwargs"])
 
     # --- forward passes -------------------------------------------------------------------------
 
@@ -182,7 +192,8 @@ class GenieBlue:
     def generate(self, prompt, images=None, *, mode: str | None = None, max_new_tokens: int = 64,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, stop_tokens: Sequence[int] | None = None,
                  chat: bool = True, return_tokens: bool = False,
-                 on_token: Callable[[int, int], bool | None] | None = None):
+                 on_token: Callable[[int, int], bool | None] | None = None,
+                 chat_template_kwargs: dict | None = None):
         """Generates the answer to `prompt` (a string, chat turns, or token ids); a list of
         prompts is a batch (then `images` is a list with one entry per prompt: None or a
         list of images). Returns the decoded text (a list for a batch); with
@@ -190,9 +201,13 @@ class GenieBlue:
 
         Each request is routed by its own content: without images it runs the base LLM
         ("text"), with images the multimodal path, unless `mode` forces one for all. Text
-        requests of a batch and image requests run as two sub-batches. Stops at
-        `<|im_end|>` / `<|endoftext|>` (or `stop_tokens`), at `max_new_tokens`, or at
-        the context limit (`max_context`, checked up front).
+        requests of a batch and image requests run as two sub-batches. Prompts are rendered by
+        the model's chat template (`requests`; `chat_template_kwargs`, e.g. {"enable_thinking":
+        False}, over the trained options, for every prompt of the call); `chat=False` tokenizes
+        text as it is, BOS added where the tokenizer adds one. Stops at every token of
+        `requests.stop_tokens` (generation_config.json's eos ids, the tokenizer's eos token, the
+        template's end of turn; or `stop_tokens`), at `max_new_tokens`, or at the context limit
+        (`max_context`, checked up front).
 
         `on_token(i, token)` (streaming): called with each answer token of request i as it
         is decoded (never its stop token, nothing after it). Returning True says request i
@@ -217,7 +232,7 @@ class GenieBlue:
                     raise ValueError(f"{where}: token-id prompts take no images; give text (the template places them)")
                 requests.append((list(map(int, p)), None))
                 continue
-            req = self.requests.encode(p, ims or (), chat=chat, where=where)
+            req = self.requests.encode(p, ims or (), chat=chat, where=where, template_kwargs=chat_template_kwargs)
             requests.append((req.tokens, req.tiles if len(req.tiles) else None))
         for i, (tokens, _) in enumerate(requests):
             if len(tokens) + max_new_tokens > self.max_context:
@@ -253,15 +268,15 @@ class GenieBlue:
 
     def save(self, path: str, *, overwrite: bool = False) -> str:
         """Writes this model as a standalone genieblue_jax checkpoint (e.g. a workdir's model,
-        so it no longer needs the workdir, its init checkpoints or its data)."""
+        so it no longer needs the workdir, its init checkpoints or its data): its tokenizer with
+        the files beside it (tokenizer_config.json, the chat template, generation_config.json)
+        and how it renders chats (`chat`)."""
         if self.is_mllm:
-            tok = self.tokenizer_path
-            if tok and paths.path(tok).is_dir():
-                tok = next((paths.join(tok, n) for n in ("tokenizer.json", "tokenizer.model")
-                            if (paths.path(tok) / n).is_file()), None)
-            return checkpoint.save_mllm(path, self.mcfg, self.params, tokenizer=tok,
-                                        preprocessing=self.preprocessing, source=self.source, overwrite=overwrite)
-        return checkpoint.save(path, self.configs, self.params, source=self.source, overwrite=overwrite)
+            return checkpoint.save_mllm(path, self.mcfg, self.params, tokenizer=self.tokenizer_path,
+                                        preprocessing=self.preprocessing, source=self.source, chat=self.chat,
+                                        overwrite=overwrite)
+        return checkpoint.save(path, self.configs, self.params, tokenizer=self.tokenizer_path, source=self.source,
+                               chat=self.chat, overwrite=overwrite)
 
 
 def _token_callback(on_token, rows: list[int], stop_tokens) -> Callable[[int, np.ndarray], bool]:
@@ -302,13 +317,14 @@ def load(path: str, *, mesh=None, step: int | None = None) -> GenieBlue:
         mllm = meta.get("mllm")
         return GenieBlue(configs, params, path=path, mesh=mesh, mcfg=meta.get("mllm_config"),
                          tokenizer=_find_tokenizer(checkpoint.assets_dir(path)),
-                         preprocessing=mllm.get("preprocessing") if mllm else None, source=meta.get("source"))
+                         preprocessing=mllm.get("preprocessing") if mllm else None, source=meta.get("source"),
+                         chat=meta.get("chat"))
     if workdir.is_workdir(path):
         t = workdir.load_trained(path, step=step, mesh=mesh)
         configs = {"llm": t.mcfg.llm, "vision": t.mcfg.vision, "projector": t.mcfg.projector}
         return GenieBlue(configs, t.params, path=path, mesh=mesh, mcfg=t.mcfg, tokenizer=t.tokenizer,
                          preprocessing=workdir.preprocessing(t.config),
-                         source={"workdir": path, "step": t.step, **t.meta})
+                         source={"workdir": path, "step": t.step, **t.meta}, chat=workdir.chat_settings(t.config))
     if (paths.path(path) / "config.json").is_file():
         name, cfg, params = import_hf(path, mesh=mesh)
         return GenieBlue({name: cfg}, {name: params}, path=path, mesh=mesh, tokenizer=_find_tokenizer(path),

@@ -7,7 +7,8 @@
                          "checksums": {"params/...": {"size": ..., "sha256": ...}, ...}}
       params/           Orbax tree {"llm": {...}, "vision": {...}, ...}
       hf_assets/        tokenizer and processor files (from an HF import, or the tokenizer a
-                        multimodal model was trained with)
+                        multimodal model was trained with, with tokenizer_config.json, the chat
+                        template and generation_config.json where its directory has them)
 
 Two kinds: a single component (`tools.from_hf` writes "llm" or "vision"), and a whole
 GenieBlue MLLM (`save_mllm`): components "llm", "vision", "projector" plus "branch", whose
@@ -15,6 +16,14 @@ layout follows from the structure recorded under "mllm":
 
     "mllm": {"structure": {<StructureConfig.to_dict()>}, "image_token_id": 151655,
              "branch_dtype": "float32", "preprocessing": {"image_mode": "dynamic", "max_tiles": 16}}
+
+and, for a model saved from a training run, how it renders chats (`GenieBlue.chat`):
+
+    "chat": {"template": "auto" | "tokenizer" | "chatml", "template_kwargs": {...}, "date": "2026-01-01"}
+
+A checkpoint without "chat" (an HF import, or one written before chat templates were read)
+renders "auto": its hf_assets/ template, ChatML without one (older MLLM checkpoints carried
+the tokenizer file alone, so they keep ChatML).
 
 Restoring goes straight into the requested shardings (Orbax reads each shard where it
 lives), so a large model is never assembled on one host. It first checks every file against
@@ -30,6 +39,7 @@ from typing import Any, Sequence
 import jax
 import orbax.checkpoint as ocp
 
+from data_pipelines.tokenizer import tokenizer_files
 from genieblue_jax import checksums, models, paths, structure, versions
 from genieblue_jax import sharding as sharding_lib
 from genieblue_jax.jsonfile import read_json
@@ -91,12 +101,24 @@ def _write(path: str, meta: dict, params: dict, overwrite: bool, assets: tuple[s
     return path
 
 
+def _tokenizer_assets(tokenizer: str | None, assets: Sequence[str] = ()) -> tuple[str, ...]:
+    """`tokenizer` (a file or a directory holding one) with the files beside it that make it
+    whole (`tokenizer.tokenizer_files`: tokenizer_config.json, the chat template,
+    generation_config.json), then `assets`; each file name once (the first one wins)."""
+    chosen: dict[str, str] = {}
+    for f in (list(tokenizer_files(tokenizer)) if tokenizer else []) + list(assets):
+        chosen.setdefault(os.path.basename(f), f)
+    return tuple(chosen.values())
+
+
 def save(path: str, configs: dict[str, Any], params: dict[str, Any], *, tokenizer: str | None = None,
-         assets: Sequence[str] = (), source: dict | None = None, overwrite: bool = False) -> str:
+         assets: Sequence[str] = (), source: dict | None = None, chat: dict | None = None,
+         overwrite: bool = False) -> str:
     """Writes components `configs[name]` / `params[name]` to `path` (local or gs://); returns
-    its path. `tokenizer` (a tokenizer.json / .model file) and the files in `assets` (e.g. an
-    HF repo's tokenizer_config.json) are copied into hf_assets/, where `load` finds them, before
-    the metadata file that marks the checkpoint whole is written."""
+    its path. `tokenizer` (a tokenizer.json / .model file, or a directory holding one) with the
+    tokenizer files beside it, and the files in `assets` (e.g. an HF repo's tokenizer_config.json),
+    are copied into hf_assets/, where `load` finds them, before the metadata file that marks the
+    checkpoint whole is written. `chat`: how the model renders chats (module docstring)."""
     if set(configs) != set(params):
         raise ValueError(f"configs {sorted(configs)} and params {sorted(params)} name different components")
     for name, cfg in configs.items():
@@ -104,15 +126,20 @@ def save(path: str, configs: dict[str, Any], params: dict[str, Any], *, tokenize
     meta = {"format_version": FORMAT_VERSION,
             "components": {n: c.to_dict() for n, c in configs.items()},
             "source": source or {}}
-    return _write(path, meta, params, overwrite, assets=((tokenizer,) if tokenizer else ()) + tuple(assets))
+    if chat is not None:
+        meta["chat"] = dict(chat)
+    return _write(path, meta, params, overwrite, assets=_tokenizer_assets(tokenizer, assets))
 
 
 def save_mllm(path: str, mcfg, params: dict[str, Any], *, tokenizer: str | None = None,
-              preprocessing: dict | None = None, source: dict | None = None, overwrite: bool = False) -> str:
+              preprocessing: dict | None = None, source: dict | None = None, chat: dict | None = None,
+              overwrite: bool = False) -> str:
     """Writes a whole multimodal model: `params` = {"llm", "vision", "projector", "branch"} of
-    `mcfg` (a `structure.MLLMConfig`). `tokenizer` (a tokenizer.json / .model file) is copied
-    into hf_assets/; `preprocessing` ({"image_mode", "max_tiles"}) records how images were
-    cut into tiles in training, so inference cuts them the same way.
+    `mcfg` (a `structure.MLLMConfig`). `tokenizer` (a tokenizer.json / .model file, or its
+    directory) is copied into hf_assets/ with the files beside it (tokenizer_config.json, the chat
+    template, generation_config.json); `preprocessing` ({"image_mode", "max_tiles"}) records how
+    images were cut into tiles in training, so inference cuts them the same way; `chat` how it
+    renders chats (module docstring).
 
         >>> save_mllm("/ckpt/mllm", mcfg, params, tokenizer="/data/demo/tokenizer.model",
         ...           preprocessing={"image_mode": "dynamic", "max_tiles": 4})  # doctest: +SKIP
@@ -134,7 +161,9 @@ def save_mllm(path: str, mcfg, params: dict[str, Any], *, tokenizer: str | None 
             "mllm": {"structure": mcfg.structure.to_dict(), "image_token_id": int(mcfg.image_token_id),
                      "branch_dtype": branch_dtype, "preprocessing": dict(preprocessing or {})},
             "source": source or {}}
-    return _write(path, meta, params, overwrite, assets=(tokenizer,) if tokenizer else ())
+    if chat is not None:
+        meta["chat"] = dict(chat)
+    return _write(path, meta, params, overwrite, assets=_tokenizer_assets(tokenizer))
 
 
 def _abstract_branch(structure, mcfg, dtype: str) -> dict:

@@ -29,7 +29,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from data_pipelines.tokenizer import load_tokenizer
+from data_pipelines.chat import CHAT_TEMPLATE_CHOICES, checked_template_kwargs, parse_date
+from data_pipelines.tokenizer import choose_image_token, load_tokenizer, read_assets
 from genieblue_jax import checkpoint as model_checkpoint
 from genieblue_jax import checksums, models, paths, structure
 from genieblue_jax import sharding as sharding_lib
@@ -89,14 +90,22 @@ def tokenizer_path(c: ml_collections.ConfigDict, workdir: str) -> str:
     return c.data.tokenizer or os.path.join(workdir, "demo_data", "tokenizer.model")
 
 
-def tokenized_model_config(c: ml_collections.ConfigDict, tokenizer: str) -> structure.MLLMConfig:
-    """`model_config` with the image token id looked up in the tokenizer (checked against the vocab)."""
-    tok = load_tokenizer(tokenizer)
+def image_token(c: ml_collections.ConfigDict, tokenizer) -> str:
+    """The recipe's image placeholder (`model.image_token`; "auto" picks one of the tokenizer's
+    own special tokens inside the LLM's embedding table: `tokenizer.choose_image_token`);
+    ConfigError naming the key when there is none or it lies outside the table."""
+    rows = model_config(c, 0).llm.vocab_size
     try:
-        image_token_id = tok.token_id(c.model.image_token)
-    except KeyError as e:
-        raise ConfigError(f"model.image_token: {e.args[0]}") from None
-    mcfg = model_config(c, image_token_id)
+        return choose_image_token(tokenizer, rows, c.model.image_token)
+    except ValueError as e:
+        raise ConfigError(f"model.image_token: {e} (model.image_token={c.model.image_token!r} chooses it)") from None
+
+
+def tokenized_model_config(c: ml_collections.ConfigDict, tokenizer: str) -> structure.MLLMConfig:
+    """`model_config` with the image token (`image_token`) looked up in the tokenizer (checked
+    against the vocab)."""
+    tok = load_tokenizer(tokenizer)
+    mcfg = model_config(c, tok.token_id(image_token(c, tok)))
     if tok.vocab_size > mcfg.llm.vocab_size:
         raise ConfigError(f"data.tokenizer has {tok.vocab_size} tokens but model.llm only {mcfg.llm.vocab_size}")
     return mcfg
@@ -128,6 +137,52 @@ def model_config(c: ml_collections.ConfigDict, image_token_id: int) -> structure
                                 struct, image_token_id)
 
 
+def chat_settings(c: ml_collections.ConfigDict) -> dict:
+    """How the recipe renders chats, checked (ConfigError naming the key): {"template":
+    data.chat_template, "template_kwargs": data.chat_template_kwargs (a JSON object),
+    "date": data.chat_date ("YYYY-MM-DD")}, as `GenieBlue.chat` and the pipeline take it.
+
+        >>> chat_settings(ml_collections.ConfigDict({"data": {"chat_template": "auto",
+        ...     "chat_template_kwargs": '{"enable_thinking": false}', "chat_date": "2026-01-01"}}))
+        {'template': 'auto', 'template_kwargs': {'enable_thinking': False}, 'date': '2026-01-01'}
+    """
+    d = c.data
+    if d.chat_template not in CHAT_TEMPLATE_CHOICES:
+        raise ConfigError(f"data.chat_template={d.chat_template!r}: choose one of {CHAT_TEMPLATE_CHOICES}")
+    try:
+        kwargs = checked_template_kwargs(json.loads(d.chat_template_kwargs or "{}"))
+    except ValueError as e:  # json.JSONDecodeError is one
+        raise ConfigError(f"data.chat_template_kwargs={d.chat_template_kwargs!r}: {e}; give a JSON object, "
+                          "e.g. '{\"enable_thinking\": false}'") from None
+    try:
+        date = parse_date(d.chat_date)
+    except ValueError as e:
+        raise ConfigError(f"data.chat_date: {e}") from None
+    if kwargs and d.chat_template == "chatml":
+        raise ConfigError(f"data.chat_template_kwargs={d.chat_template_kwargs!r}: data.chat_template='chatml' "
+                          "has no options")
+    return {"template": d.chat_template, "template_kwargs": kwargs, "date": date.isoformat() if date else None}
+
+
+def with_resolved_choices(c: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+    """A copy of `c` whose "auto" choices say what they chose, as a workdir records them in its
+    config.json: `model.image_token` the token (`image_token`), `data.chat_template` "tokenizer"
+    (the tokenizer directory has a chat template) or "chatml" (it has none). A recipe without a
+    tokenizer, or one whose choices cannot be made, is returned as it is: `trainer.resolve` names
+    the culprit, after the checks that come before it."""
+    c = ml_collections.ConfigDict(c.to_dict())
+    if not c.data.tokenizer:
+        return c
+    tokenizer = tokenizer_path(c, workdir)
+    try:
+        c.model.image_token = image_token(c, load_tokenizer(tokenizer))
+        if c.data.chat_template == "auto":
+            c.data.chat_template = "chatml" if read_assets(tokenizer).chat_template is None else "tokenizer"
+    except (ConfigError, OSError, ValueError):
+        pass
+    return c
+
+
 def preprocessing(c: ml_collections.ConfigDict) -> dict:
     """How the recipe cuts images into tiles (inference must do the same)."""
     return {"image_mode": c.data.image_mode, "max_tiles": int(c.data.max_tiles)}
@@ -137,16 +192,22 @@ def preprocessing(c: ml_collections.ConfigDict) -> dict:
 # config.json is read with the new names; a command line with an old one is refused
 # (experiments.configs.expand_config_arg).
 RENAMED_KEYS = {"data.max_patches": "data.max_tiles", "data.max_patches_per_row": "data.max_tiles_per_row"}
+# Config keys added since workdirs were first written: key -> the value that says what a workdir
+# without it did. Workdirs from before chat templates were read rendered ChatML, piece by piece.
+ADDED_KEYS = {"data.chat_template": "chatml", "data.chat_template_kwargs": "{}", "data.chat_date": ""}
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a workdir was trained with (its config.json), old keys (RENAMED_KEYS) under
-    their new names."""
+    their new names, keys it predates (ADDED_KEYS) with the values that say what it did."""
     d = read_json(workdir, "config.json", "not a training workdir")
     for old, new in RENAMED_KEYS.items():
         (section, o), (_, n) = old.split("."), new.split(".")
         if o in d.get(section, {}):
             d[section][n] = d[section].pop(o)
+    for key, value in ADDED_KEYS.items():
+        section, name = key.split(".")
+        d.setdefault(section, {}).setdefault(name, value)
     return ml_collections.ConfigDict(d)
 
 

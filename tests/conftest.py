@@ -148,3 +148,156 @@ def pytest_unconfigure(config):
     if _XLA_CACHE_OWNED:
         import shutil
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+# --- tokenizers of the chat-template families ------------------------------------------------
+# Small BPE tokenizers built with the `tokenizers` library in each family's layout (its special
+# tokens, pre-tokenizer and post-processor, tokenizer_config.json as its hub repo writes it, its
+# published chat template from tests/chat_templates/), for chat-template tests: transformers'
+# AutoTokenizer loaded from the directory is the reference. No hub access.
+
+CHAT_TEMPLATES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat_templates")
+QWEN_PRETOKENIZE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                    r"\s*[\r\n]+|\s+(?!\S)|\s+")  # transformers' Qwen2Tokenizer
+LLAMA3_PRETOKENIZE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                      r"\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+_LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>",
+                    "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+                    *[f"<|reserved_special_token_{n}|>" for n in range(3, 8)]]
+# SmolLM3 renamed Llama 3's reserved tokens 0, 1, 3..10 to its think / chat / tool tokens.
+_SMOLLM3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", ("<think>", False), ("</think>", False),
+                     "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|start_header_id|>",
+                     "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|im_start|>", "<|im_end|>",
+                     ("<tool_response>", False), ("</tool_response>", False), ("<tool_call>", False),
+                     ("</tool_call>", False), ("<code>", False), ("</code>", False),
+                     *[f"<|reserved_special_token_{n}|>" for n in range(11, 14)]]
+# Gemma 3: its leading specials, a few of its (non-special) <unusedN>, the turn tokens, the image tokens last
+# (`<image_soft_token>` is one past gemma-3-1b's embedding table).
+_GEMMA3_LEADING = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "[multimodal]"]
+_GEMMA3_TRAILING = [*[(f"<unused{n}>", False) for n in range(4)], "<start_of_turn>", "<end_of_turn>",
+                    "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+TOKENIZER_FAMILIES = {
+    # family: template file, tokenizer_config.json entries as the hub repo has them, generation_config eos names
+    "qwen2.5": dict(template="qwen2.5-instruct.jinja", layout="qwen", specials=_QWEN_SPECIALS + [
+        ("<tool_call>", False), ("</tool_call>", False)],
+        config={"tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>", "unk_token": None, "add_bos_token": False, "errors": "replace"},
+        generation={"bos": "<|endoftext|>", "pad": "<|endoftext|>", "eos": ["<|im_end|>", "<|endoftext|>"]}),
+    "qwen3": dict(template="qwen3.jinja", layout="qwen", specials=_QWEN_SPECIALS + [
+        ("<tool_call>", False), ("</tool_call>", False), ("<tool_response>", False), ("</tool_response>", False),
+        ("<think>", False), ("</think>", False)],
+        config={"tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>", "unk_token": None, "add_bos_token": False, "errors": "replace"},
+        generation={"bos": "<|endoftext|>", "pad": "<|endoftext|>", "eos": ["<|im_end|>", "<|endoftext|>"]}),
+    "llama3.2": dict(template="llama-3.2-instruct.jinja", layout="llama3", specials=_LLAMA3_SPECIALS,
+                     config={"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
+                             "eos_token": "<|eot_id|>", "clean_up_tokenization_spaces": True},
+                     generation={"bos": "<|begin_of_text|>", "eos": ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]}),
+    "smollm3": dict(template="smollm3.jinja", layout="llama3", specials=_SMOLLM3_SPECIALS, template_file=True,
+                    config={"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|im_end|>",
+                            "pad_token": "<|im_end|>", "clean_up_tokenization_spaces": True,
+                            "extra_special_tokens": {}},
+                    generation={"bos": "<|begin_of_text|>", "pad": "<|finetune_right_pad_id|>", "eos": ["<|im_end|>"]}),
+    "gemma3": dict(template="gemma-3-it.jinja", layout="gemma", specials=_GEMMA3_TRAILING,
+                   config={"tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>",
+                           "pad_token": "<pad>", "unk_token": "<unk>", "mask_token": "<mask>", "add_bos_token": True,
+                           "add_eos_token": False, "spaces_between_special_tokens": False},
+                   generation={"bos": "<bos>", "pad": "<pad>", "eos": ["<eos>", "<end_of_turn>"]}),
+}
+# What the tokenizers learn their merges from: the tests' conversations and the templates' own text.
+TOKENIZER_CORPUS = [
+    "What colour is the circle? The circle is red. What is 3 plus 4? The answer is seven.",
+    "Describe the image. One red circle and two blue squares. Hello, how are you today?",
+    "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face. Be brief and answer in one word.",
+    "system user assistant model\n\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n",
+    "## Metadata\n\nKnowledge Cutoff Date: June 2025\nReasoning Mode: /think\n## Custom Instructions\n",
+]
+
+
+def published_chat_template(name: str) -> str:
+    """A published chat template of tests/chat_templates/ (its README names the sources)."""
+    with open(os.path.join(CHAT_TEMPLATES_DIR, name), encoding="utf-8") as f:
+        return f.read()
+
+
+def build_hf_tokenizer(family: str, out_dir: str, *, extra_eos: tuple = ()) -> str:
+    """Writes a tokenizer of `family` (TOKENIZER_FAMILIES) into `out_dir`: tokenizer.json,
+    tokenizer_config.json (with the published chat template, or SmolLM3's chat_template.jinja)
+    and generation_config.json, whose eos ids are the family's plus the ids `extra_eos` (e.g. a
+    token a random model's greedy continuation produces, to make generation stop). Returns out_dir."""
+    import json
+
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers.models import BPE
+
+    spec = TOKENIZER_FAMILIES[family]
+    os.makedirs(out_dir, exist_ok=True)
+    added = [(t, True) if isinstance(t, str) else t for t in spec["specials"]]
+    if spec["layout"] == "gemma":
+        # transformers' GemmaTokenizer: BPE with byte fallback over "▁"-joined text, one piece per byte
+        # <0xNN>, its leading special tokens first
+        learner = Tokenizer(BPE(unk_token="<unk>"))
+        learner.normalizer = normalizers.Replace(" ", "▁")
+        learner.train_from_iterator(TOKENIZER_CORPUS * 5, trainers.BpeTrainer(
+            vocab_size=300, special_tokens=_GEMMA3_LEADING, show_progress=False))
+        learned = json.loads(learner.to_str())["model"]
+        vocab = {t: i for i, t in enumerate(_GEMMA3_LEADING)}
+        vocab.update({f"<0x{b:02X}>": len(vocab) + b for b in range(256)})
+        for piece in sorted(learned["vocab"], key=learned["vocab"].get):
+            vocab.setdefault(piece, len(vocab))
+        tok = Tokenizer(BPE(vocab=vocab, merges=[tuple(m) if isinstance(m, list) else tuple(m.split(" "))
+                                                 for m in learned["merges"]],
+                            unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+        tok.normalizer = normalizers.Replace(" ", "▁")
+        tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in _GEMMA3_LEADING])
+    else:
+        regex = QWEN_PRETOKENIZE if spec["layout"] == "qwen" else LLAMA3_PRETOKENIZE
+        tok = Tokenizer(BPE())
+        if spec["layout"] == "qwen":
+            tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.decoder = decoders.ByteLevel()
+        tok.train_from_iterator(TOKENIZER_CORPUS * 5, trainers.BpeTrainer(
+            vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    for text, special in added:
+        if special:
+            tok.add_special_tokens([AddedToken(text, special=True, normalized=False)])
+        else:
+            tok.add_tokens([AddedToken(text, special=False, normalized=False)])
+    bos = spec["generation"].get("bos")
+    if spec["layout"] == "gemma":
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
+                                                           special_tokens=[("<bos>", tok.token_to_id("<bos>"))])
+    elif spec["layout"] == "llama3":  # Llama 3's tokenizer.json adds <|begin_of_text|> to every text
+        tok.post_processor = processors.Sequence([
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                          special_tokens=[(bos, tok.token_to_id(bos))])])
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    template = published_chat_template(spec["template"])
+    config = dict(spec["config"])
+    if spec.get("template_file"):
+        with open(os.path.join(out_dir, "chat_template.jinja"), "w", encoding="utf-8") as f:
+            f.write(template)
+    else:
+        config["chat_template"] = template
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    gen = spec["generation"]
+    eos = [tok.token_to_id(t) for t in gen["eos"]] + [int(i) for i in extra_eos]
+    generation = {"bos_token_id": tok.token_to_id(gen["bos"]), "eos_token_id": eos}
+    if "pad" in gen:
+        generation["pad_token_id"] = tok.token_to_id(gen["pad"])
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+        json.dump(generation, f, indent=2)
+    return out_dir

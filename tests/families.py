@@ -79,18 +79,21 @@ def _perturbed(model, scale: float):
     return model.eval()
 
 
-def build(name: str, seed: int = 0, scale: float = 0.02):
+def build(name: str, seed: int = 0, scale: float = 0.02, **overrides):
     """The random transformers model `name` (a causal LM; for gemma3-vlm the whole VLM), every
     tensor perturbed by N(0, scale) noise (0.2: weights of a pretrained scale, whose greedy
-    continuations do not repeat one token)."""
+    continuations do not repeat one token); `overrides` change config fields (e.g. the
+    vocabulary size of a test's tokenizer)."""
     torch.manual_seed(seed)
     if name == "gemma3-vlm":
+        assert not overrides, overrides
         cfg = transformers.Gemma3Config(
             text_config=transformers.Gemma3TextConfig(**GEMMA3_VLM_TEXT).to_dict(),
             vision_config=transformers.SiglipVisionConfig(**GEMMA3_VLM_VISION).to_dict(), mm_tokens_per_image=4,
             image_token_index=GEMMA3_VLM_TEXT["vocab_size"] - 1)
         return _perturbed(transformers.Gemma3ForConditionalGeneration(cfg), scale)
     config_cls, fields = FAMILY_CONFIGS[name]
+    fields = {**fields, **overrides}
     model_cls = {transformers.LlamaConfig: transformers.LlamaForCausalLM,
                  transformers.Qwen3Config: transformers.Qwen3ForCausalLM,
                  transformers.Gemma3TextConfig: transformers.Gemma3ForCausalLM,

@@ -144,6 +144,10 @@ def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(served):
             ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "unknown role 'wizard'"),
             ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}, 400, "'max_tokens' must be"),
             ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "only n=1"),
+            ({"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": "thinking"}, 400,
+             "'chat_template_kwargs': chat template options must be an object"),
+            ({"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"tools": []}}, 400,
+             "['tools'] are not options"),
     ]:
         r = httpx2.post(url, json=body)
         assert r.status_code == status and message in r.json()["error"]["message"], (body, r.text)

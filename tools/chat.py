@@ -5,16 +5,18 @@
     python -m tools.chat --checkpoint workdirs/stage2_skip                   # interactive
 
 `--checkpoint` is anything `genieblue_jax.load` takes (a training workdir, a checkpoint,
-an HF directory). Routing is GenieBlue's non-shared base: a conversation without images
-runs the untouched base LLM; once an image is in it, the multimodal path runs (`--mode`
-forces one of text / multimodal / shared). The line printed after each answer says which
-path ran and how fast.
+an HF directory). Prompts are rendered by the model's own chat template (ChatML for a tokenizer
+without one) and answers end at its end tokens, as `GenieBlue.generate` does. Routing is
+GenieBlue's non-shared base: a conversation without images runs the untouched base LLM; once an
+image is in it, the multimodal path runs (`--mode` forces one of text / multimodal / shared).
+The line printed after each answer says which path ran and how fast.
 
 Interactive commands: `/image PATH` attaches an image to your next message, `/mode
 auto|text|multimodal|shared`, `/reset` starts a new conversation, `/quit` (or Ctrl-D) ends.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -39,7 +41,10 @@ def define_flags():
     flags.DEFINE_float("temperature", 0.0, "0: greedy; > 0: sampling.")
     flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (with temperature > 0).")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
-    flags.DEFINE_string("system", None, "Optional system message.")
+    flags.DEFINE_string("system", None, "Optional system message (without one, the model's chat template may add "
+                        "its default system turn, as Qwen2.5-Instruct's and Llama 3.2's do).")
+    flags.DEFINE_string("chat_template_kwargs", None, "The chat template's options as a JSON object, e.g. "
+                        "'{\"enable_thinking\": false}' (Qwen3, SmolLM3); default: the model's trained ones.")
     flags.DEFINE_integer("step", None, "For a workdir: the checkpoint step (default: the latest).")
     flags.mark_flags_as_required(["checkpoint"])
 
@@ -131,9 +136,13 @@ def main(argv):
         model = genieblue_jax.load(FLAGS.checkpoint, step=FLAGS.step)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: cannot load --checkpoint={FLAGS.checkpoint}: {e}")
+    try:
+        options = json.loads(FLAGS.chat_template_kwargs) if FLAGS.chat_template_kwargs else None
+    except ValueError as e:
+        sys.exit(f"error: --chat_template_kwargs={FLAGS.chat_template_kwargs!r} is not JSON: {e}")
     conv = Conversation(model, None if FLAGS.mode == "auto" else FLAGS.mode, FLAGS.system,
                         max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_p=FLAGS.top_p,
-                        seed=FLAGS.seed)
+                        seed=FLAGS.seed, chat_template_kwargs=options)
     if FLAGS.prompt is None:
         print(f"loaded {model}")
         interactive(conv)

@@ -8,6 +8,11 @@ Reads config.json and *.safetensors (single file or sharded with an index) of
 Qwen2ForCausalLM, LlamaForCausalLM, SiglipVisionModel or SiglipModel (vision tower only).
 Never loads pickle (*.bin) files. Errors name the missing tensor / bad shape / unsupported
 config field. With --mesh, every tensor is placed straight into its shard.
+
+The tokenizer travels with the weights (the checkpoint's hf_assets/): tokenizer.json /
+tokenizer.model, tokenizer_config.json, the chat template (its `chat_template`,
+chat_template.jinja or chat_template.json) and generation_config.json. An LLM's line says which
+chat template its prompts will be rendered with and where generation will stop.
 """
 import os
 import sys
@@ -56,6 +61,33 @@ def main(argv):
     logging.info("imported %s", cfg)
     print(f"wrote {FLAGS.out}: component {name!r}, {models.count_params(params):,} parameters "
           f"({FLAGS.param_dtype})")
+    if name == "llm":
+        print(chat_summary(FLAGS.out))
+
+
+def chat_summary(checkpoint_dir: str) -> str:
+    """One line: the chat template an imported LLM renders prompts with, and its stop tokens
+    (read from its hf_assets/, as `genieblue_jax.load` reads them; the weights are not loaded)."""
+    from data_pipelines.chat import chat_renderer, stop_token_ids
+    from data_pipelines.tokenizer import load_tokenizer
+    from genieblue_jax import checkpoint
+    assets = checkpoint.assets_dir(checkpoint_dir)
+    try:
+        tok = load_tokenizer(assets) if assets else None
+    except FileNotFoundError:
+        tok = None
+    if tok is None:
+        return "no tokenizer in the HF directory: pass token ids, or train with data.tokenizer"
+    try:
+        renderer = chat_renderer(tok, image_token=None)
+    except KeyError:
+        return (f"no chat template and no ChatML tokens: plain-text prompts only; generation stops at "
+                f"{[tok.piece(i) for i in stop_token_ids(tok)]}")
+    except ValueError as e:
+        return f"chat: {e}"
+    what = f"its own chat template ({renderer.source})" if renderer.kind == "template" else \
+        "ChatML (its tokenizer has no chat template)"
+    return f"chat prompts: {what}; generation stops at {[tok.piece(i) for i in renderer.stop_token_ids]}"
 
 
 if __name__ == "__main__":

@@ -20,10 +20,17 @@ reach the server can make it read image files it can read, hence the default --h
 Each image part puts an `<image>` slot where it stands (parts joined by newlines: [image, text]
 is the `<image>\\n` + text that `model.generate(text, images=[...])` renders).
 
+Prompts are rendered by the model's own chat template (its default system turn included), or
+ChatML for a tokenizer without one, as `GenieBlue.generate` renders them; answers end at the
+model's end tokens (generation_config.json's eos ids, the tokenizer's eos token, the template's
+end of turn). A message holding one of the tokenizer's special-token strings is refused (400).
+
 Fields: `max_tokens` (or `max_completion_tokens`; default --max_tokens, capped by the context),
 `temperature` (default 0: greedy, as `GenieBlue.generate`; OpenAI's default is 1), `top_p`,
 `seed`, `stop` (strings cut from the decoded text, the stop string not included),
-`stream` (+ `stream_options.include_usage`). Others OpenAI defines are accepted and ignored;
+`stream` (+ `stream_options.include_usage`), `chat_template_kwargs` (the template's options, as
+vLLM takes them, e.g. `{"enable_thinking": false}` for Qwen3 / SmolLM3; the openai client sends
+it with `extra_body={"chat_template_kwargs": {...}}`). Others OpenAI defines are accepted and ignored;
 `n` must be 1; `model` is not checked (one model is served). Bad requests get a 4xx whose JSON says why, OpenAI-style
 (`{"error": {"message": ...}}`); a prompt + max_tokens beyond the model's context is one.
 
@@ -197,8 +204,9 @@ class Job:
     (`add`); the request's handler reads `events` (deltas, then "done" or "error") on its loop."""
 
     def __init__(self, model, *, turns, images, prompt_tokens: int, max_tokens: int, stops: list[str],
-                 sampling: tuple, loop):
+                 sampling: tuple, loop, template_kwargs: dict | None = None):
         self.model, self.turns, self.images = model, turns, images
+        self.template_kwargs = template_kwargs or {}
         self.prompt_tokens, self.max_tokens, self.stops = prompt_tokens, max_tokens, stops
         self.sampling, self.loop = sampling, loop  # sampling: (temperature, top_p, seed)
         self.route = "multimodal" if images else "base"
@@ -296,13 +304,14 @@ class Batcher:
         return jobs
 
     def _groups(self, jobs: list[Job]) -> list[list[Job]]:
-        """Jobs that can share a generate call: same route and sampling, at most max_batch,
-        and every prompt + the batch's max_tokens within the context."""
+        """Jobs that can share a generate call: same route, sampling and template options, at most
+        max_batch, and every prompt + the batch's max_tokens within the context."""
         groups: list[list[Job]] = []
         context = self.model.max_context
         for job in jobs:
             for g in groups:
                 if (len(g) < self.max_batch and g[0].route == job.route and g[0].sampling == job.sampling
+                        and g[0].template_kwargs == job.template_kwargs
                         and max(j.prompt_tokens for j in g + [job]) + max(j.max_tokens for j in g + [job])
                         <= context):
                     g.append(job)
@@ -338,7 +347,8 @@ class Batcher:
         try:
             self.model.generate([j.turns for j in padded], images=[j.images or None for j in padded],
                                 max_new_tokens=max(j.max_tokens for j in group), temperature=temperature,
-                                top_p=top_p, seed=seed, on_token=on_token)
+                                top_p=top_p, seed=seed, on_token=on_token,
+                                chat_template_kwargs=group[0].template_kwargs or None)
         except ValueError as e:  # checked up front; a request that still fails says why
             return self._fail(group, 400, str(e))
         for job in group:
@@ -387,8 +397,13 @@ def make_app(model, *, model_id: str | None = None, batch_wait_ms: float = 10.0,
         turns, images = parse_messages(body.get("messages"))
         if images and not model.is_mllm:
             raise BadRequest(f"this model ({model_id}) is a text-only LLM and takes no images", "messages")
+        from data_pipelines.chat import checked_template_kwargs
         try:
-            prompt = len(model.requests.encode(turns, images).tokens)
+            template_kwargs = checked_template_kwargs(body.get("chat_template_kwargs"))
+        except ValueError as e:
+            raise BadRequest(f"'chat_template_kwargs': {e}", "chat_template_kwargs") from None
+        try:
+            prompt = len(model.requests.encode(turns, images, template_kwargs=template_kwargs).tokens)
         except (OSError, ValueError) as e:
             raise BadRequest(str(e), "messages") from None
         context = model.max_context
@@ -412,7 +427,7 @@ def make_app(model, *, model_id: str | None = None, batch_wait_ms: float = 10.0,
         # greedy decoding ignores top_p and the seed: every greedy request can share a batch
         sampling = (temperature, top_p, seed) if temperature > 0 else (0.0, 1.0, 0)
         return Job(model, turns=turns, images=images, prompt_tokens=prompt, max_tokens=limit, stops=stops,
-                   sampling=sampling, loop=loop)
+                   sampling=sampling, loop=loop, template_kwargs=template_kwargs)
 
     def chunk(job: Job, cid: str, delta: dict, finish_reason=None, **extra) -> str:
         out = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_id,

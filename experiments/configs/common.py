@@ -37,7 +37,10 @@ def base_config(scale: str) -> ml_collections.ConfigDict:
     c.model.interval = 4
     c.model.lora_rank = 8
     c.model.lora_alpha = 16.0
-    c.model.image_token = "<|image_pad|>"
+    # The image placeholder: one of the base tokenizer's own special tokens inside the LLM's embedding
+    # table (its vocabulary and weights stay as they are). "auto": Qwen's <|image_pad|> when present, else
+    # the lowest <|reserved_special_token_N|> (Llama 3), else <unusedN> (Gemma); a workdir records the choice.
+    c.model.image_token = "auto"
     c.model.compute_dtype = "bfloat16" if paper else "float32"
     c.model.base_param_dtype = "bfloat16" if paper else "float32"  # the frozen base
     c.model.remat = paper  # recompute block activations in the backward pass
@@ -57,6 +60,16 @@ def base_config(scale: str) -> ml_collections.ConfigDict:
     # trains on the demo datasets, written into WORKDIR/demo_data (experiments.demo_data.with_demo_sources).
     c.data.sources = ""
     c.data.tokenizer = ml_collections.FieldReference(None, field_type=str)
+    # How conversations become tokens (data_pipelines.chat): "auto" renders the tokenizer directory's own chat
+    # template (chat_template.jinja / tokenizer_config.json's chat_template / chat_template.json) and falls back
+    # to ChatML for a tokenizer without one (the demo's SentencePiece); "tokenizer" requires the template;
+    # "chatml" always renders ChatML. A workdir records what "auto" chose.
+    c.data.chat_template = "auto"
+    # The template's options, a JSON object, e.g. '{"enable_thinking": false}' (Qwen3, SmolLM3).
+    c.data.chat_template_kwargs = "{}"
+    # The date a template that reads one (strftime_now: Llama 3.2's and SmolLM3's default system turn) renders in
+    # training, so records do not change from day to day; "YYYY-MM-DD", or "" for the day of rendering.
+    c.data.chat_date = "2026-01-01"
     c.data.seq_len = 4096 if paper else 256
     c.data.image_mode = "dynamic"
     c.data.max_tiles = 16 if paper else 4

@@ -9,7 +9,15 @@ What OUT holds (a whole multimodal model; `OUT/README.md` says the same for the 
                           safetensors) + the tokenizer files; runs every text-only request
     multimodal_llm/       the LLM of image requests: the base with the replicated blocks swapped
                           in (genieblue), the base itself (lora), the trained LLM (full);
-                          LoRA folded in with merge_lora=True
+                          LoRA folded in with merge_lora=True; the tokenizer files too
+
+Each LLM directory is what `transformers` needs to chat and stop as genieblue_jax does: the
+tokenizer (tokenizer.json / .model, tokenizer_config.json, ...), `chat_template.jinja` (the
+template the model renders with: its own, or `data_pipelines.chat.CHATML_JINJA` for a model
+rendered in ChatML; tokenizer_config.json's copy of a template is dropped, so there is one),
+`generation_config.json` (the source's, with `eos_token_id` = every token generation stops at:
+`GenieBlue.requests.stop_tokens`) and config.json's `eos_token_id` / `bos_token_id` /
+`pad_token_id` (from the tokenizer's named tokens, else generation_config.json's).
     lora_adapter/         PEFT LoRA adapter for multimodal_llm (absent when merged or when no
                           block has LoRA): adapter_config.json + adapter_model.safetensors
     vision_tower/         SiglipVisionModel (select_layer in genieblue_export.json + the manifest)
@@ -51,6 +59,7 @@ from typing import Any
 import numpy as np
 
 import genieblue_jax
+from data_pipelines.tokenizer import ASSET_FILES, read_assets
 from genieblue_jax import models, paths, structure
 from genieblue_jax.api import GenieBlue
 from genieblue_jax.export.hf_writer import hf_names, save_llm, save_vision, write_safetensors
@@ -68,9 +77,12 @@ PROJECTOR_CONFIG_FILE = "config.json"
 SUPPORTED_VARIANTS = ("genieblue", "lora", "full")
 # PEFT's PeftModelForCausalLM keeps the transformers model under `base_model.model.`.
 PEFT_PREFIX = "base_model.model."
-# Tokenizer files copied from the model's tokenizer directory when present.
+# Tokenizer files copied from the model's tokenizer directory when present (the chat template and
+# generation_config.json are written from what the model renders and stops at: `_write_chat_files`).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+                   "added_tokens.json", "vocab.json", "merges.txt")
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+GENERATION_CONFIG_FILE = "generation_config.json"
 # SigLIP input normalisation (data_pipelines.images.normalize): pixels / 255, then (x - mean) / std.
 IMAGE_MEAN, IMAGE_STD = 0.5, 0.5
 
@@ -215,7 +227,8 @@ def _prepare_out(out_dir: str, overwrite: bool) -> str:
 
 def _copy_tokenizer(src: str | None, dst_dir: str) -> list[str]:
     """Copies the tokenizer file(s) of `src` (a file or a directory, local or gs://) into the
-    local dst_dir; a SentencePiece model of any name becomes tokenizer.model."""
+    local dst_dir; a SentencePiece model of any name becomes tokenizer.model. A file comes with
+    the `TOKENIZER_FILES` beside it (its tokenizer_config.json, ...), as a directory does."""
     if not src:
         return []
     source = paths.path(src)
@@ -232,7 +245,8 @@ def _copy_tokenizer(src: str | None, dst_dir: str) -> list[str]:
             name = "tokenizer.model"
         else:
             raise ValueError(f"tokenizer {src}: unknown format (expected tokenizer.json or a SentencePiece .model)")
-        return [copy(source, name)]
+        beside = [n for n in TOKENIZER_FILES if n in ASSET_FILES and (source.parent / n).is_file()]
+        return [copy(source, name)] + [copy(source.parent / n, n) for n in beside]
     if not source.is_dir():
         raise FileNotFoundError(f"the model's tokenizer {src} does not exist")
     copied = [copy(source / name, name) for name in TOKENIZER_FILES if (source / name).is_file()]
@@ -330,13 +344,63 @@ def _export_to_remote(model, out_dir: str, *, merge_lora: bool, dtype: str, over
                        local.manifest)
 
 
+def _token_ids(model) -> dict[str, Any]:
+    """{"eos_token_id", "bos_token_id", "pad_token_id"} of the model's tokenizer: eos = every token
+    generation stops at (`requests.stop_tokens`; an int when one), bos / pad = the tokenizer's named
+    tokens (tokenizer_config.json), else generation_config.json's; None where neither says."""
+    assets = read_assets(model.tokenizer_path)
+    generation = assets.generation_config or {}
+    out: dict[str, Any] = {}
+    for key in ("bos", "pad"):
+        name = assets.special_tokens.get(f"{key}_token")
+        try:
+            out[f"{key}_token_id"] = model.tokenizer.token_id(name) if name else generation.get(f"{key}_token_id")
+        except KeyError:
+            out[f"{key}_token_id"] = generation.get(f"{key}_token_id")
+    stops = [int(i) for i in model.requests.stop_tokens]
+    out["eos_token_id"] = stops[0] if len(stops) == 1 else (stops or None)
+    return out
+
+
+def _write_chat_files(model, llm_dir: str) -> list[str]:
+    """What transformers needs to chat with and stop an exported LLM as genieblue_jax does (module
+    docstring): the tokenizer, chat_template.jinja, generation_config.json, config.json's token ids."""
+    if not model.tokenizer_path:
+        return []
+    written = _copy_tokenizer(model.tokenizer_path, llm_dir)
+    renderer = model.requests.template
+    tokenizer_config = os.path.join(llm_dir, "tokenizer_config.json")
+    if os.path.isfile(tokenizer_config):  # one template in the export: the one the model renders with
+        with open(tokenizer_config) as f:
+            config = json.load(f)
+        if config.pop("chat_template", None) is not None:
+            _write_json(tokenizer_config, config)
+    if renderer is not None:
+        with open(os.path.join(llm_dir, CHAT_TEMPLATE_FILE), "w") as f:
+            f.write(renderer.template_source)
+        written.append(os.path.join(llm_dir, CHAT_TEMPLATE_FILE))
+    ids = _token_ids(model)
+    generation = {**(read_assets(model.tokenizer_path).generation_config or {}),
+                  **{k: v for k, v in ids.items() if v is not None}}
+    if generation:
+        written.append(_write_json(os.path.join(llm_dir, GENERATION_CONFIG_FILE), generation))
+    config_path = os.path.join(llm_dir, "config.json")  # save_llm wrote it without token ids
+    with open(config_path) as f:
+        hf_config = json.load(f)
+    hf_config.update(ids)
+    with open(config_path, "w") as f:  # as save_llm writes it
+        json.dump(hf_config, f, indent=2, sort_keys=True)
+        f.write("\n")
+    return written
+
+
 def _write_parts(model, stage: str, *, merge_lora: bool, dtype: str):
     parts = dict.fromkeys(PARTS)
     llm_cfg = model.configs.get("llm")
     if llm_cfg is not None:
         save_llm(os.path.join(stage, "base_llm"), llm_cfg, model.params["llm"], dtype)
         parts["base_llm"] = "base_llm"
-    tokenizer = _copy_tokenizer(model.tokenizer_path, os.path.join(stage, "base_llm")) if llm_cfg else []
+    tokenizer = _write_chat_files(model, os.path.join(stage, "base_llm")) if llm_cfg else []
     if not model.is_mllm:
         if "vision" in model.configs:
             save_vision(os.path.join(stage, "vision_tower"), model.configs["vision"], model.params["vision"], dtype)
@@ -346,6 +410,7 @@ def _write_parts(model, stage: str, *, merge_lora: bool, dtype: str):
     branch = params.get("branch") or {}
     save_llm(os.path.join(stage, "multimodal_llm"), mcfg.llm,
              multimodal_llm_params(mcfg, params["llm"], branch, merge_lora=merge_lora), dtype)
+    _write_chat_files(model, os.path.join(stage, "multimodal_llm"))
     parts["multimodal_llm"] = "multimodal_llm"
     adapter = {} if merge_lora else adapter_tensors(mcfg, branch)
     if adapter:
@@ -369,10 +434,15 @@ def _write_parts(model, stage: str, *, merge_lora: bool, dtype: str):
 def _manifest(model, parts: dict, tokenizer: list[str], *, merge_lora: bool, dtype: str) -> dict:
     tok = next((f"base_llm/{os.path.basename(f)}" for f in tokenizer
                 if os.path.basename(f) in ("tokenizer.json", "tokenizer.model")), None)
+    renderer = model.requests.template if tok else None
     m: dict[str, Any] = {
         "format": "genieblue_torch", "format_version": FORMAT_VERSION,
         "genieblue_jax_version": genieblue_jax.__version__, "multimodal": model.is_mllm,
         "parts": parts, "tokenizer": tok, "merge_lora": bool(merge_lora), "dtype": dtype,
+        "chat": {"template": CHAT_TEMPLATE_FILE if renderer is not None else None,
+                 "rendering": renderer.kind if renderer is not None else None,
+                 "template_kwargs": dict(model.chat["template_kwargs"]),
+                 "stop_token_ids": [int(i) for i in model.requests.stop_tokens] if tok else []},
         "source": {"path": _absolute(model.path) if model.path else None, **model.source},
     }
     if not model.is_mllm:
@@ -418,6 +488,16 @@ def readme(manifest: dict) -> str:
                     f"architecture.")
     else:
         tok_text = "none: the model carried no tokenizer; use the one it was trained with."
+    chat = m.get("chat") or {}
+    if chat.get("template"):
+        tok_text += (f" Each LLM directory holds `{chat['template']}`, the chat template the model renders with "
+                     f"({'its own' if chat['rendering'] == 'template' else 'ChatML'}): "
+                     "`tokenizer.apply_chat_template(messages, add_generation_prompt=True)` gives its prompt"
+                     + (f" (options used in training: {chat['template_kwargs']})" if chat["template_kwargs"] else "")
+                     + ".")
+    if chat.get("stop_token_ids"):
+        tok_text += (f" `generate` stops at every id of generation_config.json's `eos_token_id` "
+                     f"{chat['stop_token_ids']}, where genieblue_jax stops.")
     lines = ["# GenieBlue model exported for PyTorch / Hugging Face",
              "",
              f"Written by genieblue_jax {m['genieblue_jax_version']} (`python -m tools.to_torch`), "

@@ -1,6 +1,8 @@
 """Requests: a prompt (text or chat turns) and its images -> token ids and image tiles,
 exactly as the data pipeline renders a training sample, so the model sees at inference
-what it saw in training.
+what it saw in training: the model's own chat template, or ChatML for a tokenizer without
+one (`data_pipelines.chat`); a template's default system turn and options included, the
+date it reads today's (as transformers and vLLM render it).
 
     >>> from genieblue_jax.inference.requests import RequestEncoder
     >>> enc = RequestEncoder(tokenizer, tile_size=56, tokens_per_tile=16,
@@ -12,6 +14,10 @@ what it saw in training.
 A text prompt becomes one user turn; a prompt without `<image>` tags but with images gets
 one `<image>\\n` per image in front of it (LLaVA's convention). The chat ends with the
 assistant header (`add_generation_prompt`), so the model's next token starts its answer.
+A plain-text prompt (`chat=False`) gets what the tokenizer adds around a text (Llama 3's and
+Gemma's BOS), as transformers' `tokenizer(text)` does. `stop_tokens`: where answers end
+(`data_pipelines.chat`: generation_config.json's eos ids, the tokenizer's eos token, the
+template's end of turn).
 Images may be file paths, encoded bytes, PIL images or uint8 (H, W, 3) arrays; each one is
 cut into tiles with the training recipe's `image_mode` / `max_tiles` and takes
 `tiles * tokens_per_tile` image tokens.
@@ -25,9 +31,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from data_pipelines import images as image_lib
-from data_pipelines.chat import ChatTemplate
+from data_pipelines.chat import chat_renderer, stop_token_ids
 from data_pipelines.records import IMAGE_TAG
-from data_pipelines.tokenizer import END_OF_TEXT, IM_END
 
 
 @dataclasses.dataclass
@@ -64,31 +69,38 @@ def read_image(image: Any, where: str = "image") -> np.ndarray:
 
 
 class RequestEncoder:
-    """Prompt + images -> `Request`, with the chat template and tiling of training."""
+    """Prompt + images -> `Request`, with the chat rendering and tiling of training.
+
+    `image_token_id`: the model's image placeholder (`MLLMConfig.image_token_id`; None for an
+    LLM alone); `chat_template` / `template_kwargs`: as the model was trained (a workdir's
+    `data.chat_template` / `data.chat_template_kwargs`; "auto" and none for an imported LLM).
+    A tokenizer with neither a template nor ChatML's tokens takes plain text only (`chat=False`).
+    """
 
     def __init__(self, tokenizer, *, tile_size: int, tokens_per_tile: int, image_mode: str = "dynamic",
-                 max_tiles: int = 16, system: str | None = None):
+                 max_tiles: int = 16, system: str | None = None, image_token_id: int | None = None,
+                 chat_template: str = "auto", template_kwargs: dict | None = None):
         if image_mode not in image_lib.MODES:
             raise ValueError(f"image_mode={image_mode!r}; choose one of {image_lib.MODES}")
         self.tokenizer = tokenizer
         self.tile_size, self.tokens_per_tile = tile_size, tokens_per_tile
         self.image_mode, self.max_tiles = image_mode, max_tiles
         try:
-            self.template = ChatTemplate(tokenizer, default_system=system)
-        except KeyError as e:
+            image_token = None if image_token_id is None else tokenizer.piece(image_token_id)
+            self.template = chat_renderer(tokenizer, chat_template=chat_template, image_token=image_token,
+                                          template_kwargs=template_kwargs, default_system=system)
+        except (KeyError, ValueError) as e:  # e.g. ChatML's tokens not in the vocabulary: plain text only
             self.template = None
             self._no_chat = str(e.args[0])
 
     @property
     def stop_tokens(self) -> tuple[int, ...]:
-        """`<|im_end|>` (end of an assistant turn) and `<|endoftext|>` where the vocab has them."""
-        out = []
-        for piece in (IM_END, END_OF_TEXT):
-            try:
-                out.append(self.tokenizer.token_id(piece))
-            except KeyError:
-                pass
-        return tuple(out)
+        """Where an answer ends: the chat renderer's stop tokens (generation_config.json's eos ids,
+        the tokenizer's eos token, the template's end of turn; ChatML's `<|im_end|>` /
+        `<|endoftext|>`), or for a tokenizer without chat the declared ones (`chat.stop_token_ids`)."""
+        if self.template is not None:
+            return self.template.stop_token_ids
+        return stop_token_ids(self.tokenizer)
 
     def tiles(self, images: Sequence[Any], where: str = "request") -> list[np.ndarray]:
         """Each image (path, bytes, PIL or array) cut as training cut it: uint8 (k, S, S, 3)."""
@@ -97,9 +109,11 @@ class RequestEncoder:
                 for i, im in enumerate(images)]
 
     def encode(self, prompt: str | Sequence[dict], images: Sequence[Any] = (), *, chat: bool = True,
-               where: str = "request") -> Request:
+               where: str = "request", template_kwargs: dict | None = None) -> Request:
         """`prompt`: text (one user turn) or chat turns [{"role", "content"}, ...]; with
-        `chat=False` the text is tokenised as it is (no template; no images)."""
+        `chat=False` the text is tokenised as it is, with the tokenizer's BOS where it adds one
+        (no template; no images). `template_kwargs`: the template's options for this request
+        (over the encoder's own), e.g. {"enable_thinking": False}."""
         if isinstance(images, (str, bytes, os.PathLike)) or hasattr(images, "shape") or hasattr(images, "convert"):
             images = [images]  # a single image
         images = list(images or ())
@@ -108,9 +122,9 @@ class RequestEncoder:
                 raise ValueError(f"{where}: images need the chat template (chat=True) for their <image> slots")
             if not isinstance(prompt, str):
                 raise ValueError(f"{where}: chat=False takes a text prompt, got {type(prompt).__name__}")
-            return Request(list(self.tokenizer.encode(prompt)), self._no_tiles())
+            return Request(list(self.tokenizer.encode(prompt, add_special_tokens=True)), self._no_tiles())
         if self.template is None:
-            raise ValueError(f"{where}: the tokenizer has no chat tokens ({self._no_chat}); "
+            raise ValueError(f"{where}: this model's tokenizer cannot render chats ({self._no_chat}); "
                              "use chat=False for plain text completion")
         if isinstance(prompt, str):
             turns = [{"role": "user", "content": prompt}]
@@ -126,7 +140,7 @@ class RequestEncoder:
             raise ValueError(f"{where}: {tags} {IMAGE_TAG} tag(s) in the prompt but {len(images)} image(s)")
         tiles = self.tiles(images, where)
         chat_out = self.template.render(turns, [len(p) * self.tokens_per_tile for p in tiles],
-                                        add_generation_prompt=True, example_id=where)
+                                        add_generation_prompt=True, example_id=where, template_kwargs=template_kwargs)
         stacked = np.concatenate(tiles) if tiles else self._no_tiles()
         return Request(chat_out.tokens.tolist(), stacked)
 

@@ -33,7 +33,9 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from data_pipelines.chat import chat_renderer
 from data_pipelines.pipeline import PipelineConfig, SourceSpec, build_streams
+from data_pipelines.tokenizer import load_tokenizer
 from genieblue_jax import checksums, models, paths, structure, versions
 from genieblue_jax import sharding as sharding_lib
 from genieblue_jax.train import metrics as metrics_lib
@@ -45,7 +47,9 @@ from genieblue_jax.workdir import (
     ConfigError,
     abstract_like,
     base_fingerprint,
+    chat_settings,
     checkpoint_manager,
+    image_token,
     init_params,
     parse_sources,
     read_config,
@@ -54,6 +58,7 @@ from genieblue_jax.workdir import (
     tokenized_model_config,
     tokenizer_path,
     warn_unverified,
+    with_resolved_choices,
 )
 
 log = logging.getLogger(__name__)
@@ -147,7 +152,9 @@ def resolve(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     sources = parse_sources(c.data.sources)
     if not c.data.tokenizer:
         raise ConfigError("data.tokenizer is required with data.sources")
-    mcfg = tokenized_model_config(c, tokenizer_path(c, workdir))
+    chat = chat_settings(c)
+    tokenizer = tokenizer_path(c, workdir)
+    mcfg = tokenized_model_config(c, tokenizer)
     mesh = make_mesh(c)
     plan = batch_plan(c, mesh)
     gb = plan["global_rows"]
@@ -158,11 +165,20 @@ def resolve(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     if c.data.streams < 0 or streams % jax.process_count() or per_host % (streams // jax.process_count()):
         raise ConfigError(f"data.streams={c.data.streams}: {streams} streams must be a multiple of the "
                           f"{jax.process_count()} processes and split each one's {per_host} rows evenly")
+    tok = load_tokenizer(tokenizer)
+    try:  # the renderer every data worker builds, built once here so that a recipe it refuses stops now
+        chat_renderer(tok, chat_template=chat["template"], image_token=image_token(c, tok),
+                      template_kwargs=chat["template_kwargs"], date=chat["date"])
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"data.chat_template={c.data.chat_template!r} with data.tokenizer={tokenizer}: "
+                          f"{e.args[0]}") from None
     pipe = PipelineConfig.for_model(
         mcfg, sources=tuple(SourceSpec(n, s["path"], float(s.get("weight", 1.0))) for n, s in sorted(sources.items())),
-        tokenizer=tokenizer_path(c, workdir), seq_len=c.data.seq_len, batch_size=per_host, image_mode=c.data.image_mode,
+        tokenizer=tokenizer, seq_len=c.data.seq_len, batch_size=per_host, image_mode=c.data.image_mode,
         max_tiles=c.data.max_tiles, max_tiles_per_row=c.data.max_tiles_per_row,
-        image_token=c.model.image_token, seed=c.train.seed, num_workers=c.data.num_workers,
+        image_token=image_token(c, tok), chat_template=chat["template"],
+        chat_template_kwargs=chat["template_kwargs"], chat_date=chat["date"], seed=c.train.seed,
+        num_workers=c.data.num_workers,
         read_threads=c.data.read_threads, read_buffer=c.data.read_buffer,
         max_rejects_in_a_row=c.data.max_rejects_in_a_row)
     return Setup(mcfg, pipe, mesh, per_host, streams, plan)
@@ -560,7 +576,7 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
     if not ckpts.is_dir() or not any(p.name.isdigit() for p in ckpts.iterdir()):
         return
     saved = _flat(read_config(workdir).to_dict())
-    now = _flat(json.loads(config.to_json_best_effort()))
+    now = _flat(json.loads(with_resolved_choices(config, workdir).to_json_best_effort()))  # "auto" as recorded
 
     def same(a, b):
         return a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)  # NaN == NaN
@@ -624,6 +640,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, step_hooks=()) -> 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, step_hooks) -> dict:
     workdir_path = paths.path(workdir)
+    config = with_resolved_choices(config, workdir)  # config.json records what "auto" chose
     check_resumable(config, workdir)  # on every process, before config.json is replaced
     if jax.process_index() == 0:
         workdir_path.mkdir(parents=True, exist_ok=True)

@@ -2,13 +2,13 @@
 import numpy as np
 import pytest
 
-from data_pipelines.chat import ChatTemplate, RenderedChat, truncate
+from data_pipelines.chat import ChatMLRenderer, RenderedChat, truncate
 from data_pipelines.tokenizer import IM_END, IM_START, IMAGE_PAD, load_tokenizer
 
 
 @pytest.fixture
 def template(demo):
-    return ChatTemplate(load_tokenizer(demo["tokenizer"]))
+    return ChatMLRenderer(load_tokenizer(demo["tokenizer"]))
 
 
 def test_label_mask_golden_two_turns_one_image(template):
@@ -51,7 +51,7 @@ def test_an_assistant_turn_before_any_user_turn_is_context_not_a_target(template
 
 def test_system_prompt_and_generation_prompt(demo):
     tok = load_tokenizer(demo["tokenizer"])
-    t = ChatTemplate(tok, default_system="Be brief.")
+    t = ChatMLRenderer(tok, default_system="Be brief.")
     chat = t.render([{"role": "user", "content": "hi"}], add_generation_prompt=True)
     assert tok.decode(chat.tokens.tolist()).startswith("<|im_start|>system\nBe brief.<|im_end|>")
     assert chat.tokens[-len(tok.encode("assistant\n")) - 1] == tok.token_id(IM_START)
@@ -105,9 +105,34 @@ def test_typed_placeholders_get_no_image_features_and_a_leaky_tokenizer_is_refus
         def token_id(self, piece):
             return template.tokenizer.token_id(piece)
 
-    leaky = ChatTemplate(Leaky())
+    leaky = ChatMLRenderer(Leaky())
     with pytest.raises(ValueError, match="example typed: 4 image tokens but its images fill 3"):
         leaky.render([{"role": "user", "content": "<image>\nX?"}, {"role": "assistant", "content": "no"}], [3],
                      example_id="typed")
     assert leaky.render([{"role": "user", "content": "<image>\nok?"}, {"role": "assistant", "content": "no"}],
                         [3]).image_spans
+
+
+def test_demo_records_keep_the_tokens_they_had_before_templates_were_read(demo):
+    """The demo's SentencePiece tokenizer has no chat template, so its records are rendered by the
+    ChatML fallback exactly as before the model's own templates were read: the digest of every
+    record's (tokens, loss mask, tile starts) below was measured with the code before that change
+    (commit 97371b5), over the same demo data."""
+    import hashlib
+
+    from data_pipelines.pipeline import ExampleProcessor, PipelineConfig, SourceSpec
+    from data_pipelines.records import ArrayRecordExampleSource
+    digest, records = hashlib.sha256(), 0
+    for source, path in sorted(demo["datasets"]["train"].items()):
+        for mode in ("dynamic", "single"):
+            process = ExampleProcessor(PipelineConfig(sources=(SourceSpec(source, path),), tokenizer=demo["tokenizer"],
+                                                      seq_len=256, batch_size=1, tile_size=56, tokens_per_tile=16,
+                                                      image_mode=mode, max_tiles=4))
+            assert process.template.kind == "chatml"
+            examples = ArrayRecordExampleSource(path)
+            for i in range(len(examples)):
+                s = process(examples[i])
+                for a in (s.tokens.astype(np.int32), s.loss_mask.astype(bool), s.tile_starts.astype(np.int32)):
+                    digest.update(a.tobytes())
+                records += 1
+    assert (records, digest.hexdigest()) == (600, "1e86ecb7da7e9881e1e1712d6a5e9ab7dc4343eb7de7aee4186082c32f605ec2")

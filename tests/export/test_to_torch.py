@@ -325,5 +325,51 @@ def test_tokenizer_files_keep_the_names_their_loaders_look_for(tmp_path):
     (src / "spm.model").unlink()
     with pytest.raises(FileNotFoundError, match=f"{src} holds no tokenizer.json / tokenizer.model"):
         to_torch._copy_tokenizer(str(src), str(dst))
-    (src / "demo.model").write_bytes(b"x")  # a workdir's tokenizer is a file
+    (src / "demo.model").write_bytes(b"x")  # a workdir's tokenizer is a file: it comes with what lies beside it
+    assert to_torch._copy_tokenizer(str(src / "demo.model"), str(dst)) == [str(dst / "tokenizer.model"),
+                                                                           str(dst / "tokenizer_config.json")]
+    (src / "tokenizer_config.json").unlink()
     assert to_torch._copy_tokenizer(str(src / "demo.model"), str(dst)) == [str(dst / "tokenizer.model")]
+
+
+@pytest.mark.parametrize("rendering", ["auto", "chatml"])
+def test_every_llm_directory_chats_and_stops_as_the_model_does(tmp_path, rendering):
+    """base_llm/ and multimodal_llm/ each get the tokenizer, the chat template the model renders
+    with (Qwen2.5-Instruct's own; or ChatML's Jinja form for a model trained in ChatML), a
+    generation_config.json whose eos ids are where genieblue_jax stops, and config.json's token
+    ids: transformers loading either directory renders the model's prompt and stops there. The
+    checkpoint in between carries the tokenizer's files (save_mllm) and how it renders chats."""
+    from data_pipelines.chat import CHATML_JINJA
+    from tests.conftest import build_hf_tokenizer, published_chat_template
+    tok_dir = build_hf_tokenizer("qwen2.5", str(tmp_path / "tok"))
+    ref = transformers.AutoTokenizer.from_pretrained(tok_dir)
+    im_end, end_of_text = ref.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    base = _model("genieblue")
+    mcfg = base.mcfg.replace(image_token_id=ref.convert_tokens_to_ids("<|image_pad|>"))
+    model = genieblue_jax.GenieBlue(base.configs, base.params, mcfg=mcfg, tokenizer=tok_dir,
+                                    chat={"template": rendering, "template_kwargs": {}, "date": "2026-01-01"})
+    saved = genieblue_jax.load(model.save(str(tmp_path / "ckpt")))
+    assert sorted(os.listdir(tmp_path / "ckpt" / "hf_assets")) == ["generation_config.json", "tokenizer.json",
+                                                                   "tokenizer_config.json"]
+    assert saved.chat == model.chat and saved.requests.template.kind == ("chatml" if rendering == "chatml"
+                                                                         else "template")
+    out = export_torch(saved, str(tmp_path / "torch"))
+    assert out.manifest["chat"]["stop_token_ids"] == [im_end, end_of_text]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What colour is the circle?"}]
+    for part in ("base_llm", "multimodal_llm"):
+        d = os.path.join(out.out_dir, part)
+        assert {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"} <= \
+            set(os.listdir(d))
+        template = open(os.path.join(d, "chat_template.jinja")).read()
+        assert template == (published_chat_template("qwen2.5-instruct.jinja") if rendering == "auto" else CHATML_JINJA)
+        assert "chat_template" not in json.load(open(os.path.join(d, "tokenizer_config.json")))  # one template
+        tok = transformers.AutoTokenizer.from_pretrained(d)
+        prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        assert prompt == saved.requests.encode(messages).tokens
+        if rendering == "auto":
+            assert prompt == ref.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=False)
+        assert transformers.GenerationConfig.from_pretrained(d).eos_token_id == [im_end, end_of_text]
+        config = json.load(open(os.path.join(d, "config.json")))
+        assert (config["eos_token_id"], config["bos_token_id"], config["pad_token_id"]) == \
+            ([im_end, end_of_text], end_of_text, end_of_text)

@@ -306,6 +306,13 @@ def test_a_second_trainer_with_another_config_is_refused_by_key(tmp_path, refere
     ({"train.stage": "full"}, r"stages \('full', 'pretrain'\) \(which train the LLM itself\) go with variant 'full'"),
     ({"model.llm": "gpt5"}, r"model.llm / model.vit: .*gpt5"),
     ({"model.image_token": "<img>"}, r"model.image_token: .*<img>"),
+    ({"data.chat_template": "jinja"}, r"data.chat_template='jinja': choose one of \('auto', 'tokenizer', 'chatml'\)"),
+    ({"data.chat_template_kwargs": "enable_thinking=false"}, r"data.chat_template_kwargs='enable_thinking=false': "
+                                                              r".*give a JSON object"),
+    ({"data.chat_template_kwargs": '{"messages": 1}'}, r"data.chat_template_kwargs=.*\['messages'\] are not options"),
+    ({"data.chat_date": "yesterday"}, r"data.chat_date: date 'yesterday' is not YYYY-MM-DD"),
+    ({"data.chat_template": "tokenizer"}, r"data.chat_template='tokenizer' with data.tokenizer=.*tokenizer.model: "
+                                          r"chat_template='tokenizer' but .* has no chat template"),
 ])
 def test_inconsistent_settings_name_the_key(tmp_path, override, match):
     with pytest.raises(trainer.ConfigError, match=match):
