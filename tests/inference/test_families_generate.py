@@ -2,17 +2,14 @@
 padded batches), with prompts and answers longer than the sliding windows of Gemma 3 and
 SmolLM3, whose sliding layers keep only their window (a ring cache); and the cache fed in
 pieces (prefills that wrap around the ring, then single tokens) against one forward pass."""
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-from genieblue_jax import inference, models
+from genieblue_jax import inference
 from genieblue_jax.hf import import_hf
-from genieblue_jax.models.llm import init_kv_cache
-from genieblue_jax.models.masks import positions_from_segments
 from tests import families
+from tests.inference.test_generate import assert_cache_in_pieces_equals_one_forward
 
 NEW = 14
 # Weight noise (tests/families.build) at which greedy continuations are varied, not one repeated
@@ -75,18 +72,7 @@ def test_the_ring_cache_in_pieces_equals_one_forward(name, imported):
     single tokens through a cache of 24 slots give the no-cache logits; the sliding layers'
     arrays hold only the window."""
     cfg, params = imported(name)
-    model = models.build(cfg)
-    tokens = jax.random.randint(jax.random.key(1), (2, 20), 0, cfg.vocab_size)
-    segments = jnp.array([[0] * 3 + [1] * 17, [1] * 20])  # row 0 left-padded
-    positions = jnp.asarray(positions_from_segments(segments))
-    want = jax.jit(model.apply)({"params": params}, tokens, positions, segments)
-    apply = jax.jit(lambda p, c, *inputs: model.apply({"params": p}, *inputs, cache=c))
-    cache, got = init_kv_cache(cfg, 2, 24), []
+    pieces = [(0, 7), (7, 12)] + [(i, i + 1) for i in range(12, 20)]
+    cache = assert_cache_in_pieces_equals_one_forward(cfg, params, pieces, cache_len=24)
     sliding = [i for i in range(cfg.num_layers) if cfg.window(i)]
     assert sliding and {cache["k"][i].shape[-1] for i in sliding} == {cfg.sliding_window}
-    for lo, hi in [(0, 7), (7, 12)] + [(i, i + 1) for i in range(12, 20)]:
-        logits, cache = apply(params, cache, tokens[:, lo:hi], positions[:, lo:hi], segments[:, lo:hi])
-        got.append(logits)
-    got = jnp.concatenate(got, axis=1)
-    valid = np.asarray(segments, bool)
-    np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=1e-5, rtol=1e-5)

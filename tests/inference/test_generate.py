@@ -225,23 +225,32 @@ def test_a_second_request_of_the_same_bucket_does_not_recompile(model):
     assert out.prompt_bucket == 128 and inference.TRACES["prefill"] == traces["prefill"] + 1
 
 
+def assert_cache_in_pieces_equals_one_forward(cfg, params, pieces, cache_len):
+    """Two rows (row 0 left-padded) fed through a KV cache of `cache_len` slots in `pieces`
+    ((start, end) token ranges, in order) give the logits of one forward pass without a cache;
+    returns the final cache."""
+    model = models.build(cfg)
+    t = pieces[-1][1]
+    tokens = jax.random.randint(jax.random.key(1), (2, t), 0, cfg.vocab_size)
+    segments = jnp.array([[0] * 3 + [1] * (t - 3), [1] * t])
+    positions = jnp.asarray(positions_from_segments(segments))
+    want = jax.jit(model.apply)({"params": params}, tokens, positions, segments)
+    apply = jax.jit(lambda p, c, *inputs: model.apply({"params": p}, *inputs, cache=c))
+    cache, got = init_kv_cache(cfg, 2, cache_len), []
+    for lo, hi in pieces:
+        logits, cache = apply(params, cache, tokens[:, lo:hi], positions[:, lo:hi], segments[:, lo:hi])
+        got.append(logits)
+    got = jnp.concatenate(got, axis=1)
+    assert int(cache["index"]) == t
+    valid = np.asarray(segments, bool)
+    np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=1e-5, rtol=1e-5)
+    return cache
+
+
 def test_decoder_cache_in_pieces_equals_one_forward_with_scan_and_chunks():
     """The decoder alone: a prompt written in two pieces, then single tokens, gives the
     no-cache logits; `scan_layers` / `attention_chunk` configs fall back to the plain path."""
     cfg = models.get_preset("tiny-llama").replace(scan_layers=True, attention_chunk=4)
     params = perturb(models.init_params(cfg, jax.random.key(0)), scale=0.1)
-    model = models.build(cfg)
-    tokens = jax.random.randint(jax.random.key(1), (2, 14), 0, cfg.vocab_size)
-    segments = jnp.array([[0] * 3 + [1] * 11, [1] * 14])  # row 0 left-padded
-    positions = jnp.asarray(positions_from_segments(segments))
-    want = jax.jit(model.apply)({"params": params}, tokens, positions, segments)
-    apply = jax.jit(lambda p, c, *inputs: model.apply({"params": p}, *inputs, cache=c))
-    step = lambda c, sl: apply(params, c, tokens[:, sl], positions[:, sl], segments[:, sl])
-    cache, got = init_kv_cache(cfg, 2, 20), []
-    for lo, hi in [(0, 6), (6, 10)] + [(i, i + 1) for i in range(10, 14)]:
-        logits, cache = step(cache, slice(lo, hi))
-        got.append(logits)
-    got = jnp.concatenate(got, axis=1)
-    assert int(cache["index"]) == 14
-    valid = np.asarray(segments, bool)
-    np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=1e-5, rtol=1e-5)
+    assert_cache_in_pieces_equals_one_forward(cfg, params, [(0, 6), (6, 10)] + [(i, i + 1) for i in range(10, 14)],
+                                              cache_len=20)

@@ -25,15 +25,23 @@ def _inputs(b=2, t=256, heads=4, kv_heads=2, d=32, seed=0):
     return q, k, v, jnp.asarray(segments)
 
 
-def test_the_splash_kernel_equals_the_xla_path_values_and_gradients():
+@pytest.mark.parametrize("window,scale", [(None, None), (48, 0.07)])
+def test_the_splash_kernel_equals_the_xla_path_values_and_gradients(window, scale):
+    """Causal, and a sliding window (Gemma 3's layers: splash's LocalMask against the XLA path
+    that skips the keys before each query block's window) with Gemma's own score scale."""
     q, k, v, segments = _inputs()
     real = np.asarray(segments) > 0  # outputs at padding are meaningless on every path
 
     def loss(fn):
         return lambda q, k, v: jnp.sum((fn(q, k, v).reshape(*q.shape[:2], -1) * real[..., None]) ** 2)
 
-    xla = lambda q, k, v: attention.xla_attention(q, k, v, segments, jnp.float32, chunk=64)
-    splash = lambda q, k, v: attention.splash_attention(q, k, v, segments, interpret=True)
+    xla = lambda q, k, v: attention.xla_attention(q, k, v, segments, jnp.float32, chunk=64, scale=scale,
+                                                  window=window)
+    splash = lambda q, k, v: attention.splash_attention(q, k, v, segments, interpret=True, scale=scale,
+                                                        window=window)
+    if window is not None:  # the window changes the result: the comparison has teeth
+        full = attention.xla_attention(q, k, v, segments, jnp.float32, chunk=64, scale=scale)
+        assert np.abs(np.asarray(full) - np.asarray(xla(q, k, v)))[real].max() > 1e-2
     got, want = jax.jit(splash)(q, k, v).reshape(*q.shape[:2], -1), jax.jit(xla)(q, k, v)
     np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=2e-6, rtol=0)
     got_g = jax.jit(jax.grad(loss(splash), argnums=(0, 1, 2)))(q, k, v)
