@@ -139,7 +139,8 @@ def llm_config_to_hf(cfg: LLMConfig, *, dtype: str | None = None) -> dict[str, A
         "tie_word_embeddings": bool(cfg.tie_embeddings), "rope_theta": float(cfg.rope_theta),
         "attention_dropout": 0.0, "use_cache": True, "dtype": dtype,
         # The tokenizer's ids are not the model's: null here, not the class defaults (SmolLM3Config's
-        # pad id 128004 is outside a smaller vocabulary); an export that knows the tokenizer sets them.
+        # pad id 128004 is outside a smaller vocabulary); an export that knows the tokenizer gives
+        # them to save_llm (`token_ids`).
         "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
     }
     if cfg.rope_type != "default":
@@ -507,17 +508,26 @@ def _save(out_dir: str, cfg, params, hf_config: dict, dtype: str, extras: dict, 
     return Exported(out_dir, arch, tuple(files), extras)
 
 
-def save_llm(out_dir: str, cfg: LLMConfig, params, dtype: str = "float32", *,
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def save_llm(out_dir: str, cfg: LLMConfig, params, dtype: str = "float32", *, token_ids: Mapping | None = None,
              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False) -> Exported:
     """Writes a decoder LLM as a transformers directory of its family's class (`llm_config_to_hf`).
 
     `params` is the model's tree (jax or numpy leaves, nested or flat), stored as `dtype`
-    ("float32", "bfloat16" or "float16"). Load it with
+    ("float32", "bfloat16" or "float16"). `token_ids`: the tokenizer's `bos_token_id`,
+    `eos_token_id` (an id or a list), `pad_token_id` for config.json (null without: they are
+    the tokenizer's, not the model's). Load it with
     `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` or `genieblue_jax.load`.
     """
     dtype = _file_dtype(dtype, cfg)
-    return _save(out_dir, cfg, params, llm_config_to_hf(cfg, dtype=dtype), dtype, {}, prefix=None,
-                 max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+    unknown = sorted(set(token_ids or {}) - set(TOKEN_ID_FIELDS))
+    if unknown:
+        raise ValueError(f"token_ids {unknown} are not config.json's token ids {TOKEN_ID_FIELDS}")
+    hf_config = {**llm_config_to_hf(cfg, dtype=dtype), **(token_ids or {})}
+    return _save(out_dir, cfg, params, hf_config, dtype, {}, prefix=None, max_shard_bytes=max_shard_bytes,
+                 overwrite=overwrite)
 
 
 def save_vision(out_dir: str, cfg: VisionConfig, params, dtype: str = "float32", *,

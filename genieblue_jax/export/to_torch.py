@@ -362,9 +362,10 @@ def _token_ids(model) -> dict[str, Any]:
     return out
 
 
-def _write_chat_files(model, llm_dir: str) -> list[str]:
+def _write_chat_files(model, llm_dir: str, token_ids: dict) -> list[str]:
     """What transformers needs to chat with and stop an exported LLM as genieblue_jax does (module
-    docstring): the tokenizer, chat_template.jinja, generation_config.json, config.json's token ids."""
+    docstring), beside the config.json `save_llm` wrote with `token_ids` (`_token_ids`): the
+    tokenizer, chat_template.jinja, generation_config.json."""
     if not model.tokenizer_path:
         return []
     written = _copy_tokenizer(model.tokenizer_path, llm_dir)
@@ -379,28 +380,21 @@ def _write_chat_files(model, llm_dir: str) -> list[str]:
         with open(os.path.join(llm_dir, CHAT_TEMPLATE_FILE), "w") as f:
             f.write(renderer.template_source)
         written.append(os.path.join(llm_dir, CHAT_TEMPLATE_FILE))
-    ids = _token_ids(model)
     generation = {**(read_assets(model.tokenizer_path).generation_config or {}),
-                  **{k: v for k, v in ids.items() if v is not None}}
+                  **{k: v for k, v in token_ids.items() if v is not None}}
     if generation:
         written.append(_write_json(os.path.join(llm_dir, GENERATION_CONFIG_FILE), generation))
-    config_path = os.path.join(llm_dir, "config.json")  # save_llm wrote it without token ids
-    with open(config_path) as f:
-        hf_config = json.load(f)
-    hf_config.update(ids)
-    with open(config_path, "w") as f:  # as save_llm writes it
-        json.dump(hf_config, f, indent=2, sort_keys=True)
-        f.write("\n")
     return written
 
 
 def _write_parts(model, stage: str, *, merge_lora: bool, dtype: str):
     parts = dict.fromkeys(PARTS)
     llm_cfg = model.configs.get("llm")
+    token_ids = _token_ids(model) if model.tokenizer_path else {}
     if llm_cfg is not None:
-        save_llm(os.path.join(stage, "base_llm"), llm_cfg, model.params["llm"], dtype)
+        save_llm(os.path.join(stage, "base_llm"), llm_cfg, model.params["llm"], dtype, token_ids=token_ids)
         parts["base_llm"] = "base_llm"
-    tokenizer = _write_chat_files(model, os.path.join(stage, "base_llm")) if llm_cfg else []
+    tokenizer = _write_chat_files(model, os.path.join(stage, "base_llm"), token_ids) if llm_cfg else []
     if not model.is_mllm:
         if "vision" in model.configs:
             save_vision(os.path.join(stage, "vision_tower"), model.configs["vision"], model.params["vision"], dtype)
@@ -409,8 +403,8 @@ def _write_parts(model, stage: str, *, merge_lora: bool, dtype: str):
     mcfg, params = model.mcfg, model.params
     branch = params.get("branch") or {}
     save_llm(os.path.join(stage, "multimodal_llm"), mcfg.llm,
-             multimodal_llm_params(mcfg, params["llm"], branch, merge_lora=merge_lora), dtype)
-    _write_chat_files(model, os.path.join(stage, "multimodal_llm"))
+             multimodal_llm_params(mcfg, params["llm"], branch, merge_lora=merge_lora), dtype, token_ids=token_ids)
+    _write_chat_files(model, os.path.join(stage, "multimodal_llm"), token_ids)
     parts["multimodal_llm"] = "multimodal_llm"
     adapter = {} if merge_lora else adapter_tensors(mcfg, branch)
     if adapter:
