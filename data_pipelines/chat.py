@@ -294,6 +294,20 @@ class TemplateRenderer:
         self._control = re.compile("|".join(re.escape(t) for t in sorted(control, key=len, reverse=True)) or "(?!)")
         self.end_of_turn_id = self._probe_end_of_turn()
         self.stop_token_ids = _unique([*generation_eos_ids, *self._eos_id(), self.end_of_turn_id])
+        if image_token is not None:
+            self._check_image_token_unused(image_token)
+
+    def _check_image_token_unused(self, image_token: str) -> None:
+        """ValueError when the image placeholder is a token the template or the tokenizer uses
+        itself (an end of turn, BOS / EOS / pad, a token a rendered chat holds): its slots would
+        be indistinguishable from the template's own."""
+        named = {t for t in self.special_token_names.values() if t in self.control_tokens}
+        probe, _ = self._render_text([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Ok"},
+                                      {"role": "user", "content": "Hi"}], True, False, self._kwargs(None), "probe")
+        if self.image_token_id in self.stop_token_ids or image_token in named or image_token in probe:
+            raise ValueError(f"the image token {image_token!r} is one {self.source} or the tokenizer uses itself "
+                             "(an end of turn, a named token such as BOS / EOS / pad, or part of a rendered chat); "
+                             "choose a spare special token (model.image_token chooses it; 'auto' picks one)")
 
     def _eos_id(self) -> list[int]:
         try:

@@ -100,6 +100,9 @@ class PipelineConfig:
     chat_template: str = "auto"
     chat_template_kwargs: dict = dataclasses.field(default_factory=dict)
     chat_date: str | None = None
+    # The LLM's embedding rows (0: unchecked). A tokenizer may be longer than the table (Gemma-3-1b's
+    # <image_soft_token>, id 262144 of 262,144 rows): a sample holding such an id is rejected, by name.
+    vocab_rows: int = 0
     seed: int = 0
     num_epochs: int | None = None      # None: repeat forever
     num_workers: int = 0
@@ -128,9 +131,16 @@ class PipelineConfig:
             raise ValueError(f"PipelineConfig.image_mode={self.image_mode!r}; 'single' or 'dynamic'")
 
     @classmethod
-    def for_model(cls, mcfg, **kwargs) -> "PipelineConfig":
-        """Tile size and tokens per tile taken from a `genieblue_jax.structure.MLLMConfig`."""
-        return cls(tile_size=mcfg.vision.image_size, tokens_per_tile=mcfg.tokens_per_tile, **kwargs)
+    def for_model(cls, mcfg, *, chat: dict | None = None, **kwargs) -> "PipelineConfig":
+        """Tile size and tokens per tile taken from a `genieblue_jax.structure.MLLMConfig`; the
+        chat rendering from `chat` ({"template", "template_kwargs", "date"}, as a workdir's
+        `chat_settings` and `GenieBlue.chat` give it; the class defaults without)."""
+        chat = chat or {}
+        rendering = {field: chat[key] for field, key in (("chat_template", "template"),
+                                                         ("chat_template_kwargs", "template_kwargs"),
+                                                         ("chat_date", "date")) if chat.get(key) is not None}
+        return cls(tile_size=mcfg.vision.image_size, tokens_per_tile=mcfg.tokens_per_tile,
+                   vocab_rows=mcfg.llm.vocab_size, **rendering, **kwargs)
 
     @property
     def packing(self) -> PackingSpec:
@@ -175,9 +185,17 @@ class ExampleProcessor:
                                         example_id=ex.id)
         except ValueError as e:
             return Rejection(ex.id, ex.source, f"bad conversation: {e}")
+        if cfg.vocab_rows and len(chat.tokens) and chat.tokens.max() >= cfg.vocab_rows:
+            beyond = int(chat.tokens.max())
+            return Rejection(ex.id, ex.source, f"token outside the LLM's embedding table: id {beyond} "
+                             f"({self.template.tokenizer.piece(beyond)!r}) of {cfg.vocab_rows} rows")
+        first_trained = int(np.argmax(chat.loss_mask)) if chat.loss_mask.any() else None
         chat, kept = truncate(chat, cfg.seq_len)
         if not chat.loss_mask.any():
-            return Rejection(ex.id, ex.source, f"no trained token within seq_len={cfg.seq_len}")
+            where = ("it trains no token" if first_trained is None else
+                     f"its first trained token is token {first_trained} as rendered (a long default system turn? "
+                     f"a larger data.seq_len, or the template's options, e.g. enable_thinking)")
+            return Rejection(ex.id, ex.source, f"no trained token within seq_len={cfg.seq_len}: {where}")
         tiles = tiles[:kept]
         starts = [start + j * cfg.tokens_per_tile
                   for (start, _), p in zip(chat.image_spans, tiles) for j in range(len(p))]

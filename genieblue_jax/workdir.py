@@ -106,8 +106,15 @@ def tokenized_model_config(c: ml_collections.ConfigDict, tokenizer: str) -> stru
     against the vocab)."""
     tok = load_tokenizer(tokenizer)
     mcfg = model_config(c, tok.token_id(image_token(c, tok)))
-    if tok.vocab_size > mcfg.llm.vocab_size:
-        raise ConfigError(f"data.tokenizer has {tok.vocab_size} tokens but model.llm only {mcfg.llm.vocab_size}")
+    rows = mcfg.llm.vocab_size
+    # Ids past the embedding table are allowed only for special tokens (text never encodes to them;
+    # a record the template renders one into is rejected by the pipeline): Gemma-3-1b's tokenizer
+    # has <image_soft_token> one past its 262,144 rows.
+    regular = sorted(set(range(rows, tok.vocab_size)) - set(tok.special_tokens.values()))
+    if regular:
+        raise ConfigError(f"data.tokenizer has {tok.vocab_size} tokens but the LLM's embedding table {rows} rows, "
+                          f"and ids {regular[:5]}{' ...' if len(regular) > 5 else ''} past it are not special tokens "
+                          "(text would encode to them): give the tokenizer the LLM was trained with")
     return mcfg
 
 

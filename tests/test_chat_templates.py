@@ -358,3 +358,44 @@ def test_a_workdir_trained_on_a_template_records_it_and_its_model_keeps_it(tmp_p
     saved = genieblue_jax.load(model.save(str(tmp_path / "saved")))
     assert saved.chat == model.chat and saved.requests.encode(messages).tokens == model.requests.encode(messages).tokens
     assert {"tokenizer_config.json", "generation_config.json"} <= set(os.listdir(tmp_path / "saved" / "hf_assets"))
+    # tools.export_qnn calibrates on the training data rendered as the model renders it: the
+    # template's BOS and headers, the reserved token in the image slots (not ChatML's <|image_pad|>)
+    from genieblue_jax.export.qnn import calibration
+    sources, tok, _ = calibration.data_sources(model)
+    samples = calibration.load_samples(model.mcfg, sources, tok, count=1, context=256, prefill_len=32,
+                                       image_mode=model.preprocessing["image_mode"], chat=model.chat)
+    bos = ref.convert_tokens_to_ids("<|begin_of_text|>")
+    (image_sample,), (text_sample,) = samples.multimodal, samples.text
+    assert image_sample.tokens[0] == text_sample.tokens[0] == bos
+    image_slots = (image_sample.tokens == model.mcfg.image_token_id).sum()
+    assert image_slots == len(image_sample.tiles) * model.mcfg.tokens_per_tile > 0
+
+
+def test_a_gemma_3_1b_shaped_table_one_row_short_of_its_tokenizer_trains(tmp_path):
+    """Gemma-3-1b's tokenizer has one id past its embedding table (<image_soft_token>, a special
+    token text never encodes to): training takes it, with one of Gemma's <unusedN> as the image
+    token. A table that leaves out regular tokens is refused naming data.tokenizer."""
+    from genieblue_jax.train import trainer
+    from tests.train.conftest import tiny_config
+    hf_dir = str(tmp_path / "hf")
+    build_hf_tokenizer("gemma3", hf_dir)
+    tok = load_tokenizer(hf_dir)
+    assert tok.piece(tok.vocab_size - 1) == "<image_soft_token>"
+    _random_model("gemma3", tok.vocab_size - 1).save_pretrained(hf_dir, safe_serialization=True)
+    import_hf(hf_dir, out=str(tmp_path / "llm"))
+    c = tiny_config(**{"train.steps": 1, "data.seq_len": 128, "model.interval": 2,
+                       "init.llm_checkpoint": str(tmp_path / "llm")})
+    c.data.tokenizer = str(tmp_path / "llm" / "hf_assets")  # after tiny_config, which names the demo's
+    trainer.train(c, str(tmp_path / "run"))
+    assert json.load(open(tmp_path / "run" / "config.json"))["model"]["image_token"] == "<unused0>"
+    short = tiny_config(**{"model.llm": "tiny-qwen2"})  # 512 rows, 565 tokens
+    short.model.image_token = min(tok.special_tokens, key=tok.special_tokens.get)  # a token inside the table
+    with pytest.raises(workdir.ConfigError, match="data.tokenizer has 565 tokens but the LLM's embedding table 512"):
+        workdir.tokenized_model_config(short, hf_dir)
+
+
+def test_an_image_token_the_template_writes_itself_is_refused_naming_the_key(tokenizer_dir):
+    for family, token in (("llama3.2", "<|eot_id|>"), ("llama3.2", "<|begin_of_text|>"), ("gemma3", "<start_of_turn>")):
+        with pytest.raises(ValueError, match=re.escape(f"the image token {token!r} is one") + ".*model.image_token"):
+            chat_renderer(load_tokenizer(tokenizer_dir(family)), image_token=token)
+    assert chat_renderer(load_tokenizer(tokenizer_dir("llama3.2")), image_token="<|reserved_special_token_0|>")

@@ -5,9 +5,12 @@
         --select_layer=-1
 
 Reads config.json and *.safetensors (single file or sharded with an index) of
-Qwen2ForCausalLM, LlamaForCausalLM, SiglipVisionModel or SiglipModel (vision tower only).
-Never loads pickle (*.bin) files. Errors name the missing tensor / bad shape / unsupported
-config field. With --mesh, every tensor is placed straight into its shard.
+Qwen2ForCausalLM, LlamaForCausalLM (Llama 3.x's llama3 RoPE), Qwen3ForCausalLM,
+Gemma3ForCausalLM, Gemma3ForConditionalGeneration (its language model), SmolLM3ForCausalLM,
+SiglipVisionModel or SiglipModel (vision tower only; SigLIP 2 at fixed resolution). Never
+loads pickle (*.bin) files. Errors name the missing tensor / bad shape / unsupported config
+field. With --mesh, every tensor is placed straight into its shard. What a partial import
+leaves out (a VLM's vision tower, a SiglipModel's text tower) is said on its line.
 
 The tokenizer travels with the weights (the checkpoint's hf_assets/): tokenizer.json /
 tokenizer.model, tokenizer_config.json, the chat template (its `chat_template`,
@@ -59,8 +62,11 @@ def main(argv):
                                   select_layer=FLAGS.select_layer, mesh=parse_mesh(FLAGS.mesh),
                                   overwrite=FLAGS.overwrite)
     logging.info("imported %s", cfg)
+    from genieblue_jax.hf import PARTIAL_IMPORTS, architecture_of, read_hf_config
+    arch = architecture_of(read_hf_config(FLAGS.hf_dir), FLAGS.hf_dir)
+    partial = f"; from the {arch}, {PARTIAL_IMPORTS[arch]}" if arch in PARTIAL_IMPORTS else ""
     print(f"wrote {FLAGS.out}: component {name!r}, {models.count_params(params):,} parameters "
-          f"({FLAGS.param_dtype})")
+          f"({FLAGS.param_dtype}){partial}")
     if name == "llm":
         print(chat_summary(FLAGS.out))
 

@@ -5,7 +5,8 @@
 
 What OUT holds (a whole multimodal model; `OUT/README.md` says the same for the user):
 
-    base_llm/             the frozen base LLM: Qwen2ForCausalLM / LlamaForCausalLM (config.json +
+    base_llm/             the frozen base LLM in its family's class (Qwen2 / Llama / Qwen3 / Gemma3 /
+                          SmolLM3 ForCausalLM; `hf_writer.llm_config_to_hf`) (config.json +
                           safetensors) + the tokenizer files; runs every text-only request
     multimodal_llm/       the LLM of image requests: the base with the replicated blocks swapped
                           in (genieblue), the base itself (lora), the trained LLM (full);

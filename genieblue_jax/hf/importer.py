@@ -43,6 +43,10 @@ REDUNDANT_TENSORS = {
     # Only the vision tower of a SiglipModel is imported.
     "SiglipModel": (r"text_model\..*", r"logit_scale", r"logit_bias"),
 }
+# What an import of these architectures leaves out (their REDUNDANT_TENSORS), as `tools.from_hf` says it.
+PARTIAL_IMPORTS = {"Gemma3ForConditionalGeneration": "its language model only (Gemma's own vision tower and "
+                                                     "multi-modal projector are not imported)",
+                   "SiglipModel": "its vision tower only (the text tower and contrastive head are not imported)"}
 # Component name each architecture becomes in a checkpoint.
 COMPONENT = {**dict.fromkeys(DECODER_FAMILIES, "llm"), "siglip": "vision"}
 # Files worth keeping next to the weights (tokenizer, chat template, image processor).

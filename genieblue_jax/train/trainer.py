@@ -176,8 +176,7 @@ def resolve(config: ml_collections.ConfigDict, workdir: str) -> Setup:
         mcfg, sources=tuple(SourceSpec(n, s["path"], float(s.get("weight", 1.0))) for n, s in sorted(sources.items())),
         tokenizer=tokenizer, seq_len=c.data.seq_len, batch_size=per_host, image_mode=c.data.image_mode,
         max_tiles=c.data.max_tiles, max_tiles_per_row=c.data.max_tiles_per_row,
-        image_token=image_token(c, tok), chat_template=chat["template"],
-        chat_template_kwargs=chat["template_kwargs"], chat_date=chat["date"], seed=c.train.seed,
+        image_token=image_token(c, tok), chat=chat, seed=c.train.seed,
         num_workers=c.data.num_workers,
         read_threads=c.data.read_threads, read_buffer=c.data.read_buffer,
         max_rejects_in_a_row=c.data.max_rejects_in_a_row)

@@ -136,3 +136,26 @@ def test_demo_records_keep_the_tokens_they_had_before_templates_were_read(demo):
                     digest.update(a.tobytes())
                 records += 1
     assert (records, digest.hexdigest()) == (600, "1e86ecb7da7e9881e1e1712d6a5e9ab7dc4343eb7de7aee4186082c32f605ec2")
+
+
+def test_an_id_past_the_embedding_table_is_a_counted_rejection_by_name(demo):
+    """A tokenizer may be longer than the LLM's table (Gemma-3-1b's <image_soft_token>, one past
+    its 262,144 rows); a sample holding such an id is rejected naming the id, its piece and the
+    rows, never trained on (here: a table of 100 rows under the demo's 500-piece tokenizer)."""
+    from data_pipelines.packing import Rejection
+    from data_pipelines.pipeline import ExampleProcessor, PipelineConfig, SourceSpec
+    from data_pipelines.records import ArrayRecordExampleSource
+    path = demo["datasets"]["train"]["text"]
+    cfg = dict(sources=(SourceSpec("text", path),), tokenizer=demo["tokenizer"], seq_len=256, batch_size=1,
+               tile_size=56, tokens_per_tile=16)
+    example = ArrayRecordExampleSource(path)[0]
+    sample = ExampleProcessor(PipelineConfig(**cfg))(example)
+    rows = 100
+    beyond = int(sample.tokens.max())
+    assert beyond >= rows
+    rejected = ExampleProcessor(PipelineConfig(**cfg, vocab_rows=rows))(example)
+    piece = load_tokenizer(demo["tokenizer"]).piece(beyond)
+    assert isinstance(rejected, Rejection) and rejected.reason == (
+        f"token outside the LLM's embedding table: id {beyond} ({piece!r}) of {rows} rows")
+    assert ExampleProcessor(PipelineConfig(**cfg, vocab_rows=beyond + 1))(example).tokens.tolist() == \
+        sample.tokens.tolist()

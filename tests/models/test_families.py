@@ -235,3 +235,16 @@ def _edited(src, tmp_path, change):
 def test_unsupported_fields_are_refused_by_name(name, field, change, family_dir, tmp_path):
     with pytest.raises(UnsupportedConfigError, match=field.replace(".", r"\.")):
         import_hf(_edited(family_dir(name), tmp_path, change))
+
+
+def test_from_hf_says_what_a_vlm_import_leaves_out(family_dir, tmp_path):
+    """tools.from_hf on a Gemma 3 VLM imports its language model and says that Gemma's own vision
+    tower and projector (tensors in the files it does not use) were left out."""
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-m", "tools.from_hf", "--hf_dir", family_dir("gemma3-vlm"),
+                           "--out", str(tmp_path / "ckpt")], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert ("component 'llm'" in proc.stdout and "from the Gemma3ForConditionalGeneration, its language model only "
+            "(Gemma's own vision tower and multi-modal projector are not imported)" in proc.stdout), proc.stdout

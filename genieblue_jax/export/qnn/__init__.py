@@ -111,7 +111,7 @@ def export_qnn(model, out_dir: str, *, context: int = 2048, prefill_len: int = 1
         samples = calibration.load_samples(
             model.mcfg, sources, tok, count=calib, context=context, prefill_len=prefill_len,
             decode_steps=decode_steps, image_mode=model.preprocessing["image_mode"],
-            max_tiles=int(model.preprocessing["max_tiles"]))
+            max_tiles=int(model.preprocessing["max_tiles"]), chat=model.chat)
         description = f"from {where}: {samples.description}"
         log(f"calibration data: {description}")
     onnx_dir = os.path.join(out_dir, "onnx")

@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from data_pipelines.pipeline import PipelineConfig, SourceSpec, build_pipeline
+from data_pipelines.tokenizer import load_tokenizer
 from genieblue_jax import workdir as workdir_lib
 
 
@@ -127,14 +128,16 @@ def split_row(row: dict, r: int = 0):
 
 def load_samples(mcfg, sources, tokenizer: str, *, count: int, context: int, prefill_len: int,
                  decode_steps: int = 8, image_mode: str = "single", max_tiles: int = 16, seed: int = 0,
-                 max_rows: int | None = None) -> CalibrationData:
-    """Up to `count` samples with images and `count` text-only samples (module docstring)."""
+                 max_rows: int | None = None, chat: dict | None = None) -> CalibrationData:
+    """Up to `count` samples with images and `count` text-only samples (module docstring),
+    rendered as the model renders chats (`chat`: `GenieBlue.chat`, the template and its options
+    it was trained with; its image token is `mcfg.image_token_id`'s piece of `tokenizer`)."""
     if count < 1:
         raise ValueError(f"--calib={count}: need at least one calibration sample")
     cfg = PipelineConfig.for_model(
         mcfg, sources=tuple(sources), tokenizer=tokenizer, seq_len=context, batch_size=1, image_mode=image_mode,
         max_tiles=max_tiles, max_tiles_per_row=max(1, context // mcfg.tokens_per_tile), seed=seed,
-        num_epochs=1)
+        num_epochs=1, image_token=load_tokenizer(tokenizer).piece(mcfg.image_token_id), chat=chat)
     names = [s.name for s in cfg.sources]
     mm: list[Sample] = []
     text: list[Sample] = []
