@@ -1,7 +1,7 @@
 """`python -m data_pipelines.convert`: LLaVA-format JSON, chat JSONL, a Hugging Face dataset or
 WebDataset tar shards -> an ArrayRecord dataset of `Example`s, with a rejects log and a
-printed report. The conversion itself (formats, checks, rejection reasons) is
-`data_pipelines.conversion` (LLaVA JSON, JSONL) and `data_pipelines.hf_formats` (HF, WebDataset).
+printed report. The conversion itself is `data_pipelines.conversion`: one module per format
+(llava, chat_jsonl, hf, webdataset) over its checks (rejection reasons) and its driver.
 
     python -m data_pipelines.convert --format=llava --json llava_v1_5_mix665k.json \\
         --image_root /data/llava/images --out /data/llava665k --num_processes=16
@@ -21,8 +21,14 @@ import sys
 
 from absl import app, flags
 
-from data_pipelines.conversion import CHUNK_SIZE, ConversionError, convert_jsonl, convert_llava
-from data_pipelines.hf_formats import convert_hf, convert_webdataset
+from data_pipelines.conversion import (
+    CHUNK_SIZE,
+    ConversionError,
+    convert_hf,
+    convert_jsonl,
+    convert_llava,
+    convert_webdataset,
+)
 from data_pipelines.images import DEFAULT_MAX_PIXELS
 
 FLAGS = flags.FLAGS

@@ -133,8 +133,8 @@ class PipelineConfig:
     @classmethod
     def for_model(cls, mcfg, *, chat: dict | None = None, **kwargs) -> "PipelineConfig":
         """Tile size and tokens per tile taken from a `genieblue_jax.structure.MLLMConfig`; the
-        chat rendering from `chat` ({"template", "template_kwargs", "date"}, as a workdir's
-        `chat_settings` and `GenieBlue.chat` give it; the class defaults without)."""
+        chat rendering from `chat` ({"template", "template_kwargs", "date"}, as a recipe's
+        `RunConfig.chat()` and `GenieBlue.chat` give it; the class defaults without)."""
         chat = chat or {}
         rendering = {field: chat[key] for field, key in (("chat_template", "template"),
                                                          ("chat_template_kwargs", "template_kwargs"),

@@ -28,10 +28,12 @@ import dataclasses
 import json
 import os
 import time
-
-import ml_collections
+import typing
 
 from experiments.configs import common
+
+if typing.TYPE_CHECKING:  # importing the library imports JAX, which tests/conftest.py must pin first
+    from genieblue_jax.run_config import RunConfig
 
 # Sources and weights of the demo's training stages (experiments.demo_data.SOURCES).
 # Pretraining reads the "pretrain" split, written without images: the text tasks plus the
@@ -124,12 +126,18 @@ def numerics_line() -> str:
 
 
 def banner(step: int, total: int, title: str, detail: str = "") -> None:
+    """Prints the header of demo step `step` of `total` ("[step/total] title  -  detail") between
+    two rules of `=`, flushed so that it shows before the step's own output."""
     line = f"[{step}/{total}] {title}"
     print(f"\n{'=' * 78}\n{line}{'  -  ' + detail if detail else ''}\n{'=' * 78}", flush=True)
 
 
 @dataclasses.dataclass
 class Assets:
+    """What steps 1-4 of the demo made, as paths: the demo datasets' folder (DIR/train, DIR/eval,
+    DIR/pretrain), the SentencePiece tokenizer, the pretrained base LLM and vision tower
+    checkpoints and the stage-1 workdir; a step not run (e.g. stage 1 for a stage-1 recipe) leaves
+    its path None."""
     data_dir: str
     tokenizer: str
     base_llm: str | None = None        # genieblue_jax checkpoint of the pretrained base LLM
@@ -143,7 +151,9 @@ class Preempted(Exception):
     entry and no evaluation is ever made from a half-trained model."""
 
 
-def train_to_end(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_to_end(cfg: RunConfig, workdir: str) -> dict:
+    """Trains `cfg` in `workdir` (resuming what is there) to `cfg.train.steps`; returns
+    trainer.train's result. Raises Preempted when SIGTERM stopped it first (its checkpoint saved)."""
     from genieblue_jax.train import trainer
     result = trainer.train(cfg, workdir)
     if result["step"] < cfg.train.steps:
@@ -152,14 +162,14 @@ def train_to_end(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     return result
 
 
-def with_cache_dir(c: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+def with_cache_dir(c: RunConfig, workdir: str) -> RunConfig:
     """A copy of `c` whose demo.cache_dir is set: the configured one, or `demo` beside `workdir`.
 
-        >>> c = ml_collections.ConfigDict({"demo": {"cache_dir": ""}})
-        >>> with_cache_dir(c, "/data/runs/s2").demo.cache_dir
+        >>> from experiments.configs import load
+        >>> with_cache_dir(load("stage2_skip"), "/data/runs/s2").demo.cache_dir
         '/data/runs/demo'
     """
-    c = ml_collections.ConfigDict(c.to_dict())
+    c = c.copy()
     if not c.demo.cache_dir:
         c.demo.cache_dir = os.path.join(os.path.dirname(os.path.abspath(workdir)), "demo")
     return c
@@ -167,7 +177,7 @@ def with_cache_dir(c: ml_collections.ConfigDict, workdir: str) -> ml_collections
 
 # --- 1. data ------------------------------------------------------------------------------
 
-def demo_data(c: ml_collections.ConfigDict) -> Assets:
+def demo_data(c: RunConfig) -> Assets:
     """The demo datasets (train / eval / a text-only pretraining split) and tokenizer."""
     from experiments.demo_data import SCENES, write_demo_datasets
     d = c.demo
@@ -200,7 +210,8 @@ def sources(data_dir: str, split: str, mixture: dict[str, int]) -> str:
 
 # --- 2.-5. training -------------------------------------------------------------------------
 
-def _done(workdir: str, steps: int) -> bool:
+def trained_to(workdir: str, steps: int) -> bool:
+    """Whether `workdir` holds a run whose latest checkpoint is step `steps` (a cached step)."""
     from genieblue_jax import workdir as workdir_lib
     if not workdir_lib.is_workdir(workdir):
         return False
@@ -211,13 +222,13 @@ def _done(workdir: str, steps: int) -> bool:
         mngr.close()
 
 
-def pretrain_base(c: ml_collections.ConfigDict, assets: Assets) -> str:
+def pretrain_base(c: RunConfig, assets: Assets) -> str:
     """Pretrains the base LLM on the text tasks (stage "pretrain"); returns its checkpoint."""
-    from experiments.configs import pretrain
+    from experiments.configs import load
     from genieblue_jax import checkpoint, models
     from genieblue_jax import workdir as workdir_lib
     d = c.demo
-    p = pretrain.get_config("demo")
+    p = load("pretrain")
     p.model.llm, p.model.vit, p.train.seed = c.model.llm, c.model.vit, c.train.seed
     p.train.steps = d.pretrain_steps
     p.data.sources, p.data.tokenizer = sources(assets.data_dir, "pretrain", PRETRAIN_MIXTURE), assets.tokenizer
@@ -235,11 +246,11 @@ def pretrain_base(c: ml_collections.ConfigDict, assets: Assets) -> str:
     return ckpt
 
 
-def stage1(c: ml_collections.ConfigDict, assets: Assets) -> str:
+def stage1(c: RunConfig, assets: Assets) -> str:
     """Stage 1 on captions around the cached base; returns its workdir."""
-    from experiments.configs import stage1 as stage1_recipe
+    from experiments.configs import load
     d = c.demo
-    s = stage1_recipe.get_config("demo")
+    s = load("stage1")
     s.model.llm, s.model.vit, s.train.seed = c.model.llm, c.model.vit, c.train.seed
     s.train.steps = d.stage1_steps
     s.init.llm_checkpoint, s.init.vit_checkpoint = assets.base_llm, assets.vision
@@ -247,16 +258,16 @@ def stage1(c: ml_collections.ConfigDict, assets: Assets) -> str:
     vision = os.path.basename(os.path.normpath(assets.vision)) if assets.vision else c.model.vit
     key = f"stage1_{d.stage1_steps}steps_on_{os.path.basename(os.path.dirname(assets.base_llm))}_{vision}"
     workdir = os.path.join(d.cache_dir, key)
-    if _done(workdir, s.train.steps):
+    if trained_to(workdir, s.train.steps):
         print(f"cached: {workdir}", flush=True)
     else:
         train_to_end(s, workdir)
     return workdir
 
 
-def with_assets(c: ml_collections.ConfigDict, assets: Assets) -> ml_collections.ConfigDict:
+def with_assets(c: RunConfig, assets: Assets) -> RunConfig:
     """The recipe pointed at the demo's base, stage-1 projector and multimodal data."""
-    c = ml_collections.ConfigDict(c.to_dict())  # unlocked copy
+    c = c.copy()
     c.init.llm_checkpoint, c.init.vit_checkpoint = assets.base_llm, assets.vision
     if c.train.stage != "stage1":
         c.init.stage1_workdir = assets.stage1_workdir
@@ -266,7 +277,7 @@ def with_assets(c: ml_collections.ConfigDict, assets: Assets) -> ml_collections.
     return c
 
 
-def pretrain_vision(c: ml_collections.ConfigDict) -> str:
+def pretrain_vision(c: RunConfig) -> str:
     """The demo's pretrained vision tower (experiments/demo_vision.py); returns its checkpoint."""
     from experiments import demo_vision
     from genieblue_jax import checkpoint
@@ -282,7 +293,7 @@ def pretrain_vision(c: ml_collections.ConfigDict) -> str:
     return ckpt
 
 
-def prepare(c: ml_collections.ConfigDict) -> Assets:
+def prepare(c: RunConfig) -> Assets:
     """Steps 1-4 (each cached); what the recipe needs is filled in."""
     banner(1, STEPS, "demo data", f"rendered shapes ({c.demo.scene} scenes), captions, VQA, text tasks + tokenizer")
     assets = demo_data(c)
@@ -301,7 +312,7 @@ def prepare(c: ml_collections.ConfigDict) -> Assets:
 
 # --- 6. evaluation --------------------------------------------------------------------------
 
-def evaluate_run(c: ml_collections.ConfigDict, workdir: str, assets: Assets) -> dict:
+def evaluate_run(c: RunConfig, workdir: str, assets: Assets) -> dict:
     """Base LLM (text mode), the deployed model (non-shared) and the shared-base ablation on
     the held-out eval split; cached in WORKDIR/eval/step_N.json."""
     import genieblue_jax
@@ -341,6 +352,11 @@ def source_columns(runs) -> list[str]:
 
 
 def column_title(source: str) -> str:
+    """The results table's header of a data source: "caption" as is, the others upper-cased.
+
+        >>> column_title("vqa"), column_title("caption")
+        ('VQA', 'caption')
+    """
     return source if source == "caption" else source.upper()
 
 
@@ -376,10 +392,9 @@ def example_image(data_dir: str, path: str) -> tuple[str, str]:
 
 # --- the whole demo ---------------------------------------------------------------------------
 
-def run(config: ml_collections.ConfigDict, workdir: str, recipe: str) -> dict:
+def run(config: RunConfig, workdir: str, recipe: str) -> dict:
     """Steps 1-6 for `config` (a demo-scale recipe); prints the results and what to try next."""
-    from genieblue_jax.train import trainer
-    trainer.check_ranges(config)  # a bad value is an error now, not after the demo's pretraining
+    config.validate()  # a bad value is an error now, not after the demo's pretraining
     config = with_cache_dir(config, workdir)
     t0 = time.perf_counter()
     numerics = numerics_line()
@@ -387,7 +402,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, recipe: str) -> dict:
     assets = prepare(config)
     c = with_assets(config, assets)
     banner(5, STEPS, f"recipe {recipe}", f"{c.model.variant} / {c.train.stage}, {c.train.steps} steps -> {workdir}")
-    if _done(workdir, c.train.steps):
+    if trained_to(workdir, c.train.steps):
         print(f"cached: {workdir} (step {c.train.steps})", flush=True)
     else:
         train_to_end(c, workdir)

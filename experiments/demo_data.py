@@ -445,7 +445,7 @@ def write_demo_datasets(out_dir: str, *, splits: Mapping[str, int] = None, seed:
 
 
 def with_demo_sources(config, workdir: str):
-    """`config` (an ml_collections.ConfigDict, changed in place and returned) reading the demo
+    """`config` (a `RunConfig`, changed in place and returned) reading the demo
     datasets, written once into WORKDIR/demo_data (by process 0; the others wait for it), when
     it is a demo-scale config that names no `data.sources`: what `python -m experiments.run`
     trains on without data. `config.data.demo_examples` train examples (and a tenth, at least 20, held out).

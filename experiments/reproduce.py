@@ -24,7 +24,6 @@ on every 4th block) and GenieBlue pre / post / skip (replicated blocks + LoRA).
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -119,13 +118,14 @@ def plots(results: dict, workdirs: dict, out_dir: str) -> list[str]:
 def run(workdir: str = "workdirs/reproduce", recipes=RECIPES, steps: int | None = None) -> dict:
     """Trains and evaluates `recipes` around the shared demo assets; writes the tables and plots."""
     from experiments import demo
+    from experiments.configs import load
     demo.pin_cpu_numerics()  # the same code as the main job's (experiments.run at demo scale)
     t0 = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
     results, workdirs = {}, {}
     assets = None
     for i, name in enumerate(recipes):
-        c = importlib.import_module(f"experiments.configs.{name}").get_config("demo")
+        c = load(name)
         if steps:
             c.train.steps = steps
         c = demo.with_cache_dir(c, workdir)  # `demo` beside the workdir: workdirs/demo, the main job's cache
@@ -135,7 +135,7 @@ def run(workdir: str = "workdirs/reproduce", recipes=RECIPES, steps: int | None 
         wd = os.path.join(workdir, name)
         demo.banner(i + 1, len(recipes), f"recipe {name}", f"{c.model.variant} / {c.train.stage}, "
                                                           f"{c.train.steps} steps -> {wd}")
-        if demo._done(wd, c.train.steps):
+        if demo.trained_to(wd, c.train.steps):
             print(f"cached: {wd}", flush=True)
         else:
             demo.train_to_end(c, wd)
@@ -157,6 +157,9 @@ def run(workdir: str = "workdirs/reproduce", recipes=RECIPES, steps: int | None 
 
 
 def main(argv=None):
+    """The command line (`python -m experiments.reproduce [--workdir] [--recipes] [--steps]`; `argv`
+    without the program name, None: sys.argv): checks the recipe names (an unknown one is argparse's
+    usage error, exit 2) and calls `run`."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="workdirs/reproduce")
     parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, from {RECIPES}")

@@ -12,8 +12,10 @@ them, and the result is evaluated on held-out questions; `--config.demo.enabled=
 
 `--config` takes a recipe name from experiments/configs/ (or a path to a config file),
 optionally followed by `:demo` / `:paper`. Any field can be overridden with
-`--config.a.b=value`; unknown keys and wrong types are errors naming the key. Running the
-same command again resumes from the latest checkpoint in the workdir.
+`--config.a.b=value`. The recipe becomes the typed run config here, first
+(`genieblue_jax.run_config.RunConfig`): an unknown key, a wrong type or a value out of range is
+a one-line error naming the key, before any data, model or compile work. Running the same
+command again resumes from the latest checkpoint in the workdir.
 """
 import os
 import sys
@@ -25,7 +27,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from experiments.configs import expand_config_arg
+from experiments.configs import expand_config_arg, parse_flags, typed
 
 
 def define_flags():
@@ -55,11 +57,19 @@ def initialize_distributed(jax, f) -> None:
 
 
 def main(argv):
+    """absl's entry point, after the flags are parsed: types and validates `--config` (a bad key or
+    value exits with a one-line "config error"), then runs the embedded demo (`demo.enabled`) or
+    trains the recipe alone in `--workdir` (default workdirs/RECIPE[_SCALE]), resuming what is
+    there. `argv` holds the program name only; anything more is a UsageError."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:  # Orbax logs every checkpoint step at INFO
         absl_logging.set_verbosity(absl_logging.WARNING)
-    config = flags.FLAGS.config
+    from genieblue_jax.run_config import ConfigError  # imports no JAX backend work: checks only
+    try:
+        config = typed(flags.FLAGS.config)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
     if config.demo.enabled:  # before JAX starts its CPU backend: the README's demo figures
         from experiments import demo
         demo.pin_cpu_numerics()
@@ -93,4 +103,4 @@ def main(argv):
 if __name__ == "__main__":
     define_flags()
     sys.argv = expand_config_arg(sys.argv)
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -324,7 +324,7 @@ def load(path: str, *, mesh=None, step: int | None = None) -> GenieBlue:
         configs = {"llm": t.mcfg.llm, "vision": t.mcfg.vision, "projector": t.mcfg.projector}
         return GenieBlue(configs, t.params, path=path, mesh=mesh, mcfg=t.mcfg, tokenizer=t.tokenizer,
                          preprocessing=workdir.preprocessing(t.config),
-                         source={"workdir": path, "step": t.step, **t.meta}, chat=workdir.chat_settings(t.config))
+                         source={"workdir": path, "step": t.step, **t.meta}, chat=t.config.chat())
     if (paths.path(path) / "config.json").is_file():
         name, cfg, params = import_hf(path, mesh=mesh)
         return GenieBlue({name: cfg}, {name: params}, path=path, mesh=mesh, tokenizer=_find_tokenizer(path),

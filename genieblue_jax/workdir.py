@@ -1,7 +1,8 @@
 """The training workdir, read by whoever needs its model: the trainer, `genieblue_jax.load`,
 the exporters. A workdir holds
 
-    config.json                 the recipe (an ml_collections config; `read_config`)
+    config.json                 the recipe (`run_config.RunConfig.to_dict()`; `read_config`) and the
+                                resolved model config under "mllm_config" (every shape: `read_model_config`)
     checkpoints/<step>/         Orbax items state (trainable params + Adam), data (each
                                 process's iterator state), meta (stage, variant, base
                                 fingerprint); checksums.json of every file (`verified_step`)
@@ -10,87 +11,38 @@ the exporters. A workdir holds
 and the recipe says how to rebuild the frozen base (`init_params`: the init checkpoints, or a
 seeded random init at demo scale), checked against the fingerprint each checkpoint recorded
 (`base_fingerprint`). `load_trained` puts the two together. This module sits in the checkpoint
-layer: it imports nothing of the training loop (optimizer, step, data pipeline).
-
-    >>> parse_sources("vqa=/data/vqa:2,text=/data/text")
-    {'vqa': {'path': '/data/vqa', 'weight': 2.0}, 'text': {'path': '/data/text', 'weight': 1.0}}
+layer: it imports nothing of the training loop (optimizer, step, data pipeline). It takes the
+typed recipe (`genieblue_jax.run_config.RunConfig`), never an ml_collections config.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
-import math
 import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from data_pipelines.chat import CHAT_TEMPLATE_CHOICES, checked_template_kwargs, parse_date
 from data_pipelines.tokenizer import choose_image_token, load_tokenizer, read_assets
 from genieblue_jax import checkpoint as model_checkpoint
 from genieblue_jax import checksums, models, paths, structure
 from genieblue_jax import sharding as sharding_lib
 from genieblue_jax.jsonfile import read_json
+from genieblue_jax.run_config import LLM_STAGES, ConfigError, RunConfig, parse_sources  # noqa: F401 (public here)
 
 log = logging.getLogger(__name__)
 
 
-class ConfigError(ValueError):
-    """A recipe (config) the framework cannot run; the message names the config key."""
-
-
-LLM_STAGES = ("full", "pretrain")  # stages that train the LLM itself (float32 masters, variant "full")
-
-
-def parse_sources(spec: str) -> dict[str, dict]:
-    """`data.sources`, one string so that it can be given on the command line: comma-separated
-    `name=DIR[:weight]` (weight 1 when left out). The text after the last colon is the weight and
-    must be a number > 0, unless that colon is a URL scheme's (followed by `//`, as in
-    `gs://bucket/x`): then the whole text is the path and the weight is 1. Anything else after a
-    colon (`vqa=/d:6O.7`, `a=/x/y:`) is a ConfigError naming the source and the text.
-
-        >>> parse_sources("caption=/data/caption:316.3, vqa=/data/vqa:64.7,text=/data/text")
-        {'caption': {'path': '/data/caption', 'weight': 316.3}, 'vqa': {'path': '/data/vqa', 'weight': 64.7}, \
-'text': {'path': '/data/text', 'weight': 1.0}}
-        >>> parse_sources("vqa=gs://b/d:2,ocr=gs://b/e")
-        {'vqa': {'path': 'gs://b/d', 'weight': 2.0}, 'ocr': {'path': 'gs://b/e', 'weight': 1.0}}
-    """
-    out: dict[str, dict] = {}
-    for part in (p.strip() for p in str(spec).split(",")):
-        name, eq, rest = part.partition("=")
-        name = name.strip()
-        if not part or not eq or not name or not rest:
-            raise ConfigError(f"data.sources={spec!r}: {part!r} is not name=DIR[:weight]")
-        path, weight = rest, 1.0
-        head, colon, tail = rest.rpartition(":")
-        if colon and not tail.startswith("//"):  # a weight (a URL scheme's colon is followed by //)
-            try:
-                path, weight = head, float(tail)
-            except ValueError:
-                raise ConfigError(f"data.sources={spec!r}: source {name!r} has weight {tail!r}, not a number "
-                                  f"(name=DIR[:weight])") from None
-            if not path:
-                raise ConfigError(f"data.sources={spec!r}: source {name!r} has no DIR (name=DIR[:weight])")
-        if name in out:
-            raise ConfigError(f"data.sources={spec!r}: source {name!r} given twice")
-        if not (weight > 0 and math.isfinite(weight)):
-            raise ConfigError(f"data.sources={spec!r}: source {name!r} has weight {weight}; weights must be finite "
-                              f"and > 0")
-        out[name] = {"path": path, "weight": weight}
-    return out
-
-
-def tokenizer_path(c: ml_collections.ConfigDict, workdir: str) -> str:
+def tokenizer_path(c: RunConfig, workdir: str) -> str:
     """The recipe's tokenizer: `data.tokenizer` (workdirs of versions before 2026-11-30 trained on
     the demo data without naming it: its tokenizer inside the workdir)."""
     return c.data.tokenizer or os.path.join(workdir, "demo_data", "tokenizer.model")
 
 
-def image_token(c: ml_collections.ConfigDict, tokenizer) -> str:
+def image_token(c: RunConfig, tokenizer) -> str:
     """The recipe's image placeholder (`model.image_token`; "auto" picks one of the tokenizer's
     own special tokens inside the LLM's embedding table: `tokenizer.choose_image_token`);
     ConfigError naming the key when there is none or it lies outside the table."""
@@ -101,7 +53,7 @@ def image_token(c: ml_collections.ConfigDict, tokenizer) -> str:
         raise ConfigError(f"model.image_token: {e} (model.image_token={c.model.image_token!r} chooses it)") from None
 
 
-def tokenized_model_config(c: ml_collections.ConfigDict, tokenizer: str) -> structure.MLLMConfig:
+def tokenized_model_config(c: RunConfig, tokenizer: str) -> structure.MLLMConfig:
     """`model_config` with the image token (`image_token`) looked up in the tokenizer (checked
     against the vocab)."""
     tok = load_tokenizer(tokenizer)
@@ -118,12 +70,9 @@ def tokenized_model_config(c: ml_collections.ConfigDict, tokenizer: str) -> stru
     return mcfg
 
 
-def model_config(c: ml_collections.ConfigDict, image_token_id: int) -> structure.MLLMConfig:
+def model_config(c: RunConfig, image_token_id: int) -> structure.MLLMConfig:
     """The MLLM config of a recipe: presets (or the init checkpoints' configs), dtypes, structure."""
-    try:
-        llm, vit = models.get_preset(c.model.llm), models.get_preset(c.model.vit)
-    except KeyError as e:
-        raise ConfigError(f"model.llm / model.vit: {e.args[0]}") from None
+    llm, vit = models.get_preset(c.model.llm), models.get_preset(c.model.vit)  # presets checked by RunConfig
     if c.init.llm_checkpoint:
         llm = model_checkpoint.read_metadata(c.init.llm_checkpoint)["components"]["llm"]
     if c.init.vit_checkpoint:
@@ -135,49 +84,17 @@ def model_config(c: ml_collections.ConfigDict, image_token_id: int) -> structure
         llm = llm.replace(param_dtype="float32")  # a trained LLM keeps float32 master weights
     vit = vit.replace(dtype=c.model.compute_dtype, param_dtype="float32", remat=c.model.remat,
                       scan_layers=c.model.scan_layers)
-    try:
-        struct = structure.StructureConfig(c.model.variant, c.model.placement, c.model.interval,
-                                           c.model.lora_rank, c.model.lora_alpha)
-    except ValueError as e:
-        raise ConfigError(f"model: {e}") from None
     return structure.MLLMConfig(llm, vit, models.ProjectorConfig.between(vit, llm, dtype=c.model.compute_dtype),
-                                struct, image_token_id)
+                                c.structure(), image_token_id)
 
 
-def chat_settings(c: ml_collections.ConfigDict) -> dict:
-    """How the recipe renders chats, checked (ConfigError naming the key): {"template":
-    data.chat_template, "template_kwargs": data.chat_template_kwargs (a JSON object),
-    "date": data.chat_date ("YYYY-MM-DD")}, as `GenieBlue.chat` and the pipeline take it.
-
-        >>> chat_settings(ml_collections.ConfigDict({"data": {"chat_template": "auto",
-        ...     "chat_template_kwargs": '{"enable_thinking": false}', "chat_date": "2026-01-01"}}))
-        {'template': 'auto', 'template_kwargs': {'enable_thinking': False}, 'date': '2026-01-01'}
-    """
-    d = c.data
-    if d.chat_template not in CHAT_TEMPLATE_CHOICES:
-        raise ConfigError(f"data.chat_template={d.chat_template!r}: choose one of {CHAT_TEMPLATE_CHOICES}")
-    try:
-        kwargs = checked_template_kwargs(json.loads(d.chat_template_kwargs or "{}"))
-    except ValueError as e:  # json.JSONDecodeError is one
-        raise ConfigError(f"data.chat_template_kwargs={d.chat_template_kwargs!r}: {e}; give a JSON object, "
-                          "e.g. '{\"enable_thinking\": false}'") from None
-    try:
-        date = parse_date(d.chat_date)
-    except ValueError as e:
-        raise ConfigError(f"data.chat_date: {e}") from None
-    if kwargs and d.chat_template == "chatml":
-        raise ConfigError(f"data.chat_template_kwargs={d.chat_template_kwargs!r}: data.chat_template='chatml' "
-                          "has no options")
-    return {"template": d.chat_template, "template_kwargs": kwargs, "date": date.isoformat() if date else None}
-
-
-def with_resolved_choices(c: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+def with_resolved_choices(c: RunConfig, workdir: str) -> RunConfig:
     """A copy of `c` whose "auto" choices say what they chose, as a workdir records them in its
     config.json: `model.image_token` the token (`image_token`), `data.chat_template` "tokenizer"
     (the tokenizer directory has a chat template) or "chatml" (it has none). A recipe without a
     tokenizer, or one whose choices cannot be made, is returned as it is: `trainer.resolve` names
     the culprit, after the checks that come before it."""
-    c = ml_collections.ConfigDict(c.to_dict())
+    c = c.copy()
     if not c.data.tokenizer:
         return c
     tokenizer = tokenizer_path(c, workdir)
@@ -190,7 +107,7 @@ def with_resolved_choices(c: ml_collections.ConfigDict, workdir: str) -> ml_coll
     return c
 
 
-def preprocessing(c: ml_collections.ConfigDict) -> dict:
+def preprocessing(c: RunConfig) -> dict:
     """How the recipe cuts images into tiles (inference must do the same)."""
     return {"image_mode": c.data.image_mode, "max_tiles": int(c.data.max_tiles)}
 
@@ -204,10 +121,15 @@ RENAMED_KEYS = {"data.max_patches": "data.max_tiles", "data.max_patches_per_row"
 ADDED_KEYS = {"data.chat_template": "chatml", "data.chat_template_kwargs": "{}", "data.chat_date": ""}
 
 
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a workdir was trained with (its config.json), old keys (RENAMED_KEYS) under
-    their new names, keys it predates (ADDED_KEYS) with the values that say what it did."""
+MLLM_CONFIG_KEY = "mllm_config"  # config.json's record of the resolved model config (every shape)
+
+
+def read_config(workdir: str) -> RunConfig:
+    """The recipe a workdir was trained with (its config.json), old keys (RENAMED_KEYS) under
+    their new names, keys it predates (ADDED_KEYS) with the values that say what it did.
+    ConfigError naming the key and the file when it is not a recipe this version runs."""
     d = read_json(workdir, "config.json", "not a training workdir")
+    d.pop(MLLM_CONFIG_KEY, None)
     for old, new in RENAMED_KEYS.items():
         (section, o), (_, n) = old.split("."), new.split(".")
         if o in d.get(section, {}):
@@ -215,7 +137,26 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     for key, value in ADDED_KEYS.items():
         section, name = key.split(".")
         d.setdefault(section, {}).setdefault(name, value)
-    return ml_collections.ConfigDict(d)
+    return RunConfig.from_dict(d, where=f" in {paths.join(workdir, 'config.json')}")
+
+
+def write_config(workdir: str, c: RunConfig, mcfg: structure.MLLMConfig) -> None:
+    """WORKDIR/config.json: the recipe and, under "mllm_config", the model config it resolved to
+    (the init checkpoints' shapes, the image token id), which `load_trained` reads back."""
+    content = {**c.to_dict(), MLLM_CONFIG_KEY: mcfg.to_dict()}
+    (paths.path(workdir) / "config.json").write_text(json.dumps(content, indent=2))
+
+
+def read_model_config(workdir: str) -> structure.MLLMConfig | None:
+    """The model config config.json recorded (`write_config`); None for a workdir written before
+    it was recorded (its model is derived from the recipe, `tokenized_model_config`)."""
+    d = read_json(workdir, "config.json", "not a training workdir").get(MLLM_CONFIG_KEY)
+    if d is None:
+        return None
+    try:
+        return structure.MLLMConfig.from_dict(d)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{paths.join(workdir, 'config.json')}: invalid {MLLM_CONFIG_KEY}: {e}") from None
 
 
 def is_workdir(path: str) -> bool:
@@ -231,7 +172,7 @@ def _shardings(tree, mesh):
     return sharding_lib.param_shardings(tree, mesh)
 
 
-def init_params(config: ml_collections.ConfigDict, mcfg: structure.MLLMConfig, mesh) -> dict:
+def init_params(config: RunConfig, mcfg: structure.MLLMConfig, mesh) -> dict:
     """All MLLM parameters of recipe `config` ({"llm", "vision", "projector", "branch"}), each
     created or loaded straight into its sharding on `mesh`: the base from the init checkpoints
     (a NaN / Inf tensor is a ConfigError naming it) or, at demo scale only, seeded at random;
@@ -384,7 +325,7 @@ class Trained:
     """A trained model read back from a workdir (`load_trained`)."""
     mcfg: structure.MLLMConfig
     params: dict          # {"llm", "vision", "projector", "branch"}: frozen base + trained parts
-    config: ml_collections.ConfigDict
+    config: RunConfig     # the recipe it was trained with
     tokenizer: str        # tokenizer file path
     step: int
     meta: dict            # the checkpoint's meta (stage, variant, base fingerprint and source)
@@ -393,6 +334,8 @@ class Trained:
 def load_trained(workdir: str, *, step: int | None = None, mesh=None) -> Trained:
     """The model of a training workdir at `step` (default: the latest checkpoint).
 
+    The model config is the one config.json recorded (every shape, the image token id), or for
+    a workdir written before it was recorded, derived from the recipe as training derived it.
     The frozen base is rebuilt exactly as training built it (from `init.llm_checkpoint` /
     `init.vit_checkpoint`, or the seeded random init of the demo) and checked against the
     fingerprint the checkpoint recorded; the trainable parts are read from the checkpoint
@@ -403,7 +346,7 @@ def load_trained(workdir: str, *, step: int | None = None, mesh=None) -> Trained
     tokenizer = tokenizer_path(config, workdir)
     if not paths.path(tokenizer).exists():
         raise FileNotFoundError(f"{workdir}: the tokenizer it was trained with ({tokenizer}) is missing")
-    mcfg = tokenized_model_config(config, tokenizer)
+    mcfg = read_model_config(workdir) or tokenized_model_config(config, tokenizer)
     mcfg = mcfg.replace(llm=mcfg.llm.replace(remat=False), vision=mcfg.vision.replace(remat=False))
     mesh = mesh if mesh is not None else sharding_lib.make_mesh({"data": 1}, jax.devices()[:1])
     mngr = checkpoint_manager(workdir, keep=1)
@@ -416,9 +359,11 @@ def load_trained(workdir: str, *, step: int | None = None, mesh=None) -> Trained
             raise FileNotFoundError(f"{workdir}/checkpoints: no step {step}; saved steps {sorted(steps)}")
         verified_step(workdir, step)
         meta = restore_step(mngr, step)["meta"]
-        if meta.get("variant") != mcfg.structure.name or meta.get("stage") != config.train.stage:
+        said = {config.structure().name, mcfg.structure.name}  # the recipe's and the recorded model's
+        if said != {meta.get("variant")} or meta.get("stage") != config.train.stage:
             raise ValueError(f"{workdir}: checkpoint step {step} is {meta.get('stage')} / {meta.get('variant')}, "
-                             f"but config.json says {config.train.stage} / {mcfg.structure.name}")
+                             f"but config.json says {config.train.stage} / {config.structure().name}"
+                             + ("" if len(said) == 1 else f" (its {MLLM_CONFIG_KEY}: {mcfg.structure.name})"))
         params = init_params(config, mcfg, mesh)
         trainable, frozen = structure.partition(params, config.train.stage)
         fingerprint = base_fingerprint(frozen)

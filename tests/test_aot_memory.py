@@ -4,6 +4,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # the integration tier (setup.cfg); `pytest -m "not slow"` skips it
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.model.llm=tiny-qwen2", "--config.model.vit=tiny-siglip", "--config.data.seq_len=128",
         "--config.data.max_tiles_per_row=4", "--config.train.global_batch_size=8", "--config.train.micro_batches=2",

@@ -26,6 +26,8 @@ from genieblue_jax.hf import import_hf
 from genieblue_jax.train import trainer
 from tests.train.conftest import tiny_config
 
+pytestmark = pytest.mark.slow  # the integration tier (setup.cfg); `pytest -m "not slow"` skips it
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -202,7 +204,7 @@ def test_bad_input_names_the_culprit(trained, tmp_path):
 
 
 def test_chat_tool(trained):
-    from tools.chat import Conversation, interactive
+    from genieblue_jax.cli.chat import Conversation, interactive
     model = trained["model"]
     lines = iter(["What is 3 plus 4?", f"/image {trained['image']}", "/image nope.png", "Describe it.", "/mode text",
                   "And now?", "/reset", "/mode auto", "Hello"])
@@ -226,3 +228,50 @@ def test_chat_tool(trained):
     assert run.returncode == 0, run.stderr[-2000:]
     assert "[base LLM (non-shared); " in run.stderr
     assert run.stdout.rstrip("\n") == model.generate("What is 3 plus 4?", max_new_tokens=4).rstrip("\n")
+
+
+def test_a_workdir_from_before_the_typed_run_config_loads_bitwise(tmp_path, monkeypatch):
+    """tests/data/workdir_before_run_config (made by its make.py at commit 274858c): a stage-2
+    workdir written before the typed run config (its config.json records no model config; its
+    base's init checkpoints beside it, named relative to that folder), and the same model saved
+    then as a checkpoint (`GenieBlue.save`). Loaded now, the workdir (the model derived from its
+    recipe, the base read from the init checkpoints and checked against its fingerprint, the
+    trained parts from Orbax) and the checkpoint (every weight read back) give the same logits,
+    bit for bit, on the text path and on an image request."""
+    shutil.copytree(os.path.join(REPO, "tests", "data", "workdir_before_run_config"), tmp_path / "old")
+    monkeypatch.chdir(tmp_path / "old")
+    with open("workdir/config.json") as f:
+        assert "mllm_config" not in json.load(f)
+    from_workdir = genieblue_jax.load("workdir")
+    from_checkpoint = genieblue_jax.load("checkpoint")
+    assert from_workdir.mcfg == from_checkpoint.mcfg and from_workdir.source["step"] == 2
+    image = np.random.default_rng(0).integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    req = from_workdir.requests.encode("What colour is the circle?", [image])
+    text = from_workdir.requests.encode("What is 3 plus 4?").tokens
+    for model in (from_workdir, from_checkpoint):
+        assert model.requests.encode("What colour is the circle?", [image]).tokens == req.tokens
+    np.testing.assert_array_equal(from_workdir.logits([text]), from_checkpoint.logits([text]))
+    np.testing.assert_array_equal(from_workdir.logits([req.tokens], images=req.tiles[None]),
+                                  from_checkpoint.logits([req.tokens], images=req.tiles[None]))
+
+
+def test_a_workdir_records_the_model_config_its_init_checkpoint_gave(trained):
+    """The recipe names the tiny-qwen2 preset, but the base came from an imported checkpoint of
+    other shapes (max_position_embeddings 512): config.json records the model as trained, every
+    shape, and the workdir's model is read from that record, not re-derived from the preset."""
+    from genieblue_jax import workdir
+    with open(os.path.join(trained["workdir"], "config.json")) as f:
+        recorded = json.load(f)
+    imported = genieblue_jax.load(trained["hf"]).configs["llm"]
+    assert recorded["model"]["llm"] == "tiny-qwen2" != imported
+    llm = recorded["mllm_config"]["llm"]
+    assert llm["max_position_embeddings"] == imported.max_position_embeddings == 512
+    assert models.get_preset("tiny-qwen2").max_position_embeddings == 2048
+    assert {k: llm[k] for k in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                                "intermediate_size", "rope_theta", "tie_embeddings")} == \
+        {k: getattr(imported, k) for k in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                                           "head_dim", "intermediate_size", "rope_theta", "tie_embeddings")}
+    record, loaded = workdir.read_model_config(trained["workdir"]), trained["model"].mcfg
+    assert record.llm.replace(remat=False) == loaded.llm and (record.vision, record.projector, record.structure,
+                                                              record.image_token_id) == (
+        loaded.vision, loaded.projector, loaded.structure, loaded.image_token_id)

@@ -1,4 +1,4 @@
-"""The PyTorch reference of tools/benchmark_torch_reference.py trains what it claims to train.
+"""The PyTorch reference of genieblue_jax/cli/benchmark_torch_reference.py trains what it claims to train.
 
 Hand-derived parameter counts (demo-qwen2 / demo-siglip, as hard-coded in the tool):
 
@@ -29,7 +29,7 @@ import math
 import pytest
 import torch
 
-from tools import benchmark_torch_reference as ref_tool
+from genieblue_jax.cli import benchmark_torch_reference as ref_tool
 
 EXPECTED = {  # variant: (trainable, total)
     "stage2_skip": (2_460_160, 8_497_920),

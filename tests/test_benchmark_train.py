@@ -3,8 +3,10 @@ import math
 
 import pytest
 
+from genieblue_jax.cli import benchmark_train
 from tests.test_benchmark_torch_reference import EXPECTED
-from tools import benchmark_train
+
+pytestmark = pytest.mark.slow  # the integration tier (setup.cfg); `pytest -m "not slow"` skips it
 
 
 @pytest.mark.parametrize("variant", sorted(benchmark_train.VARIANTS))

@@ -205,8 +205,8 @@ def test_the_image_token_is_one_of_the_models_own(tokenizer_dir):
     with pytest.raises(ValueError, match=f"'<image_soft_token>' has id {soft}, outside the LLM's embedding table "
                                          f"of {soft} rows"):
         choose_image_token(gemma, rows=soft, wanted="<image_soft_token>")
-    from experiments.configs import common
-    c = common.base_config("demo")
+    from experiments import configs
+    c = configs.load("stage2_skip")
     c.model.image_token = "<image_soft_token>"
     with pytest.raises(workdir.ConfigError, match=r"model.image_token: .*outside the LLM's embedding table"):
         workdir.image_token(c, gemma)
@@ -229,7 +229,7 @@ def test_an_old_workdir_keeps_rendering_chatml(tokenizer_dir, tmp_path):
         d["data"].pop(key)
     d["model"]["image_token"] = "<|image_pad|>"
     (tmp_path / "config.json").write_text(json.dumps(d))
-    chat = workdir.chat_settings(workdir.read_config(str(tmp_path)))
+    chat = workdir.read_config(str(tmp_path)).chat()
     assert chat == {"template": "chatml", "template_kwargs": {}, "date": None}
     tok = load_tokenizer(tokenizer_dir("qwen2.5"))
     old = chat_renderer(tok, chat_template=chat["template"]).render([{"role": "user", "content": QUESTION}],
@@ -276,8 +276,8 @@ def test_serving_and_the_export_stop_where_transformers_stops(family, tmp_path):
     tokenizer's BOS; special-token text is refused (400)."""
     import openai
 
+    from genieblue_jax.cli.serve import BackgroundServer
     from genieblue_jax.export.to_torch import export_torch
-    from tools.serve import BackgroundServer
 
     hf_dir = str(tmp_path / "hf")
     build_hf_tokenizer(family, hf_dir)
@@ -328,6 +328,7 @@ def test_serving_and_the_export_stop_where_transformers_stops(family, tmp_path):
         assert _greedy(exported, prompt, NEW_TOKENS) == answer  # and generation_config.json's stops
 
 
+@pytest.mark.slow
 def test_a_workdir_trained_on_a_template_records_it_and_its_model_keeps_it(tmp_path, transformers_today):
     """Training on an imported Llama 3.2-style base: config.json records what "auto" chose (the
     tokenizer's template; <|reserved_special_token_0|> as the image token) and the pinned date; the
@@ -371,6 +372,7 @@ def test_a_workdir_trained_on_a_template_records_it_and_its_model_keeps_it(tmp_p
     assert image_slots == len(image_sample.tiles) * model.mcfg.tokens_per_tile > 0
 
 
+@pytest.mark.slow
 def test_a_gemma_3_1b_shaped_table_one_row_short_of_its_tokenizer_trains(tmp_path):
     """Gemma-3-1b's tokenizer has one id past its embedding table (<image_soft_token>, a special
     token text never encodes to): training takes it, with one of Gemma's <unusedN> as the image

@@ -10,6 +10,8 @@ import pytest
 
 from experiments import demo
 
+pytestmark = pytest.mark.slow  # the integration tier (setup.cfg); `pytest -m "not slow"` skips it
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FINGERPRINT = ("from experiments import demo; demo.pin_cpu_numerics(); "
                "print(demo.numerics_fingerprint())")

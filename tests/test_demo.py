@@ -20,8 +20,7 @@ import numpy as np
 import pytest
 
 import genieblue_jax
-from experiments import demo
-from experiments.configs import stage2_skip
+from experiments import configs, demo
 from genieblue_jax import evaluate, models, structure
 
 # The reduced demo: every step of the main job, with fewer examples and steps (stage 2 keeps its
@@ -58,12 +57,14 @@ MIN_SHARED_TEXT_DROP = 13.0   # worst seed 26.92 (7 of 26 questions); at least 4
 
 
 def _config(cache_dir, seed=0):
-    c = stage2_skip.get_config("demo")
+    """The typed stage2_skip demo recipe with the REDUCED overrides, `cache_dir` and `seed`."""
+    c = configs.load("stage2_skip")
     for key, value in REDUCED.items():
         section, name = key.split(".")
-        c[section][name] = value
+        setattr(getattr(c, section), name, value)
     c.demo.cache_dir = str(cache_dir)
     c.train.seed = seed
+    c.validate()
     return c
 
 
@@ -116,6 +117,7 @@ def _greedy_by_recompute(model):
     return answer
 
 
+@pytest.mark.slow
 def test_the_demo_learns_images_and_keeps_the_base_text_exactly(demo_run, capsys):
     root, c, out, printed = demo_run
     assert demo.results_table(out) in printed and printed.count("cached:") == 0  # made from an empty cache
@@ -154,7 +156,7 @@ def test_the_demo_learns_images_and_keeps_the_base_text_exactly(demo_run, capsys
 
 def test_the_cache_lives_beside_the_workdir_not_in_the_current_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    c = stage2_skip.get_config("demo")
+    c = configs.load("stage2_skip")
     assert c.demo.cache_dir == ""
     assert demo.with_cache_dir(c, "/data/runs/s2").demo.cache_dir == "/data/runs/demo"
     assert demo.with_cache_dir(c, "workdirs/stage2_skip").demo.cache_dir == str(tmp_path / "workdirs" / "demo")
@@ -166,16 +168,16 @@ def test_the_cache_lives_beside_the_workdir_not_in_the_current_directory(tmp_pat
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_a_sigterm_in_the_base_pretraining_caches_nothing_half_trained(tmp_path, monkeypatch):
     """A real SIGTERM at step 1 of the base LLM's pretraining (3 steps): the demo stops there
     (Preempted) and writes no base checkpoint; the same call resumes the pretraining at step 1
     and caches the base only after step 3."""
     import signal
 
-    from experiments.configs import pretrain
     from genieblue_jax import checkpoint
     from genieblue_jax.train import trainer
-    c = pretrain.get_config("demo")
+    c = configs.load("pretrain")
     c.model.llm = "tiny-qwen2"  # 4 layers: what is tested is the caching, not the model
     c.demo.cache_dir, c.demo.pretrain_steps, c.demo.pretrain_examples = str(tmp_path / "cache"), 3, 200
     c.demo.train_examples, c.demo.eval_examples = 20, 20
@@ -197,6 +199,7 @@ def test_a_sigterm_in_the_base_pretraining_caches_nothing_half_trained(tmp_path,
     assert checkpoint.read_metadata(assets.base_llm)["source"]["steps"] == 3
 
 
+@pytest.mark.slow
 def test_a_second_run_reuses_the_cache(demo_run, capsys):
     root, c, first, _ = demo_run
     again = demo.run(c, str(root / "stage2_skip"), "stage2_skip")

@@ -21,6 +21,7 @@ import genieblue_jax.models.configs
 import genieblue_jax.models.llm
 import genieblue_jax.models.scan
 import genieblue_jax.rules
+import genieblue_jax.run_config
 import genieblue_jax.structure
 import genieblue_jax.structure.branch
 import genieblue_jax.structure.config
@@ -77,7 +78,7 @@ def test_every_public_definition_of_the_library_has_a_docstring():
                                     data_pipelines.packing, data_pipelines.records, data_pipelines.images,
                                     experiments.demo_data, genieblue_jax.evaluate, genieblue_jax.versions,
                                     genieblue_jax.checksums, genieblue_jax.train.workdir_lock,
-                                    genieblue_jax.workdir, genieblue_jax.rules, genieblue_jax.vlmeval])
+                                    genieblue_jax.run_config, genieblue_jax.rules, genieblue_jax.vlmeval])
 def test_docstring_examples(module):
     result = doctest.testmod(module, verbose=False)
     assert result.attempted > 0 and result.failed == 0

@@ -26,6 +26,8 @@ from genieblue_jax.train import trainer
 from tests import families
 from tests.train.conftest import tiny_config
 
+pytestmark = pytest.mark.slow  # the integration tier (setup.cfg); `pytest -m "not slow"` skips it
+
 TOL = 1e-4
 ARCHITECTURES = {"llama3": "LlamaForCausalLM", "llama3-hub": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM",
                  "gemma3": "Gemma3ForCausalLM", "gemma3-vlm": "Gemma3ForCausalLM", "smollm3": "SmolLM3ForCausalLM"}

@@ -1,15 +1,18 @@
-"""`tools.serve` through the official `openai` client: the answers are `GenieBlue.generate`'s
+"""`tools.serve` through the official `openai` client (and its engine,
+`genieblue_jax.inference.serving`, without HTTP): the answers are `GenieBlue.generate`'s
 (text requests bitwise the base LLM's, image requests the multimodal path's), streamed
 deltas add up to them, concurrent requests are batched and answered as alone, and bad
 requests get a 4xx while the server keeps serving.
 
-The model is a random tiny MLLM written by `tools.random_model` (weights
+The model is a random tiny MLLM written by `genieblue_jax.random_model` (weights
 drawn in numpy: nothing trained, nothing compiled to build it) with a 256-token context;
 the server runs on a thread of the test process, so it shares the compiled programs with
 the reference `model.generate` calls.
 """
 import base64
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -20,8 +23,8 @@ import pytest
 from PIL import Image
 
 import genieblue_jax
-from tools import random_model
-from tools.serve import BackgroundServer
+from genieblue_jax.cli.serve import BackgroundServer
+from genieblue_jax.random_model import random_model
 
 CONTEXT = 256
 QUESTIONS = ["What is 3 plus 4?", "How many circles are there?", "What colour is the square?", "Name a shape.",
@@ -171,3 +174,32 @@ def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(served):
     assert stream.status_code == 400 and "parts are" in stream.json()["error"]["message"]  # before any event
     assert _ask(served, QUESTIONS[0], max_tokens=16).choices[0].message.content == \
         served["model"].generate(QUESTIONS[0], max_new_tokens=16)
+
+
+def test_the_engine_runs_without_http(served):
+    """`genieblue_jax.inference.serving` driven from Python, no FastAPI: two jobs submitted
+    together run as one batch, their answers are `model.generate`'s (each at its own
+    max_tokens), the streamed deltas add up to them, a bad request is refused before any model
+    work, and importing the engine imports neither fastapi nor uvicorn."""
+    from genieblue_jax.inference import serving
+    model, lengths = served["model"], (12, 16)
+    deltas: dict[int, list[str]] = {0: [], 1: []}
+
+    def request(i):
+        body = {"messages": [{"role": "user", "content": QUESTIONS[i]}], "max_tokens": lengths[i]}
+        return serving.parse_request(model, body,
+                                     on_event=lambda kind, value: kind == "delta" and deltas[i].append(value))
+
+    with serving.Batcher(model, wait_s=1.0, max_batch=8) as batcher:  # a window both submits fall in
+        jobs = [batcher.submit(request(i)) for i in range(2)]
+        answers = [job.result(timeout=300) for job in jobs]
+    assert batcher.batches == [2]
+    assert answers == [model.generate(QUESTIONS[i], max_new_tokens=lengths[i]) for i in range(2)]
+    assert ["".join(deltas[i]) for i in range(2)] == answers
+    assert [job.route for job in jobs] == ["base", "base"] and all(job.finish_reason for job in jobs)
+    with pytest.raises(serving.BadRequest, match="only n=1"):
+        serving.parse_request(model, {"messages": [{"role": "user", "content": "hi"}], "n": 2})
+    code = "import sys, genieblue_jax.inference.serving; print(sorted({'fastapi', 'uvicorn'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.stdout.strip() == "[]"

@@ -14,11 +14,14 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 import transformers
 
 from experiments.demo_data import demo_examples
 from tests.conftest import xla_flags
+
+pytestmark = pytest.mark.slow  # the integration tier (setup.cfg); `pytest -m "not slow"` skips it
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>"]

@@ -239,13 +239,14 @@ def test_bad_rows_are_rejected_by_index(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    """A random tiny GenieBlue MLLM with a tokenizer (`tools.random_model`: no training, no compile)."""
-    from tools import random_model
+    """A random tiny GenieBlue MLLM with a tokenizer (`genieblue_jax.random_model`: no training, no compile)."""
+    from genieblue_jax.random_model import random_model
     return random_model(str(tmp_path_factory.mktemp("vlmeval_model")))
 
 
+@pytest.mark.slow
 def test_cli_runs_a_tsv_end_to_end(tiny_checkpoint, mmbench, tmp_path):
-    from tools import evaluate as cli
+    from genieblue_jax.cli import evaluate as cli
     small = tmp_path / "DemoSmall.tsv"  # 6 rows: 2 main questions and copies by reference, 2 singles
     data = pd.read_csv(mmbench["path"], sep="\t")
     data[data["index"].isin([0, 1_000_000, 2_000_000, 1, 2, 12])].to_csv(small, sep="\t", index=False)

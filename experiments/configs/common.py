@@ -18,6 +18,12 @@ SCALES = ("demo", "paper")
 
 
 def parse_arg(arg: str | None) -> str:
+    """The scale a recipe's `arg` names: "demo" for None or "" (spaces stripped), else "demo" or
+    "paper"; ValueError for anything else.
+
+        >>> parse_arg(None), parse_arg(" paper ")
+        ('demo', 'paper')
+    """
     scale = (arg or "demo").strip() or "demo"
     if scale not in SCALES:
         raise ValueError(f"config argument {arg!r}: choose a scale from {SCALES} (e.g. --config=stage2_skip:paper)")
@@ -25,6 +31,12 @@ def parse_arg(arg: str | None) -> str:
 
 
 def base_config(scale: str) -> ml_collections.ConfigDict:
+    """Every key of a recipe at `scale` ("demo" or "paper", see `parse_arg`), set to a stage-2
+    GenieBlue-Skip run: what a recipe file starts from before it changes its own keys.
+
+        >>> base_config("demo").model.llm, base_config("paper").model.llm
+        ('demo-small-qwen2', 'qwen2.5-3b')
+    """
     c = ml_collections.ConfigDict()
     c.scale = scale
     paper = scale == "paper"

@@ -7,6 +7,8 @@ from experiments.configs import common
 
 
 def get_config(arg=None):
+    """Stage "pretrain": the demo's base LLM trains alone, from scratch, on text (no paper table). `arg`: "demo"
+    (default); "paper" raises ValueError (import a pretrained LLM with tools.from_hf instead)."""
     scale = common.parse_arg(arg)
     if scale == "paper":
         raise ValueError("pretrain is a demo-scale recipe; at paper scale import a pretrained LLM with tools.from_hf")

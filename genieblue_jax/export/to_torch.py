@@ -226,7 +226,7 @@ def _prepare_out(out_dir: str, overwrite: bool) -> str:
     return out_dir
 
 
-def _copy_tokenizer(src: str | None, dst_dir: str) -> list[str]:
+def copy_tokenizer(src: str | None, dst_dir: str) -> list[str]:
     """Copies the tokenizer file(s) of `src` (a file or a directory, local or gs://) into the
     local dst_dir; a SentencePiece model of any name becomes tokenizer.model. A file comes with
     the `TOKENIZER_FILES` beside it (its tokenizer_config.json, ...), as a directory does."""
@@ -369,7 +369,7 @@ def _write_chat_files(model, llm_dir: str, token_ids: dict) -> list[str]:
     tokenizer, chat_template.jinja, generation_config.json."""
     if not model.tokenizer_path:
         return []
-    written = _copy_tokenizer(model.tokenizer_path, llm_dir)
+    written = copy_tokenizer(model.tokenizer_path, llm_dir)
     renderer = model.requests.template
     tokenizer_config = os.path.join(llm_dir, "tokenizer_config.json")
     if os.path.isfile(tokenizer_config):  # one template in the export: the one the model renders with

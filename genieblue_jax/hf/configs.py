@@ -115,10 +115,13 @@ class _Fields:
         self.used: set[str] = set()
 
     def get(self, key: str):
+        """Field `key` of the HF config (or its default), None when neither has it; marks it consumed."""
         self.used.add(key)
         return self.values.get(key)
 
     def require(self, key: str, ok: Callable[[Any], bool], supported: str):
+        """`get(key)`, checked: UnsupportedConfigError naming the field, its value and `supported`
+        (what would be accepted, in words) when `ok(value)` is false."""
         value = self.get(key)
         if not ok(value):
             raise UnsupportedConfigError(
@@ -126,10 +129,15 @@ class _Fields:
         return value
 
     def refuse(self, key: str, value, supported: str):
+        """Always raises UnsupportedConfigError naming field `key` (a dotted path inside a nested
+        field, e.g. "rope_scaling.rope_type"), its `value` and `supported`, as `require` does."""
         raise UnsupportedConfigError(
             f"{self.source}: config field {key}={value!r} is not supported (supported: {supported})")
 
     def finish(self, ignore_fields: Iterable[str], also_known: Iterable[str] = ()):
+        """Call after reading every field: UnsupportedConfigError listing the fields never consumed,
+        other than METADATA_FIELDS, `also_known` (read elsewhere) and the user's `ignore_fields`
+        (`--ignore_config_field`), so a setting we would not honour is never dropped silently."""
         leftover = sorted(set(self.values) - self.used - METADATA_FIELDS - set(also_known)
                           - set(ignore_fields))
         if leftover:

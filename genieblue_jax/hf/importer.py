@@ -94,11 +94,15 @@ def _stored_head_differing_from_embedding(ckpt: SafetensorsCheckpoint) -> tuple[
     differ from the input embedding's; None when it stores none or an identical copy (compared
     in row blocks read from the files, once per version of the files: config_from_hf_dir
     and plan_import both ask)."""
-    return _head_verdict(ckpt.hf_dir, ckpt.stamp())
+    return head_verdict(ckpt.hf_dir, ckpt.stamp())
 
 
 @functools.lru_cache(maxsize=16)
-def _head_verdict(hf_dir: str, stamp: tuple) -> tuple[str, str] | None:
+def head_verdict(hf_dir: str, stamp: tuple) -> tuple[str, str] | None:
+    """(head name, embedding name) of the safetensors checkpoint in `hf_dir` when its stored
+    lm_head.weight differs from its input embedding, else None; cached per `stamp` (the files'
+    `SafetensorsCheckpoint.stamp()`: sizes and mtimes), so one import reads the tensors once
+    (`head_verdict.cache_info()` counts the reads)."""
     del stamp  # the cache key: a rewritten file is compared again
     ckpt = SafetensorsCheckpoint(hf_dir)
     heads = [n for n in ckpt.names() if n.endswith("lm_head.weight")]

@@ -41,20 +41,35 @@ class _Config:
 
     @property
     def compute_dtype(self):
+        """`dtype` ("float32", "bfloat16", "float16") as a jnp.dtype: activations and matmuls."""
         return jnp.dtype(self.dtype)
 
     @property
     def params_dtype(self):
+        """`param_dtype` as a jnp.dtype: the dtype the parameters are stored in."""
         return jnp.dtype(self.param_dtype)
 
     def replace(self, **changes):
+        """A copy with `changes` applied, validated as any construction (ValueError for a bad value).
+
+            >>> get_preset("tiny-qwen2").replace(dtype="bfloat16").compute_dtype
+            dtype(bfloat16)
+        """
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field, plus "kind" (the config's class: "llm", ...); JSON-able, `from_dict` inverts it."""
         return {"kind": self.kind, **dataclasses.asdict(self)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]):
+        """The config of `to_dict`'s dict (or of its JSON); ValueError for another class's "kind" or
+        a field this class lacks (naming it and the known ones), and for values the class refuses.
+
+            >>> cfg = get_preset("tiny-qwen2")
+            >>> type(cfg).from_dict(cfg.to_dict()) == cfg
+            True
+        """
         d = dict(d)
         kind = d.pop("kind", cls.kind)
         if kind != cls.kind:

@@ -155,6 +155,23 @@ class MLLMConfig:
         """A copy with `changes` (dataclasses.replace; validated again)."""
         return dataclasses.replace(self, **changes)
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able fields (every shape; a workdir's config.json records it); `from_dict` inverts it.
+
+            >>> mcfg = MLLMConfig.from_presets("tiny-qwen2", "tiny-siglip")
+            >>> MLLMConfig.from_dict(mcfg.to_dict()) == mcfg
+            True
+        """
+        return {"llm": self.llm.to_dict(), "vision": self.vision.to_dict(), "projector": self.projector.to_dict(),
+                "structure": self.structure.to_dict(), "image_token_id": int(self.image_token_id)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MLLMConfig":
+        """Inverse of `to_dict` (validated as any construction; ValueError / KeyError naming the field)."""
+        return cls(LLMConfig.from_dict(d["llm"]), VisionConfig.from_dict(d["vision"]),
+                   ProjectorConfig.from_dict(d["projector"]), StructureConfig.from_dict(d["structure"]),
+                   int(d["image_token_id"]))
+
     @staticmethod
     def from_presets(llm: str, vit: str, structure: StructureConfig | None = None,
                      image_token_id: int | None = None) -> "MLLMConfig":

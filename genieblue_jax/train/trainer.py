@@ -26,7 +26,6 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -38,16 +37,15 @@ from data_pipelines.pipeline import PipelineConfig, SourceSpec, build_streams
 from data_pipelines.tokenizer import load_tokenizer
 from genieblue_jax import checksums, models, paths, structure, versions
 from genieblue_jax import sharding as sharding_lib
+from genieblue_jax.run_config import RunConfig
 from genieblue_jax.train import metrics as metrics_lib
 from genieblue_jax.train.losses import token_nll
 from genieblue_jax.train.optimizer import make_optimizer, schedule
 from genieblue_jax.train.workdir_lock import WorkdirInUseError, WorkdirLock  # noqa: F401 (public here)
 from genieblue_jax.workdir import (
-    LLM_STAGES,
     ConfigError,
     abstract_like,
     base_fingerprint,
-    chat_settings,
     checkpoint_manager,
     image_token,
     init_params,
@@ -59,6 +57,7 @@ from genieblue_jax.workdir import (
     tokenizer_path,
     warn_unverified,
     with_resolved_choices,
+    write_config,
 )
 
 log = logging.getLogger(__name__)
@@ -79,9 +78,9 @@ class Setup:
     batch: dict | None = None     # batch_plan(): rows per device, micro-steps, global rows / tokens
 
 
-def make_mesh(c: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+def make_mesh(c: RunConfig) -> jax.sharding.Mesh:
     """The recipe's mesh; a fixed mesh smaller than the machine uses the first devices (warned)."""
-    axes = dict(c.mesh)
+    axes = dataclasses.asdict(c.mesh)
     devices = jax.devices()
     if -1 not in axes.values() and np.prod(list(axes.values())) < len(devices):
         log.warning("mesh %s uses %d of %d devices", axes, np.prod(list(axes.values())), len(devices))
@@ -92,67 +91,14 @@ def make_mesh(c: ml_collections.ConfigDict) -> jax.sharding.Mesh:
         raise ConfigError(f"mesh: {e}") from None
 
 
-# The numeric fields' valid ranges, checked before any work: key -> (lowest, lowest allowed?,
-# highest or None, highest allowed?). A value outside is a ConfigError naming the key (e.g.
-# train.steps=-1 would train nothing and exit 0, checkpoint.keep=0 keep no checkpoint,
-# optim.lr=-1 train uphill, data.seq_len=0 loop forever on rows that hold no sample).
-RANGES = {
-    "train.steps": (1, True, None, False), "train.log_every": (1, True, None, False),
-    "train.max_bad_steps": (1, True, None, False), "checkpoint.every_steps": (1, True, None, False),
-    "checkpoint.keep": (1, True, None, False), "data.seq_len": (1, True, None, False),
-    "data.max_tiles": (1, True, None, False), "data.max_tiles_per_row": (0, True, None, False),
-    "data.num_workers": (0, True, None, False), "data.read_threads": (0, True, None, False),
-    "data.read_buffer": (0, True, None, False), "data.max_rejects_in_a_row": (1, True, None, False),
-    "data.prefetch": (0, True, None, False),
-    "train.loss_chunk": (0, True, None, False),
-    "model.attention_chunk": (0, True, None, False), "model.lora_alpha": (0, False, None, False),
-    "optim.lr": (0, True, None, False), "optim.warmup_steps": (0, True, None, False),
-    "optim.b1": (0, True, 1, False), "optim.b2": (0, True, 1, False), "optim.eps": (0, False, None, False),
-    "optim.weight_decay": (0, True, None, False), "optim.clip_norm": (0, False, None, False),
-    "optim.vit_layer_decay": (0, False, 1, True), "optim.vit_lr_scale": (0, True, None, False),
-    "train.peak_flops_per_device": (0, True, None, False),
-    "demo.train_examples": (1, True, None, False), "demo.eval_examples": (1, True, None, False),
-    "demo.pretrain_examples": (1, True, None, False), "demo.pretrain_steps": (1, True, None, False),
-    "demo.vision_steps": (1, True, None, False), "demo.stage1_steps": (1, True, None, False),
-}
-
-
-def check_ranges(c: ml_collections.ConfigDict) -> None:
-    """Raises ConfigError naming the first field outside its range in `RANGES`. (A NaN passes:
-    the step's non-finite guard stops a run it poisons.)"""
-    for key, (low, low_ok, high, high_ok) in RANGES.items():
-        section, name = key.split(".")
-        v = c[section][name]
-        if (v < low if low_ok else v <= low) or (high is not None and (v > high if high_ok else v >= high)):
-            rule = (f">= {low}" if low_ok else f"> {low}") + \
-                (f" and {'<=' if high_ok else '<'} {high}" if high is not None else "")
-            raise ConfigError(f"{key}={v!r}: must be {rule}")
-
-
-def resolve(config: ml_collections.ConfigDict, workdir: str) -> Setup:
-    """Validates the config (errors name the key) and builds model, data and mesh configs."""
+def resolve(config: RunConfig, workdir: str) -> Setup:
+    """Validates the config (`RunConfig.validate`; errors name the key) and builds model, data
+    and mesh configs (what needs the tokenizer, the init checkpoints' metadata and the devices)."""
     c = config
-    check_ranges(c)
-    if c.train.stage not in structure.STAGES:
-        raise ConfigError(f"train.stage={c.train.stage!r}: choose one of {sorted(structure.STAGES)}")
-    if (c.train.stage in LLM_STAGES) != (c.model.variant == "full"):
-        raise ConfigError(f"train.stage={c.train.stage!r} with model.variant={c.model.variant!r}: "
-                          f"stages {LLM_STAGES} (which train the LLM itself) go with variant 'full' and only with it")
-    if c.scale == "paper":
-        for key in ("llm_checkpoint", "vit_checkpoint"):
-            if not c.init[key]:
-                raise ConfigError(f"init.{key} is required at paper scale (the output of tools.from_hf)")
-        if c.train.stage != "stage1" and not c.init.stage1_workdir:
-            raise ConfigError("init.stage1_workdir is required at paper scale for stage 2 / full")
-        if not c.data.sources:
-            raise ConfigError("data.sources is required at paper scale: 'name=DIR:weight,name=DIR:weight,...'")
-    if not c.data.sources:
-        raise ConfigError("data.sources is empty: give 'name=DIR:weight,name=DIR:weight,...' (python -m "
-                          "experiments.run writes the demo datasets for a demo-scale run that names none)")
+    c.validate()
+    c.required_for_training()
     sources = parse_sources(c.data.sources)
-    if not c.data.tokenizer:
-        raise ConfigError("data.tokenizer is required with data.sources")
-    chat = chat_settings(c)
+    chat = c.chat()
     tokenizer = tokenizer_path(c, workdir)
     mcfg = tokenized_model_config(c, tokenizer)
     mesh = make_mesh(c)
@@ -183,7 +129,7 @@ def resolve(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     return Setup(mcfg, pipe, mesh, per_host, streams, plan)
 
 
-def batch_plan(c: ml_collections.ConfigDict, mesh) -> dict:
+def batch_plan(c: RunConfig, mesh) -> dict:
     """The global batch of a step on `mesh`: rows per device per micro-step x the batch shards
     (mesh data x fsdp) x micro-steps (gradient accumulation), in rows and tokens.
 
@@ -516,12 +462,15 @@ class _DataState:
         self.state = state
 
     def get_state(self) -> bytes:
+        """The snapshot as UTF-8 JSON bytes, what the handler writes to this process's file."""
         return json.dumps(self.state, indent=1).encode()
 
     def set_state(self, state: bytes) -> None:
+        """Takes the bytes the handler read from this process's file back as the state dict."""
         self.state = json.loads(state)
 
     def start_prefetch(self) -> None:
+        """Nothing to start: the handler calls it after `set_state`, and this holds no iterator."""
         pass
 
 
@@ -566,7 +515,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
+def check_resumable(config: RunConfig, workdir: str) -> None:
     """Raises ConfigError naming every differing key when `workdir` holds checkpoints trained
     with a config that differs from `config` in anything but `RESUMABLE` fields (a second
     trainer with another learning rate would otherwise resume the first one's run and overwrite
@@ -575,7 +524,7 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
     if not ckpts.is_dir() or not any(p.name.isdigit() for p in ckpts.iterdir()):
         return
     saved = _flat(read_config(workdir).to_dict())
-    now = _flat(json.loads(with_resolved_choices(config, workdir).to_json_best_effort()))  # "auto" as recorded
+    now = _flat(with_resolved_choices(config, workdir).to_dict())  # "auto" as recorded
 
     def same(a, b):
         return a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)  # NaN == NaN
@@ -607,10 +556,11 @@ class _Preemption:
         self.requested = True
 
     def restore(self):
+        """Reinstalls the SIGTERM handler that was in place before this one (call when the run ends)."""
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, step_hooks=()) -> dict:
+def train(config: RunConfig, workdir: str, *, step_hooks=()) -> dict:
     """Runs (or resumes) a recipe; returns the final metrics.
 
     Metrics: every step's row (loss, grad norm, LR, throughput, per-source losses) updates the
@@ -632,19 +582,25 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, step_hooks=()) -> 
 
     The workdir is held for the run (`WorkdirLock`: a flock on local disk, a renewed lease on
     gs://): a second trainer on it gets WorkdirInUseError naming the holder.
+
+    `config` is the typed recipe (`run_config.RunConfig`; an ml_collections recipe becomes one
+    with `RunConfig.from_dict(recipe.to_dict())`, as `experiments.run` does).
     """
+    if not isinstance(config, RunConfig):
+        raise TypeError(f"train() takes a genieblue_jax.run_config.RunConfig, got {type(config).__name__}; "
+                        "an ml_collections recipe becomes one with RunConfig.from_dict(recipe.to_dict())")
     with WorkdirLock(workdir):
         return _train(config, workdir, step_hooks)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, step_hooks) -> dict:
+def _train(config: RunConfig, workdir: str, step_hooks) -> dict:
     workdir_path = paths.path(workdir)
     config = with_resolved_choices(config, workdir)  # config.json records what "auto" chose
     check_resumable(config, workdir)  # on every process, before config.json is replaced
-    if jax.process_index() == 0:
-        workdir_path.mkdir(parents=True, exist_ok=True)
-        (workdir_path / "config.json").write_text(config.to_json_best_effort(indent=2))
     setup = resolve(config, workdir)
+    if jax.process_index() == 0:  # the recipe and the model config it resolved to (every shape)
+        workdir_path.mkdir(parents=True, exist_ok=True)
+        write_config(workdir, config, setup.mcfg)
     mcfg, mesh = setup.mcfg, setup.mesh
     b = setup.batch
     if jax.process_index() == 0:

@@ -1,4 +1,5 @@
 """LLaVA JSON / chat JSONL conversion: exact rejects, nothing good lost, CLI exit codes."""
+import doctest
 import io
 import json
 import os
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipelines.conversion import ConversionError, convert_jsonl, convert_llava, read_llava
+from data_pipelines.conversion import ConversionError, checks, convert_jsonl, convert_llava, driver, read_llava
+from data_pipelines.conversion import webdataset as wds_format
 from data_pipelines.records import ArrayRecordExampleSource
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -333,3 +335,10 @@ def test_decompression_bombs_are_refused_from_their_header(tmp_path):
     proc = run_cli("--format=llava", f"--json={tmp_path / 'llava.json'}", f"--image_root={root}",
                    f"--out={tmp_path / 'cli'}", "--max_image_pixels=100", "--max_reject_fraction=1.0")
     assert proc.returncode == 0 and "image_too_large      2" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("module", [checks, driver, wds_format])
+def test_the_worked_examples_in_the_conversion_docstrings(module):
+    """The shared checks' and the driver's examples are executed, so they cannot go stale."""
+    results = doctest.testmod(module)
+    assert results.attempted > 0 and results.failed == 0

@@ -17,9 +17,8 @@ import webdataset as wds
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from data_pipelines import hf_formats
-from data_pipelines.conversion import ConversionError, convert_llava
-from data_pipelines.hf_formats import convert_hf, convert_webdataset
+from data_pipelines.conversion import ConversionError, convert_hf, convert_llava, convert_webdataset
+from data_pipelines.conversion import webdataset as wds_format
 from data_pipelines.packing import Sample
 from data_pipelines.pipeline import ExampleProcessor, PipelineConfig, SourceSpec
 from data_pipelines.records import ArrayRecordExampleSource
@@ -328,7 +327,7 @@ def test_webdataset_conversion_resumes_after_an_interruption(tmp_path, monkeypat
             convs = [human(f"<image>\nq{i}"), gpt(f"a{i}")]
             writer.write({"__key__": f"k{i}", "json": json.dumps({"conversations": convs}).encode(),
                           "png": CORRUPT if i == 4 else A})
-    real_samples, real_call = hf_formats._wds_samples, hf_formats._WdsRecord.__call__
+    real_samples, real_call = wds_format.wds_samples, wds_format.WebDatasetReader.convert
 
     def interrupted(urls):
         for i, item in enumerate(real_samples(urls)):
@@ -336,12 +335,12 @@ def test_webdataset_conversion_resumes_after_an_interruption(tmp_path, monkeypat
                 raise KeyboardInterrupt
             yield item
 
-    monkeypatch.setattr(hf_formats, "_wds_samples", interrupted)
+    monkeypatch.setattr(wds_format, "wds_samples", interrupted)
     with pytest.raises(KeyboardInterrupt):
         convert_webdataset(url, str(tmp_path / "out"), chunk_size=2, max_reject_fraction=0.5)
-    monkeypatch.setattr(hf_formats, "_wds_samples", real_samples)
+    monkeypatch.setattr(wds_format, "wds_samples", real_samples)
     converted = []
-    monkeypatch.setattr(hf_formats._WdsRecord, "__call__",
+    monkeypatch.setattr(wds_format.WebDatasetReader, "convert",
                         lambda self, sample, where: converted.append(where) or real_call(self, sample, where))
     resumed = convert_webdataset(url, str(tmp_path / "out"), chunk_size=2, max_reject_fraction=0.5)
     assert converted == [f"{url}/k{i}" for i in range(2, 6)]  # the committed chunk is not converted again

@@ -4,7 +4,7 @@ One 50,000-record LLaVA JSON (text-heavy, a few tiny shared images, a handful of
 ids shared by three records each, byte-identical repeats) is converted once per code path in a
 module fixture: 1 process in a fresh subprocess (its peak RSS measured, as for a 5,000-record
 head of the same file), 2 processes in-process, and the old in-memory reading (`json.load` +
-per-record `_llava_example`) as the outside reference. The tests compare those results.
+per-record `llava_example`) as the outside reference. The tests compare those results.
 """
 import collections
 import functools
@@ -22,18 +22,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipelines.conversion import (
-    ConversionError,
-    ImagePolicy,
-    _Identity,
-    _llava_example,
-    _Reject,
-    convert_jsonl,
-    convert_llava,
-    read_llava,
-)
+from data_pipelines.conversion import ConversionError, convert_jsonl, convert_llava, read_llava
+from data_pipelines.conversion.checks import Identity, ImagePolicy, Reject
+from data_pipelines.conversion.llava import llava_example
 from data_pipelines.records import ArrayRecordExampleSource, read_manifest
 from tests.data_pipelines.test_convert import write_chat_jsonl
+
+pytestmark = pytest.mark.slow  # the integration tier (setup.cfg); `pytest -m "not slow"` skips it
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 N = 50_000
@@ -127,18 +122,18 @@ def scale(tmp_path_factory):
 
 def test_two_processes_give_the_records_and_rejects_of_one_and_of_the_in_memory_reader(scale):
     """Same (id, turns, image bytes) set and same rejects for 1 and 2 processes, and the same
-    as the old path: the whole JSON in memory (json.load) and `_llava_example` record by record."""
+    as the old path: the whole JSON in memory (json.load) and `llava_example` record by record."""
     one, two = read_all(str(scale["one"])), read_all(str(scale["two"]))
     assert len(one) == N - len(BAD) and one == two
 
     with open(scale["path"]) as f:
         records = json.load(f)
-    policy, identity, kept, rejected = ImagePolicy(str(scale["root"])), _Identity(), [], []
+    policy, identity, kept, rejected = ImagePolicy(str(scale["root"])), Identity(), [], []
     for i, rec in enumerate(records):
         try:
-            ex, _ = _llava_example(rec, i, policy, "llava")
+            ex, _ = llava_example(rec, i, policy, "llava")
             ex, _ = identity.admit(ex)
-        except _Reject as r:
+        except Reject as r:
             rejected.append((i, r.reason))
             continue
         kept.append((ex.id, json.dumps(ex.turns), tuple(hashlib.sha1(im).hexdigest() for im in ex.images)))

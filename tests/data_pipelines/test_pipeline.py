@@ -98,6 +98,7 @@ def test_resume_in_a_new_process_gives_identical_batches(demo, tmp_path):
     assert len(json.dumps(first["state"])) < 4000
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_stream_and_resume_exactly(demo, tmp_path):
     """num_workers=2 (Grain mp_prefetch), run in light subprocesses: Grain's workers import
     the parent's modules, which under pytest would be torch and transformers."""

@@ -24,6 +24,8 @@ from genieblue_jax.export import qnn
 from genieblue_jax.export.qnn import calibration, evaluate, graphs, onnx_export, quantize, report, runtime
 from tests.structure.conftest import perturb
 
+pytestmark = pytest.mark.slow  # the integration tier (setup.cfg); `pytest -m "not slow"` skips it
+
 CONTEXT, PREFILL = 64, 16
 TOL = 1e-3
 

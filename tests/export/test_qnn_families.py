@@ -26,6 +26,8 @@ from genieblue_jax.hf import import_hf
 from tests import families
 from tests.structure.conftest import perturb
 
+pytestmark = pytest.mark.slow  # the integration tier (setup.cfg); `pytest -m "not slow"` skips it
+
 CONTEXT, PREFILL = 64, 16
 TOL = 1e-4          # issue 32: "float ONNX within 1e-4"
 N, SPLIT, IMAGE_AT = 40, 32, 5

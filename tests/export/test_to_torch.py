@@ -120,6 +120,7 @@ def skip(tmp_path_factory):
             "refs": refs}
 
 
+@pytest.mark.slow
 def test_cli_writes_every_part(skip):
     out = skip["out"]
     print(f"\nCLI export: {skip['seconds']:.1f} s (subprocess)\n{skip['stdout']}")
@@ -281,7 +282,7 @@ def test_cogvlm_is_refused(tmp_path):
 
 
 def test_bad_input_names_the_culprit(skip, tmp_path):
-    from tools import to_torch as tool
+    from genieblue_jax.cli import to_torch as tool
     with pytest.raises(FileNotFoundError, match=f"--checkpoint {tmp_path}/missing: no such directory"):
         tool.run(str(tmp_path / "missing"), str(tmp_path / "o"))
     (tmp_path / "file").write_text("x")
@@ -319,17 +320,17 @@ def test_tokenizer_files_keep_the_names_their_loaders_look_for(tmp_path):
     dst.mkdir()
     (src / "spm.model").write_bytes(b"sentencepiece")  # hf_assets/ keeps the trained file's own name
     (src / "tokenizer_config.json").write_text("{}")
-    copied = to_torch._copy_tokenizer(str(src), str(dst))
+    copied = to_torch.copy_tokenizer(str(src), str(dst))
     assert sorted(os.path.basename(f) for f in copied) == ["tokenizer.model", "tokenizer_config.json"]
     assert (dst / "tokenizer.model").read_bytes() == b"sentencepiece"
     (src / "spm.model").unlink()
     with pytest.raises(FileNotFoundError, match=f"{src} holds no tokenizer.json / tokenizer.model"):
-        to_torch._copy_tokenizer(str(src), str(dst))
+        to_torch.copy_tokenizer(str(src), str(dst))
     (src / "demo.model").write_bytes(b"x")  # a workdir's tokenizer is a file: it comes with what lies beside it
-    assert to_torch._copy_tokenizer(str(src / "demo.model"), str(dst)) == [str(dst / "tokenizer.model"),
+    assert to_torch.copy_tokenizer(str(src / "demo.model"), str(dst)) == [str(dst / "tokenizer.model"),
                                                                            str(dst / "tokenizer_config.json")]
     (src / "tokenizer_config.json").unlink()
-    assert to_torch._copy_tokenizer(str(src / "demo.model"), str(dst)) == [str(dst / "tokenizer.model")]
+    assert to_torch.copy_tokenizer(str(src / "demo.model"), str(dst)) == [str(dst / "tokenizer.model")]
 
 
 @pytest.mark.parametrize("rendering", ["auto", "chatml"])

@@ -91,6 +91,7 @@ def test_hub_style_minimal_config(hf_decoder_dir, tmp_path):
 
 # --- the CLI -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cli_writes_a_loadable_checkpoint(hf_decoder_dir, tmp_path):
     hf_dir = hf_decoder_dir("qwen2-b")
     out = tmp_path / "ckpt"
@@ -239,10 +240,10 @@ def test_a_stored_head_that_a_tied_config_contradicts_is_imported_as_transformer
     same = _copy(tmp_path / "tied", tmp_path, "same")
     _edit_tensors(same, lambda t: t.__setitem__("lm_head.weight", t["model.embed_tokens.weight"].copy()))
     from genieblue_jax.hf import importer
-    before = importer._head_verdict.cache_info()
+    before = importer.head_verdict.cache_info()
     _, cfg, params = import_hf(str(same))
     assert cfg.tie_embeddings and "lm_head" not in params
-    after = importer._head_verdict.cache_info()  # config and plan both ask; the data is read once
+    after = importer.head_verdict.cache_info()  # config and plan both ask; the data is read once
     assert (after.misses - before.misses, after.hits - before.hits) == (1, 1)
     with torch.no_grad():
         want = model(input_ids=torch.from_numpy(IDS)).logits.numpy()

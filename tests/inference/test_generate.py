@@ -111,6 +111,7 @@ def _case(model, name):
 
 
 @pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.slow
 def test_greedy_with_cache_equals_recomputing_the_sequence(model, name):
     mcfg, params, mode, prompts, images = _case(model, name)
     got = inference.generate(mcfg, params, prompts, mode=mode, images=images, max_new_tokens=NEW)
@@ -123,6 +124,7 @@ def test_greedy_with_cache_equals_recomputing_the_sequence(model, name):
 
 
 @pytest.mark.parametrize("name", ["text", "cogvlm-image"])
+@pytest.mark.slow
 def test_prefill_logits_equal_forward_on_the_unpadded_prompt(init_scale_model, name):
     mcfg, params, mode, prompts, images = _case(init_scale_model, name)
     tokens, positions, segments = inference.pad_prompts(prompts)
@@ -247,6 +249,7 @@ def assert_cache_in_pieces_equals_one_forward(cfg, params, pieces, cache_len):
     return cache
 
 
+@pytest.mark.slow
 def test_decoder_cache_in_pieces_equals_one_forward_with_scan_and_chunks():
     """The decoder alone: a prompt written in two pieces, then single tokens, gives the
     no-cache logits; `scan_layers` / `attention_chunk` configs fall back to the plain path."""

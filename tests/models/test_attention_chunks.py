@@ -4,10 +4,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from genieblue_jax import models
 
 
+@pytest.mark.slow
 def test_chunked_attention_equals_full_attention_values_and_gradients():
     cfg = models.get_preset("tiny-qwen2")
     tokens = jax.random.randint(jax.random.key(1), (2, 23), 0, cfg.vocab_size)

@@ -26,6 +26,7 @@ def _inputs(b=2, t=256, heads=4, kv_heads=2, d=32, seed=0):
 
 
 @pytest.mark.parametrize("window,scale", [(None, None), (48, 0.07)])
+@pytest.mark.slow
 def test_the_splash_kernel_equals_the_xla_path_values_and_gradients(window, scale):
     """Causal, and a sliding window (Gemma 3's layers: splash's LocalMask against the XLA path
     that skips the keys before each query block's window) with Gemma's own score scale."""

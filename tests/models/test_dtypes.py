@@ -91,6 +91,7 @@ def test_bfloat16_parameters_with_float32_compute():
     assert logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())
 
 
+@pytest.mark.slow
 def test_remat_keeps_names_and_gradients():
     import numpy as np
     cfg = models.get_preset("tiny-llama")

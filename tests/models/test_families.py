@@ -143,6 +143,7 @@ def test_packed_segments_longer_than_the_window_equal_each_alone(name, family_di
 
 
 @pytest.mark.parametrize("chunk", [0, 4])
+@pytest.mark.slow
 def test_the_sliding_window_is_what_changes_the_logits(chunk, family_dir):
     """Control for the tests above: the same Gemma 3 model with its window widened past the
     row gives other logits at the positions the window hides (so the window is really

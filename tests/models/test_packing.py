@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from genieblue_jax import models
 from genieblue_jax.models.masks import causal_segment_mask, positions_from_segments
@@ -27,6 +28,7 @@ def _forward(cfg, params, ids, seg):
                                               jnp.asarray(seg)))
 
 
+@pytest.mark.slow
 def test_two_packed_sequences_equal_each_alone():
     for preset in ("tiny-qwen2", "tiny-llama"):
         cfg = models.get_preset(preset)

@@ -9,6 +9,7 @@ from tests.structure.conftest import build, image_batch, perturb, run
 
 
 @pytest.mark.parametrize("variant", ["genieblue", "lora", "cogvlm"])
+@pytest.mark.slow
 def test_folded_weights_give_the_unmerged_logits(variant, base_params):
     mcfg, params = build(variant, "skip", base_params)
     params = dict(params, branch=perturb(params["branch"], scale=0.1))

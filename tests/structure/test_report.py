@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from genieblue_jax.structure.report import paper_table, storage_summary
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -12,6 +14,7 @@ PAPER = {"Full fine-tune": "3527.81M", "LoRA": "456.84M",
          **{f"GenieBlue-{p}": "1146.79M" for p in ("Post", "Pre", "Skip")}}
 
 
+@pytest.mark.slow
 def test_paper_param_column_exactly():
     rows = {r.name: r for r in paper_table("qwen2.5-3b", "siglip-so400m-384")}
     assert {n: f"{r.paper_param / 1e6:.2f}M" for n, r in rows.items()} == PAPER
@@ -32,6 +35,7 @@ def test_storage_at_paper_precisions():
     assert s["genieblue"] - s["base_mllm"] == 693_692_928 // 2 + 11_225_088  # copies W4, LoRA W8
 
 
+@pytest.mark.slow
 def test_cli_prints_the_table():
     run = subprocess.run([sys.executable, "-m", "tools.param_report", "--llm=qwen2.5-3b",
                           "--vit=siglip-so400m-384"], cwd=REPO, capture_output=True, text=True)

@@ -15,6 +15,8 @@ from genieblue_jax.models.scan import scan_groups
 from genieblue_jax.train import trainer
 from tests.structure.conftest import build, image_batch, perturb
 
+pytestmark = pytest.mark.slow  # the integration tier (setup.cfg); `pytest -m "not slow"` skips it
+
 
 def _scanned(mcfg, remat):
     return dataclasses.replace(mcfg, llm=mcfg.llm.replace(scan_layers=True, remat=remat),

@@ -65,6 +65,7 @@ def _counting(monkeypatch):
     ((2, 1), 2, [2, 2]),        # 3 real tiles in calls of 2: two calls
     ((0, 0), 1, []),            # image slots but no image token: no call at all
 ])
+@pytest.mark.slow
 def test_the_vision_tower_runs_on_the_real_tiles_only(base_params, monkeypatch, real_tiles, per_call, ran):
     mcfg, params = build("genieblue", "skip", base_params)
     mcfg = mcfg.replace(vision=mcfg.vision.replace(tiles_per_call=per_call))
@@ -78,6 +79,7 @@ def test_the_vision_tower_runs_on_the_real_tiles_only(base_params, monkeypatch, 
     np.testing.assert_allclose(np.asarray(logits), np.asarray(want), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_each_batch_shard_gathers_its_own_tiles(base_params, monkeypatch):
     """Under a 2-way data mesh the rows form 2 groups, each with its own buffer: the tower runs
     as many calls as the fullest group needs (here 2 of 1 tile, both groups at once), and the

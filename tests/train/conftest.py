@@ -5,7 +5,7 @@ import os
 import shutil
 import tempfile
 
-from experiments.configs import stage2_skip
+from experiments.configs import stage2_skip, typed
 from experiments.demo_data import with_demo_sources
 
 _DATA_ROOT = []
@@ -21,6 +21,8 @@ def with_demo_data(c):
 
 
 def tiny_config(**overrides):
+    """The typed stage2_skip demo recipe (`RunConfig`) at test size, `overrides` ({"train.steps": 3,
+    ...}) applied to the recipe before it is typed, reading the demo data."""
     c = stage2_skip.get_config("demo")
     c.model.llm, c.model.vit = "tiny-qwen2", "tiny-siglip"
     c.data.seq_len, c.data.max_tiles_per_row, c.data.demo_examples = 96, 4, 200
@@ -33,7 +35,7 @@ def tiny_config(**overrides):
         for p in parents:
             node = node[p]
         node[last] = value
-    return with_demo_data(c)
+    return with_demo_data(typed(c))
 
 
 def rows(workdir):

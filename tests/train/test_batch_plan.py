@@ -5,10 +5,10 @@ import types
 import jax
 import pytest
 
-from experiments.configs import stage1, stage2_skip
+from experiments.configs import load
+from genieblue_jax.cli import aot_memory
 from genieblue_jax.train import trainer
 from tests.train.conftest import tiny_config
-from tools import aot_memory
 
 
 def _mesh(**shape):
@@ -20,10 +20,10 @@ def _mesh(**shape):
 def test_the_paper_recipe_fits_every_pod_size(chips, data, fsdp):
     # Stated per device, the paper's stage 2 makes a batch for any mesh: 1 row per chip per
     # micro-step, the paper's 10 accumulation steps, 4096-token rows.
-    plan = trainer.batch_plan(stage2_skip.get_config("paper"), _mesh(data=data, fsdp=fsdp))
+    plan = trainer.batch_plan(load("stage2_skip", "paper"), _mesh(data=data, fsdp=fsdp))
     assert plan == {"rows_per_device": 1, "batch_shards": chips, "micro_batches": 10, "global_rows": 10 * chips,
                     "tokens_per_step": 10 * chips * 4096}
-    assert trainer.batch_plan(stage1.get_config("paper"), _mesh(data=data, fsdp=fsdp))["global_rows"] == 4 * chips
+    assert trainer.batch_plan(load("stage1", "paper"), _mesh(data=data, fsdp=fsdp))["global_rows"] == 4 * chips
 
 
 def test_a_global_batch_is_checked_against_the_mesh():
@@ -40,6 +40,7 @@ def test_a_global_batch_is_checked_against_the_mesh():
         trainer.batch_plan(c, _mesh(fsdp=8))
 
 
+@pytest.mark.slow
 def test_micro_batches_are_spread_over_all_devices():
     # The trainer's step (tools.aot_memory compiles exactly what train() runs), 4 micro-steps on
     # 4 data-parallel devices (parameters replicated: any all-to-all or collective-permute would

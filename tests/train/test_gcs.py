@@ -20,6 +20,8 @@ from genieblue_jax.train import trainer
 from tests.conftest import xla_flags
 from tests.train.conftest import losses, tiny_config
 
+pytestmark = pytest.mark.slow  # the integration tier (setup.cfg); `pytest -m "not slow"` skips it
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -134,7 +136,7 @@ def test_a_gs_run_saves_resumes_and_loads_like_a_local_one(tmp_path, gcs, monkey
 
     # The tools.evaluate command on the gs:// run writes its report beside it, as it does beside
     # a local one; the predictions are the local run's.
-    from tools import to_torch as to_torch_tool
+    from genieblue_jax.cli import to_torch as to_torch_tool
     for workdir in (run, local["workdir"]):
         proc = subprocess.run([sys.executable, "-m", "tools.evaluate", f"--checkpoint={workdir}", "--mode=multimodal",
                                f"--data={tmp_path}/data/train/text", f"--data={tmp_path}/data/train/vqa", "--limit=3",

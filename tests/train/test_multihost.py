@@ -16,10 +16,13 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from genieblue_jax.train import trainer
 from tests.conftest import xla_flags
 from tests.train.conftest import losses, tiny_config
+
+pytestmark = pytest.mark.slow  # the integration tier (setup.cfg); `pytest -m "not slow"` skips it
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 8

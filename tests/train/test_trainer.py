@@ -28,6 +28,7 @@ def reference(tmp_path_factory):
     return trainer.train(tiny_config(**{"train.steps": 6}), workdir)
 
 
+@pytest.mark.slow
 def test_frozen_base_bitwise_and_optimizer_state_only_for_trainable(reference):
     c = tiny_config(**{"train.steps": 6})
     setup = trainer.resolve(c, reference["workdir"])
@@ -53,6 +54,7 @@ def scanned_eight(tmp_path_factory):
     return trainer.train(tiny_config(**SCANNED_EIGHT), str(tmp_path_factory.mktemp("eight") / "run"))
 
 
+@pytest.mark.slow
 def test_eight_devices_and_scan_loops_give_the_losses_of_one(scanned_eight, reference):
     eight = scanned_eight
     assert len(losses(reference["workdir"])) == 6
@@ -70,6 +72,7 @@ def test_eight_devices_and_scan_loops_give_the_losses_of_one(scanned_eight, refe
         assert mu[name].sharding.is_equivalent_to(leaf.sharding, leaf.ndim), name
 
 
+@pytest.mark.slow
 def test_a_scanned_run_checkpoints_named_weights_and_resumes_bitwise(tmp_path, capsys, scanned_eight):
     """Checkpoints hold the named layout (what export and `load_trained` read), and a run
     stopped at step 3 resumes into the stacked layout with the uninterrupted run's losses."""
@@ -91,6 +94,7 @@ def test_a_scanned_run_checkpoints_named_weights_and_resumes_bitwise(tmp_path, c
     assert losses(run) == losses(scanned_eight["workdir"])  # bitwise
 
 
+@pytest.mark.slow
 def test_four_micro_batches_equal_one_big_batch(tmp_path, reference):
     micro = trainer.train(tiny_config(**{"train.micro_batches": 4, "train.steps": 6}), str(tmp_path / "micro"))
     np.testing.assert_allclose(losses(micro["workdir"]), losses(reference["workdir"]), rtol=1e-5)
@@ -98,6 +102,7 @@ def test_four_micro_batches_equal_one_big_batch(tmp_path, reference):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sigterm_then_restart_resumes_bitwise(tmp_path, capsys, reference):
     def sigterm_after_step_3(step, row):  # a real SIGTERM, sent to ourselves from a step hook
         if step == 3:
@@ -116,6 +121,7 @@ def _sha256sum(path):
     return subprocess.run(["sha256sum", path], capture_output=True, text=True, check=True).stdout.split()[0]
 
 
+@pytest.mark.slow
 def test_damaged_checkpoints_are_named_and_the_resume_falls_back_to_the_newest_intact_step(
         tmp_path, capsys, caplog, reference):
     """Checkpoints 1-4, then three kinds of damage: a flipped byte in a parameter / Adam file of
@@ -190,6 +196,7 @@ def _tensorboard_events(logdir):
     return events
 
 
+@pytest.mark.slow
 def test_rows_of_steps_lost_with_a_killed_run_are_dropped_on_resume(tmp_path, reference):
     """A run killed after logging steps 4-6 but before checkpoint 6 was committed (and mid-way
     through writing a row): the resumed run restarts at step 3, and metrics.jsonl holds each step
@@ -207,6 +214,7 @@ def test_rows_of_steps_lost_with_a_killed_run_are_dropped_on_resume(tmp_path, re
     assert purges == [4]
 
 
+@pytest.mark.slow
 def test_metrics_rows_every_log_every_steps_and_the_last(tmp_path, reference, monkeypatch):
     """log_every 4 over 6 steps, without prefetching: rows of steps 4 and 6; the host fetched
     metrics from the device twice (the 4 steps so far, then 2); every step's loss is the
@@ -236,6 +244,7 @@ def test_metrics_rows_every_log_every_steps_and_the_last(tmp_path, reference, mo
     assert [row["seq_tokens"] for _, row in seen] == [int((next(batches)["segment_ids"] > 0).sum()) for _ in range(6)]
 
 
+@pytest.mark.slow
 def test_the_non_finite_check_runs_on_steps_that_are_not_logged(tmp_path):
     # lr = 1e30: steps 1-2 are finite (the warm-up) and make the weights huge, so step 3 is the
     # first non-finite step. With max_bad_steps 1 it must stop there, although rows are only
@@ -275,6 +284,7 @@ def test_parse_sources_rejects_bad_specs(spec, match):
         trainer.parse_sources(spec)
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_base(tmp_path, reference):
     run = str(tmp_path / "run")
     shutil.copytree(reference["workdir"], run)
@@ -304,7 +314,7 @@ def test_a_second_trainer_with_another_config_is_refused_by_key(tmp_path, refere
     ({"train.global_batch_size": 6, "mesh.data": 4}, r"global_batch_size=6 .* data x fsdp = 4"),
     ({"train.stage": "stage3"}, r"train.stage='stage3'"),
     ({"train.stage": "full"}, r"stages \('full', 'pretrain'\) \(which train the LLM itself\) go with variant 'full'"),
-    ({"model.llm": "gpt5"}, r"model.llm / model.vit: .*gpt5"),
+    ({"model.llm": "gpt5"}, r"model.llm='gpt5': no such preset; known: \['demo-qwen2'"),
     ({"model.image_token": "<img>"}, r"model.image_token: .*<img>"),
     ({"data.chat_template": "jinja"}, r"data.chat_template='jinja': choose one of \('auto', 'tokenizer', 'chatml'\)"),
     ({"data.chat_template_kwargs": "enable_thinking=false"}, r"data.chat_template_kwargs='enable_thinking=false': "
@@ -333,35 +343,53 @@ def test_out_of_range_values_name_the_key_before_any_work(tmp_path, key, value, 
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
-def test_every_recipe_is_within_the_ranges():
-    import importlib
-    import pkgutil
-
+def test_every_recipe_is_a_valid_run_config():
+    """Every shipped recipe, at both scales, types and validates (every RANGES / CHOICES key is a
+    field of the tree and the shipped values pass), and the typed tree round-trips through its
+    dict (a workdir's config.json) unchanged."""
     from experiments import configs
-    recipes = [m.name for m in pkgutil.iter_modules(configs.__path__) if m.name != "common"]
+    from genieblue_jax import run_config
+    recipes = configs.recipes()
     assert len(recipes) >= 10
     for name in recipes:
         for scale in ("demo", "paper"):
-            try:
-                c = importlib.import_module(f"experiments.configs.{name}").get_config(scale)
-            except ValueError:  # pretrain is demo scale only
+            if (name, scale) == ("pretrain", "paper"):  # pretrain is demo scale only
                 continue
-            trainer.check_ranges(c)  # every RANGES key exists and the shipped values pass
-    assert set(trainer.RANGES) <= {f"{s}.{k}" for s, sec in c.items() if hasattr(sec, "keys") for k in sec}
+            run = configs.load(name, scale)
+            assert run_config.RunConfig.from_dict(run.to_dict()) == run
+    keys = {f"{s}.{k}" for s, sec in run.to_dict().items() if isinstance(sec, dict) for k in sec}
+    assert set(run_config.RANGES) | set(run_config.CHOICES) <= keys
 
 
 def test_paper_scale_requires_init_checkpoints(tmp_path):
-    from experiments.configs import stage2_skip
+    from experiments.configs import load
     with pytest.raises(trainer.ConfigError, match="init.llm_checkpoint is required at paper scale"):
-        trainer.resolve(stage2_skip.get_config("paper"), str(tmp_path))
+        trainer.resolve(load("stage2_skip", "paper"), str(tmp_path))
 
 
+@pytest.mark.slow
 def test_cli_rejects_unknown_keys_and_bad_types(tmp_path):
+    """The entry point types the recipe first: a misspelled or out-of-range key is one line naming
+    it, before any data, model or compile work (no workdir, no demo cache beside it, no compiled
+    program in a fresh compilation cache)."""
+    compile_cache = tmp_path / "xla_cache"
+    compile_cache.mkdir()
+
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "experiments.run", f"--workdir={tmp_path}", *args],
-                              cwd=REPO, capture_output=True, text=True)
+        return subprocess.run([sys.executable, "-m", "experiments.run", f"--workdir={tmp_path / 'run'}", *args],
+                              cwd=REPO, capture_output=True, text=True,
+                              env={**os.environ, "JAX_COMPILATION_CACHE_DIR": str(compile_cache)})
     bad_key = run("--config=stage2_skip", "--config.train.stepz=3")
-    assert bad_key.returncode != 0 and "stepz" in bad_key.stderr
+    assert bad_key.returncode != 0 and bad_key.stderr.strip().splitlines()[-1] == (
+        "config error: --config.train.stepz: the recipe has no key train.stepz (did you mean --config.train.steps?)")
+    assert "Traceback" not in bad_key.stderr
+    out_of_range = run("--config=stage2_skip", "--config.optim.b1=1.5")
+    assert out_of_range.returncode != 0 and out_of_range.stderr.strip().splitlines()[-1] == (
+        "config error: optim.b1=1.5: must be >= 0 and < 1")
+    bad_choice = run("--config=stage2_skip", "--config.model.placement=middle")
+    assert bad_choice.returncode != 0 and "model.placement='middle': choose one of ('skip', 'pre', 'post')" in \
+        bad_choice.stderr
+    assert sorted(os.listdir(tmp_path)) == ["xla_cache"] and not os.listdir(compile_cache)  # nothing started
     bad_type = run("--config=stage2_skip", "--config.train.steps=many")
     assert bad_type.returncode != 0 and "train.steps" in bad_type.stderr
     bad_recipe = run("--config=stage9")
@@ -375,9 +403,10 @@ def test_cli_rejects_unknown_keys_and_bad_types(tmp_path):
     assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
 
 
+@pytest.mark.slow
 def test_stage2_starts_from_the_stage1_projector(tmp_path):
-    from experiments.configs import stage1
-    c1 = stage1.get_config("demo")
+    from experiments.configs import load
+    c1 = load("stage1")
     c1.model.llm, c1.model.vit, c1.train.steps, c1.data.seq_len = "tiny-qwen2", "tiny-siglip", 2, 96
     c1.data.max_tiles_per_row, c1.data.demo_examples, c1.mesh.data = 4, 200, 1
     first = trainer.train(with_demo_data(c1), str(tmp_path / "stage1"))
@@ -399,6 +428,7 @@ def test_a_component_the_stage_did_not_train_is_refused_not_left_unread(referenc
         workdir_lib.restore_trained_part(reference["workdir"], "llm", reference["frozen"]["llm"])
 
 
+@pytest.mark.slow
 def test_a_non_finite_step_is_skipped(tmp_path):
     c = tiny_config()
     setup = trainer.resolve(c, str(tmp_path))
@@ -441,6 +471,7 @@ def test_a_non_finite_step_is_skipped(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_non_finite_steps_write_no_checkpoint_and_a_nan_init_weight_is_named(tmp_path):
     """A diverging run (lr = 1e30, after the warm-up's first steps: huge but finite weights at
     step 2, a non-finite loss from step 3): with a checkpoint every step and keep=1, the
@@ -466,6 +497,7 @@ def test_non_finite_steps_write_no_checkpoint_and_a_nan_init_weight_is_named(tmp
         trainer.train(tiny_config(**{"init.llm_checkpoint": str(tmp_path / "nan_llm")}), str(tmp_path / "run2"))
 
 
+@pytest.mark.slow
 def test_a_source_whose_every_sample_is_rejected_stops_the_run_by_name(tmp_path):
     """Rows of 24 tokens hold no image sample (short text ones still fit): the image sources'
     samples are all rejected, and after data.max_rejects_in_a_row of one source in a row the run
@@ -479,6 +511,7 @@ def test_a_source_whose_every_sample_is_rejected_stops_the_run_by_name(tmp_path)
         trainer.train(c, str(tmp_path / "run"))
 
 
+@pytest.mark.slow
 def test_a_second_sigterm_stops_at_once(tmp_path):
     """The first SIGTERM asks for a checkpoint after the current step; a second one before that
     (a step or a data read that does not end) stops train() at once, and the process's own
@@ -495,6 +528,7 @@ def test_a_second_sigterm_stops_at_once(tmp_path):
     assert not os.path.isdir(tmp_path / "run" / "checkpoints" / "1")
 
 
+@pytest.mark.slow
 def test_a_second_trainer_on_a_running_workdir_is_refused(tmp_path):
     """While one trainer runs (here: inside its first step hook), another train() on the same
     workdir is a WorkdirInUseError naming the holder's pid; the lock is released when the run ends,

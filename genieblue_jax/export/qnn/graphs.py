@@ -277,6 +277,7 @@ class _Leaves:
         self.used: set[str] = set()
 
     def has(self, path: str) -> bool:
+        """Whether the tree has leaf `path` ("layers_0/self_attn/q_proj/bias"); does not mark it used."""
         return path in self.flat
 
     def get(self, path: str, *, transpose: tuple[int, ...] | None = None, scale: float | None = None,
@@ -290,6 +291,9 @@ class _Leaves:
                               offset=offset)
 
     def linear(self, prefix: str, lora_scale: float | None = None) -> Linear:
+        """The `Linear` of the Dense layer at `prefix`: its kernel, its bias if the tree has one,
+        and its LoRA pair if it has one, with `lora_scale` (alpha / rank) folded into lora_b.
+        KeyError when the kernel (or lora_b beside a lora_a) is missing."""
         bias = self.get(f"{prefix}/bias") if self.has(f"{prefix}/bias") else None
         a = b = None
         if self.has(f"{prefix}/lora_a"):
