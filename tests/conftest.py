@@ -134,9 +134,12 @@ def hf_siglip_dir(tmp_path_factory):
     return make
 
 
-# Modules whose module-scoped set-up takes minutes, longest first: with `--dist loadscope`
-# (setup.cfg) each goes to one worker, and starting them first keeps them off the tail.
-SLOW_MODULES = ("tests/test_demo.py", "tests/test_user_path.py")
+# The longest modules (minutes each on 2 cores), longest first: with `--dist loadscope`
+# (setup.cfg) each goes to one worker, and starting them first keeps them off the tail, where
+# one worker would run a long module while the other has nothing left.
+SLOW_MODULES = ("tests/test_demo.py", "tests/test_user_path.py", "tests/train/test_trainer.py",
+                "tests/structure/test_scan_layers.py", "tests/export/test_qnn_families.py",
+                "tests/train/test_multihost.py", "tests/test_families_end_to_end.py", "tests/train/test_gcs.py")
 
 
 def pytest_collection_modifyitems(config, items):
