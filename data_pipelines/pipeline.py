@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import functools
 import logging
 
 import grain
@@ -208,10 +209,18 @@ class ExampleProcessor:
                       np.asarray(starts, np.int32))
 
 
+def as_source(name: str, record):
+    """`record` (an Example or CorruptRecord) under the mixture's name for its dataset: the key of
+    `data.sources` names the source (its loss, weight, rejection counts), whatever label the
+    converter stored (`--source`, "llava" by default)."""
+    return record if record.source == name else dataclasses.replace(record, source=name)
+
+
 def source_dataset(spec: SourceSpec, seed: int, num_epochs: int | None, process_index: int,
                    process_count: int) -> grain.MapDataset:
-    """One source, globally shuffled (reshuffled every epoch), repeated, this host's part."""
-    ds = grain.MapDataset.source(spec.open())
+    """One source, named by its mixture key (`as_source`), globally shuffled (reshuffled every
+    epoch), repeated, this host's part."""
+    ds = grain.MapDataset.source(spec.open()).map(functools.partial(as_source, spec.name))
     ds = ds.shuffle(seed=seed).repeat(num_epochs)
     return ds[process_index::process_count]
 

@@ -236,8 +236,16 @@ def read_manifest(dataset_dir: str) -> dict:
     """
     path = os.path.join(dataset_dir, MANIFEST)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: not a dataset directory written by "
-                                "ShardedWriter (or its writing did not finish)")
+        convert = "python -m data_pipelines.convert --format={fmt} --{flag} {src} --out DIR"
+        if os.path.isfile(dataset_dir):  # the raw data given where its converted dataset belongs
+            fmt, flag = ("jsonl", "jsonl") if str(dataset_dir).endswith(".jsonl") else ("llava", "json")
+            raise FileNotFoundError(f"{dataset_dir} is a file, not a converted dataset: convert it first ("
+                                    + convert.format(fmt=fmt, flag=flag, src=dataset_dir) + ") and give DIR")
+        if not os.path.isdir(dataset_dir):
+            raise FileNotFoundError(f"{dataset_dir}: no such dataset directory (a dataset is what "
+                                    + convert.format(fmt="llava", flag="json", src="FILE") + " writes)")
+        raise FileNotFoundError(f"{path} not found: {dataset_dir} is not a converted dataset (data_pipelines."
+                                "convert writes the manifest last: a conversion that did not finish has none)")
     try:
         with open(path) as f:
             manifest = json.load(f)

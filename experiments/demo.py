@@ -371,7 +371,9 @@ def results_table(out: dict) -> str:
              f" | multimodal (all) | text tasks | text retention |", "|---" * (len(columns) + 4) + "|"]
     for label, r in runs.items():
         acc = {s: v["accuracy"] for s, v in r["by_source"].items()}
-        ret = r.get("retention", {}).get("text", 100.0 if label == "base LLM" else None)
+        ret = r.get("retention", {}).get("text")
+        if label == "base LLM" and r["scores"]["text"]:  # itself; undefined ("-") when it scored 0
+            ret = 100.0
         lines.append(f"| {label} | {' | '.join(fmt(acc.get(s)) for s in columns)} | "
                      f"{fmt(r['scores']['multimodal'])} | {fmt(r['scores']['text'])} | {fmt(ret, '%')} |")
     lines.append(f"\nAccuracy in percent, exact match on {runs['deployed (non-shared base)']['counts']['answered']} "

@@ -68,11 +68,16 @@ def main(argv):
     from genieblue_jax.run_config import ConfigError  # imports no JAX backend work: checks only
     try:
         config = typed(flags.FLAGS.config)
+        if not config.demo.enabled:  # (the demo makes its own base LLM, vision tower, stage 1 and data)
+            config.required_checkpoints()
+            config.check_data_sources()
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     if config.demo.enabled:  # before JAX starts its CPU backend: the README's demo figures
         from experiments import demo
         demo.pin_cpu_numerics()
+    from genieblue_jax.cli import cpu_only_without_accelerators
+    cpu_only_without_accelerators()  # no libtpu start-up errors on a machine without a TPU
     import jax
     initialize_distributed(jax, flags.FLAGS)
     from genieblue_jax.train import trainer

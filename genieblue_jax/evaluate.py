@@ -99,9 +99,14 @@ def is_correct(question: str, reference: str, prediction: str) -> tuple[bool, st
     return normalize(prediction) == normalize(reference), "exact_match"
 
 
-def retention(score: float, reference: float) -> float:
-    """Percent of the reference score kept (the paper's retention), e.g. 49.5 / 50.0 -> 99.0."""
-    return float("nan") if reference == 0 else 100.0 * score / reference
+def retention(score: float, reference: float) -> float | None:
+    """Percent of the reference score kept (the paper's retention), e.g. 49.5 / 50.0 -> 99.0;
+    None (undefined, printed "-") when the reference scored 0.
+
+        >>> retention(49.5, 50.0), retention(10.0, 0.0)
+        (99.0, None)
+    """
+    return None if reference == 0 else 100.0 * score / reference
 
 
 # --- data ---------------------------------------------------------------------------------

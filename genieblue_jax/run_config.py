@@ -33,6 +33,7 @@ import typing
 
 from data_pipelines.chat import CHAT_TEMPLATE_CHOICES, checked_template_kwargs, parse_date
 from data_pipelines.images import MODES as IMAGE_MODES
+from data_pipelines.records import read_manifest
 from genieblue_jax import models, structure
 from genieblue_jax.models.configs import DTYPES
 
@@ -42,6 +43,7 @@ class ConfigError(ValueError):
 
 
 SCALES = ("demo", "paper")
+FROM_SCRATCH = ("llm", "vision", "projector")  # what init.from_scratch may name
 LLM_STAGES = ("full", "pretrain")  # stages that train the LLM itself (float32 masters, variant "full")
 ATTENTION_IMPLS = ("auto", "xla")
 
@@ -72,6 +74,7 @@ class InitConfig:
     llm_checkpoint: str | None
     vit_checkpoint: str | None
     stage1_workdir: str | None
+    from_scratch: str  # components that start from random weights, by name (FROM_SCRATCH); "" for none
 
 
 @dataclasses.dataclass
@@ -317,19 +320,51 @@ class RunConfig:
                               f"{LLM_STAGES} (which train the LLM itself) go with variant 'full' and only with it")
         if self.data.sources:
             parse_sources(self.data.sources)
+        self.from_scratch()
+
+    def from_scratch(self) -> set[str]:
+        """The components `init.from_scratch` names ("llm,vision" -> {"llm", "vision"}); ConfigError
+        for a name outside FROM_SCRATCH."""
+        names = {n.strip() for n in self.init.from_scratch.split(",") if n.strip()}
+        unknown = sorted(names - set(FROM_SCRATCH))
+        if unknown:
+            raise ConfigError(f"init.from_scratch={self.init.from_scratch!r}: {unknown[0]!r} is not a component; "
+                              f"name some of {FROM_SCRATCH}, comma-separated")
+        return names
+
+    def required_checkpoints(self) -> None:
+        """ConfigError naming the init key a run lacks: the pretrained LLM and ViT (`tools.from_hf`
+        outputs) and, for the stages after stage 1, the stage-1 workdir holding the projector,
+        unless `init.from_scratch` names that component (random weights are asked for by name,
+        never a silent default). Checks no file; the embedded demo fills these keys itself."""
+        scratch = self.from_scratch()
+        needs = [("llm", "llm_checkpoint", "a pretrained LLM (the output of tools.from_hf)"),
+                 ("vision", "vit_checkpoint", "a pretrained vision tower (the output of tools.from_hf)")]
+        if self.train.stage not in ("stage1", *LLM_STAGES):
+            needs.append(("projector", "stage1_workdir", "the projector a stage-1 run trained (its workdir)"))
+        for component, key, what in needs:
+            if not getattr(self.init, key) and component not in scratch:
+                raise ConfigError(f"init.{key} is not set: stage {self.train.stage!r} starts from {what}; set "
+                                  f"--config.init.{key}=PATH, or ask for random weights by name: "
+                                  f"--config.init.from_scratch={component}")
+
+    def check_data_sources(self) -> None:
+        """ConfigError naming the source of `data.sources` that is not a readable converted dataset
+        (no such directory, a raw LLaVA JSON / chat JSONL given where its conversion belongs, a
+        conversion that did not finish), with the fix; reads each manifest.json, no records."""
+        for name, s in parse_sources(self.data.sources).items() if self.data.sources else ():
+            if "://" in s["path"]:
+                continue  # object storage: the pipeline's reader says what it takes
+            try:
+                read_manifest(s["path"])
+            except (FileNotFoundError, ValueError) as e:
+                raise ConfigError(f"data.sources: {name}={s['path']}: {e}") from None
 
     def required_for_training(self) -> None:
-        """ConfigError naming what a training run of this recipe lacks: a paper-scale run's init
-        checkpoints, stage-1 workdir and data sources, any run's data.sources and data.tokenizer
-        (a recipe without them is still a valid plan, e.g. for `tools.aot_memory`)."""
-        if self.scale == "paper":
-            for key in ("llm_checkpoint", "vit_checkpoint"):
-                if not getattr(self.init, key):
-                    raise ConfigError(f"init.{key} is required at paper scale (the output of tools.from_hf)")
-            if self.train.stage != "stage1" and not self.init.stage1_workdir:
-                raise ConfigError("init.stage1_workdir is required at paper scale for stage 2 / full")
-            if not self.data.sources:
-                raise ConfigError("data.sources is required at paper scale: 'name=DIR:weight,name=DIR:weight,...'")
+        """ConfigError naming what a training run of this recipe lacks: its init checkpoints and
+        stage-1 workdir (`required_checkpoints`), data.sources and data.tokenizer (a recipe without
+        them is still a valid plan, e.g. for `tools.aot_memory`)."""
+        self.required_checkpoints()
         if not self.data.sources:
             raise ConfigError("data.sources is empty: give 'name=DIR:weight,name=DIR:weight,...' (python -m "
                               "experiments.run writes the demo datasets for a demo-scale run that names none)")

@@ -20,8 +20,12 @@ list-valued images), `ImageMCQDataset.build_prompt` and `.evaluate_heuristic`
 (vlmeval/smp/vlm.py), `load` / `dump` / `get_pred_file_path` / `get_intermediate_file_path`
 (vlmeval/smp/file.py) and the predictions table of `infer_data_job` (vlmeval/inference.py).
 
-TSV layout (tab separated, a header row; read as VLMEvalKit's `load` reads it,
-`pandas.read_csv(sep="\\t")`, so numbers and empty cells get the same types):
+TSV layout (tab separated, a header row). Every cell is read as the text written there
+(`pandas.read_csv(sep="\\t", dtype=str, keep_default_na=False)`), unlike VLMEvalKit's `load`
+at the version we follow, whose pandas defaults turn an option "None", "NA" or "null" into a
+missing value (the row's correct answer then is "not an option") and an integer column with
+a gap into floats ("3" printed as "3.0"); VLMEvalKit has since stopped doing that. An empty
+cell is absent; an `index` written as an integer is an int.
 
     index    question                    hint      A      B      C       D       answer  category   l2-category  image
     7        What colour is the square?  Scene 7.  red    green  blue    yellow  C       colour_of  attribute    iVBO..
@@ -249,14 +253,15 @@ class Benchmark:
     circular: bool
 
 
+def _index(cell: str) -> int | str:
+    """A row's `index` cell: an int where it is written as one (circular copies are numbered), else its text."""
+    cell = cell.strip()
+    return int(cell) if re.fullmatch(r"[+-]?\d+", cell) else cell
+
+
 def _missing(value) -> bool:
-    import pandas as pd
-    return value is None or (not isinstance(value, (list, tuple)) and bool(pd.isna(value)))
-
-
-def _plain(value):
-    """numpy scalars -> Python (for JSON and comparisons)."""
-    return value.item() if hasattr(value, "item") and not isinstance(value, (str, bytes)) else value
+    """None, an empty cell ("") or a float NaN (a value from another table)."""
+    return value is None or (isinstance(value, str) and value == "") or (isinstance(value, float) and value != value)
 
 
 def _image_values(value: str) -> list[str]:
@@ -290,7 +295,7 @@ def load_benchmark(path: str, *, image_root: str | None = None, limit: int | Non
         raise FileNotFoundError(f"{path}: no such benchmark TSV")
     with p.open("rb") as f:
         try:
-            data = pd.read_csv(f, sep="\t")
+            data = pd.read_csv(f, sep="\t", dtype=str, keep_default_na=False)
         except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
             raise ValueError(f"{path}: not a readable TSV: {e}") from None
     missing = [c for c in ("index", "question", "answer", "A", "B") if c not in data.columns]
@@ -314,18 +319,16 @@ def load_benchmark(path: str, *, image_root: str | None = None, limit: int | Non
     decoded: dict[str, list[bytes]] = {}  # a repeated image is decoded once
 
     def reject(r, reason, detail):
-        index = _plain(r["index"])
+        index = _index(r["index"])
         rejected.append({"index": index, "row": len(questions) + len(rejected), "reason": reason,
                          "detail": detail})
         log.warning("%s: index %s rejected: %s: %s", path, index, reason, detail)
 
     for r in records:
-        index = _plain(r["index"])
+        index = _index(r["index"])
         if _missing(index):
             reject(r, "no_index", "empty index")
             continue
-        if isinstance(index, float) and index.is_integer():
-            index = int(index)
         if str(index) in seen:
             reject(r, "duplicate_index", f"index {index} appears earlier in the file")
             continue
@@ -333,7 +336,7 @@ def load_benchmark(path: str, *, image_root: str | None = None, limit: int | Non
         if _missing(r["question"]) or not str(r["question"]).strip():
             reject(r, "no_question", "empty question")
             continue
-        options = {c: _plain(r[c]) for c in letters if not _missing(r[c])}
+        options = {c: r[c] for c in letters if not _missing(r[c])}
         answer = None if _missing(r["answer"]) else str(r["answer"])
         if answer not in options:
             reject(r, "answer_not_an_option", f"answer {answer!r} is not one of the options {sorted(options)}")
@@ -370,10 +373,10 @@ def load_benchmark(path: str, *, image_root: str | None = None, limit: int | Non
             except (OSError, ValueError, SyntaxError) as e:
                 reject(r, "undecodable_image", f"image_path {r['image_path']}: {e}")
                 continue
-        hint = None if "hint" not in data.columns or _missing(r["hint"]) else _plain(r["hint"])
-        row = {c: None if _missing(r[c]) else _plain(r[c]) for c in columns}  # empty cells: None, not NaN
+        hint = None if "hint" not in data.columns or _missing(r["hint"]) else r["hint"]
+        row = {c: None if _missing(r[c]) else r[c] for c in columns}  # empty cells: None
         row["index"] = index
-        questions.append(Question(index, _plain(r["question"]), hint, options, answer, images, row))
+        questions.append(Question(index, r["question"], hint, options, answer, images, row))
     circular = any(isinstance(q.index, int) and q.index >= CIRCULAR_OFFSET for q in questions)
     return Benchmark(name, os.fspath(path), columns, questions, rejected, len(records), circular)
 

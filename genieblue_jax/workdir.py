@@ -70,13 +70,30 @@ def tokenized_model_config(c: RunConfig, tokenizer: str) -> structure.MLLMConfig
     return mcfg
 
 
+def init_component(c: RunConfig, key: str, component: str):
+    """The config of `component` ("llm" / "vision") in the checkpoint `init.<key>` names. ConfigError
+    naming the key for a path that is not a genieblue_jax checkpoint, or one of another component
+    (a ViT given as the LLM), with what it holds."""
+    path = getattr(c.init, key)
+    try:
+        components = model_checkpoint.read_metadata(path)["components"]
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"init.{key}={path}: {e} (a checkpoint is what tools.from_hf --out writes)") from None
+    if component not in components:
+        held = ", ".join(f"{n} ({type(cfg).__name__})" for n, cfg in components.items())
+        other = {"llm": "init.vit_checkpoint", "vision": "init.llm_checkpoint"}[component]
+        wanted = "an LLM" if component == "llm" else "a vision tower"
+        raise ConfigError(f"init.{key}={path} holds {held}, not {wanted}: is it the checkpoint for {other}?")
+    return components[component]
+
+
 def model_config(c: RunConfig, image_token_id: int) -> structure.MLLMConfig:
     """The MLLM config of a recipe: presets (or the init checkpoints' configs), dtypes, structure."""
     llm, vit = models.get_preset(c.model.llm), models.get_preset(c.model.vit)  # presets checked by RunConfig
     if c.init.llm_checkpoint:
-        llm = model_checkpoint.read_metadata(c.init.llm_checkpoint)["components"]["llm"]
+        llm = init_component(c, "llm_checkpoint", "llm")
     if c.init.vit_checkpoint:
-        vit = model_checkpoint.read_metadata(c.init.vit_checkpoint)["components"]["vision"]
+        vit = init_component(c, "vit_checkpoint", "vision")
     llm = llm.replace(dtype=c.model.compute_dtype, param_dtype=c.model.base_param_dtype, remat=c.model.remat,
                       attention_chunk=c.model.attention_chunk, attention_impl=c.model.attention_impl,
                       scan_layers=c.model.scan_layers)
@@ -118,7 +135,8 @@ def preprocessing(c: RunConfig) -> dict:
 RENAMED_KEYS = {"data.max_patches": "data.max_tiles", "data.max_patches_per_row": "data.max_tiles_per_row"}
 # Config keys added since workdirs were first written: key -> the value that says what a workdir
 # without it did. Workdirs from before chat templates were read rendered ChatML, piece by piece.
-ADDED_KEYS = {"data.chat_template": "chatml", "data.chat_template_kwargs": "{}", "data.chat_date": ""}
+ADDED_KEYS = {"data.chat_template": "chatml", "data.chat_template_kwargs": "{}", "data.chat_date": "",
+              "init.from_scratch": "llm,vision,projector"}  # before it, a missing checkpoint meant random weights
 
 
 MLLM_CONFIG_KEY = "mllm_config"  # config.json's record of the resolved model config (every shape)
@@ -175,8 +193,10 @@ def _shardings(tree, mesh):
 def init_params(config: RunConfig, mcfg: structure.MLLMConfig, mesh) -> dict:
     """All MLLM parameters of recipe `config` ({"llm", "vision", "projector", "branch"}), each
     created or loaded straight into its sharding on `mesh`: the base from the init checkpoints
-    (a NaN / Inf tensor is a ConfigError naming it) or, at demo scale only, seeded at random;
-    the projector from `init.stage1_workdir` when given; the branch copied from the base."""
+    (a NaN / Inf tensor is a ConfigError naming it) or seeded at random;
+    the projector from `init.stage1_workdir` when given; the branch copied from the base. A part
+    without its checkpoint starts from random weights only when `init.from_scratch` names it."""
+    config.required_checkpoints()
     rng = jax.random.key(config.train.seed)
     k_llm, k_vit, k_proj, k_branch = jax.random.split(rng, 4)
 
@@ -189,9 +209,7 @@ def init_params(config: RunConfig, mcfg: structure.MLLMConfig, mesh) -> dict:
                     raise ConfigError(f"init checkpoint {ckpt}: tensor {component}/{name} contains NaN or Inf")
             return jax.tree.map(lambda x, s: jax.device_put(x.astype(cfg.params_dtype), s), params[component],
                                 shardings)
-        if config.scale == "paper":
-            raise ConfigError(f"init: no checkpoint for the {component} at paper scale")
-        log.warning("no init checkpoint for the %s: random initialisation (demo scale only)", component)
+        log.info("%s: random initialisation (init.from_scratch)", component)
         return models.init_params(cfg, key, shardings)
 
     params = {"llm": load_or_init("llm", mcfg.llm, config.init.llm_checkpoint, k_llm),
@@ -232,14 +250,17 @@ def base_fingerprint(tree) -> str:
     return f"{int(total):016x}"
 
 
-def checkpoint_manager(workdir: str, keep: int, *, checksummer=None) -> ocp.CheckpointManager:
+def checkpoint_manager(workdir: str, keep: int, *, checksummer=None, training: bool = False) -> ocp.CheckpointManager:
     """Orbax's manager of WORKDIR/checkpoints (items state, data, meta); with `checksummer`,
-    every step it saves records its files' checksums (only the training loop saves)."""
+    every step it saves records its files' checksums (only the training loop saves). `training`:
+    the run that owns the workdir (re)starts, so the `STEP.orbax-checkpoint-tmp-*` directories
+    of saves a killed run never finished are removed (Orbax's `cleanup_tmp_directories`); a
+    reader (load, chat, evaluate) never removes them, as they may be a live run's save."""
     async_options = ocp.AsyncOptions(post_finalization_callback=checksummer) if checksummer else None
     return ocp.CheckpointManager(
         paths.path(workdir) / "checkpoints",
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
-                                             async_options=async_options),
+                                             async_options=async_options, cleanup_tmp_directories=training),
         item_names=("state", "data", "meta"))
 
 
@@ -303,6 +324,19 @@ def restore_trained_part(workdir: str, component: str, like: dict) -> dict:
     """One trained component (e.g. the stage-1 projector) from another run's latest checkpoint,
     into the shardings and dtypes of `like` (only that component is read). ConfigError when the
     workdir has no checkpoint or its stage did not train `component`."""
+    recorded = read_model_config(workdir) if is_workdir(workdir) else None
+    if recorded is not None:  # compared before any read: Orbax's own message is a page of TensorStore spec
+        theirs = models.flatten(models.abstract_params(getattr(recorded, component)))
+        ours = models.flatten(like)
+        for name in sorted(set(theirs) | set(ours)):
+            there = tuple(theirs[name].shape) if name in theirs else None
+            here = tuple(ours[name].shape) if name in ours else None
+            if there != here:
+                raise ConfigError(
+                    f"init.stage1_workdir={workdir} trained the {component} of another model: {component}/{name} is "
+                    f"{there} there, {here} here (its LLM {recorded.llm.family} hidden size "
+                    f"{recorded.llm.hidden_size}, its ViT width {recorded.vision.hidden_size}); run stage 1 with this "
+                    f"run's init.llm_checkpoint and init.vit_checkpoint")
     mngr = checkpoint_manager(workdir, keep=1)
     try:
         step = mngr.latest_step()
@@ -313,8 +347,9 @@ def restore_trained_part(workdir: str, component: str, like: dict) -> dict:
             restored = restore_step(mngr, step, state={"trainable": {component: abstract_like(like)}}, partial=True)
         except (ValueError, KeyError) as e:  # the stage, for the message: read only on this path
             stage = restore_step(mngr, step)["meta"].get("stage")
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise ConfigError(f"init.stage1_workdir={workdir} (stage {stage}) has no trained {component} "
-                              f"of these shapes: {str(e)[:300]}") from e
+                              f"of these shapes: {first}") from None
         return restored["state"]["trainable"][component]
     finally:
         mngr.close()

@@ -114,4 +114,4 @@ def test_bad_input_names_the_culprit(tmp_path):
     llm_only.is_mllm = False
     with pytest.raises(ValueError, match="LLM only"):
         evaluate.evaluate(llm_only, [], mode="shared")
-    assert np.isnan(evaluate.retention(10.0, 0.0)) and evaluate.retention(49.5, 50.0) == 99.0
+    assert evaluate.retention(10.0, 0.0) is None and evaluate.retention(49.5, 50.0) == 99.0

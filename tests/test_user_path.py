@@ -1,15 +1,17 @@
-"""The README's user path, command for command, at tiny scale:
+"""README's whole path ("The whole path, from Hugging Face weights to a phone"), read out of
+README.md and run command for command at tiny scale:
 
 HF weights (random `transformers` Qwen2 + SigLIP, with an HF `tokenizer.json`) -> tools.from_hf
--> LLaVA-format JSON converted by data_pipelines.convert -> stage 1 -> stage 2 (both through
-experiments.run with the README's overrides) -> tools.evaluate -> tools.to_torch ->
-tools.export_qnn. Every step is the CLI a user types, run as a subprocess; the test checks
-what each one leaves behind and the numbers the path promises (text retention of the
-deployed model exactly 100%, exported files that load).
+-> a LLaVA-format JSON converted by data_pipelines.convert -> stage 1 -> stage 2 (experiments.run)
+-> tools.chat -> tools.evaluate -> tools.to_torch -> tools.export_qnn. The only edits: the paths,
+`:paper` dropped, size overrides appended (`SIZES`). Every step is the CLI a user types, run as a
+subprocess; the test checks what each one leaves behind and the numbers the path promises
+(text retention of the deployed model exactly 100%, exported files that load).
 """
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 
@@ -87,10 +89,65 @@ def _assert_converted_all(out: str, input_json: str, data, ids: list, source: st
     assert [written[i].id for i in range(len(written))] == ids
 
 
+README = os.path.join(REPO, "README.md")
+BLOCK_TITLE = "### The whole path, from Hugging Face weights to a phone"
+
+
+def readme_whole_path() -> tuple[str, list[list[str]]]:
+    """README's whole-path block as written, and its commands (continuation lines joined,
+    comments dropped) as argument lists, split as bash splits them."""
+    text = open(README).read()
+    head = text.index(BLOCK_TITLE)
+    start = text.index("```bash\n", head) + len("```bash\n")
+    block = text[start:text.index("```", start)]
+    commands, current = [], ""
+    for line in block.splitlines():
+        if not current and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        current += line[:-1] if line.endswith("\\") else line
+        if not line.endswith("\\"):
+            commands.append(shlex.split(current))
+            current = ""
+    assert not current, f"the block ends inside a continued command: {current!r}"
+    return block, commands
+
+
+def test_readme_whole_path_is_valid_bash():
+    """Every line is bash as written: no placeholders, no comment after a line continuation (bash
+    reads `\\ #...` as an escaped space, and the next line runs as a command of its own), each
+    command one of ours."""
+    block, commands = readme_whole_path()
+    assert subprocess.run(["bash", "-n"], input=block, text=True, capture_output=True).returncode == 0
+    assert "..." not in block and not re.search(r"\\[ \t]+\S", block), block
+    assert [c[:3] for c in commands] == [["python", "-m", m] for m in (
+        "tools.from_hf", "tools.from_hf", "data_pipelines.convert", "experiments.run", "experiments.run",
+        "tools.chat", "tools.chat", "tools.evaluate", "tools.to_torch", "tools.export_qnn")]
+
+
+# The test's edits of README's commands: where each path lives here, and the size overrides.
+RUN_SIZE = ["--config.data.seq_len=160", "--config.train.global_batch_size=4", "--config.train.steps=3",
+            "--config.checkpoint.every_steps=3", "--config.demo.enabled=false"]
+SIZES = {"experiments.run": RUN_SIZE, "tools.chat": ["--max_new_tokens=8"], "tools.evaluate": ["--max_new_tokens=4"],
+         "tools.export_qnn": ["--context=96", "--prefill_len=32", "--calib=2", "--decode_steps=2"]}
+
+
+def _edited(command: list[str], places: dict[str, str]) -> list[str]:
+    """`command` with README's paths replaced by `places` (longest first), `:paper` dropped and
+    the size overrides of its module appended."""
+    out = []
+    for arg in command[2:]:
+        for readme_path in sorted(places, key=len, reverse=True):
+            arg = arg.replace(readme_path, places[readme_path])
+        out.append(arg.replace(":paper", "") if arg.startswith("--config=") else arg)
+    return out + SIZES.get(command[2], [])
+
+
 def test_hf_weights_to_phone(tmp_path):
-    # --- Hugging Face weights --------------------------------------------------------------
-    train_json, train_records = _llava(tmp_path, "train", 64)
-    eval_json, eval_records = _llava(tmp_path, "eval", 24)
+    # --- Hugging Face weights and a user's data ------------------------------------------------
+    llava = tmp_path / "llava"
+    llava.mkdir()
+    train_json, train_records = _llava(llava, "train", 64)
+    eval_json, eval_records = _llava(llava, "eval", 24)
     texts = [c["value"] for r in train_records for c in r["conversations"]] + ["system user assistant"]
     torch.manual_seed(0)
     llm = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
@@ -102,44 +159,50 @@ def test_hf_weights_to_phone(tmp_path):
         hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=32,
         patch_size=8, vision_use_head=False))
     vit.save_pretrained(tmp_path / "hf_vit", safe_serialization=True)
+    scene = next(r for r in eval_records if "image" in r)
+    (llava / "images" / "scene.png").write_bytes((llava / "images" / scene["image"]).read_bytes())
 
-    # --- the README's commands ---------------------------------------------------------------
-    ckpt = tmp_path / "ckpt"
-    _cli("tools.from_hf", f"--hf_dir={tmp_path / 'hf_llm'}", f"--out={ckpt / 'llm'}")
-    _cli("tools.from_hf", f"--hf_dir={tmp_path / 'hf_vit'}", f"--out={ckpt / 'vit'}")
+    # --- README's block, command for command ----------------------------------------------------
+    ckpt, data, runs = tmp_path / "ckpt", tmp_path / "data" / "vqa", tmp_path / "runs"
+    places = {"/models/Qwen2.5-3B": str(tmp_path / "hf_llm"),
+              "/models/siglip-so400m-patch14-384": str(tmp_path / "hf_vit"),
+              "/ckpt/qwen2.5-3b": str(ckpt / "llm"), "/ckpt/siglip": str(ckpt / "vit"),
+              "/data/llava/train.json": train_json, "/data/llava/heldout.json": eval_json,
+              "/data/llava/images": str(llava / "images"), "/data/vqa": str(data), "/runs": str(runs),
+              "/export": str(tmp_path / "export")}
+    _, commands = readme_whole_path()
+    outputs = []
+    for i, command in enumerate(commands):
+        log = tmp_path / f"step{i}.log" if command[2] in ("experiments.run", "tools.chat") else None
+        outputs.append(_cli(*_edited(command, places), log=log))
+    (_, _, out_convert, _, log, chat_image, chat_text, _, _, _) = outputs
+
     assert os.path.isfile(ckpt / "llm" / "hf_assets" / "tokenizer.json")
-    data = tmp_path / "data" / "mine"
-    out = _cli("data_pipelines.convert", "--format=llava", f"--json={train_json}",
-               f"--image_root={tmp_path / 'images'}", f"--out={data}", "--source=mine")
-    _assert_converted_all(out, train_json, data, [r["id"] for r in train_records], source="mine")
-
-    common = [f"--config.init.llm_checkpoint={ckpt / 'llm'}", f"--config.init.vit_checkpoint={ckpt / 'vit'}",
-              f"--config.data.tokenizer={ckpt / 'llm' / 'hf_assets'}",
-              f"--config.data.sources=mine={tmp_path / 'data' / 'mine'}:1",
-              "--config.data.seq_len=160", "--config.train.global_batch_size=4", "--config.train.steps=3",
-              "--config.checkpoint.every_steps=3", "--config.demo.enabled=false"]
-    runs = tmp_path / "runs"
-    _cli("experiments.run", "--config=stage1", f"--workdir={runs / 'stage1'}", *common)
-    log = _cli("experiments.run", "--config=stage2_skip", f"--workdir={runs / 'stage2'}",
-               f"--config.init.stage1_workdir={runs / 'stage1'}", "--config.train.log_every=2", *common,
-               log=tmp_path / "stage2.log")
-    assert sorted(os.listdir(runs / "stage2" / "checkpoints")) == ["3"]
+    # The converter's default source label ("llava") is not the mixture key (vqa): the key names it.
+    _assert_converted_all(out_convert, train_json, data, [r["id"] for r in train_records], source="llava")
+    assert sorted(os.listdir(runs / "s2" / "checkpoints")) == ["3"]
+    assert "loss/vqa" in open(runs / "s2" / "metrics.jsonl").readline()
+    # tools.chat's answers, against the library's own (genieblue_jax.load + generate): the text
+    # question is answered by the imported LLM itself, the image question on the multimodal path.
+    import genieblue_jax
+    prompt = commands[6][commands[6].index("--prompt") + 1]
+    base_answer = genieblue_jax.load(str(ckpt / "llm")).generate(prompt, max_new_tokens=8)
+    assert chat_text.startswith(f"{base_answer}\n[base LLM (non-shared); "), chat_text
+    assert "\n[multimodal path (replicated blocks + LoRA); " in chat_image, chat_image
     # Output redirected to a file (`> log 2>&1`): no progress bar's carriage returns, one plain
-    # line per log interval (every 2 steps, and the last), with the metrics.jsonl row's step and loss.
+    # line per log interval, with the metrics.jsonl row's step and loss.
     assert "\r" not in log
-    rows = [json.loads(line) for line in open(runs / "stage2" / "metrics.jsonl")]
+    rows = [json.loads(line) for line in open(runs / "s2" / "metrics.jsonl")]
     logged = re.findall(r"^\[process 0/1\] \S+ \S+ step (\d+)/3 loss (\S+) tokens/s \d+ ETA \S+$", log, re.MULTILINE)
-    assert [r["step"] for r in rows] == [2, 3], rows
+    assert rows and rows[-1]["step"] == 3
     assert logged == [(str(r["step"]), f"{r['loss']:.4f}") for r in rows], log[-3000:]
 
-    report = tmp_path / "report_multimodal.json"
-    out = _cli("tools.evaluate", f"--checkpoint={runs / 'stage2'}", f"--data={eval_json}",
-               f"--image_root={tmp_path / 'images'}", "--mode=multimodal", f"--out={report}", "--max_new_tokens=4")
-    result = json.loads(report.read_text())
+    result = json.loads((runs / "s2" / "eval" / "multimodal.json").read_text())  # README's step 6
     n_text = sum("image" not in r for r in eval_records)
     assert result["counts"] == {"examples": 24, "answered": 24, "skipped": 0} and 0 < n_text < 24
+    # The test's own reference: the imported LLM alone (mode text) on the same questions.
     base_report = tmp_path / "report_text.json"
-    _cli("tools.evaluate", f"--checkpoint={ckpt / 'llm'}", f"--data={eval_json}", f"--image_root={tmp_path / 'images'}",
+    _cli("tools.evaluate", f"--checkpoint={ckpt / 'llm'}", f"--data={eval_json}", f"--image_root={llava / 'images'}",
          "--mode=text", f"--out={base_report}", "--max_new_tokens=4")
     base = json.loads(base_report.read_text())
     assert base["counts"] == {"examples": 24, "answered": n_text, "skipped": 24 - n_text}
@@ -148,17 +211,15 @@ def test_hf_weights_to_phone(tmp_path):
     assert deployed_text == {p["id"]: p["prediction"] for p in base["predictions"]}
     assert result["scores"]["text"] == base["scores"]["text"]
 
-    _cli("tools.to_torch", f"--checkpoint={runs / 'stage2'}", f"--out={tmp_path / 'torch'}")
-    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "torch" / "base_llm")
+    export = tmp_path / "export"
+    base = transformers.AutoModelForCausalLM.from_pretrained(export / "torch" / "base_llm")  # README's step 7
     ids = torch.tensor([[5, 17, 300, 42]])
     with torch.no_grad():
         np.testing.assert_allclose(base(ids).logits.numpy(), llm(ids).logits.numpy(), atol=1e-4)
-    assert os.path.isfile(tmp_path / "torch" / "lora_adapter" / "adapter_config.json")
+    assert os.path.isfile(export / "torch" / "lora_adapter" / "adapter_config.json")
 
-    _cli("tools.export_qnn", f"--checkpoint={runs / 'stage2'}", f"--out={tmp_path / 'qnn'}", "--context=96",
-         "--prefill_len=32", "--calib=2", "--decode_steps=2")
-    qnn = json.loads((tmp_path / "qnn" / "report.json").read_text())
-    files = set(os.listdir(tmp_path / "qnn" / "qnn"))
+    qnn = json.loads((export / "qnn" / "report.json").read_text())  # README's step 8
+    files = set(os.listdir(export / "qnn" / "qnn"))
     for component in ("vision", "llm_base_prefill", "llm_base_decode", "llm_mm_prefill", "llm_mm_decode"):
         assert any(f.startswith(component) and f.endswith(".onnx") for f in files), (component, files)
         assert any(f.startswith(component) and f.endswith(".encodings") for f in files), (component, files)

@@ -269,3 +269,26 @@ def test_cli_runs_a_tsv_end_to_end(tiny_checkpoint, mmbench, tmp_path):
     ext = vlmeval.prediction_format()  # "tsv" without xlsxwriter
     assert r["files"]["predictions"] == str(tmp_path / "eval" / f"model-multimodal_DemoSmall.{ext}")
     assert json.load(open(out))["benchmarks"]["DemoSmall"]["scores"] == r["scores"]
+
+
+def test_cells_are_read_as_the_text_written(tmp_path):
+    """Options "None", "NA", "null" are options (pandas' defaults read them as missing values, and
+    the row whose answer they are was rejected), and an integer column with a gap prints "3",
+    not "3.0". Written by hand, not through pandas, so the file holds exactly these cells."""
+    lines = ["index\tquestion\tA\tB\tC\tD\tanswer",
+             "1\tWhich is empty?\tNone\tNA\tnull\t3\tA",
+             "2\tHow many?\t2\t3\t4\t\tB",
+             "3\tWhich word?\tN/A\tnan\t#N/A\t-1\tC"]
+    (tmp_path / "Words.tsv").write_text("\n".join(lines) + "\n")
+    bench = vlmeval.load_benchmark(str(tmp_path / "Words.tsv"))
+    assert bench.rejected == [] and [q.index for q in bench.questions] == [1, 2, 3]
+    assert [q.options for q in bench.questions] == [
+        {"A": "None", "B": "NA", "C": "null", "D": "3"},
+        {"A": "2", "B": "3", "C": "4"},                      # D empty: absent
+        {"A": "N/A", "B": "nan", "C": "#N/A", "D": "-1"}]
+    assert [q.answer for q in bench.questions] == ["A", "B", "C"]
+    assert "A. None\nB. NA\nC. null\nD. 3\n" in vlmeval.build_prompt(bench.questions[0])
+    assert "A. 2\nB. 3\nC. 4\nPlease" in vlmeval.build_prompt(bench.questions[1])
+    answers = {vlmeval.build_prompt(q): a for q, a in zip(bench.questions, ["None", "B", "C"])}
+    result = vlmeval.evaluate(ScriptedModel(answers), bench)
+    assert result["scores"]["vanilla"] == 100.0  # "None" is matched as its option's text

@@ -7,7 +7,8 @@ pipeline's own decoder.
         --out /data/wds
 
 Samples are files sharing a key (the webdataset convention: the key is the file name up to its
-first dot, so keys hold no dots):
+first dot; a key with dots, `img.001.json` beside `img.002.json`, is one sample per json
+file all the same, its members being those named after it: `img.001.jpg`, `img.001.0.png`):
 
     000042.json         {"id"?, "conversations" | "messages" | "texts": [...]} (`checks.conversation_turns`;
                         the layouts of `data_pipelines.conversion.hf`)
@@ -90,6 +91,32 @@ def sample_images(members: dict, where: str) -> list[tuple[str, bytes]]:
     return [numbered[k] for k in sorted(numbered)]
 
 
+def split_dotted_keys(key: str, members: dict) -> list[tuple[str, dict]]:
+    """One (key, members) per json member of what webdataset grouped under `key`, the name up to
+    the first dot: the files of `img.001.json` and `img.002.json` arrive as one group {"001.json",
+    "002.json", "001.jpg", ...}. Each other member goes to the longest json key its name starts
+    with ({"json": ..., "jpg": ...} as webdataset names a plain sample's members); members that
+    no json names stay as one sample without a json (a counted rejection).
+
+    >>> [(k, sorted(m)) for k, m in split_dotted_keys("img", {"001.json": b"", "001.jpg": b"", "002.json": b""})]
+    [('img.001', ['jpg', 'json']), ('img.002', ['json'])]
+    """
+    json_keys = [n[:-len(".json")] if n != "json" else "" for n in members if n == "json" or n.endswith(".json")]
+    if json_keys in ([], [""]):
+        return [(key, members)]  # webdataset's own case: one sample (with or without its json)
+    longest_first = sorted(json_keys, key=len, reverse=True)
+    groups: dict[str, dict] = {k: {} for k in json_keys}
+    unnamed: dict = {}
+    for name, data in members.items():
+        owner = next((k for k in longest_first if not k or name.startswith(f"{k}.")), None)
+        if owner is None:
+            unnamed[name] = data
+        else:
+            groups[owner][name[len(owner) + 1:] if owner else name] = data
+    out = [(f"{key}.{k}" if k else key, m) for k, m in groups.items()]
+    return out + ([(key, unnamed)] if unnamed else [])
+
+
 def wds_samples(urls):
     """("SHARD/KEY", sample) per sample of the shards `urls`, in order: sample {"id", "key",
     "json", "members"}, its json parsed here so that a rejected sample's log line carries its
@@ -107,19 +134,20 @@ def wds_samples(urls):
             url = e.args[-1] if len(e.args) > 1 and isinstance(e.args[-1], str) else "a shard"
             raise ConversionError(f"{url}: not a readable WebDataset tar shard ({e.args[0] if e.args else e})") \
                 from None
-        key, url = sample["__key__"], sample["__url__"]
-        where = f"{url}/{key}"
-        members = {k: v for k, v in sample.items() if not k.startswith("__")}
-        if "json" not in members:
-            yield where, Reject("malformed_record", f"{where}: no {key}.json member (members: {sorted(members)})")
-            continue
-        try:
-            obj = json.loads(members.pop("json").decode("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            yield where, Reject("malformed_json", f"{where}.json: {e}")
-            continue
-        rid = obj.get("id") if isinstance(obj, dict) else None
-        yield where, {"id": rid, "key": key, "json": obj, "members": members}
+        url = sample["__url__"]
+        for key, members in split_dotted_keys(sample["__key__"],
+                                              {k: v for k, v in sample.items() if not k.startswith("__")}):
+            where = f"{url}/{key}"
+            if "json" not in members:
+                yield where, Reject("malformed_record", f"{where}: no {key}.json member (members: {sorted(members)})")
+                continue
+            try:
+                obj = json.loads(members.pop("json").decode("utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                yield where, Reject("malformed_json", f"{where}.json: {e}")
+                continue
+            rid = obj.get("id") if isinstance(obj, dict) else None
+            yield where, {"id": rid, "key": key, "json": obj, "members": members}
 
 
 @dataclasses.dataclass(frozen=True)

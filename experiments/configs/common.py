@@ -66,6 +66,9 @@ def base_config(scale: str) -> ml_collections.ConfigDict:
     c.init.llm_checkpoint = ml_collections.FieldReference(None, field_type=str)  # tools.from_hf output
     c.init.vit_checkpoint = ml_collections.FieldReference(None, field_type=str)
     c.init.stage1_workdir = ml_collections.FieldReference(None, field_type=str)  # projector from stage 1
+    # Components that start from random weights, asked for by name ("llm,vision,projector"): without
+    # a checkpoint for one that is not named here, a run is refused (RunConfig.required_checkpoints).
+    c.init.from_scratch = ""
 
     c.data = ml_collections.ConfigDict()
     # "name=DIR:weight,name=DIR:weight,..." (workdir.parse_sources); empty at demo scale: experiments.run

@@ -17,6 +17,7 @@ def get_config(arg=None):
     c.train.stage = "pretrain"
     c.data.image_mode = "single"
     c.data.max_tiles_per_row = 0   # text only: no tile slots, the vision tower never runs
+    c.init.from_scratch = "llm,vision"  # pretraining from scratch (the vision tower is never run)
     c.train.steps = 300
     c.train.global_batch_size = 16
     c.optim.lr = 3e-3

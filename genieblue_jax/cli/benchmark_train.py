@@ -130,6 +130,7 @@ def _benchmarked(variant: str, seq_len: int, tiles_per_row: int, overrides=(), l
     # weights (`model.scan_layers`); the demo scale keeps the demo recipe's unrolled blocks.
     config.model.scan_layers = not (llm.startswith("demo-") and vit.startswith("demo-"))
     config.data.seq_len, config.data.max_tiles_per_row = seq_len, tiles_per_row
+    config.init.from_scratch = "llm,vision,projector"  # a step's time does not depend on the weights' values
     config = _apply_overrides(config, overrides)
     mcfg = workdir_lib.model_config(config, image_token_id=IMAGE_TOKEN_ID)
     if mcfg.llm.vocab_size <= IMAGE_TOKEN_ID:

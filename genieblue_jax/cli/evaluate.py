@@ -48,6 +48,8 @@ def define_flags():
     flags.DEFINE_enum("mode", "multimodal", ["text", "multimodal", "shared"], "Which weights answer (see above).")
     flags.DEFINE_string("reference", None, "Another evaluation's JSON to compute retention against.")
     flags.DEFINE_string("out", None, "Where to write the JSON (default: CHECKPOINT/eval/<mode>.json).")
+    flags.DEFINE_bool("overwrite", False, "Replace an evaluation already at --out (otherwise it is refused "
+                      "before the model loads).")
     flags.DEFINE_integer("limit", None, "Evaluate only the first N examples of each --data.")
     flags.DEFINE_integer("batch_size", 32, "Requests generated together.")
     flags.DEFINE_integer("max_new_tokens", 32, "Longest answer.")
@@ -59,8 +61,10 @@ def define_flags():
 
 def run(checkpoint: str, data: list[str], *, mode: str, image_root: str | None = None, reference: str | None = None,
         out: str | None = None, limit: int | None = None, batch_size: int = 32, max_new_tokens: int = 32,
-        step: int | None = None, format: str = "llava") -> dict:
-    """The tool without absl: evaluates, prints, writes; returns the result."""
+        step: int | None = None, format: str = "llava", overwrite: bool = False) -> dict:
+    """The tool without absl: evaluates, prints, writes; returns the result. An evaluation already
+    at `out` (default CHECKPOINT/eval/<mode>.json, vlmeval_<mode>.json) is a FileExistsError
+    before the model loads, unless `overwrite`."""
     import json
 
     import genieblue_jax
@@ -69,6 +73,10 @@ def run(checkpoint: str, data: list[str], *, mode: str, image_root: str | None =
         raise ValueError(f"format={format!r}; choose 'llava' or 'vlmeval'")
     if format == "vlmeval" and reference:
         raise ValueError("--reference (retention) applies to --format=llava results")
+    out = out or paths.join(checkpoint, "eval", f"{'vlmeval_' if format == 'vlmeval' else ''}{mode}.json")
+    if not overwrite and paths.path(out).exists():
+        raise FileExistsError(f"{out} holds an earlier evaluation; pass --out=NEW.json to keep it, "
+                              f"or --overwrite to replace it")
     model = genieblue_jax.load(checkpoint, step=step)
     if format == "vlmeval":
         return _run_vlmeval(model, checkpoint, data, mode=mode, image_root=image_root, out=out, limit=limit,
@@ -94,10 +102,11 @@ def run(checkpoint: str, data: list[str], *, mode: str, image_root: str | None =
     print()
     print(evaluate.source_table(result))
     if "text_retention_vs_base" in result:
-        print(f"\ntext retention vs its base LLM: {result['text_retention_vs_base']:.2f}%")
+        kept = result["text_retention_vs_base"]
+        print("\ntext retention vs its base LLM: " +
+              (f"{kept:.2f}%" if kept is not None else "undefined (its base LLM answered no text question right)"))
     if result["counts"]["skipped"]:
         print(f"\n{result['counts']['skipped']} image questions skipped: mode 'text' runs the base LLM alone")
-    out = out or paths.join(checkpoint, "eval", f"{mode}.json")
     evaluate.write(result, out)
     print(f"\nwrote {out}")
     return result
@@ -110,7 +119,6 @@ def _run_vlmeval(model, checkpoint: str, data: list[str], *, mode: str, image_ro
     names = [os.path.splitext(os.path.basename(d))[0] for d in data]
     if len(set(names)) < len(names):
         raise ValueError(f"benchmarks must have distinct file names (their VLMEvalKit names): {names}")
-    out = out or paths.join(checkpoint, "eval", f"vlmeval_{mode}.json")
     model_name = f"{os.path.basename(os.path.normpath(checkpoint))}-{mode}"
     results = {}
     for path in data:
@@ -139,8 +147,8 @@ def main(argv):
     try:
         run(FLAGS.checkpoint, FLAGS.data, mode=FLAGS.mode, image_root=FLAGS.image_root, reference=FLAGS.reference,
             out=FLAGS.out, limit=FLAGS.limit, batch_size=FLAGS.batch_size, max_new_tokens=FLAGS.max_new_tokens,
-            step=FLAGS.step, format=FLAGS.format)
-    except (FileNotFoundError, ValueError) as e:
+            step=FLAGS.step, format=FLAGS.format, overwrite=FLAGS.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
         sys.exit(f"tools.evaluate: error: {e}")
 
 

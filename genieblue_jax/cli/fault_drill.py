@@ -44,7 +44,8 @@ FAULTS = ("sigterm", "sigkill", "corrupt", "nan", "full_disk", "two_trainers")
 STEPS = 8
 OVERRIDES = {"model.llm": "tiny-qwen2", "model.vit": "tiny-siglip", "data.seq_len": 96, "data.max_tiles_per_row": 4,
              "data.demo_examples": 200, "train.steps": STEPS, "train.global_batch_size": 8, "train.log_every": 1,
-             "checkpoint.every_steps": 1, "checkpoint.keep": 3, "demo.enabled": "false"}
+             "checkpoint.every_steps": 1, "checkpoint.keep": 3, "demo.enabled": "false",
+             "init.from_scratch": "llm,vision,projector"}
 
 FLAGS = flags.FLAGS
 

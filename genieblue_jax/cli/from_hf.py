@@ -17,7 +17,7 @@ tokenizer.model, tokenizer_config.json, the chat template (its `chat_template`,
 chat_template.jinja or chat_template.json) and generation_config.json. An LLM's line says which
 chat template its prompts will be rendered with and where generation will stop.
 """
-
+import sys
 
 from absl import app, flags, logging
 
@@ -54,12 +54,17 @@ def main(argv):
     template and stop tokens it will use)."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    from genieblue_jax import cli
+    cli.cpu_only_without_accelerators()
     from genieblue_jax import models
     from genieblue_jax.hf import import_hf
-    name, cfg, params = import_hf(FLAGS.hf_dir, FLAGS.out, param_dtype=FLAGS.param_dtype,
-                                  ignore_fields=FLAGS.ignore_config_field,
-                                  select_layer=FLAGS.select_layer, mesh=parse_mesh(FLAGS.mesh),
-                                  overwrite=FLAGS.overwrite)
+    try:
+        name, cfg, params = import_hf(FLAGS.hf_dir, FLAGS.out, param_dtype=FLAGS.param_dtype,
+                                      ignore_fields=FLAGS.ignore_config_field,
+                                      select_layer=FLAGS.select_layer, mesh=parse_mesh(FLAGS.mesh),
+                                      overwrite=FLAGS.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:  # the input's fault: one line, no traceback
+        sys.exit(f"tools.from_hf: error: {e}")
     logging.info("imported %s", cfg)
     from genieblue_jax.hf import PARTIAL_IMPORTS, architecture_of, read_hf_config
     arch = architecture_of(read_hf_config(FLAGS.hf_dir), FLAGS.hf_dir)

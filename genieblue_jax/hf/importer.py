@@ -75,6 +75,13 @@ def config_from_hf_dir(hf_dir: str, *, param_dtype: str = "float32", dtype: str 
     hf = read_hf_config(hf_dir)
     source = os.path.join(hf_dir, "config.json")
     arch = hf_configs.architecture_of(hf, source)
+    if "quantization_config" in hf:  # before the field check, whose hint (waive it) would be wrong here
+        ckpt = SafetensorsCheckpoint(hf_dir)
+        check_float_weights(ckpt, [n for n in ckpt.names() if n.endswith("weight")])
+        method = hf["quantization_config"].get("quant_method") if isinstance(hf["quantization_config"], dict) else None
+        raise hf_configs.UnsupportedConfigError(
+            f"{source}: quantization_config (quant_method {method!r}): a quantized checkpoint; genieblue_jax imports "
+            f"float weights. Save it dequantized with transformers first, or import the unquantized release")
     kw = dict(source=source, ignore_fields=ignore_fields, param_dtype=param_dtype, dtype=dtype)
     if hf_configs.ARCHITECTURES[arch] == "siglip":
         return arch, hf_configs.vision_config_from_hf(hf, select_layer=select_layer, **kw)
@@ -119,8 +126,26 @@ def head_verdict(hf_dir: str, stamp: tuple) -> tuple[str, str] | None:
     return None
 
 
+# The dtypes a weight is imported from. An FP8 / int checkpoint stores weights with scales
+# (`weight_scale_inv`, block-wise): reading its bytes as weights would be garbage.
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def check_float_weights(ckpt: SafetensorsCheckpoint, names: Iterable[str]) -> None:
+    """ValueError naming the file, the first tensor and its dtype when a weight among `names` is not
+    stored as a float (FP8 releases such as Qwen3-*-FP8: F8_E4M3 with block scales), with the fix."""
+    quantized = [n for n in names if n in ckpt and ckpt.dtype(n) not in FLOAT_DTYPES]
+    if quantized:
+        n = quantized[0]
+        raise ValueError(
+            f"{ckpt.file(n)}: tensor {n!r} is {ckpt.dtype(n)} ({len(quantized)} weights are not float: a quantized "
+            f"checkpoint); genieblue_jax imports {'/'.join(FLOAT_DTYPES)} weights. Dequantize it with transformers "
+            f"first (from_pretrained(DIR, quantization_config=FineGrainedFP8Config(dequantize=True)) for FP8, "
+            f"then save_pretrained(OUT)) and import OUT, or import the release's unquantized weights")
+
+
 def plan_import(ckpt: SafetensorsCheckpoint, arch: str, cfg, tied_embeddings: bool = False):
-    """Checks names and shapes of every tensor before reading data.
+    """Checks names, dtypes (`check_float_weights`) and shapes of every tensor before reading data.
 
     Returns {our_path: (hf_name, transform)}; raises ValueError listing every problem.
     """
@@ -130,6 +155,7 @@ def plan_import(ckpt: SafetensorsCheckpoint, arch: str, cfg, tied_embeddings: bo
     # Pick the spelling the files actually use (the one that finds the most tensors).
     spelling = max(HF_SPELLINGS[arch], key=lambda sp: sum(spell(n, sp) in ckpt for n, _ in mapping.values()))
     mapping = {path: (spell(name, spelling), t) for path, (name, t) in mapping.items()}
+    check_float_weights(ckpt, (name for name, _ in mapping.values()))
     problems = []
     for path, (name, transform) in mapping.items():
         if name not in ckpt:

@@ -95,6 +95,15 @@ class SafetensorsCheckpoint:
         the tensor if absent."""
         return self._file(name).get_slice(name)
 
+    def dtype(self, name: str) -> str:
+        """The tensor's dtype tag in the file ("F32", "BF16", "F8_E4M3", ...), from the header."""
+        return self.slice(name).get_dtype()
+
+    def file(self, name: str) -> str:
+        """The path of the file holding tensor `name`; KeyError naming it if absent."""
+        self._file(name)
+        return self._entries[name]
+
     def shape(self, name: str) -> tuple[int, ...]:
         """The tensor's shape, from the header (no data read); KeyError naming it if absent."""
         return tuple(self.slice(name).get_shape())

@@ -97,6 +97,7 @@ def resolve(config: RunConfig, workdir: str) -> Setup:
     c = config
     c.validate()
     c.required_for_training()
+    c.check_data_sources()
     sources = parse_sources(c.data.sources)
     chat = c.chat()
     tokenizer = tokenizer_path(c, workdir)
@@ -498,11 +499,14 @@ def restore_checkpoint(mngr, step: int, abstract_state):
 
 
 # Fields a resumed run may change: how long it trains and how it logs, checkpoints and reads
-# (nothing that changes what a step computes). Any other difference from the config a
-# workdir's checkpoints were trained with is an error naming the keys (check_resumable).
+# (nothing that changes what a step computes, nor the form of the checkpointed data position).
+# Any other difference from the config a workdir's checkpoints were trained with is an error
+# naming the keys (check_resumable). Not data.num_workers: Grain checkpoints the position of
+# worker processes in another form than its in-process iterator's, and a state of one form
+# does not restore into the other (a resume 0 -> 2 workers would fail inside Grain).
 RESUMABLE = ("train.steps", "train.log_every", "train.max_bad_steps", "train.peak_flops_per_device",
              "checkpoint.every_steps", "checkpoint.keep", "data.read_threads", "data.read_buffer",
-             "data.num_workers", "data.max_rejects_in_a_row", "data.prefetch", "demo.")
+             "data.max_rejects_in_a_row", "data.prefetch", "demo.")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -626,7 +630,7 @@ def _train(config: RunConfig, workdir: str, step_hooks) -> dict:
             "packages": versions.package_versions()}
     data_iter = build_streams(setup.pipeline, setup.streams)
     checksummer = _StepChecksums(workdir)
-    mngr = checkpoint_manager(workdir, config.checkpoint.keep, checksummer=checksummer)
+    mngr = checkpoint_manager(workdir, config.checkpoint.keep, checksummer=checksummer, training=True)
     start = newest_intact_step(mngr, workdir)
     if start is not None:
         state, data_state, saved_meta = restore_checkpoint(mngr, start, to_named_layout(abstract_like(state)))

@@ -310,6 +310,43 @@ def test_webdataset_image_member_rules(tmp_path):
         convert_webdataset([url, str(tmp_path / "bad.tar")], str(tmp_path / "out2"))
 
 
+def test_webdataset_keys_with_dots_are_one_sample_per_json_file(tmp_path):
+    """webdataset groups a shard's files by the name up to the first dot, so `scan.000.json` ...
+    `scan.014.json` arrive as one group: each json file is still one sample, its images the files
+    named after it. The tar is written file by file (tarfile), so the 15 json files are counted
+    by hand, not by the reader under test."""
+    import io
+    import tarfile
+
+    def add(tar, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    url, jsons = str(tmp_path / "dotted.tar"), 0
+    with tarfile.open(url, "w") as tar:
+        for i in range(15):
+            key, image = f"scan.{i:03d}", i % 3 == 0
+            convs = [human(("<image>\n" if image else "") + f"q{i}"), gpt(f"a{i}")]
+            if i == 9:
+                convs = [human(f"<image><image>\nq{i}"), gpt(f"a{i}")]
+                add(tar, f"{key}.0.png", A)
+                add(tar, f"{key}.1.png", C)
+            elif image:
+                add(tar, f"{key}.png", A)
+            add(tar, f"{key}.json", json.dumps({"conversations": convs}).encode())
+            jsons += 1
+        add(tar, "loose.7.png", A)  # named after no json: one counted rejection
+    report = convert_webdataset(url, str(tmp_path / "out"), max_reject_fraction=0.5)
+    assert (report.total, report.written, report.rejected) == (jsons + 1, 15, 1) == (16, 15, 1)
+    got = ArrayRecordExampleSource(str(tmp_path / "out"))
+    assert [got[i].id for i in range(15)] == [f"scan.{i:03d}" for i in range(15)]
+    assert [len(got[i].images) for i in range(15)] == [2 if i == 9 else 1 if i % 3 == 0 else 0 for i in range(15)]
+    assert got[9].images == [A, C]
+    assert [(pos.rsplit("/", 1)[1], reason) for pos, _, reason in rejects(tmp_path / "out", "sample")] == [
+        ("loose", "malformed_record")]
+
+
 def test_unknown_layout_names_the_dataset_and_its_columns(tmp_path):
     datasets.Dataset.from_dict({"question": ["q"], "answer": ["a"]}).save_to_disk(str(tmp_path / "qa"))
     with pytest.raises(ConversionError, match=r"qa: columns \['question', 'answer'\]: unknown layout"):

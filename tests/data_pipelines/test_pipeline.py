@@ -168,6 +168,23 @@ def test_mixture_weights_and_source_ids(demo):
     assert seen[0] > 2 * seen[1] > 0
 
 
+def test_the_mixture_key_names_a_dataset_whatever_its_records_say(demo, tmp_path):
+    """A dataset converted under another source label (the converter's default "llava") is named by
+    its `data.sources` key: it trains, and its samples count under the key."""
+    theirs = ArrayRecordExampleSource(demo["datasets"]["train"]["vqa"])
+    out = str(tmp_path / "converted")
+    with ShardedWriter(out) as w:
+        for i in range(8):
+            w.write(dataclasses.replace(theirs[i], source="llava"))
+    assert {ArrayRecordExampleSource(out)[i].source for i in range(8)} == {"llava"}
+    cfg = make_cfg(demo, sources=(SourceSpec("vqa", out), SourceSpec("text", demo["datasets"]["train"]["text"])),
+                   num_epochs=1, batch_size=2)
+    it = iter(build_pipeline(cfg, process_index=0, process_count=1))
+    batches = list(it)
+    assert it.stats["samples_per_source"]["vqa"] == 8 and set(it.stats["samples_per_source"]) == {"vqa", "text"}
+    assert sum(int(((b["source_ids"] == 0) & (b["segment_ids"] > 0)).any(axis=1).sum()) for b in batches) > 0
+
+
 def test_config_errors_name_the_field(demo):
     with pytest.raises(ValueError, match="duplicate names"):
         make_cfg(demo, sources=(SourceSpec("a", "x"), SourceSpec("a", "y")))

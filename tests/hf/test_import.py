@@ -119,6 +119,28 @@ def test_cli_reports_bad_input(tmp_path):
 
 # --- bad input -----------------------------------------------------------------------------
 
+def test_an_fp8_checkpoint_is_refused_naming_file_tensor_and_dtype(hf_decoder_dir, tmp_path):
+    """An FP8 release (F8_E4M3 weights with block scales, as Qwen3-*-FP8 ships) is refused before
+    any data is read, in one line naming the file, a tensor and its dtype, and the fix."""
+    from safetensors.torch import load_file as load_torch
+    from safetensors.torch import save_file as save_torch
+    hf_dir = _copy(hf_decoder_dir("qwen2-b"), tmp_path)
+    path = os.path.join(hf_dir, "model.safetensors")
+    tensors = load_torch(path)
+    for name in [n for n in tensors if n.endswith("proj.weight")]:
+        tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+        tensors[name + "_scale_inv"] = torch.ones(1, 1)
+    save_torch(tensors, path, metadata={"format": "pt"})
+    _edit_config(hf_dir, quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]})
+    run = subprocess.run([sys.executable, "-m", "tools.from_hf", f"--hf_dir={hf_dir}", f"--out={tmp_path / 'out'}"],
+                         cwd=REPO, capture_output=True, text=True)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode != 0 and "Traceback" not in run.stderr and len(lines) == 1, run.stderr
+    assert f"{path}: tensor 'model.layers.0." in lines[0] and "is F8_E4M3" in lines[0], lines[0]
+    assert "FineGrainedFP8Config(dequantize=True)" in lines[0] and not (tmp_path / "out").exists()
+
+
+
 def test_missing_tensor_is_named(hf_decoder_dir, tmp_path):
     hf_dir = _copy(hf_decoder_dir("llama-a"), tmp_path)
     _edit_tensors(hf_dir, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))

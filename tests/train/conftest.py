@@ -29,6 +29,7 @@ def tiny_config(**overrides):
     c.train.steps, c.train.global_batch_size, c.checkpoint.every_steps = 3, 8, 1000
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1
     c.train.log_every = 1  # a metrics.jsonl row per step: the tests compare runs step by step
+    c.init.from_scratch = "llm,vision,projector"  # tiny random models (a test's init.* checkpoint still wins)
     for key, value in overrides.items():
         node = c
         *parents, last = key.split(".")

@@ -30,7 +30,7 @@ STEPS = 8
 OVERRIDES = {"model.llm": "tiny-qwen2", "model.vit": "tiny-siglip", "data.seq_len": 96, "data.max_tiles_per_row": 4,
              "data.demo_examples": 200, "data.streams": 2, "train.steps": STEPS, "train.global_batch_size": 8,
              "train.log_every": 1, "checkpoint.every_steps": 1000, "mesh.data": 1, "mesh.fsdp": -1,
-             "mesh.tensor": 1, "demo.enabled": False}
+             "mesh.tensor": 1, "demo.enabled": False, "init.from_scratch": "llm,vision,projector"}
 
 
 def _free_port():

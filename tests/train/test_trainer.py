@@ -108,11 +108,22 @@ def test_sigterm_then_restart_resumes_bitwise(tmp_path, capsys, reference):
         if step == 3:
             os.kill(os.getpid(), signal.SIGTERM)
 
+    import genieblue_jax
     run = str(tmp_path / "interrupted")
     first = trainer.train(tiny_config(**{"train.steps": 6}), run, step_hooks=[sigterm_after_step_3])
     assert first["step"] == 3 and "stopped by SIGTERM after step 3" in capsys.readouterr().out
+    # What a run killed while saving step 4 leaves (Orbax writes a step under a temporary name,
+    # then renames it): a reader leaves it alone (it may be a live run's save), the resume removes it.
+    stale = os.path.join(run, "checkpoints", "4.orbax-checkpoint-tmp-1796000000000000")
+    shutil.copytree(os.path.join(run, "checkpoints", "3"), stale)
+    assert genieblue_jax.load(run).source["step"] == 3 and os.path.isdir(stale)
+    # The data position was checkpointed by the in-process pipeline: Grain's worker processes could
+    # not restore it, so that change is refused at the start, naming the setting.
+    with pytest.raises(trainer.ConfigError, match=r"another config \(data.num_workers: 0 there, 2 now\)"):
+        trainer.train(tiny_config(**{"train.steps": 6, "data.num_workers": 2}), run)
     second = trainer.train(tiny_config(**{"train.steps": 6}), run)
     assert second["step"] == 6 and "resuming from step 3" in capsys.readouterr().out
+    assert not os.path.exists(stale) and not [n for n in os.listdir(os.path.join(run, "checkpoints")) if "tmp" in n]
     assert losses(run) == losses(reference["workdir"])  # bitwise: same data order, same state
 
 
@@ -363,8 +374,37 @@ def test_every_recipe_is_a_valid_run_config():
 
 def test_paper_scale_requires_init_checkpoints(tmp_path):
     from experiments.configs import load
-    with pytest.raises(trainer.ConfigError, match="init.llm_checkpoint is required at paper scale"):
+    with pytest.raises(trainer.ConfigError,
+                       match="init.llm_checkpoint is not set: stage 'stage2' starts from a pretrained LLM"):
         trainer.resolve(load("stage2_skip", "paper"), str(tmp_path))
+
+
+def test_init_checkpoints_of_the_wrong_part_or_shape_are_named(tmp_path):
+    """A ViT checkpoint given as the LLM, and a stage-1 workdir whose projector was trained into
+    another LLM, are one ConfigError each naming the key and what the path holds, before any
+    weight is read."""
+    from genieblue_jax import checkpoint
+    vit_cfg = models.get_preset("tiny-siglip")
+    zeros = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), models.abstract_params(vit_cfg))
+    vit = checkpoint.save(str(tmp_path / "vit"), {"vision": vit_cfg}, {"vision": zeros})
+    with pytest.raises(trainer.ConfigError) as e:
+        trainer.resolve(tiny_config(**{"init.llm_checkpoint": vit}), str(tmp_path / "run"))
+    assert str(e.value) == (f"init.llm_checkpoint={vit} holds vision (VisionConfig), not an LLM: is it the "
+                            f"checkpoint for init.vit_checkpoint?")
+    with pytest.raises(trainer.ConfigError, match=r"init.llm_checkpoint=.*nowhere: .*not a genieblue_jax checkpoint"):
+        trainer.resolve(tiny_config(**{"init.llm_checkpoint": str(tmp_path / "nowhere")}), str(tmp_path / "run"))
+    # A stage-1 workdir of the demo LLM (width 128; its config.json's model config), for a tiny-qwen2 run (64).
+    other = tiny_config(**{"model.llm": "demo-small-qwen2", "train.stage": "stage1"})
+    stage1 = str(tmp_path / "stage1")
+    os.makedirs(stage1)
+    workdir_lib.write_config(stage1, other, trainer.resolve(other, stage1).mcfg)
+    c = tiny_config(**{"init.stage1_workdir": stage1})
+    setup = trainer.resolve(c, str(tmp_path / "run"))
+    with pytest.raises(trainer.ConfigError) as e:
+        workdir_lib.init_params(c, setup.mcfg, setup.mesh)
+    assert str(e.value).startswith(f"init.stage1_workdir={stage1} trained the projector of another model: projector/")
+    assert "(its LLM qwen2 hidden size 128, its ViT width 48); run stage 1 with this run's init.llm_checkpoint" in \
+        str(e.value) and "\n" not in str(e.value)
 
 
 @pytest.mark.slow
@@ -389,6 +429,32 @@ def test_cli_rejects_unknown_keys_and_bad_types(tmp_path):
     bad_choice = run("--config=stage2_skip", "--config.model.placement=middle")
     assert bad_choice.returncode != 0 and "model.placement='middle': choose one of ('skip', 'pre', 'post')" in \
         bad_choice.stderr
+    # Outside the demo a forgotten base is refused, never trained at random: named, with both fixes.
+    no_base = run("--config=stage2_skip", "--config.demo.enabled=false")
+    assert no_base.returncode != 0 and "Traceback" not in no_base.stderr
+    assert no_base.stderr.strip().splitlines()[-1] == (
+        "config error: init.llm_checkpoint is not set: stage 'stage2' starts from a pretrained LLM (the output of "
+        "tools.from_hf); set --config.init.llm_checkpoint=PATH, or ask for random weights by name: "
+        "--config.init.from_scratch=llm")
+    no_stage1 = run("--config=stage2_skip", "--config.demo.enabled=false", "--config.init.llm_checkpoint=/ckpt/llm",
+                    "--config.init.vit_checkpoint=/ckpt/vit")
+    assert no_stage1.returncode != 0 and "config error: init.stage1_workdir is not set" in no_stage1.stderr
+    assert "--config.init.from_scratch=projector" in no_stage1.stderr
+    raw = tmp_path / "xla_cache" / "llava.json"  # (inside the folder the last assertion expects)
+    raw.write_text("[]")
+    scratch = ["--config=stage2_skip", "--config.demo.enabled=false", "--config.init.from_scratch=llm,vision,projector"]
+    no_data = run(*scratch, f"--config.data.sources=vqa={tmp_path / 'nowhere'}")
+    assert no_data.returncode != 0 and no_data.stderr.strip().splitlines()[-1] == (
+        f"config error: data.sources: vqa={tmp_path / 'nowhere'}: {tmp_path / 'nowhere'}: no such dataset directory "
+        f"(a dataset is what python -m data_pipelines.convert --format=llava --json FILE --out DIR writes)")
+    raw_json = run(*scratch, f"--config.data.sources=vqa={raw}")
+    assert raw_json.returncode != 0 and raw_json.stderr.strip().splitlines()[-1] == (
+        f"config error: data.sources: vqa={raw}: {raw} is a file, not a converted dataset: convert it first "
+        f"(python -m data_pipelines.convert --format=llava --json {raw} --out DIR) and give DIR")
+    raw.unlink()
+    bad_scratch = run("--config=stage2_skip", "--config.init.from_scratch=llm,adapter")
+    assert bad_scratch.returncode != 0 and "init.from_scratch='llm,adapter': 'adapter' is not a component" in \
+        bad_scratch.stderr
     assert sorted(os.listdir(tmp_path)) == ["xla_cache"] and not os.listdir(compile_cache)  # nothing started
     bad_type = run("--config=stage2_skip", "--config.train.steps=many")
     assert bad_type.returncode != 0 and "train.steps" in bad_type.stderr
@@ -409,6 +475,7 @@ def test_stage2_starts_from_the_stage1_projector(tmp_path):
     c1 = load("stage1")
     c1.model.llm, c1.model.vit, c1.train.steps, c1.data.seq_len = "tiny-qwen2", "tiny-siglip", 2, 96
     c1.data.max_tiles_per_row, c1.data.demo_examples, c1.mesh.data = 4, 200, 1
+    c1.init.from_scratch = "llm,vision"
     first = trainer.train(with_demo_data(c1), str(tmp_path / "stage1"))
     trained = models.flatten(first["state"]["trainable"])
     assert {n.split("/")[0] for n in trained} == {"projector"}  # stage 1 trains the projector only
