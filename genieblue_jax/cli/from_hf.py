@@ -52,10 +52,8 @@ def parse_mesh(spec: str | None):
 def main(argv):
     """Imports --hf_dir into a checkpoint at --out and prints what it wrote (for an LLM, also the chat
     template and stop tokens it will use)."""
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
     from genieblue_jax import cli
-    cli.cpu_only_without_accelerators()
+    cli.start(argv)  # (Orbax's INFO lines per array written would bury the two lines below)
     from genieblue_jax import models
     from genieblue_jax.hf import import_hf
     try:
@@ -87,7 +85,9 @@ def chat_summary(checkpoint_dir: str) -> str:
     except FileNotFoundError:
         tok = None
     if tok is None:
-        return "no tokenizer in the HF directory: pass token ids, or train with data.tokenizer"
+        return ("warning: no tokenizer in the HF directory (tokenizer.json / tokenizer.model): tools.chat and "
+                "tools.serve cannot read text with this checkpoint; copy the model's tokenizer files into the HF "
+                "directory and import again, or train with --config.data.tokenizer=DIR")
     try:
         renderer = chat_renderer(tok, image_token=None)
     except KeyError:
