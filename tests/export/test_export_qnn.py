@@ -392,7 +392,7 @@ def test_errors_name_the_culprit(exported, tmp_path):
     with pytest.raises(FileNotFoundError, match="--data /no/such/dir"):
         qnn.export_qnn(model, str(tmp_path / "d"), context=CONTEXT, prefill_len=PREFILL, data=["/no/such/dir"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="empty/manifest.json not found: not a dataset"):
+    with pytest.raises(FileNotFoundError, match="empty/manifest.json not found: .*empty is not a converted dataset"):
         qnn.export_qnn(model, str(tmp_path / "d2"), context=CONTEXT, prefill_len=PREFILL,
                        data=[str(tmp_path / "empty")])
     with pytest.raises(FileExistsError, match="not empty"):

@@ -147,12 +147,10 @@ def test_a_gs_run_saves_resumes_and_loads_like_a_local_one(tmp_path, gcs, monkey
                                for w in (run, local["workdir"]))
     assert remote_eval["checkpoint"] == run and len(remote_eval["predictions"]) == 6
     assert remote_eval["predictions"] == local_eval["predictions"]
-    again = subprocess.run([sys.executable, "-m", "tools.evaluate", f"--checkpoint={run}", "--mode=multimodal",
-                            f"--data={tmp_path}/data/train/text"], cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"},
-                           capture_output=True, text=True, timeout=600)
-    assert again.returncode != 0 and "Traceback" not in again.stderr and again.stderr.strip().splitlines()[-1] == (
-        f"tools.evaluate: error: {run}/eval/multimodal.json holds an earlier evaluation; pass --out=NEW.json to "
-        f"keep it, or --overwrite to replace it"), again.stderr  # (before it, gcsfs's warnings about credentials)
+    from genieblue_jax.cli import evaluate as evaluate_tool  # the command without absl (main() prints the error)
+    with pytest.raises(FileExistsError, match=f"^{run}/eval/multimodal.json holds an earlier evaluation; pass "
+                                              f"--out=NEW.json to keep it, or --overwrite to replace it$"):
+        evaluate_tool.run(run, [f"{tmp_path}/data/train/text"], mode="multimodal")
     assert __import__("json").loads((paths.path(run) / "eval" / "multimodal.json").read_text()) == remote_eval
     # tools.to_torch from the gs:// run, to local disk and to gs://: the same files, byte for byte.
     local_export = to_torch_tool.run(run, str(tmp_path / "torch"))
